@@ -1,0 +1,337 @@
+"""Private kernels behind :mod:`lifelong_delta.delta.masks`: one hash, two back ends (numba, torch).
+
+The 64-bit tensor key is split into two 32-bit round keys ``k0, k1``. Element ``i`` (flat index) gets
+the 32-bit word ``w_i = lb32(lb32(lo ^ k0) ^ k1')`` with ``lo = i mod 2**32``, ``k1' = k1 + (i >> 32) *
+0x9E3779B9`` and ``lb32`` the "lowbias32" integer hash; 32-bit lanes vectorise well (AVX2 ``vpmulld``).
+An element is dropped iff ``w_i < floor(p * 2**32)``; its uniform is ``(w_i >> 8) * 2**-24``. Both back ends
+compute the same bits; fp32 arithmetic is done in the same order (``d = ft - base``;
+``out = base + d * scale`` if kept else ``base``), without fused multiply-adds, so results agree bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+try:  # numba is optional: the torch path gives the same bits
+    import numba
+    from numba import njit, prange
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+    HAVE_NUMBA = False
+
+GOLDEN32 = 0x9E3779B9
+MIX1 = 0x7FEB352D  # "lowbias32" constants (C. Wellons, hash-prospector)
+MIX2 = 0x846CA68B
+SEGMENT = 1 << 32  # the hash counter is 32-bit; longer ranges are split into segments with their own key
+TORCH_CHUNK = 1 << 15  # elements per torch block on CPU: L2-sized, and at torch's grain size, so each op
+# runs on one thread (intra-op thread wake-ups per small op are ruinous on a busy machine)
+TORCH_CHUNK_ACCEL = 1 << 24  # elements per block on accelerators (few, large kernel launches)
+NUMBA_CHUNK = 1 << 20  # elements per block when dtypes must be converted around the numba kernel
+PAR_BLOCK = 1 << 14  # elements per parallel work item
+SERIAL_BELOW = 1 << 16  # smaller ranges run single-threaded (thread wake-ups cost more than they save)
+
+_LOCK = threading.Lock()  # the numba thread pool must not be entered by two Python threads at once
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """The two 32-bit round keys of a 64-bit tensor key."""
+    return key & 0xFFFFFFFF, key >> 32
+
+
+def segments(offset: int, numel: int) -> list[tuple[int, int, int, int]]:
+    """Split flat indices ``[offset, offset + numel)`` at multiples of 2**32.
+
+    Returns:
+        ``[(start, stop, lo0, hi), ...]`` with positions ``start..stop`` relative to ``offset``, the
+        32-bit counter ``lo0`` of the first element and the segment number ``hi``.
+    """
+    out, s = [], 0
+    while s < numel:
+        g = offset + s
+        stop = min(numel, s + SEGMENT - (g % SEGMENT))
+        out.append((s, stop, g % SEGMENT, g // SEGMENT))
+        s = stop
+    return out
+
+
+def round_key(k1: int, hi: int) -> int:
+    """Second-round key of segment ``hi``."""
+    return (k1 + hi * GOLDEN32) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------- torch
+_M32 = 0xFFFFFFFF
+
+
+def _s32(x: int) -> int:
+    x &= _M32
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _lb32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 words in place (logical shifts emulated with masks)."""
+    x ^= (x >> 16) & 0xFFFF
+    x.mul_(_s32(MIX1))
+    x ^= (x >> 15) & 0x1FFFF
+    x.mul_(_s32(MIX2))
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+_ARANGE: dict[torch.device, torch.Tensor] = {}
+
+
+def _arange32(n: int, device: torch.device) -> torch.Tensor:
+    a = _ARANGE.get(device)
+    if a is None or a.numel() < n:
+        a = _ARANGE[device] = torch.arange(max(n, TORCH_CHUNK), dtype=torch.int32, device=device)
+    return a[:n]
+
+
+def _torch_words(k0: int, k1: int, lo0: int, n: int, device: torch.device) -> torch.Tensor:
+    """int32 words (bit patterns of the uint32 hash) of counters ``lo0 .. lo0 + n - 1`` (same segment)."""
+    x = _arange32(n, device).add(_s32(lo0))  # int32 add wraps like uint32
+    x ^= _s32(k0)
+    x = _lb32_(x)
+    x ^= _s32(k1)
+    return _lb32_(x)
+
+
+def _torch_blocks(key: int, offset: int, numel: int, device: torch.device):
+    """Yield ``(start, stop, words)`` blocks covering ``numel`` elements from ``offset``."""
+    k0, k1 = split_key(key)
+    chunk = TORCH_CHUNK if device.type == "cpu" else TORCH_CHUNK_ACCEL
+    for s0, s1, lo0, hi in segments(offset, numel):
+        kr = round_key(k1, hi)
+        for s in range(s0, s1, chunk):
+            e = min(s1, s + chunk)
+            yield s, e, _torch_words(k0, kr, lo0 + (s - s0), e - s, device)
+
+
+def _keep_of(words: torch.Tensor, thresh: int) -> torch.Tensor:
+    # unsigned compare x >= t  <=>  signed compare with the sign bit flipped
+    return (words ^ _s32(1 << 31)) >= _s32(thresh ^ (1 << 31))
+
+
+def torch_keep_mask(numel: int, key: int, offset: int, thresh: int, device: torch.device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    for s, e, w in _torch_blocks(key, offset, numel, device):
+        out[s:e] = _keep_of(w, thresh)
+    return out
+
+
+def torch_uniform(numel: int, key: int, offset: int, device: torch.device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for s, e, w in _torch_blocks(key, offset, numel, device):
+        out[s:e] = ((w >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    return out
+
+
+def torch_merge(
+    base: torch.Tensor | None,
+    src: torch.Tensor,
+    out: torch.Tensor,
+    key: int,
+    offset: int,
+    thresh: int,
+    scale: float,
+) -> int:
+    """Flat fused DARE: ``out = base + keep * (src - base) * scale`` (``base=None``: src is the delta).
+
+    Returns the number of non-finite delta entries.
+    """
+    nbad = torch.zeros((), dtype=torch.int64, device=out.device)
+    zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    for s, e, w in _torch_blocks(key, offset, out.numel(), out.device):
+        keep = _keep_of(w, thresh)
+        f = src[s:e].to(torch.float32)
+        if base is None:
+            d = f
+            res = torch.where(keep, d * scale, zero)
+        else:
+            b = base[s:e].to(torch.float32)
+            d = f - b
+            res = torch.where(keep, b + d * scale, b)
+        nbad += (d - d).ne(0).sum()
+        out[s:e] = res
+    return int(nbad)
+
+
+# ----------------------------------------------------------------------------------------------- numba
+if HAVE_NUMBA:
+    _U32 = np.uint32
+    _MIX1, _MIX2 = _U32(MIX1), _U32(MIX2)
+    _ZERO = np.float32(0.0)
+
+    @njit(inline="always", cache=True)
+    def _lb32(x):  # pragma: no cover - compiled; casts keep LLVM in 32-bit lanes
+        x = _U32(x ^ (x >> _U32(16)))
+        x = _U32(x * _MIX1)
+        x = _U32(x ^ (x >> _U32(15)))
+        x = _U32(x * _MIX2)
+        return _U32(x ^ (x >> _U32(16)))
+
+    @njit(inline="always", cache=True)
+    def _word(k0, k1, lo0, i):  # pragma: no cover - compiled
+        return _lb32(_U32(_lb32(_U32(_U32(lo0 + _U32(i)) ^ k0)) ^ k1))
+
+    # Each op is written once over a range [start, stop); the parallel kernels split the tensor into
+    # blocks of PAR_BLOCK elements (prange over blocks), the serial ones (small tensors: no thread
+    # wake-ups) run the range in one go. Both give the same bits.
+    @njit(inline="always", cache=True)
+    def _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        nbad = 0
+        for i in range(start, stop):
+            b = base[i]
+            d = ft[i] - b
+            nbad += (d - d) != _ZERO
+            out[i] = b + d * scale if _word(k0, k1, lo0, i) >= thresh else b
+        return nbad
+
+    @njit(inline="always", cache=True)
+    def _dare_range(delta, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        nbad = 0
+        for i in range(start, stop):
+            d = delta[i]
+            nbad += (d - d) != _ZERO
+            out[i] = d * scale if _word(k0, k1, lo0, i) >= thresh else _ZERO
+        return nbad
+
+    @njit(inline="always", cache=True)
+    def _keep_range(out, k0, k1, lo0, thresh, start, stop):  # pragma: no cover
+        for i in range(start, stop):
+            out[i] = _word(k0, k1, lo0, i) >= thresh
+
+    @njit(inline="always", cache=True)
+    def _uniform_range(out, k0, k1, lo0, start, stop):  # pragma: no cover
+        for i in range(start, stop):
+            out[i] = np.float32(_word(k0, k1, lo0, i) >> _U32(8)) * np.float32(2.0**-24)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_merge(base, ft, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        n, nbad = out.size, 0
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s = blk * PAR_BLOCK
+            nbad += _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
+        return nbad
+
+    @njit(cache=True, nogil=True)
+    def _ser_merge(base, ft, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        return _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, 0, out.size)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_dare(delta, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        n, nbad = out.size, 0
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s = blk * PAR_BLOCK
+            nbad += _dare_range(delta, out, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
+        return nbad
+
+    @njit(cache=True, nogil=True)
+    def _ser_dare(delta, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        return _dare_range(delta, out, k0, k1, lo0, thresh, scale, 0, out.size)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_keep(out, k0, k1, lo0, thresh):  # pragma: no cover - compiled
+        n = out.size
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s = blk * PAR_BLOCK
+            _keep_range(out, k0, k1, lo0, thresh, s, min(n, s + PAR_BLOCK))
+
+    @njit(cache=True, nogil=True)
+    def _ser_keep(out, k0, k1, lo0, thresh):  # pragma: no cover - compiled
+        _keep_range(out, k0, k1, lo0, thresh, 0, out.size)
+
+    @njit(cache=True, nogil=True)
+    def _ser_uniform(out, k0, k1, lo0):  # pragma: no cover - compiled
+        _uniform_range(out, k0, k1, lo0, 0, out.size)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_uniform(out, k0, k1, lo0):  # pragma: no cover - compiled
+        n = out.size
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s = blk * PAR_BLOCK
+            _uniform_range(out, k0, k1, lo0, s, min(n, s + PAR_BLOCK))
+
+
+_POOL_PID: int | None = None  # process that started numba's thread pool
+
+
+def _parallel(n: int) -> bool:
+    """Whether to run the parallel kernel for ``n`` elements.
+
+    Small ranges run serially. So does a process forked from one that already started numba's OpenMP
+    pool: GNU OpenMP is not fork-safe and numba would abort the child (e.g. a ``ddp_fork`` rank), so
+    such a child runs the serial kernels, which give the same bits.
+    """
+    global _POOL_PID
+    if n < SERIAL_BELOW:
+        return False
+    pid = os.getpid()
+    if _POOL_PID is None:
+        _POOL_PID = pid
+    if _POOL_PID != pid:
+        return False
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return True
+
+
+def _nb_segments(key: int, offset: int, numel: int):
+    k0, k1 = split_key(key)
+    for s0, s1, lo0, hi in segments(offset, numel):
+        yield s0, s1, np.uint32(k0), np.uint32(round_key(k1, hi)), np.uint32(lo0)
+
+
+def nb_keep_mask(out_u8: np.ndarray, key: int, offset: int, thresh: int) -> None:
+    with _LOCK:
+        for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out_u8.size):
+            run = _par_keep if _parallel(s1 - s0) else _ser_keep
+            run(out_u8[s0:s1], k0, k1, lo0, np.uint32(thresh))
+
+
+def nb_uniform(out: np.ndarray, key: int, offset: int) -> None:
+    with _LOCK:
+        for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.size):
+            run = _par_uniform if _parallel(s1 - s0) else _ser_uniform
+            run(out[s0:s1], k0, k1, lo0)
+
+
+def nb_merge(
+    base: torch.Tensor | None,
+    src: torch.Tensor,
+    out: torch.Tensor,
+    key: int,
+    offset: int,
+    thresh: int,
+    scale: float,
+) -> int:
+    """numba twin of :func:`torch_merge` for flat contiguous CPU tensors of any floating dtype."""
+    t, sc, f32 = np.uint32(thresh), np.float32(scale), torch.float32
+    direct = src.dtype == f32 and out.dtype == f32 and (base is None or base.dtype == f32)
+    step = SEGMENT if direct else NUMBA_CHUNK
+    buf = None if direct else torch.empty(min(out.numel(), NUMBA_CHUNK), dtype=f32)
+    nbad = 0
+    with _LOCK:
+        for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.numel()):
+            for s in range(s0, s1, step):
+                e = min(s1, s + step)
+                lo = np.uint32(int(lo0) + (s - s0))
+                o = out[s:e] if out.dtype == f32 else buf[: e - s]
+                f = src[s:e].to(f32).numpy()
+                par = _parallel(e - s)
+                if base is None:
+                    run = _par_dare if par else _ser_dare
+                    nbad += int(run(f, o.numpy(), k0, k1, lo, t, sc))
+                else:
+                    run = _par_merge if par else _ser_merge
+                    nbad += int(run(base[s:e].to(f32).numpy(), f, o.numpy(), k0, k1, lo, t, sc))
+                if out.dtype != f32:
+                    out[s:e] = o
+    return nbad

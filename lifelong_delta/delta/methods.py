@@ -1,0 +1,185 @@
+"""Registry of delta-pruning methods and the per-tensor entry point the streaming engine calls.
+
+Every method maps ``(name, θ_pre, θ_ft, spec)`` to the merged tensor ``θ_pre + pruned δ`` in the
+fine-tuned dtype. Users pick a method by string (``PruneSpec.method``); variants are settings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lifelong_delta.delta.dare import dare_merge, resolve_q
+from lifelong_delta.delta.importance import importance_prune
+from lifelong_delta.delta.structural import structural_prune
+
+__all__ = ["METHODS", "Method", "PruneSpec", "prune_tensor", "is_excluded"]
+
+MethodName = Literal["dare", "darex-q", "magnitude", "wanda", "structural"]
+RescaleName = Literal["none", "dare", "q"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry.
+
+    Attributes:
+        fn: ``fn(name, base, finetuned, spec, input_norms, q) -> merged tensor``.
+        paper: Where the method comes from.
+        default_rescale: Rescale used when ``PruneSpec.rescale`` is None.
+        needs_input_norms: The method needs ``‖x_j‖₂`` from calibration activations for 2-D weights.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    paper: str
+    default_rescale: RescaleName
+    needs_input_norms: bool = False
+
+
+@dataclass
+class PruneSpec:
+    """What to prune and how; validated on construction.
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        p: Drop rate in ``[0, 1)``.
+        q: DAREx-q rescale (kept entries ×1/q). Needed by ``darex-q`` and ``rescale="q"``, either here or
+            per tensor via ``prune_tensor(..., q=...)`` (e.g. after a q search).
+        rescale: ``"none"`` | ``"dare"`` (1/(1−p)) | ``"q"`` (1/q); default per method
+            (dare → dare, darex-q → q, magnitude/wanda → none, structural → q with q=None meaning 1−p).
+        structural_axis: ``"rows"`` or ``"columns"`` (structural only).
+        structural_select: ``"random"`` or ``"importance"`` (structural only).
+        seed: Mask seed.
+        exclude: Glob patterns of tensor names left untouched (copied from the fine-tuned model).
+        force: Allow ``q`` outside ``[1 − p, 1]``.
+    """
+
+    method: MethodName
+    p: float
+    q: float | None = None
+    rescale: RescaleName | None = None
+    structural_axis: Literal["rows", "columns"] = "rows"
+    structural_select: Literal["random", "importance"] = "random"
+    seed: int = 0
+    exclude: Sequence[str] = field(default_factory=tuple)
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.rescale is None:
+            self.rescale = METHODS[self.method].default_rescale
+        if self.rescale not in ("none", "dare", "q"):
+            raise ValueError(f"rescale={self.rescale!r} is not one of 'none', 'dare', 'q'")
+        if self.method in ("dare", "darex-q") and self.rescale != METHODS[self.method].default_rescale:
+            raise ValueError(f"rescale={self.rescale!r} does not apply to method={self.method!r} "
+                             f"(it always uses {METHODS[self.method].default_rescale!r}); drop the option")
+        if self.method == "dare" and self.q is not None:
+            raise ValueError("q is set but method='dare' rescales by 1/(1-p); "
+                             "use method='darex-q' to rescale by 1/q")
+        if self.rescale == "none" and self.q is not None:
+            raise ValueError("q is set but rescale='none'; use rescale='q' or drop q")
+        resolve_q(self.p, self.q, force=self.force)  # p in [0, 1); q in [1-p, 1] unless force
+        if self.structural_axis not in ("rows", "columns"):
+            raise ValueError(f"structural_axis={self.structural_axis!r} is not one of 'rows', 'columns'")
+        if self.structural_select not in ("random", "importance"):
+            raise ValueError(f"structural_select={self.structural_select!r} is not one of "
+                             "'random', 'importance'")
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        self.exclude = tuple(self.exclude)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+
+
+def is_excluded(name: str, exclude: Sequence[str]) -> bool:
+    """Whether ``name`` matches any ``fnmatch`` glob in ``exclude`` (e.g. ``"lm_head.*"``, ``"*embed*"``)."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+
+
+@torch.no_grad()
+def prune_tensor(
+    name: str,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    spec: PruneSpec,
+    *,
+    input_norms: torch.Tensor | None = None,
+    q: float | None = None,
+) -> torch.Tensor:
+    """Merged tensor ``θ_pre + pruned(θ_ft − θ_pre)`` in ``finetuned.dtype``, for one tensor.
+
+    Non-floating tensors and tensors matched by ``spec.exclude`` are returned as ``finetuned`` unchanged.
+
+    Args:
+        name: Tensor name (keys the mask; named in errors).
+        base: Pretrained tensor.
+        finetuned: Fine-tuned tensor (same shape; dtype may differ, compute is fp32).
+        spec: The method and its settings.
+        input_norms: ``[in]`` ‖x_j‖₂ for ``wanda`` (and optionally structural columns).
+        q: Per-tensor q overriding ``spec.q`` (e.g. from ``analytic_q_per_layer``).
+
+    Raises:
+        ValueError: shape mismatch, non-finite delta, missing q or input norms (naming the tensor).
+    """
+    if base.shape != finetuned.shape:
+        raise ValueError(f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape "
+                         f"{tuple(finetuned.shape)}")
+    if not (finetuned.is_floating_point() and base.is_floating_point()) or is_excluded(name, spec.exclude):
+        return finetuned
+    q_eff = spec.q if q is None else q
+    if q is not None:
+        resolve_q(spec.p, q, force=spec.force, name=name)
+    return METHODS[spec.method].fn(name, base, finetuned, spec, input_norms, q_eff)
+
+
+def _delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = base.detach().to(device=finetuned.device, dtype=torch.float32)
+    return b, finetuned.detach().to(torch.float32) - b
+
+
+def _dare(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
+          q: float | None) -> torch.Tensor:
+    if spec.method == "darex-q" and q is None:
+        raise ValueError(f"method='darex-q' needs q for tensor {name!r}: set q, or choose it with a q search "
+                         "and pass prune_tensor(..., q=...)")
+    return dare_merge(base, ft, spec.p, seed=spec.seed, name=name, q=q, force=spec.force)
+
+
+def _importance(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
+                q: float | None) -> torch.Tensor:
+    b, d = _delta(name, base, ft)
+    pruned = importance_prune(d, spec.p, score=spec.method, input_norms=norms, rescale=spec.rescale, q=q,
+                              name=name, force=spec.force)
+    return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
+
+
+def _structural(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
+                q: float | None) -> torch.Tensor:
+    b, d = _delta(name, base, ft)
+    if spec.rescale == "none":
+        q = 1.0
+    elif spec.rescale == "dare":
+        q = None
+    pruned = structural_prune(d, spec.p, axis=spec.structural_axis, select=spec.structural_select,
+                              seed=spec.seed, name=name, q=q, input_norms=norms, force=spec.force)
+    return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
+
+
+# One explicit registry: users pick a method by string.
+METHODS: dict[str, Method] = {
+    # DARE, Yu et al., "Language Models are Super Mario", https://arxiv.org/abs/2311.03099
+    "dare": Method(_dare, "https://arxiv.org/abs/2311.03099", "dare"),
+    # DAREx-q, Deng et al., "DARE the Extreme", https://arxiv.org/abs/2410.09344 (§4)
+    "darex-q": Method(_dare, "https://arxiv.org/abs/2410.09344", "q"),
+    # Magnitude pruning of the delta (importance-based DPP), https://arxiv.org/abs/2410.09344 (§5)
+    "magnitude": Method(_importance, "https://arxiv.org/abs/2410.09344", "none"),
+    # WANDA (Sun et al.) https://arxiv.org/abs/2306.11695, on the delta as in https://arxiv.org/abs/2410.09344
+    "wanda": Method(_importance, "https://arxiv.org/abs/2306.11695", "none", needs_input_norms=True),
+    # Structural (row/column) delta pruning with DAREx-q rescale, https://arxiv.org/abs/2410.09344 (§5)
+    "structural": Method(_structural, "https://arxiv.org/abs/2410.09344", "q"),
+}
