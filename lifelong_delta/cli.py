@@ -7,29 +7,105 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
+from typing import Any
+
+
+_DROPPED_ERROR_LINES = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate against any")
+
+
+def one_line_error(message: str) -> str:
+    """A jsonargparse error message squeezed into one line: its nested lines joined, the Union bookkeeping dropped.
+
+    ``Parser key "model": ... - Problem with given class_path 'X': Option 'foo' is not accepted`` becomes
+    ``Parser key "model": Problem with given class_path 'X': Option 'foo' is not accepted``.
+    """
+    parts = []
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("- "):
+            line = line[2:]
+        if not line or line.startswith(_DROPPED_ERROR_LINES) or line.startswith("Expected a <class 'NoneType'>"):
+            continue
+        parts.append(line.rstrip(":"))
+    return ": ".join(parts) or message.strip()
+
+
+def _lightning_parser_class() -> type:
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class OneLineErrorParser(LightningArgumentParser):
+        """A LightningArgumentParser whose errors are one ``error: ...`` line on stderr (no usage dump), exit 2."""
+
+        def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+            if not self.exit_on_error:
+                super().error(message, ex)
+            print(f"error: {one_line_error(message)} (see: {self.prog.replace(' [options]', '')} --help)",
+                  file=sys.stderr, flush=True)
+            self.exit(2)
+
+    return OneLineErrorParser
 
 
 def lightning_main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning`` command."""
+    """Entry point of the ``lightning`` command.
+
+    Configuration errors (unknown key, wrong type) are one ``error: ...`` line and exit status 2. Errors in user
+    input found while running (``ValueError``, ``TypeError``, ``FileNotFoundError``: missing data or weights, a bad
+    option value) are one ``error: ...`` line and exit status 1; set ``LIFELONG_DELTA_TRACEBACK=1`` to get the
+    traceback instead.
+    """
+    import os
+
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    try:
+        LightningCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=_lightning_parser_class(),
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("LIFELONG_DELTA_TRACEBACK"):
+            raise
+        msg = " ".join(one_line_error(str(err)).split())
+        print(f"error: {msg} ({type(err).__name__}; LIFELONG_DELTA_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
-def _normalise_flags(argv: list[str]) -> list[str]:
-    """Accept ``--q-mode`` as well as ``--q_mode``: jsonargparse derives flags from snake_case parameter names."""
-    out = []
-    for arg in argv:
+def _normalise_flags(argv: list[str], command: Callable[..., Any] | None = None) -> list[str]:
+    """Make the flags of a subcommand read like a Unix tool's, then hand them to jsonargparse.
+
+    * ``--q-mode`` is accepted as well as ``--q_mode`` (jsonargparse derives flags from snake_case parameter names);
+    * a bare boolean flag (``--overwrite``) means ``--overwrite=true``;
+    * a repeated list flag (``--exclude A --exclude B``) collects every value, not just the last.
+    """
+    bools: set[str] = set()
+    lists: set[str] = set()
+    if command is not None:
+        for name, param in inspect.signature(command).parameters.items():
+            annotation = str(param.annotation)
+            if annotation in ("bool", "<class 'bool'>"):
+                bools.add(name)
+            elif "list[" in annotation.lower() or "sequence[" in annotation.lower():
+                lists.add(name)
+    out: list[str] = []
+    for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             flag, sep, value = arg[2:].partition("=")
-            arg = "--" + flag.replace("-", "_") + sep + value
+            flag = flag.replace("-", "_")
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if flag in bools and not sep and (nxt is None or nxt.startswith("--")):
+                sep, value = "=", "true"
+            if flag in lists:
+                flag += "+"
+            arg = "--" + flag + sep + value
         out.append(arg)
     return out
 
@@ -46,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     from lifelong_delta.delta.commands import prune, recommend, stats
 
     commands = {"pretrain": pretrain, "prune": prune, "stats": stats, "recommend": recommend}
-    args = _normalise_flags(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    sub = next((a for a in args if not a.startswith("-")), None)
+    args = _normalise_flags(args, commands.get(sub))
     try:
-        CLI(commands, args=args, as_positional=False)
+        CLI(commands, args=args, as_positional=False, allow_abbrev=False)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,189 @@
+"""Calibration for the data-driven prune options: DAREx-q's ``q_mode`` and WANDA's input norms.
+
+Loads the fine-tuned Hugging Face model (the class named in its ``config.json``) and a small text file, and
+computes what the streaming prune needs: one global q (grid on labelled accuracy, or the unlabelled last-layer
+output change), per-tensor q (analytic), or per-tensor input norms ‖x_j‖₂. The math lives in
+:mod:`lifelong_delta.delta.darex` and :mod:`lifelong_delta.delta.importance`; this module only wires data to it.
+Tensor names are the model's ``state_dict`` names, which equal the checkpoint's for the class it was saved from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lifelong_delta.delta.darex import (
+    MaskedDelta,
+    QSearchResult,
+    analytic_q_per_layer,
+    select_q_grid,
+    select_q_unlabelled,
+)
+from lifelong_delta.delta.importance import collect_input_stats
+from lifelong_delta.delta.io import CheckpointReader
+
+__all__ = ["analytic_q", "grid_q", "input_norms", "load", "masked_delta", "read_text_data", "unlabelled_q"]
+
+Batch = dict[str, torch.Tensor]
+
+
+def read_text_data(path: str | os.PathLike[str], *, need_labels: bool, limit: int | None = None,
+                   label2id: dict[str, int] | None = None) -> tuple[list[str], list[int] | None]:
+    """Read ``text`` (and ``label``) columns from a CSV, TSV or JSONL file.
+
+    Labels may be integers or names found in ``label2id`` (a model config's mapping).
+
+    Raises:
+        ValueError: unknown format, missing column or bad label, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--calib_data {path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if suffix in (".jsonl", ".json"):
+                rows: list[dict[str, Any]] = [json.loads(line) for line in f if line.strip()]
+            elif suffix in (".csv", ".tsv"):
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            else:
+                raise ValueError(f"--calib_data {path}: use a .csv, .tsv or .jsonl file")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--calib_data {path}: cannot read it ({e})") from None
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"--calib_data {path}: no rows")
+    need = ("text", "label") if need_labels else ("text",)
+    for col in need:
+        if not all(isinstance(r, dict) and col in r for r in rows):
+            cols = sorted(rows[0]) if isinstance(rows[0], dict) else []
+            raise ValueError(f"--calib_data {path}: every row needs a '{col}' column (found columns {cols})")
+    texts = [str(r["text"]) for r in rows]
+    if not need_labels:
+        return texts, None
+    labels = []
+    for r in rows:
+        raw = r["label"]
+        try:
+            labels.append(int(raw))
+        except (TypeError, ValueError):
+            if label2id and str(raw) in label2id:
+                labels.append(int(label2id[str(raw)]))
+            else:
+                raise ValueError(f"--calib_data {path}: label {raw!r} is neither an integer nor one of the model's "
+                                 f"labels {sorted(label2id or {})}") from None
+    return texts, labels
+
+
+
+
+def load(
+    finetuned: str, calib_data: str, *, need_labels: bool, samples: int, batch_size: int, max_length: int
+) -> tuple[nn.Module, list[Batch], list[torch.Tensor] | None]:
+    """Load the fine-tuned model (fp32, eval mode), its tokenizer and tokenized calibration batches.
+
+    Returns:
+        ``(model, batches, labels)``; ``labels`` is one ``LongTensor[batch]`` per batch, or None.
+    """
+    import transformers
+
+    if not (Path(finetuned) / "config.json").is_file():
+        raise ValueError(f"--finetuned {finetuned}: calibration needs a Hugging Face model directory with "
+                         "config.json (and tokenizer files)")
+    config = transformers.AutoConfig.from_pretrained(finetuned)
+    arch = (config.architectures or [""])[0]
+    cls = getattr(transformers, arch, None) or transformers.AutoModel
+    if need_labels and not arch.endswith("ForSequenceClassification"):
+        raise ValueError(f"--q_mode grid measures classification accuracy, but {finetuned} is a {arch or 'model'} "
+                         "without a sequence-classification head; use --q_mode unlabelled or analytic")
+    texts, labels = read_text_data(calib_data, need_labels=need_labels, limit=samples,
+                                   label2id=getattr(config, "label2id", None))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(finetuned)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--finetuned {finetuned}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
+    batches = [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    label_batches = None
+    if labels is not None:
+        label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+    return model, batches, label_batches
+
+
+def _forward(model: nn.Module, batch: Batch) -> Any:
+    return model(**batch)
+
+
+def _last_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(**batch, output_hidden_states=True).hidden_states[-1]
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{weight name: [in] ‖x_j‖₂}`` for the 2-D tensors among ``names``.
+
+    ``nn.Linear`` weights get their measured input norms. Other matrices (embeddings, tied heads) have no
+    per-column input, so they get all-ones norms: WANDA then ranks by |δ| within each row (magnitude).
+    """
+    linear = _linear_weights(model, names)
+    stats = collect_input_stats(model, batches, _forward, names=linear)
+    norms = {n: s.norm for n, s in stats.items()}
+    sd = model.state_dict()
+    for n in names:
+        if n in sd and sd[n].ndim == 2 and n not in norms:
+            norms[n] = torch.ones(sd[n].shape[1])
+    return norms
+
+
+def _linear_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
+    wanted = set(names)
+    found = [f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    return [n for n in found if n in wanted]
+
+
+@torch.no_grad()
+def masked_delta(model: nn.Module, base: str, names: Sequence[str], p: float, seed: int) -> MaskedDelta:
+    """The DARE-masked delta of ``model`` (fine-tuned weights) against the ``base`` checkpoint, over ``names``."""
+    sd = model.state_dict()
+    names = [n for n in names if n in sd]
+    if not names:
+        raise ValueError(f"none of the checkpoint's tensor names is a parameter of the loaded "
+                         f"{type(model).__name__}; q_mode needs the model class the checkpoint was saved from")
+    with CheckpointReader(base) as rb:
+        base_sd = {n: rb.get(n) for n in names}
+    return MaskedDelta.build(base_sd, {n: sd[n] for n in names}, p, seed=seed)
+
+
+def analytic_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch]) -> dict[str, float]:
+    """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic)."""
+    stats = collect_input_stats(model, batches, _forward, names=_linear_weights(model, masked.names))
+    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()})
+
+
+def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], labels: Sequence[torch.Tensor],
+           p: float) -> QSearchResult:
+    """Global q maximising accuracy on the labelled calibration set (coarse then fine grid)."""
+
+    @torch.no_grad()
+    def accuracy(q: float) -> float:
+        masked.apply_(model, q)
+        correct = total = 0
+        for batch, y in zip(batches, labels):
+            correct += int((model(**batch).logits.argmax(-1) == y).sum())
+            total += len(y)
+        return correct / total
+
+    return select_q_grid(accuracy, p, mode="max")
+
+
+def unlabelled_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], p: float) -> QSearchResult:
+    """Global q minimising the mean last-layer output change (no labels)."""
+    return select_q_unlabelled(model, masked, list(batches), _last_hidden, p)

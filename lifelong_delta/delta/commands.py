@@ -1,0 +1,242 @@
+"""The ``lifelong-delta prune | stats | recommend`` subcommands: plain typed functions over :mod:`lifelong_delta.delta`.
+
+jsonargparse builds the CLI from these signatures (``lifelong_delta.cli.main``). Each function validates its input
+before any heavy work and raises ``ValueError`` (or :class:`~lifelong_delta.delta.io.CheckpointError`, a subclass)
+with a one-line message naming the option or tensor to fix. Calibration-based choices (DAREx-q's ``q_mode`` and
+WANDA's input norms) load the fine-tuned model with transformers, compute q or the norms in memory, and then prune
+by streaming like every other method.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from lifelong_delta.delta.io import CheckpointReader, check_output_path
+from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName
+from lifelong_delta.delta.recommend import Recommendation
+from lifelong_delta.delta.recommend import recommend as choose_method
+from lifelong_delta.delta.stats import DeltaStats, PruneSummary, match_tensors
+from lifelong_delta.delta.streaming import stream_delta_stats, stream_prune
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["prune", "recommend", "stats"]
+
+QMode = Literal["grid", "analytic", "unlabelled"]
+
+
+def _patterns(exclude: list[str] | str | None) -> tuple[str, ...]:
+    """``--exclude`` as a tuple of globs (one pattern given as a plain string is accepted)."""
+    if exclude is None:
+        return ()
+    return (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def prune(
+    base: str,
+    finetuned: str,
+    out: str,
+    method: MethodName = "dare",
+    p: float = 0.9,
+    q: float | None = None,
+    q_mode: QMode | None = None,
+    rescale: RescaleName | None = None,
+    structural_axis: Literal["rows", "columns"] = "rows",
+    structural_select: Literal["random", "importance"] = "random",
+    exclude: list[str] | str | None = None,
+    seed: int = 0,
+    out_shard_size: str = "2GB",
+    overwrite: bool = False,
+    force: bool = False,
+    calib_data: str | None = None,
+    calib_samples: int = 128,
+    batch_size: int = 16,
+    max_length: int = 128,
+    progress: bool = True,
+) -> PruneSummary:
+    """Prune the delta between a fine-tuned model and its base, and write the merged model to a new directory.
+
+    Args:
+        base: Pretrained model (HF directory with safetensors weights, or one .safetensors file).
+        finetuned: Fine-tuned model of the same architecture.
+        out: Output directory (must not exist unless --overwrite).
+        method: dare | darex-q | magnitude | wanda | structural.
+        p: Drop rate in [0, 1).
+        q: DAREx-q rescale: kept entries are multiplied by 1/q, with 1-p <= q <= 1 unless --force.
+        q_mode: Choose q from data instead (darex-q only): grid (labelled validation accuracy), analytic
+            (per layer, from calibration activations) or unlabelled (last-layer output change).
+        rescale: none | dare | q (default per method).
+        structural_axis: rows | columns (structural only).
+        structural_select: random | importance (structural only).
+        exclude: Glob patterns of tensors to copy unchanged, e.g. 'classifier.*'.
+        seed: Mask seed.
+        out_shard_size: Output shard size, e.g. 2GB or 500MB.
+        overwrite: Replace an existing --out.
+        force: Allow q outside [1-p, 1].
+        calib_data: CSV/TSV/JSONL file with a 'text' column (and 'label' for --q_mode grid); needed by q_mode
+            and wanda.
+        calib_samples: Rows of calib_data to use.
+        batch_size: Calibration batch size.
+        max_length: Calibration token length.
+        progress: Show a progress bar.
+    """
+    if q is not None and q_mode is not None:
+        raise ValueError("pass either --q or --q_mode, not both")
+    if q_mode is not None and method != "darex-q":
+        raise ValueError(f"--q_mode chooses DAREx-q's q; use it with --method darex-q (got --method {method})")
+    if method == "darex-q" and q is None and q_mode is None:
+        raise ValueError("--method darex-q needs --q Q (1-p <= Q <= 1) or --q_mode {grid,analytic,unlabelled}")
+    for option, value in (("calib_samples", calib_samples), ("batch_size", batch_size), ("max_length", max_length)):
+        if value < 1:
+            raise ValueError(f"--{option} must be >= 1, got {value}")
+    spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
+                     structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
+    check_output_path(Path(out), overwrite)
+    with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
+        pruned = match_tensors(rb, rf, spec.exclude).pruned  # fail on mismatches before loading any model
+
+    input_norms = q_per_tensor = None
+    if q_mode is not None or METHODS[method].needs_input_norms:
+        if calib_data is None:
+            what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
+            raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+        from lifelong_delta.delta import calibration as cal
+
+        model, batches, labels = cal.load(finetuned, calib_data, need_labels=q_mode == "grid",
+                                          samples=calib_samples, batch_size=batch_size, max_length=max_length)
+        if q_mode is None:
+            input_norms = cal.input_norms(model, batches, pruned)
+        else:
+            masked = cal.masked_delta(model, base, pruned, p, seed)
+            if q_mode == "analytic":
+                q_per_tensor = cal.analytic_q(model, masked, batches)
+            else:
+                result = (cal.grid_q(model, masked, batches, labels, p) if q_mode == "grid"
+                          else cal.unlabelled_q(model, masked, batches, p))
+                _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
+                                 + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
+                spec = replace(spec, q=result.q)
+        del model
+
+    summary = stream_prune(base, finetuned, out, spec, overwrite=overwrite, out_shard_size=out_shard_size,
+                           progress=progress, input_norms=input_norms, q_per_tensor=q_per_tensor)
+    _console().print(summary.table())
+    return summary
+
+
+def stats(
+    base: str,
+    finetuned: str,
+    exclude: list[str] | str | None = None,
+    png: str | None = None,
+    top: int | None = None,
+    progress: bool = True,
+) -> DeltaStats:
+    """Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, ‖δ‖/‖θ_pre‖.
+
+    Args:
+        base: Pretrained model (HF directory or .safetensors file).
+        finetuned: Fine-tuned model.
+        exclude: Glob patterns of tensors to skip.
+        png: Also save a plot of the per-tensor statistics to this PNG file.
+        top: Only list the TOP tensors with the largest ‖δ‖/‖θ_pre‖ (the pooled row covers all).
+        progress: Show a progress bar.
+    """
+    if top is not None and top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    if png is not None and not Path(png).resolve().parent.is_dir():
+        raise ValueError(f"--png {png}: directory {Path(png).parent} does not exist")
+    result = stream_delta_stats(base, finetuned, _patterns(exclude), progress=progress)
+    console = _console()
+    console.print(result.table(top=top))
+    if png is not None:
+        _plot(result, Path(png))
+        console.print(f"plot written to {png}")
+    return result
+
+
+def recommend(
+    base: str,
+    finetuned: str,
+    target_p: float = 0.9,
+    has_labelled_data: bool = False,
+    has_unlabelled_data: bool = False,
+    can_refinetune: bool = True,
+    exclude: list[str] | str | None = None,
+    progress: bool = True,
+) -> Recommendation:
+    """Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why.
+
+    Args:
+        base: Pretrained model.
+        finetuned: Fine-tuned model.
+        target_p: Drop rate you want, in [0, 1).
+        has_labelled_data: You have a labelled validation set.
+        has_unlabelled_data: You have unlabelled inputs (a batch is enough).
+        can_refinetune: You can fine-tune the model again (with AdamR).
+        exclude: Glob patterns of tensors to leave out of the statistics (e.g. the classifier head).
+        progress: Show a progress bar.
+    """
+    if not 0.0 <= target_p < 1.0:
+        raise ValueError(f"--target_p must be in [0, 1), got {target_p}")
+    result = stream_delta_stats(base, finetuned, _patterns(exclude), progress=progress)
+    rec = choose_method(result, target_p=target_p, has_labelled_data=has_labelled_data,
+                        has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune)
+    console = _console()
+    console.print(f"[bold]recommendation:[/bold] {rec.label}")
+    console.print(f"[bold]why:[/bold] {rec.reason}", highlight=False)
+    if rec.alternatives:
+        console.print("alternatives: " + ", ".join(rec.alternatives))
+    console.print("numbers: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.numbers.items()), highlight=False)
+    if rec.method != "refinetune-adamr":
+        cmd = f"lifelong-delta prune --base {base} --finetuned {finetuned} --method {rec.method} --p {target_p:g}"
+        if rec.q_mode or rec.method == "wanda":
+            cmd += (f" --q_mode {rec.q_mode}" if rec.q_mode else "") + " --calib_data FILE"
+        console.print(f"command: {cmd} --out OUT", highlight=False, soft_wrap=True)
+    return rec
+
+
+def _plot(result: DeltaStats, png: Path) -> None:
+    """Per-tensor mean |δ|, std δ and ‖δ‖/‖θ_pre‖ on a log scale; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result.layers
+    x = range(len(layers))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(layers) * 0.12), 7), sharex=True)
+    axes[0].semilogy(x, [max(s.mean_abs, 1e-30) for s in layers], ".-", label="mean |δ|")
+    axes[0].semilogy(x, [max(s.std, 1e-30) for s in layers], ".-", label="std δ")
+    axes[0].semilogy(x, [max(abs(s.mean), 1e-30) for s in layers], ".", label="|mean δ|")
+    axes[0].set_ylabel("delta")
+    axes[0].legend()
+    axes[1].semilogy(x, [max(s.rel_norm, 1e-30) for s in layers], ".-", color="C3")
+    axes[1].set_ylabel("‖δ‖ / ‖θ_pre‖")
+    axes[1].set_xlabel("tensor (checkpoint order)")
+    if len(layers) <= 60:
+        axes[1].set_xticks(list(x), [s.name for s in layers], rotation=90, fontsize=6)
+    fig.suptitle("delta statistics (δ = finetuned − base)")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=png.resolve().parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+

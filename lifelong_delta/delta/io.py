@@ -1,0 +1,508 @@
+"""Streaming safetensors checkpoints: a lazy reader and an atomic, sharded writer.
+
+Layer 2 of the architecture (small stateful objects, no Lightning). Both ends keep memory near one tensor:
+
+* :class:`CheckpointReader` parses the safetensors headers itself and reads one tensor's bytes with a plain
+  ``readinto`` into a fresh buffer. Nothing is memory-mapped, so pages of tensors already processed never count
+  towards the resident set (a ``safe_open`` mmap keeps every touched page of a shard resident while it is open).
+* :class:`ShardedWriter` streams each tensor's bytes to a per-shard body file as soon as it is added; when a shard
+  is full it writes the final file as ``header + body`` (a kernel-side copy). All files go to a temporary directory
+  next to ``out``, which is renamed into place by :meth:`ShardedWriter.commit`; a killed or failed run leaves
+  nothing at ``out``.
+
+:func:`lifelong_delta.delta.streaming.stream_prune` joins the two with a pruning method.
+
+File layout follows Hugging Face: ``model.safetensors`` or ``model-00001-of-0000N.safetensors`` shards plus
+``model.safetensors.index.json`` (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "ShardedWriter",
+    "TensorInfo",
+    "check_output_path",
+    "copy_non_weight_files",
+    "parse_size",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100_000_000
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_WEIGHT_INDEXES = (INDEX_FILE, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_code] = getattr(torch, _attr)
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or output path) the user gave cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte range (relative to the data section)."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    data_start: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def parse_size(size: str | int) -> int:
+    """Parse a byte size: an int, or a string such as ``"2GB"``, ``"500MB"``, ``"1GiB"``, ``"4096"``.
+
+    ``KB``/``MB``/``GB``/``TB`` are powers of 1000 (as in Hugging Face ``max_shard_size``), ``KiB``… powers of 1024.
+    """
+    if isinstance(size, bool):
+        raise TypeError(f"out_shard_size must be an int or a string like '2GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if match is None:
+            raise ValueError(f"out_shard_size={size!r} is not a size; use e.g. '2GB', '500MB' or a byte count")
+        unit = (match.group(2) or "B").upper()
+        power = "BKMGT".index(unit[0])
+        base = 1024 if "I" in unit else 1000
+        value = int(float(match.group(1)) * base**power)
+    if value <= 0:
+        raise ValueError(f"out_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors file's header without touching its tensor data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n} is implausible)")
+            header_bytes = f.read(n)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed header entry") from None
+        info = TensorInfo(path, dtype, shape, begin, end, data_start)
+        if info.nbytes != info.numel * dtype.itemsize or data_start + end > size or begin > end:
+            raise CheckpointError(f"{path}: tensor {name!r} has byte range {begin}..{end} that does not match "
+                                  f"its shape {list(shape)} or the file size (truncated file?)")
+        infos[name] = info
+    return infos, dict(metadata)
+
+
+class CheckpointReader:
+    """Lazy, read-only view of a safetensors checkpoint (a Hugging Face model directory or one file).
+
+    Only the headers are read on construction. :meth:`get` reads one tensor into a fresh CPU tensor; at most one
+    shard file is open at a time.
+
+    Args:
+        path: A directory holding ``model.safetensors`` or ``model.safetensors.index.json`` with its shards
+            (or exactly one ``*.safetensors`` file), or the path of a single ``.safetensors`` file.
+
+    Raises:
+        CheckpointError: if the path is missing, holds no safetensors weights, or a file is unreadable or corrupt.
+            The message names the path.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._open_path: Path | None = None
+        self._open_file: BinaryIO | None = None
+        self.path = Path(path)
+        self.files = self._weight_files(self.path)
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            infos, metadata = _read_header(file)
+            self.metadata.update(metadata)
+            for name, info in infos.items():
+                if name in self._infos:
+                    raise CheckpointError(f"{file}: tensor {name!r} also appears in {self._infos[name].file}")
+                self._infos[name] = info
+
+    @staticmethod
+    def _weight_files(path: Path) -> list[Path]:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if path.is_file():
+            return [path]
+        index = path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(f"{index} lists {file.name}, which is missing from {path}")
+            return files
+        if (path / SINGLE_FILE).is_file():
+            return [path / SINGLE_FILE]
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        raise CheckpointError(
+            f"{path}: no safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE}"
+            + (f"; found {len(found)} *.safetensors files without an index)" if found else ")")
+        )
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, then by offset), the cheapest order to read them in."""
+        return sorted(self._infos, key=lambda n: (self.files.index(self._infos[n].file), self._infos[n].begin))
+
+    def info(self, name: str) -> TensorInfo:
+        """Header information of one tensor."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in checkpoint {self.path}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def _file(self, path: Path) -> BinaryIO:
+        if self._open_path != path:
+            self.close()
+            try:
+                self._open_file = open(path, "rb")  # noqa: SIM115 - kept open across get() calls
+            except OSError as e:
+                raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
+            self._open_path = path
+        assert self._open_file is not None
+        return self._open_file
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor. Shape: as stored. A new CPU tensor that owns its memory (no mmap)."""
+        info = self.info(name)
+        return self.get_flat(name, 0, info.numel).reshape(info.shape)
+
+    def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Read elements ``start .. start + count - 1`` of the flattened tensor. Shape ``(count,)``."""
+        info = self.info(name)
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
+        size = info.dtype.itemsize
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        if count:
+            f = self._file(info.file)
+            try:
+                f.seek(info.data_start + info.begin + start * size)
+                got = f.readinto(memoryview(buf.numpy()))
+            except OSError as e:
+                raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e.strerror or e}") from None
+            if got != count * size:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated ({got} of {count * size} bytes)")
+        return buf.view(info.dtype)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in file order, one tensor in memory at a time."""
+        for name in self.names():
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        if self._open_file is not None:
+            self._open_file.close()
+        self._open_file, self._open_path = None, None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        self.close()
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES
+
+
+def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+    """Copy config, tokenizer and other non-weight files (and sub-directories) of a model directory.
+
+    Weight files (``*.safetensors``, ``*.bin``, their indexes, …) and hidden entries are skipped.
+
+    Returns:
+        The relative paths copied.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        return []
+    copied = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(root).relative_to(src)
+        for fname in sorted(files):
+            if fname.startswith(".") or _is_weight_file(fname):
+                continue
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(root) / fname, dst / rel / fname)
+            copied.append(str(rel / fname))
+    return copied
+
+
+def _copy_body(src: IO[bytes], dst: IO[bytes], nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` (from its start) to ``dst``, kernel-side where the OS allows."""
+    src.seek(0)
+    dst.flush()
+    left = nbytes
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left:
+                done = os.copy_file_range(src.fileno(), dst.fileno(), left)
+                if done == 0:
+                    break
+                left -= done
+            dst.seek(0, os.SEEK_END)
+        except OSError:
+            dst.seek(0, os.SEEK_END)
+    if left:
+        src.seek(nbytes - left)
+        shutil.copyfileobj(src, dst, length=16 * 2**20)
+
+
+class ShardedWriter:
+    """Write a sharded safetensors checkpoint atomically, holding no more than one tensor in memory.
+
+    Usage::
+
+        with ShardedWriter(out, "2GB") as w:
+            for name, t in tensors:
+                w.add(name, t)
+            w.commit(copy_files_from=finetuned_dir)
+
+    Leaving the ``with`` block without :meth:`commit` (an exception, Ctrl-C) deletes the temporary directory and
+    leaves ``out`` untouched.
+
+    Args:
+        out_dir: Final output directory.
+        max_shard_size: Shard size limit (``"2GB"``, ``"500MB"`` or bytes). A shard is closed before a tensor that
+            would push it past the limit; a single larger tensor gets a shard of its own.
+        overwrite: Replace an existing ``out_dir`` at commit time. Without it an existing path is an error.
+        metadata: safetensors ``__metadata__`` of every shard; ``{"format": "pt"}`` by default.
+
+    Raises:
+        CheckpointError: ``out_dir`` exists and ``overwrite`` is false, or its parent is not writable.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        max_shard_size: str | int = "2GB",
+        *,
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out = Path(out_dir)
+        self.max_shard_bytes = parse_size(max_shard_size)
+        self.overwrite = overwrite
+        self.metadata = {"format": "pt", **(metadata or {})}
+        check_output_path(self.out, overwrite)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except OSError as e:
+            raise CheckpointError(f"cannot create output next to {self.out}: {e.strerror or e}") from None
+        self._shards: list[tuple[Path, list[str]]] = []  # finished shards: (temporary file, tensor names)
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # open shard: name -> code, shape, range
+        self._body: IO[bytes] | None = None
+        self._body_bytes = 0
+        self._names: set[str] = set()
+        self.total_size = 0
+        self._done = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (written to disk immediately; the caller may free it afterwards)."""
+        self.add_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_chunks(
+        self, name: str, dtype: torch.dtype, shape: Sequence[int], chunks: Iterable[torch.Tensor]
+    ) -> None:
+        """Append one tensor given as consecutive pieces of its flattened data (each written as it arrives).
+
+        Args:
+            name: Tensor name.
+            dtype: Its dtype; every chunk must have it.
+            shape: Its shape; the chunks must add up to ``prod(shape)`` elements.
+            chunks: The pieces, in order (any shapes).
+        """
+        if self._done:
+            raise RuntimeError("ShardedWriter.add() after commit()/abort()")
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} was added twice")
+        if dtype not in _CODES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._entries and self._body_bytes + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+        if self._body is None:
+            self._body = open(self.tmp / f"body-{len(self._shards):05d}.bin", "w+b")  # noqa: SIM115
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise TypeError(f"tensor {name!r}: a chunk has dtype {chunk.dtype}, expected {dtype}")
+            c = chunk.detach().cpu().contiguous().view(-1)
+            if c.numel():
+                self._body.write(memoryview(c.view(torch.uint8).numpy()))
+            written += c.numel() * dtype.itemsize
+        if written != nbytes:
+            raise ValueError(f"tensor {name!r}: chunks hold {written} bytes, shape {list(shape)} needs {nbytes}")
+        self._entries[name] = (_CODES[dtype], shape, self._body_bytes, self._body_bytes + nbytes)
+        self._body_bytes += nbytes
+        self._names.add(name)
+        self.total_size += nbytes
+
+    def _finish_shard(self) -> None:
+        assert self._body is not None
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        for name, (code, shape, begin, end) in self._entries.items():
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        path = self.tmp / f"shard-{len(self._shards):05d}.safetensors"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            _copy_body(self._body, f, self._body_bytes)
+        body_path = Path(self._body.name)
+        self._body.close()
+        body_path.unlink()
+        self._shards.append((path, list(self._entries)))
+        self._body, self._entries, self._body_bytes = None, {}, 0
+
+    def commit(self, copy_files_from: str | os.PathLike[str] | None = None) -> Path:
+        """Close the last shard, write the index, copy non-weight files and move everything to ``out``.
+
+        Returns:
+            The output directory.
+        """
+        if self._done:
+            raise RuntimeError("ShardedWriter.commit() called twice")
+        if self._entries or not self._shards:
+            if self._body is None:  # an empty checkpoint still gets a valid (empty) file
+                self._body = open(self.tmp / "body-empty.bin", "w+b")  # noqa: SIM115
+            self._finish_shard()
+        n = len(self._shards)
+        if n == 1:
+            self._shards[0][0].rename(self.tmp / SINGLE_FILE)
+        else:
+            weight_map = {}
+            for i, (path, names) in enumerate(self._shards, start=1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                path.rename(self.tmp / fname)
+                weight_map.update({name: fname for name in names})
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if copy_files_from is not None:
+            copy_non_weight_files(copy_files_from, self.tmp)
+        check_output_path(self.out, self.overwrite)
+        trash = None
+        if self.out.exists() or self.out.is_symlink():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, trash / "old")
+        os.replace(self.tmp, self.out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        self._done = True
+        return self.out
+
+    def abort(self) -> None:
+        """Delete everything written so far; ``out`` is left as it was."""
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+        if not self._done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Raise :class:`CheckpointError` if ``out`` exists and ``overwrite`` is false."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise CheckpointError(f"output path {out} already exists; pass --overwrite to replace it")
+

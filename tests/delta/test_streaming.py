@@ -1,0 +1,144 @@
+"""stream_prune equals the in-memory prune_tensor loop, for every method, sharded or not, with mixed dtypes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader
+from lifelong_delta.delta.methods import PruneSpec, is_excluded, prune_tensor
+from lifelong_delta.delta.stats import DeltaStats
+from lifelong_delta.delta import streaming
+from lifelong_delta.delta.streaming import stream_delta_stats, stream_prune
+from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state
+
+SPECS = [
+    PruneSpec("dare", 0.7, seed=3),
+    PruneSpec("darex-q", 0.7, q=0.5, seed=3),
+    PruneSpec("magnitude", 0.5),
+    PruneSpec("structural", 0.5, seed=1),
+    PruneSpec("dare", 0.0),
+]
+
+
+def _in_memory(base, ft, spec, input_norms=None):
+    out = {}
+    for k, v in ft.items():
+        if v.is_floating_point() and not is_excluded(k, spec.exclude):
+            norms = input_norms.get(k) if input_norms else None
+            out[k] = prune_tensor(k, base[k], v, spec, input_norms=norms)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-{s.p}")
+@pytest.mark.parametrize(("shard", "chunk"), [("1KB", 7), ("1GB", 1 << 22)])
+def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, shard, chunk):
+    monkeypatch.setattr(streaming, "_CHUNK", chunk)  # 7: DARE runs in many ragged chunks per tensor
+    base_sd = tiny_state()
+    ft_sd = perturbed(base_sd)
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd, shard_size="700B")
+    summary = stream_prune(base, ft, tmp_path / "out", spec, out_shard_size=shard, progress=False)
+    got = read_checkpoint(tmp_path / "out")
+    want = _in_memory(base_sd, ft_sd, spec)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert ((tmp_path / "out" / INDEX_FILE).exists()) == (shard == "1KB")
+    # config/tokenizer files copied; the summary counts what was done
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "tiny"
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert summary.copied == ["position_ids"]
+    assert len(summary.tensors) == len(base_sd) - 1
+    nnz_before = sum(int((ft_sd[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
+    nnz_after = sum(int((want[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
+    assert summary.kept_fraction == pytest.approx(nnz_after / nnz_before)
+    norm_before = sum(float((ft_sd[k] - base_sd[k]).square().sum()) for k in want if k != "position_ids") ** 0.5
+    assert summary.norm_before == pytest.approx(norm_before, rel=1e-5)
+    if spec.p == 0.0:
+        assert summary.kept_fraction == 1.0 and summary.norm_after == pytest.approx(norm_before, rel=1e-5)
+
+
+def test_wanda_streaming_uses_input_norms(tmp_path):
+    base_sd = tiny_state()
+    ft_sd = perturbed(base_sd)
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
+    g = torch.Generator().manual_seed(5)
+    norms = {k: torch.rand(v.shape[1], generator=g) + 0.1 for k, v in base_sd.items() if v.ndim == 2}
+    spec = PruneSpec("wanda", 0.5)
+    stream_prune(base, ft, tmp_path / "out", spec, progress=False, input_norms=norms)
+    got, want = read_checkpoint(tmp_path / "out"), _in_memory(base_sd, ft_sd, spec, norms)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    with pytest.raises(ValueError, match="needs calibration input norms.*--calib_data"):
+        stream_prune(base, ft, tmp_path / "out2", spec, progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_dtype_difference_computes_fp32_writes_finetuned_dtype(tmp_path):
+    base_sd = tiny_state(dtype=torch.float32)
+    ft_sd = perturbed(base_sd, dtype=torch.bfloat16)
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
+    spec = PruneSpec("dare", 0.5, seed=7)
+    summary = stream_prune(base, ft, tmp_path / "out", spec, progress=False)
+    got = read_checkpoint(tmp_path / "out")
+    want = _in_memory(base_sd, ft_sd, spec)
+    for k, v in got.items():
+        assert v.dtype == ft_sd[k].dtype and torch.equal(v, want[k]), k
+    # dropped entries are exactly the base (in bf16), so they do not count as kept
+    assert 0.35 < summary.kept_fraction < 0.65
+
+
+def test_exclude_copies_unchanged_and_allows_head_only_in_finetuned(tmp_path):
+    base_sd = tiny_state()
+    ft_sd = perturbed(base_sd)
+    ft_sd["head.weight"] = torch.randn(2, 8)
+    del base_sd["classifier.weight"]
+    ft_sd.pop("classifier.weight")
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
+    spec = PruneSpec("dare", 0.9, exclude=("head.*", "embed.*"))
+    summary = stream_prune(base, ft, tmp_path / "out", spec, progress=False)
+    got = read_checkpoint(tmp_path / "out")
+    assert torch.equal(got["head.weight"], ft_sd["head.weight"])
+    assert torch.equal(got["embed.weight"], ft_sd["embed.weight"])
+    assert set(summary.copied) == {"head.weight", "embed.weight", "position_ids"}
+    assert not torch.equal(got["layers.0.weight"], ft_sd["layers.0.weight"])
+
+
+def test_overwrite_replaces_existing_output(tmp_path):
+    base, ft = make_pair(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    stream_prune(base, ft, out, PruneSpec("dare", 0.5), overwrite=True, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 22])
+def test_stream_delta_stats_matches_in_memory(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(streaming, "_CHUNK", chunk)
+    base_sd = tiny_state()
+    ft_sd = perturbed(base_sd, scale=0.05)
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
+    streamed = stream_delta_stats(base, ft, exclude=("classifier.*",))
+    memory = DeltaStats.from_state_dicts(base_sd, ft_sd, exclude=("classifier.*",))
+    assert [s.name for s in streamed.layers] == [s.name for s in memory.layers]
+    assert "classifier.weight" not in [s.name for s in streamed.layers]
+    for a, b in zip(streamed.layers, memory.layers):
+        assert a.shape == b.shape and a.numel == b.numel and a.max_abs == b.max_abs
+        for attr in ("sum", "sum_sq", "sum_abs", "base_sum_sq"):
+            assert getattr(a, attr) == pytest.approx(getattr(b, attr), rel=1e-6, abs=1e-12), attr
+
+
+def test_reader_is_lazy_and_streaming_holds_one_shard_open(tmp_path):
+    base, ft = make_pair(tmp_path, shard_size="300B")
+    r = CheckpointReader(ft)
+    assert len(r.files) > 3
+    r.get(r.names()[-1])
+    r.get(r.names()[0])
+    assert r._open_path == r.files[0]  # switching shards closed the previous one
+    r.close()
