@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lifelong_delta.anchors.base import anchor_pull_
+from lifelong_delta.anchors.ops import anchor_pull_
 
 __all__ = ["AdamR"]
 
