@@ -12,12 +12,13 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain bench clean help
+.PHONY: setup data demo test pretrain finetune prune-eval bench clean help
 
 help:
 	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
 	@echo "make test      set up and run the test suite"
 	@echo "make pretrain  pretrain + cache the 28px ViT backbone on Fashion-MNIST"
+	@echo "make prune-eval  fine-tune MiniLM offline (cached), prune every way, write results/prune_eval/"
 	@echo "make bench     run the benchmarks under bench/"
 
 setup: $(STAMP) data
@@ -45,6 +46,12 @@ pretrain: setup
 
 demo: setup pretrain
 	$(BIN)/lightning fit -c configs/cl_mnist.yaml
+
+finetune: setup
+	$(BIN)/lifelong-delta finetune
+
+prune-eval: setup finetune
+	$(BIN)/lifelong-delta prune-eval
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-_DROPPED_ERROR_LINES = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate against any")
+_DROPPED_ERROR_LINES = (
+    "Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate against any",
+    "Expected a <class 'NoneType'>",
+)
 
 
 def one_line_error(message: str) -> str:
-    """A jsonargparse error message squeezed into one line: its nested lines joined, the Union bookkeeping dropped.
+    """A jsonargparse error message in one line: nested lines joined, the Union bookkeeping dropped.
 
     ``Parser key "model": ... - Problem with given class_path 'X': Option 'foo' is not accepted`` becomes
     ``Parser key "model": Problem with given class_path 'X': Option 'foo' is not accepted``.
@@ -27,7 +30,7 @@ def one_line_error(message: str) -> str:
         line = line.strip()
         if line.startswith("- "):
             line = line[2:]
-        if not line or line.startswith(_DROPPED_ERROR_LINES) or line.startswith("Expected a <class 'NoneType'>"):
+        if not line or line.startswith(_DROPPED_ERROR_LINES):
             continue
         parts.append(line.rstrip(":"))
     return ": ".join(parts) or message.strip()
@@ -37,7 +40,7 @@ def _lightning_parser_class() -> type:
     from lightning.pytorch.cli import LightningArgumentParser
 
     class OneLineErrorParser(LightningArgumentParser):
-        """A LightningArgumentParser whose errors are one ``error: ...`` line on stderr (no usage dump), exit 2."""
+        """A LightningArgumentParser whose errors are one ``error: ...`` line (no usage dump), exit 2."""
 
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
             if not self.exit_on_error:
@@ -52,14 +55,15 @@ def _lightning_parser_class() -> type:
 def lightning_main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning`` command.
 
-    Configuration errors (unknown key, wrong type) are one ``error: ...`` line and exit status 2. Errors in user
-    input found while running (``ValueError``, ``TypeError``, ``FileNotFoundError``: missing data or weights, a bad
-    option value) are one ``error: ...`` line and exit status 1; set ``LIFELONG_DELTA_TRACEBACK=1`` to get the
-    traceback instead.
+    Configuration errors (unknown key, wrong type) are one ``error: ...`` line and exit status 2. Errors in
+    user input found while running (``ValueError``, ``TypeError``, ``FileNotFoundError``: missing data or
+    weights, a bad option value) are one ``error: ...`` line and exit status 1; set
+    ``LIFELONG_DELTA_TRACEBACK=1`` to get the traceback instead.
     """
     import os
 
     from lightning.pytorch.cli import LightningCLI
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         LightningCLI(
@@ -70,7 +74,7 @@ def lightning_main(args: list[str] | None = None) -> None:
             args=args,
             auto_configure_optimizers=False,
         )
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
         if os.environ.get("LIFELONG_DELTA_TRACEBACK"):
             raise
         msg = " ".join(one_line_error(str(err)).split())
@@ -120,8 +124,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from lifelong_delta.continual.pretrain import pretrain
     from lifelong_delta.delta.commands import prune, recommend, stats
+    from lifelong_delta.text.finetune import all_finetunes
+    from lifelong_delta.text.prune_eval import prune_eval
 
-    commands = {"pretrain": pretrain, "prune": prune, "stats": stats, "recommend": recommend}
+    commands = {
+        "pretrain": pretrain,
+        "prune": prune,
+        "stats": stats,
+        "recommend": recommend,
+        "finetune": all_finetunes,
+        "prune-eval": prune_eval,
+    }
     args = list(sys.argv[1:] if argv is None else argv)
     sub = next((a for a in args if not a.startswith("-")), None)
     args = _normalise_flags(args, commands.get(sub))

@@ -1,0 +1,190 @@
+"""``lifelong-delta pretrain``: pretrain the small 28-px ViT on Fashion-MNIST once and cache it.
+
+The offline stand-in for an ImageNet-pretrained backbone in ``configs/cl_mnist.yaml`` (Smith et al.,
+https://arxiv.org/abs/2203.17269, start every continual run from a pretrained ViT). The cache directory holds
+``model.safetensors`` (the timm state dict, with the Fashion-MNIST head) and ``config.json`` (timm name,
+kwargs, test accuracy), written atomically; ``ContinualModule(pretrained=<that directory>)`` loads both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from lifelong_delta.continual.backbones import expand_path
+
+__all__ = ["pretrain"]
+
+
+def pretrain(
+    dataset: str = "fashion_mnist",
+    cache_dir: str = "~/.cache/lifelong_delta",
+    name: str = "vit28_fmnist",
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    backbone: str = "vit_tiny_patch16_224",
+    embed_dim: int = 64,
+    depth: int = 4,
+    num_heads: int = 4,
+    patch_size: int = 4,
+    img_size: int = 28,
+    max_per_class: int | None = 5000,
+    force: bool = False,
+) -> str:
+    """Pretrain a small timm ViT on all classes of ``dataset`` and cache it under ``<cache_dir>/<name>``.
+
+    Idempotent: if the cache entry exists and ``force`` is False, prints ``cached at ...`` and returns.
+
+    Args:
+        dataset: an offline source of ``ClassIncrementalDataModule`` (``fashion_mnist``, ``mnist``, ...).
+        cache_dir: parent directory of the cache entry (``~`` and ``$VARS`` are expanded).
+        name: name of the cache entry (a directory).
+        epochs: training epochs (Adam, 30 warm-up steps, then a per-step cosine schedule to 0).
+        batch_size: training batch size.
+        lr: peak learning rate.
+        seed: seed of the initialisation, the shuffling and the subsample.
+        backbone: timm model name whose architecture is resized by the next options (mean-pooled tokens, no
+            class token: it learns faster from scratch).
+        embed_dim: transformer width.
+        depth: number of blocks.
+        num_heads: attention heads.
+        patch_size: patch side in pixels.
+        img_size: image side in pixels.
+        max_per_class: training images per class (``None``: all); bounds the time on a small CPU.
+        force: retrain and overwrite an existing cache entry.
+
+    Returns:
+        The cache directory, e.g. ``~/.cache/lifelong_delta/vit28_fmnist`` expanded.
+    """
+    for option, value in (("epochs", epochs), ("batch_size", batch_size), ("embed_dim", embed_dim),
+                          ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
+    out = expand_path(cache_dir) / name
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
+        print(f"cached at {out}", flush=True)
+        return str(out)
+
+    import lightning as L
+
+    from lifelong_delta.continual.data import ClassIncrementalDataModule
+
+    L.seed_everything(seed, verbose=False)
+    dm = ClassIncrementalDataModule(
+        dataset=dataset, n_tasks=1, class_order_seed=None, seed=seed, val_fraction=0.0, batch_size=batch_size,
+        eval_batch_size=512, image_size=img_size, channels=1, max_per_class=max_per_class,
+    )
+    dm.setup("fit")
+    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
+              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
+    model = _make_classifier()(backbone, dm.num_classes, kwargs, lr)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())  # one seeded loader: a new order each epoch
+    seconds = time.perf_counter() - start
+    accuracy = _accuracy(model.net, dm.test_dataloader()[0])
+    print(f"pretrained {backbone} {kwargs} on {dataset} in {seconds:.0f} s: test accuracy {accuracy:.4f}",
+          flush=True)
+
+    config = {
+        "backbone": backbone,
+        "backbone_kwargs": kwargs,
+        "num_classes": dm.num_classes,
+        "dataset": dataset,
+        "normalize": {"mean": 0.5, "std": 0.5},
+        "epochs": epochs,
+        "max_per_class": max_per_class,
+        "seed": seed,
+        "test_accuracy": accuracy,
+        "train_seconds": round(seconds, 1),
+        "timm_version": __import__("timm").__version__,
+    }
+    _write_entry_atomically(out, model.net.state_dict(), config)
+    print(f"cached at {out}", flush=True)
+    return str(out)
+
+
+def _make_classifier() -> type:
+    """The LightningModule class, built on first use so that importing this module stays cheap."""
+    import lightning as L
+    import timm
+    import torch.nn.functional as F
+
+    class Classifier(L.LightningModule):
+        """A timm model trained with cross-entropy, Adam, a linear warm-up and a per-step cosine decay."""
+
+        def __init__(self, backbone: str, num_classes: int, kwargs: dict, lr: float) -> None:
+            super().__init__()
+            self.net = timm.create_model(backbone, num_classes=num_classes, **kwargs)
+            self.lr = lr
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self) -> dict:
+            opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+            steps, warmup = max(1, int(self.trainer.estimated_stepping_batches)), 30
+
+            def factor(step: int) -> float:
+                cosine = 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+                return min(1.0, (step + 1) / (warmup + 1)) * cosine
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Classifier
+
+
+@torch.no_grad()
+def _accuracy(net: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    net.eval()
+    correct = total = 0
+    device = next(net.parameters()).device
+    for x, y in loader:
+        correct += int((net(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+def _write_entry_atomically(out: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write ``model.safetensors`` + ``config.json`` into a temporary sibling directory, then rename it."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,301 @@
+"""``make prune-eval``: prune real MiniLM fine-tunes every way DARE the Extreme does, and measure test accuracy.
+
+Deng et al., "DARE the Extreme: Revisiting Delta-Parameter Pruning for Fine-Tuned Models", arXiv 2410.09344.
+
+For each task (TREC, VADER) and cached fine-tune (AdamW, AdamR-L2, AdamR-L1, large-delta AdamW, LoRA; see
+:mod:`lifelong_delta.text.finetune`) it evaluates the test accuracy of the unpruned model and of its delta
+``δ = θ_ft − θ_pre`` pruned by
+
+* ``dare``: drop with probability p, rescale by 1/(1−p) (Yu et al., arXiv 2311.03099);
+* ``darex-q-grid`` / ``darex-q-analytic`` / ``darex-q-unlabelled``: the same mask, rescaled by 1/q, q chosen by a
+  coarse-then-fine grid on the labelled validation split, per layer from ``c_ij = δ_ij · mean(x_j)``, or by the
+  last-layer output change on unlabelled training inputs;
+* ``magnitude`` / ``wanda``: keep the top ``1 − p`` of each output row by ``|δ|`` / ``|δ|·‖x_j‖₂``, no rescale;
+* ``structural``: drop random whole rows of each delta matrix, rescaled by 1/q with q from the validation grid;
+* for the LoRA fine-tune, the delta is ``B·A`` of the adapted matrices (:func:`lifelong_delta.delta.lora_deltas`),
+  pruned by DARE and the three DAREx-q modes.
+
+What is pruned: every tensor of the encoder, embeddings included, but not the classifier head
+(``exclude=("classifier.*",)``), as in DARE's reference code for BERT-style classifiers (``mask_model_weights(...,
+exclude_param_names_regex=[".*classifier.*"])``), which DAREx builds on. The head starts from a random draw, so its
+"delta" is the whole head. The delta engine itself prunes every shared tensor unless told otherwise.
+
+The model is loaded once per fine-tune and kept in memory; the masked delta is built once per (p, seed) and only
+rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs under
+``torch.inference_mode`` on pre-tokenised, length-sorted batches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, finetune_hparams, task_splits
+from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings
+
+__all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
+
+DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
+FINETUNES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
+METHODS: tuple[str, ...] = ("unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled",
+                            "magnitude", "wanda", "structural")
+#: Methods that apply to the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
+LORA_ALLOWED = frozenset({"unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"})
+#: Deterministic methods: one row per p, with the first seed.
+SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
+EXTREME_P = 0.999
+HIGH_P = 0.9  # from here on every random method runs every seed
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of ``results.csv``: the accuracy of ``method`` at drop rate ``p`` with mask seed ``seed``."""
+
+    task: str
+    finetune: str
+    method: str
+    p: float
+    seed: int
+
+
+def plan_cells(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float],
+               seeds: Sequence[int], low_p_seeds: int = 1,
+               lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
+               extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda")) -> list[Cell]:
+    """Every (task, fine-tune, method, p, seed) the study evaluates, in evaluation order.
+
+    ``unpruned`` has ``p = 0`` and the first seed; ``magnitude``/``wanda`` one row per p with the first seed; the
+    random methods run ``seeds[:low_p_seeds]`` at ``p < 0.9`` and every seed at ``p >= 0.9``. The LoRA fine-tune
+    runs ``methods ∩ lora_methods``; drop rates ``p >= 0.999`` run only ``extreme_methods``.
+    """
+    cells = []
+    for task in tasks:
+        for ft in finetunes:
+            allowed = [m for m in methods if ft != "lora" or m in lora_methods]
+            if "unpruned" in allowed:
+                cells.append(Cell(task, ft, "unpruned", 0.0, seeds[0]))
+            for p in sorted(ps):
+                for m in allowed:
+                    if m == "unpruned" or (p >= EXTREME_P and m not in extreme_methods):
+                        continue
+                    use = seeds[:1] if m in SEEDLESS else seeds if p >= HIGH_P else seeds[:low_p_seeds]
+                    cells.extend(Cell(task, ft, m, p, s) for s in use)
+    return cells
+
+
+def _check(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float],
+           seeds: Sequence[int], low_p_seeds: int, s: Settings, lora_methods: Sequence[str],
+           extreme_methods: Sequence[str]) -> None:
+    from lifelong_delta.text.data import TASKS
+
+    for option, values, allowed in (("tasks", tasks, TASKS), ("finetunes", finetunes, FINETUNES),
+                                    ("methods", methods, METHODS), ("lora_methods", lora_methods, LORA_ALLOWED),
+                                    ("extreme_methods", extreme_methods, METHODS)):
+        if option == "extreme_methods" and not values:
+            continue
+        if not values:
+            raise ValueError(f"{option}: give at least one of {', '.join(allowed)}")
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{option}: {bad[0]!r} is not one of {', '.join(sorted(allowed))}")
+    if not ps or any(isinstance(p, bool) or not 0.0 < float(p) < 1.0 for p in ps):
+        raise ValueError(f"ps: drop rates must be in (0, 1), got {list(ps)}")
+    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: give distinct integer mask seeds, got {list(seeds)}")
+    if low_p_seeds < 1:
+        raise ValueError(f"low_p_seeds must be >= 1, got {low_p_seeds}")
+    for option in ("max_val", "n_calib", "batch_size"):
+        if getattr(s, option) < 1:
+            raise ValueError(f"{option} must be >= 1, got {getattr(s, option)}")
+    if s.max_test is not None and s.max_test < 1:
+        raise ValueError(f"max_test must be >= 1 or None (the whole test split), got {s.max_test}")
+    if s.q_grid_size < 2 or s.q_fine_steps < 0:
+        raise ValueError(f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}")
+
+
+def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[str]) -> None:
+    from lifelong_delta.text.finetune import all_finetunes, finetune_dir
+
+    missing = [(t, f) for t in tasks for f in finetunes
+               if not (finetune_dir(t, f, cache_dir) / "finetune.json").is_file()]
+    if not missing:
+        return
+    print(f"{len(missing)} fine-tune(s) not cached in {cache_dir}: "
+          f"{', '.join(f'{t}/{f}' for t, f in missing)}; fine-tuning first (this run only prunes after that)",
+          flush=True)
+    all_finetunes(cache_dir, tasks=sorted({t for t, _ in missing}), recipes=[f for f in finetunes
+                                                                           if any(f == m for _, m in missing)])
+
+
+def _cost(cell: Cell, sp: TaskSplits, s: Settings) -> tuple[int, float]:
+    """(tokens forwarded, dense model rewrites) of one cell: the ETA model."""
+    g = s.q_grid_size + s.q_fine_steps
+    sparse = max(1.0 - cell.p, 0.02)
+    if cell.method in ("darex-q-grid", "structural"):
+        return g * sp.val.tokens + sp.test.tokens, 3 + g * sparse
+    if cell.method == "darex-q-unlabelled":
+        return (g + 1) * sp.calib.tokens + sp.test.tokens, 4 + g * sparse
+    return sp.test.tokens, 0.0 if cell.method == "unpruned" else 3.0
+
+
+def _probe(run: FinetuneRun, sp: TaskSplits) -> tuple[float, float]:
+    """(seconds per forwarded token, seconds per dense rewrite of the model) measured now, on this machine."""
+    accuracy(run.model, sp.calib)  # warm-up
+    start = time.perf_counter()
+    accuracy(run.model, sp.val)
+    per_token = (time.perf_counter() - start) / max(sp.val.tokens, 1)
+    params = [t for t in run.model.state_dict().values() if t.is_floating_point()]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in params:
+            t.clone()
+    return per_token, 2.0 * (time.perf_counter() - start)
+
+
+def _command(**given: object) -> str:
+    """The ``lifelong-delta prune-eval`` command line that repeats a call (options that differ from the defaults)."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(prune_eval).parameters.items()}
+    parts = ["lifelong-delta prune-eval"]
+    for key, value in given.items():
+        default = defaults[key]
+        if isinstance(default, tuple):
+            default = list(default)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            parts.append(f"{flag} {'null' if value is None else value}")
+    return " ".join(parts)
+
+
+def prune_eval(
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    out: str = "results/prune_eval",
+    tasks: Sequence[str] = ("trec", "vader"),
+    finetunes: Sequence[str] = FINETUNES,
+    methods: Sequence[str] = METHODS,
+    ps: Sequence[float] = (0.5, 0.9, 0.95, 0.99, 0.999),
+    seeds: Sequence[int] = (0, 1, 2),
+    max_test: int | None = 128,
+    max_val: int = 32,
+    n_calib: int = 16,
+    q_grid_size: int = 4,
+    q_fine_steps: int = 1,
+    low_p_seeds: int = 1,
+    lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
+    extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
+    exclude: Sequence[str] = ("classifier.*",),
+    batch_size: int = 32,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.
+
+    Missing fine-tunes are trained first (``lifelong_delta.text.finetune.all_finetunes``, which prints how long
+    that takes). Outputs, each written atomically: ``results.csv`` (``task,finetune,method,p,seed,accuracy``),
+    ``q_choices.csv`` (the q each DAREx-q mode and structural pruning chose), ``recommend.csv`` (what
+    ``lifelong-delta recommend`` picks per fine-tune and p), ``summary.md`` and ``accuracy_vs_p.png``.
+
+    Args:
+        cache_dir: root of the fine-tune cache (``<cache_dir>/<task>/<recipe>``, ``<task>/base``).
+        out: output directory.
+        tasks: ``trec`` and/or ``vader``.
+        finetunes: recipes to evaluate (``adamw``, ``adamr-l2``, ``adamr-l1``, ``adamw-large``, ``lora``).
+        methods: subset of :data:`METHODS`.
+        ps: drop rates in (0, 1).
+        seeds: mask seeds; every random method runs all of them at p >= 0.9.
+        max_test: stratified subsample of each test split (None: the whole split), the same for every method.
+        max_val: validation examples (stratified) for the DAREx-q / structural q grid.
+        n_calib: unlabelled training inputs for WANDA's norms, the analytic and the unlabelled q.
+        q_grid_size: coarse q candidates, geometric in [1 − p, 1] (end points included).
+        q_fine_steps: fine candidates between the best coarse q's neighbours.
+        low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
+        lora_methods: the methods run on the LoRA fine-tune's delta B·A (a subset of ``unpruned``, ``dare`` and
+            the three ``darex-q-*`` modes).
+        extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
+            round(0.001 · 384) = 0 kept rows are degenerate).
+        exclude: glob patterns of tensors left unpruned.
+        batch_size: examples per forward pass (length-sorted; 32 wastes ~10 % on padding, 256 about half).
+        threads: torch intra-op threads for the run (None: leave torch's setting, one per core). On a 2-core
+            machine that other jobs keep busy, 1 is faster than 2.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"results": path, "summary": path, "plot": path, "q_choices": path, "recommend": path}``.
+    """
+    from tqdm.auto import tqdm
+
+    from lifelong_delta.text.finetune import finetune_dir
+    from lifelong_delta.text.prune_eval_report import write_outputs
+
+    s = Settings(max_test=max_test, max_val=max_val, n_calib=n_calib, q_grid_size=q_grid_size,
+                 q_fine_steps=q_fine_steps, exclude=tuple(exclude), batch_size=batch_size)
+    tasks, finetunes, methods = list(tasks), list(finetunes), list(methods)
+    ps, seeds = [float(p) for p in ps], list(seeds)
+    lora_methods, extreme_methods = list(lora_methods), list(extreme_methods)
+    _check(tasks, finetunes, methods, ps, seeds, low_p_seeds, s, lora_methods, extreme_methods)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    _ensure_finetunes(cache_dir, tasks, finetunes)
+    dirs = {(t, f): finetune_dir(t, f, cache_dir) for t in tasks for f in finetunes}
+    splits = {k: task_splits(finetune_hparams(d), max_test, max_val, n_calib, batch_size) for k, d in dirs.items()}
+    cells = plan_cells(tasks, finetunes, methods, ps, seeds, low_p_seeds, lora_methods, extreme_methods)
+    rows: list[dict] = []
+    qrows: list[dict] = []
+    recs: list[dict] = []
+    finetune_info: list[dict] = []
+    bar = None
+    for t in tasks:
+        for f in finetunes:
+            mine = [c for c in cells if c.task == t and c.finetune == f]
+            run = FinetuneRun(t, f, dirs[t, f], finetune_dir(t, "base", cache_dir), splits[t, f], s)
+            if bar is None:
+                per_token, per_rewrite = _probe(run, splits[t, f])
+                tokens = sum(_cost(c, splits[c.task, c.finetune], s)[0] for c in cells)
+                rewrites = sum(_cost(c, splits[c.task, c.finetune], s)[1] for c in cells)
+                eta = tokens * per_token + rewrites * per_rewrite + 5.0 * len(dirs)
+                sizes = ", ".join(f"{task} test {splits[task, finetunes[0]].test.n} of "
+                                  f"{splits[task, finetunes[0]].test_full}" for task in tasks)
+                print(f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}); "
+                      f"about {eta / 60:.0f} minutes at this machine's current speed", flush=True)
+                bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not progress)
+            result = run.evaluate(mine, ps, bar)
+            rows += result.rows
+            qrows += result.q_rows
+            recs += result.recommendations(ps)
+            finetune_info.append(result.info)
+            del run
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    meta = {
+        "command": _command(cache_dir=cache_dir, out=out, tasks=tasks, finetunes=finetunes, methods=methods, ps=ps,
+                            seeds=seeds, max_test=max_test, max_val=max_val, n_calib=n_calib,
+                            q_grid_size=q_grid_size, q_fine_steps=q_fine_steps, low_p_seeds=low_p_seeds,
+                            lora_methods=lora_methods, extreme_methods=extreme_methods, exclude=list(exclude), batch_size=batch_size, threads=threads),
+        "wall_time_s": round(wall, 1), "tasks": tasks, "finetunes": finetunes, "methods": methods, "ps": ps,
+        "seeds": seeds, "low_p_seeds": low_p_seeds, "lora_methods": lora_methods,
+        "extreme_methods": extreme_methods, "settings": s.as_dict(), "cache_dir": cache_dir,
+        "threads": torch.get_num_threads(),
+        "splits": {t: {"test": splits[t, finetunes[0]].test.n, "test_full": splits[t, finetunes[0]].test_full,
+                       "val": splits[t, finetunes[0]].val.n, "calib": splits[t, finetunes[0]].calib.n,
+                       "majority": splits[t, finetunes[0]].majority} for t in tasks},
+        "finetunes_info": finetune_info,
+    }
+    paths = write_outputs(Path(os.path.expanduser(out)), rows, qrows, recs, meta)
+    print(f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    return paths

@@ -1,0 +1,198 @@
+"""``prune_eval``: masks against the delta engine on tiny tensors, the study plan, and one tiny real fine-tune pruned
+and evaluated end to end (CSV schema, unpruned accuracy equal to a direct evaluation, LoRA delta)."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lifelong_delta.delta import PruneSpec, dare_merge, prune_tensor
+from lifelong_delta.text.prune_eval import METHODS, plan_cells, prune_eval
+from lifelong_delta.text.prune_eval_masks import build_masked, mark_dirty
+from lifelong_delta.text.prune_eval_report import RESULT_COLUMNS, read_results
+from lifelong_delta.text.prune_eval_run import q_grid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """MiniLM on a dozen short texts: one thread is several times faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ tiny tensors
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.lin = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    model = Tiny()
+    base = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    ft = {n: t + 0.05 * torch.randn_like(t) for n, t in base.items()}
+    ft["emb.weight"][3:] = base["emb.weight"][3:]  # like a fine-tune: most embedding rows unchanged
+    delta = {n: ft[n] - base[n] for n in base}
+    return model, base, ft, delta
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_dare_mask_rescaled_per_q_equals_dare_merge_bit_for_bit(p):
+    model, base, ft, delta = _pair()
+    masked = build_masked("dare", base, delta, p, seed=7)
+    for q in (1 - p, 0.8, 1.0, 1 - p):  # the first write is dense, the next ones only touch kept entries
+        masked.apply_(model, q)
+        sd = model.state_dict()
+        for n in base:
+            assert torch.equal(sd[n], dare_merge(base[n], ft[n], p, seed=7, name=n, q=q)), (n, q)
+    with torch.no_grad():  # another writer: after mark_dirty the next apply_ rewrites whole tensors again
+        for t in model.parameters():
+            t.add_(1.0)
+    mark_dirty(model)
+    masked.apply_(model, 0.8)
+    assert all(torch.equal(model.state_dict()[n], dare_merge(base[n], ft[n], p, seed=7, name=n, q=0.8))
+               for n in base)
+
+
+def test_importance_and_structural_masks_merge_like_the_engine():
+    model, base, ft, delta = _pair(1)
+    norms = {"emb.weight": torch.ones(6), "lin.weight": torch.rand(6) + 0.5, "out.weight": torch.rand(5) + 0.5}
+    for method, q in (("magnitude", 1.0), ("wanda", 1.0), ("structural", 0.4)):
+        masked = build_masked(method, base, delta, 0.75, seed=3, input_norms=norms)
+        masked.apply_(model, q)
+        spec = PruneSpec(method, 0.75, seed=3, **({"q": q} if method == "structural" else {}))
+        for n in base:
+            want = prune_tensor(n, base[n], ft[n], spec, input_norms=norms.get(n) if method == "wanda" else None)
+            torch.testing.assert_close(model.state_dict()[n], want, rtol=0, atol=1e-7, msg=f"{method} {n}")
+        kept_rows = (model.state_dict()["emb.weight"] != base["emb.weight"]).any(1)
+        assert not kept_rows[3:].any()  # unchanged rows stay exactly θ_pre
+
+
+def test_plan_runs_every_seed_from_p_0p9_and_skips_dare_and_structural_at_0p999():
+    cells = plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.5, 0.9, 0.999], [4, 5, 6], low_p_seeds=1)
+    got: dict[tuple, list[int]] = {}
+    for c in cells:
+        got.setdefault((c.finetune, c.method, c.p), []).append(c.seed)
+    assert got["adamw", "unpruned", 0.0] == [4]
+    assert got["adamw", "dare", 0.5] == [4] and got["adamw", "dare", 0.9] == [4, 5, 6]
+    assert got["adamw", "magnitude", 0.9] == [4] and got["adamw", "darex-q-grid", 0.999] == [4, 5, 6]
+    assert ("adamw", "dare", 0.999) not in got and ("adamw", "structural", 0.999) not in got
+    assert {m for f, m, _ in got if f == "lora"} == {"unpruned", "dare", "darex-q-grid", "darex-q-analytic",
+                                                     "darex-q-unlabelled"}
+
+
+def test_q_grid_is_geometric_between_1_minus_p_and_1():
+    qs = q_grid(0.99, 5)
+    assert qs[0] == pytest.approx(0.01) and qs[-1] == 1.0
+    assert [qs[i + 1] / qs[i] for i in range(4)] == pytest.approx([10 ** 0.5] * 4)
+
+
+@pytest.mark.parametrize("option, kwargs", [
+    ("methods", {"methods": ["dare", "sparsegpt"]}), ("ps", {"ps": [0.9, 1.0]}), ("seeds", {"seeds": []}),
+    ("finetunes", {"finetunes": ["sgd"]}), ("max_test", {"max_test": 0}),
+])
+def test_bad_options_are_value_errors_naming_the_option(tmp_path, option, kwargs):
+    with pytest.raises(ValueError, match=option):
+        prune_eval(cache_dir=str(tmp_path), out=str(tmp_path / "out"), **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_results_checks_the_columns(tmp_path):
+    bad = tmp_path / "results.csv"
+    bad.write_text("task,method,accuracy\ntrec,dare,0.5\n")
+    with pytest.raises(ValueError, match="task,finetune,method,p,seed,accuracy"):
+        read_results(bad)
+
+
+# ----------------------------------------------------------------------------------- one tiny real fine-tune
+TINY = dict(epochs=1, max_train_examples=24, max_eval_examples=12, max_length=8, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny AdamW fine-tune, a LoRA fine-tune of the same base (random B, no training), and the study."""
+    from lifelong_delta.text.finetune import finetune, finetune_dir
+    from lifelong_delta.text.module import SequenceClassifier
+
+    cache = tmp_path_factory.mktemp("finetunes")
+    finetune("trec", "adamw", cache_dir=str(cache), **TINY)
+    torch.manual_seed(0)
+    lora = SequenceClassifier(model_dir=str(finetune_dir("trec", "base", cache)), lora_r=2, lora_alpha=4)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    lora_dir = finetune_dir("trec", "lora", cache)
+    lora.save_pretrained(lora_dir)
+    info = json.loads((finetune_dir("trec", "adamw", cache) / "finetune.json").read_text())
+    (lora_dir / "finetune.json").write_text(json.dumps({**info, "recipe": "lora"}))
+    out = tmp_path_factory.mktemp("prune_eval")
+    paths = prune_eval(cache_dir=str(cache), out=str(out), tasks=["trec"], finetunes=["adamw", "lora"],
+                       ps=[0.9], seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2,
+                       q_fine_steps=1, progress=False)
+    return cache, out, paths
+
+
+def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
+    _, out, paths = study
+    assert paths["results"] == str(out / "results.csv")
+    with open(paths["results"], newline="") as f:
+        raw = list(csv.reader(f))
+    assert tuple(raw[0]) == RESULT_COLUMNS == ("task", "finetune", "method", "p", "seed", "accuracy")
+    rows = read_results(paths["results"])
+    assert len(rows) == len(raw) - 1 == len(plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1])) == 22
+    assert {r["p"] for r in rows} == {0.0, 0.9}
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert all(r["task"] == "trec" and r["method"] in METHODS for r in rows)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and math.isclose(r["accuracy"] * 12, round(r["accuracy"] * 12),
+                                                              abs_tol=1e-4) for r in rows)  # 12 test examples
+    seeds = {(r["finetune"], r["method"], r["p"]): set() for r in rows}
+    for r in rows:
+        seeds[r["finetune"], r["method"], r["p"]].add(r["seed"])
+    assert seeds["adamw", "darex-q-unlabelled", 0.9] == {0, 1} and seeds["adamw", "unpruned", 0.0] == {0}
+    assert seeds["adamw", "wanda", 0.9] == {0} and seeds["lora", "darex-q-analytic", 0.9] == {0, 1}
+    assert not [k for k in seeds if k[0] == "lora" and k[1] in ("magnitude", "wanda", "structural")]
+    with open(paths["q_choices"], newline="") as f:
+        qs = list(csv.DictReader(f))
+    grid = [q for q in qs if q["finetune"] == "adamw" and q["method"] == "darex-q-grid" and q["p"] == "0.9"]
+    assert len(grid) == 2 and all(0.1 - 1e-9 <= float(q["q"]) <= 1.0 for q in grid)
+    for name in ("summary", "plot", "recommend", "meta"):
+        assert (out / paths[name].split("/")[-1]).stat().st_size > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    summary = (out / "summary.md").read_text()
+    assert "## trec: test accuracy (%) after pruning" in summary and "What `lifelong-delta recommend` picks" in summary
+
+
+def test_unpruned_accuracy_equals_a_direct_evaluation(study):
+    from transformers import AutoModelForSequenceClassification
+
+    from lifelong_delta.text.data import TextClassificationDataModule
+    from lifelong_delta.text.finetune import finetune_dir
+
+    cache, _, paths = study
+    rows = read_results(paths["results"])
+    for ft in ("adamw", "lora"):
+        path = finetune_dir("trec", ft, cache)
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+        dm = TextClassificationDataModule("trec", max_length=8, max_train_examples=24, max_eval_examples=12,
+                                          eval_batch_size=5)
+        correct = total = 0
+        with torch.no_grad():
+            for b in dm.test_dataloader():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                correct += int((logits.argmax(-1) == b["labels"]).sum())
+                total += len(b["labels"])
+        (got,) = [r["accuracy"] for r in rows if r["finetune"] == ft and r["method"] == "unpruned"]
+        assert total == 12 and got == pytest.approx(correct / total, abs=1e-6)
+    recorded = json.loads((finetune_dir("trec", "adamw", cache) / "finetune.json").read_text())["test_acc"]
+    (adamw,) = [r["accuracy"] for r in rows if r["finetune"] == "adamw" and r["method"] == "unpruned"]
+    assert adamw == pytest.approx(recorded, abs=1e-6)  # the fine-tune's own Lightning test metric
+
