@@ -45,7 +45,7 @@ pretrain: setup
 	$(BIN)/lifelong-delta pretrain --cache-dir $(CACHE)
 
 demo: setup pretrain
-	$(BIN)/lightning fit -c configs/cl_mnist.yaml
+	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lightning fit -c configs/cl_mnist.yaml
 
 finetune: setup
 	$(BIN)/lifelong-delta finetune

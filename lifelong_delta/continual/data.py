@@ -37,6 +37,19 @@ def _perm(n: int, *seed_parts: object) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(*seed_parts)))
 
 
+class _SeededShuffle(torch.utils.data.Sampler[int]):
+    """A random permutation of ``range(n)`` that is a pure function of ``seed``, however often it is iterated."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+
 class ClassIncrementalDataModule(L.LightningDataModule):
     """A class-incremental task stream over one labelled image dataset.
 
@@ -286,10 +299,14 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         return int(task) if task is not None else int(self.current_task)
 
     def _loader(self, subset: ImageSubset, batch_size: int, generator: torch.Generator | None) -> DataLoader:
+        # The permutation must not depend on how often the loader is iterated: Lightning calls iter() twice per
+        # epoch except in the first epoch after a resume, and every DataLoader.__iter__ draws its base seed from
+        # `generator`. So the sampler re-seeds its own generator in each __iter__.
+        sampler = None if generator is None else _SeededShuffle(len(subset), generator.initial_seed())
         return DataLoader(
             subset,
             batch_size=batch_size,
-            shuffle=generator is not None,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             collate_fn=self._transform,

@@ -57,7 +57,6 @@ def _run(root: Path, name: str, epochs_per_task: int, ckpt_path: Path | None = N
     return Path(trainer.log_dir) / "cl_metrics.json", weights
 
 
-@pytest.mark.xfail(reason="known bug: resumed stream diverges from the uninterrupted one (issue 3, open)", strict=False)
 @pytest.mark.parametrize(
     ("epochs_per_task", "resume_epoch"),
     [(1, 0), (2, 2)],
