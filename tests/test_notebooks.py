@@ -17,8 +17,11 @@ def _tiny_results(path: Path) -> int:
         for ft, shift in (("adamw", 0.0), ("adamr-l2", 0.05)):
             rows.append((task, ft, "unpruned", 0, 0, 0.9))
             for p, dare_acc in ((0.5, 0.89), (0.9, 0.8), (0.99, 0.2)):
-                for method, acc in (("dare", dare_acc + shift), ("darex-q-grid", 0.85 + shift / 2),
-                                    ("magnitude", 0.7)):
+                for method, acc in (
+                    ("dare", dare_acc + shift),
+                    ("darex-q-grid", 0.85 + shift / 2),
+                    ("magnitude", 0.7),
+                ):
                     seeds = [0] if p < 0.9 or method == "magnitude" else [0, 1, 2]
                     rows += [(task, ft, method, p, s, round(acc - 0.01 * s, 6)) for s in seeds]
     with open(path, "w", newline="") as f:
@@ -30,15 +33,18 @@ def _tiny_results(path: Path) -> int:
 
 def _run(notebook: Path, cwd: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(notebook, as_version=4)
-    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     return nb
 
 
 def test_prune_eval_notebook_draws_the_plots_from_a_results_csv(tmp_path, monkeypatch):
     results = tmp_path / "results.csv"
     n = _tiny_results(results)
-    (tmp_path / "meta.json").write_text(json.dumps({"splits": {"trec": {"majority": 0.23},
-                                                              "vader": {"majority": 0.52}}}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"splits": {"trec": {"majority": 0.23}, "vader": {"majority": 0.52}}})
+    )
     monkeypatch.setenv("PRUNE_EVAL_RESULTS", str(results))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the notebook's inline backend emits the PNGs
     nb = _run(ROOT / "notebooks" / "prune_eval.ipynb", tmp_path)
@@ -50,4 +56,3 @@ def test_prune_eval_notebook_draws_the_plots_from_a_results_csv(tmp_path, monkey
     assert len(images) >= 2  # accuracy vs p, and the bar chart at the most extreme p
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "darex-q-grid" in html and "±" in html  # the mean ± std table
-

@@ -1,4 +1,4 @@
-"""``make prune-eval``: prune real MiniLM fine-tunes every way DARE the Extreme does, and measure test accuracy.
+"""``make prune-eval``: prune MiniLM fine-tunes every way DARE the Extreme does; measure test accuracy.
 
 Deng et al., "DARE the Extreme: Revisiting Delta-Parameter Pruning for Fine-Tuned Models", arXiv 2410.09344.
 
@@ -7,22 +7,36 @@ For each task (TREC, VADER) and cached fine-tune (AdamW, AdamR-L2, AdamR-L1, lar
 ``δ = θ_ft − θ_pre`` pruned by
 
 * ``dare``: drop with probability p, rescale by 1/(1−p) (Yu et al., arXiv 2311.03099);
-* ``darex-q-grid`` / ``darex-q-analytic`` / ``darex-q-unlabelled``: the same mask, rescaled by 1/q, q chosen by a
-  coarse-then-fine grid on the labelled validation split, per layer from ``c_ij = δ_ij · mean(x_j)``, or by the
-  last-layer output change on unlabelled training inputs;
-* ``magnitude`` / ``wanda``: keep the top ``1 − p`` of each output row by ``|δ|`` / ``|δ|·‖x_j‖₂``, no rescale;
-* ``structural``: drop random whole rows of each delta matrix, rescaled by 1/q with q from the validation grid;
-* for the LoRA fine-tune, the delta is ``B·A`` of the adapted matrices (:func:`lifelong_delta.delta.lora_deltas`),
-  pruned by DARE and the three DAREx-q modes.
+* ``darex-q-grid`` / ``darex-q-analytic`` / ``darex-q-unlabelled``: the same mask, rescaled by 1/q, q chosen
+  by a coarse-then-fine grid on the labelled validation split, per layer from ``c_ij = δ_ij · mean(x_j)``, or
+  by the last-layer output change on unlabelled training inputs;
+* ``magnitude`` / ``wanda``: keep the top ``1 − p`` of each output row by ``|δ|`` / ``|δ|·‖x_j‖₂``, no
+  rescale;
+* ``structural``: drop random whole rows of each delta matrix, rescaled by 1/q with q from the validation
+  grid;
+* for the LoRA fine-tune, the delta is ``B·A`` of the adapted matrices
+  (:func:`lifelong_delta.delta.lora_deltas`), pruned by DARE and DAREx-q (the grid; ``lora_methods`` adds the
+  other q modes).
+
+Mask seeds: every random method runs all seeds at p ≥ 0.9 (mean and spread), one at p = 0.5. At p = 0.999 only
+``extreme_methods`` run (DAREx-q with the grid, magnitude, WANDA): DARE's ×1000 rescale is meaningless once it
+has collapsed, and structural pruning keeps round(0.001 · 384) = 0 rows of every MiniLM matrix.
 
 What is pruned: every tensor of the encoder, embeddings included, but not the classifier head
-(``exclude=("classifier.*",)``), as in DARE's reference code for BERT-style classifiers (``mask_model_weights(...,
-exclude_param_names_regex=[".*classifier.*"])``), which DAREx builds on. The head starts from a random draw, so its
-"delta" is the whole head. The delta engine itself prunes every shared tensor unless told otherwise.
+(``exclude=("classifier.*",)``), as in DARE's reference code for BERT-style classifiers
+(``mask_model_weights(..., exclude_param_names_regex=[".*classifier.*"])``), which DAREx builds on. The head
+starts from a random draw, so its "delta" is the whole head. The delta engine itself prunes every shared
+tensor unless told otherwise.
 
-The model is loaded once per fine-tune and kept in memory; the masked delta is built once per (p, seed) and only
-rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs under
-``torch.inference_mode`` on pre-tokenised, length-sorted batches.
+The model is loaded once per fine-tune and kept in memory; the masked delta is built once per (p, seed) and
+only rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs
+under ``torch.inference_mode`` on pre-tokenised, length-sorted batches.
+
+Budget: the default study is 560 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 100 tokens/s per
+free core here, so the test sets are subsampled (128 stratified examples per task, the same for every method)
+and the q grids (32 validation examples, 4 + 1 candidates) and calibration sets (16 inputs) are capped: about
+2.8 M token positions, 20-25 min on 2 free cores. ``max_test=None`` evaluates the whole test splits (~5x
+longer).
 """
 
 from __future__ import annotations
@@ -32,19 +46,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, finetune_hparams, task_splits
-from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings
+from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
+from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings, cell_cost
 
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
-METHODS: tuple[str, ...] = ("unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled",
-                            "magnitude", "wanda", "structural")
-#: Methods that apply to the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
+METHODS: tuple[str, ...] = (
+    "unpruned",
+    "dare",
+    "darex-q-grid",
+    "darex-q-analytic",
+    "darex-q-unlabelled",
+    "magnitude",
+    "wanda",
+    "structural",
+)
+#: Methods for the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
 LORA_ALLOWED = frozenset({"unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"})
 #: Deterministic methods: one row per p, with the first seed.
 SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
@@ -63,15 +86,21 @@ class Cell:
     seed: int
 
 
-def plan_cells(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float],
-               seeds: Sequence[int], low_p_seeds: int = 1,
-               lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
-               extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda")) -> list[Cell]:
+def plan_cells(
+    tasks: Sequence[str],
+    finetunes: Sequence[str],
+    methods: Sequence[str],
+    ps: Sequence[float],
+    seeds: Sequence[int],
+    low_p_seeds: int = 1,
+    lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
+    extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
+) -> list[Cell]:
     """Every (task, fine-tune, method, p, seed) the study evaluates, in evaluation order.
 
-    ``unpruned`` has ``p = 0`` and the first seed; ``magnitude``/``wanda`` one row per p with the first seed; the
-    random methods run ``seeds[:low_p_seeds]`` at ``p < 0.9`` and every seed at ``p >= 0.9``. The LoRA fine-tune
-    runs ``methods ∩ lora_methods``; drop rates ``p >= 0.999`` run only ``extreme_methods``.
+    ``unpruned`` has ``p = 0`` and the first seed; ``magnitude``/``wanda`` one row per p with the first seed;
+    the random methods run ``seeds[:low_p_seeds]`` at ``p < 0.9`` and every seed at ``p >= 0.9``. The LoRA
+    fine-tune runs ``methods ∩ lora_methods``; drop rates ``p >= 0.999`` run only ``extreme_methods``.
     """
     cells = []
     for task in tasks:
@@ -88,14 +117,26 @@ def plan_cells(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence
     return cells
 
 
-def _check(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float],
-           seeds: Sequence[int], low_p_seeds: int, s: Settings, lora_methods: Sequence[str],
-           extreme_methods: Sequence[str]) -> None:
+def _check(
+    tasks: Sequence[str],
+    finetunes: Sequence[str],
+    methods: Sequence[str],
+    ps: Sequence[float],
+    seeds: Sequence[int],
+    low_p_seeds: int,
+    s: Settings,
+    lora_methods: Sequence[str],
+    extreme_methods: Sequence[str],
+) -> None:
     from lifelong_delta.text.data import TASKS
 
-    for option, values, allowed in (("tasks", tasks, TASKS), ("finetunes", finetunes, FINETUNES),
-                                    ("methods", methods, METHODS), ("lora_methods", lora_methods, LORA_ALLOWED),
-                                    ("extreme_methods", extreme_methods, METHODS)):
+    for option, values, allowed in (
+        ("tasks", tasks, TASKS),
+        ("finetunes", finetunes, FINETUNES),
+        ("methods", methods, METHODS),
+        ("lora_methods", lora_methods, LORA_ALLOWED),
+        ("extreme_methods", extreme_methods, METHODS),
+    ):
         if option == "extreme_methods" and not values:
             continue
         if not values:
@@ -105,7 +146,11 @@ def _check(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str
             raise ValueError(f"{option}: {bad[0]!r} is not one of {', '.join(sorted(allowed))}")
     if not ps or any(isinstance(p, bool) or not 0.0 < float(p) < 1.0 for p in ps):
         raise ValueError(f"ps: drop rates must be in (0, 1), got {list(ps)}")
-    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) or len(set(seeds)) != len(seeds):
+    if (
+        not seeds
+        or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise ValueError(f"seeds: give distinct integer mask seeds, got {list(seeds)}")
     if low_p_seeds < 1:
         raise ValueError(f"low_p_seeds must be >= 1, got {low_p_seeds}")
@@ -115,61 +160,44 @@ def _check(tasks: Sequence[str], finetunes: Sequence[str], methods: Sequence[str
     if s.max_test is not None and s.max_test < 1:
         raise ValueError(f"max_test must be >= 1 or None (the whole test split), got {s.max_test}")
     if s.q_grid_size < 2 or s.q_fine_steps < 0:
-        raise ValueError(f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}")
+        raise ValueError(
+            f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}"
+        )
 
 
 def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[str]) -> None:
     from lifelong_delta.text.finetune import all_finetunes, finetune_dir
 
-    missing = [(t, f) for t in tasks for f in finetunes
-               if not (finetune_dir(t, f, cache_dir) / "finetune.json").is_file()]
+    missing = [
+        (t, f)
+        for t in tasks
+        for f in finetunes
+        if not (finetune_dir(t, f, cache_dir) / "finetune.json").is_file()
+    ]
     if not missing:
         return
-    print(f"{len(missing)} fine-tune(s) not cached in {cache_dir}: "
-          f"{', '.join(f'{t}/{f}' for t, f in missing)}; fine-tuning first (this run only prunes after that)",
-          flush=True)
-    all_finetunes(cache_dir, tasks=sorted({t for t, _ in missing}), recipes=[f for f in finetunes
-                                                                           if any(f == m for _, m in missing)])
+    print(
+        f"{len(missing)} fine-tune(s) not cached in {cache_dir}: "
+        f"{', '.join(f'{t}/{f}' for t, f in missing)}; fine-tuning them first",
+        flush=True,
+    )
+    all_finetunes(
+        cache_dir,
+        tasks=sorted({t for t, _ in missing}),
+        recipes=[f for f in finetunes if f in {m for _, m in missing}],
+    )
 
 
-def _cost(cell: Cell, sp: TaskSplits, s: Settings) -> tuple[int, float]:
-    """(tokens forwarded, dense model rewrites) of one cell: the ETA model."""
-    g = s.q_grid_size + s.q_fine_steps
-    sparse = max(1.0 - cell.p, 0.02)
-    if cell.method in ("darex-q-grid", "structural"):
-        return g * sp.val.tokens + sp.test.tokens, 3 + g * sparse
-    if cell.method == "darex-q-unlabelled":
-        return (g + 1) * sp.calib.tokens + sp.test.tokens, 4 + g * sparse
-    return sp.test.tokens, 0.0 if cell.method == "unpruned" else 3.0
-
-
-def _probe(run: FinetuneRun, sp: TaskSplits) -> tuple[float, float]:
-    """(seconds per forwarded token, seconds per dense rewrite of the model) measured now, on this machine."""
-    accuracy(run.model, sp.calib)  # warm-up
-    start = time.perf_counter()
-    accuracy(run.model, sp.val)
-    per_token = (time.perf_counter() - start) / max(sp.val.tokens, 1)
-    params = [t for t in run.model.state_dict().values() if t.is_floating_point()]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for t in params:
-            t.clone()
-    return per_token, 2.0 * (time.perf_counter() - start)
-
-
-def _command(**given: object) -> str:
-    """The ``lifelong-delta prune-eval`` command line that repeats a call (options that differ from the defaults)."""
+def _command(args: dict[str, object]) -> str:
+    """The ``lifelong-delta prune-eval`` command that repeats a call (non-default options only)."""
     import inspect
 
     defaults = {k: v.default for k, v in inspect.signature(prune_eval).parameters.items()}
     parts = ["lifelong-delta prune-eval"]
-    for key, value in given.items():
+    for key, value in args.items():
+        value = list(value) if isinstance(value, tuple) else value
         default = defaults[key]
-        if isinstance(default, tuple):
-            default = list(default)
-        if isinstance(value, tuple):
-            value = list(value)
-        if value == default:
+        if key == "progress" or value == (list(default) if isinstance(default, tuple) else default):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
@@ -202,10 +230,11 @@ def prune_eval(
 ) -> dict[str, str]:
     """Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.
 
-    Missing fine-tunes are trained first (``lifelong_delta.text.finetune.all_finetunes``, which prints how long
-    that takes). Outputs, each written atomically: ``results.csv`` (``task,finetune,method,p,seed,accuracy``),
-    ``q_choices.csv`` (the q each DAREx-q mode and structural pruning chose), ``recommend.csv`` (what
-    ``lifelong-delta recommend`` picks per fine-tune and p), ``summary.md`` and ``accuracy_vs_p.png``.
+    Missing fine-tunes are trained first (``lifelong_delta.text.finetune.all_finetunes``, which prints how
+    long that takes). Outputs, each written atomically: ``results.csv``
+    (``task,finetune,method,p,seed,accuracy``), ``q_choices.csv`` (the q each DAREx-q mode and structural
+    pruning chose), ``recommend.csv`` (what ``lifelong-delta recommend`` picks per fine-tune and p),
+    ``summary.md`` and ``accuracy_vs_p.png``.
 
     Args:
         cache_dir: root of the fine-tune cache (``<cache_dir>/<task>/<recipe>``, ``<task>/base``).
@@ -221,8 +250,8 @@ def prune_eval(
         q_grid_size: coarse q candidates, geometric in [1 − p, 1] (end points included).
         q_fine_steps: fine candidates between the best coarse q's neighbours.
         low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
-        lora_methods: the methods run on the LoRA fine-tune's delta B·A (a subset of ``unpruned``, ``dare`` and
-            the three ``darex-q-*`` modes).
+        lora_methods: the methods run on the LoRA fine-tune's delta B·A (a subset of ``unpruned``, ``dare``
+            and the three ``darex-q-*`` modes).
         extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
             round(0.001 · 384) = 0 kept rows are degenerate).
         exclude: glob patterns of tensors left unpruned.
@@ -234,26 +263,64 @@ def prune_eval(
     Returns:
         ``{"results": path, "summary": path, "plot": path, "q_choices": path, "recommend": path}``.
     """
+    args = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in locals().items()}
+    args["ps"] = [float(p) for p in ps]
+    s = Settings(
+        max_test=max_test,
+        max_val=max_val,
+        n_calib=n_calib,
+        q_grid_size=q_grid_size,
+        q_fine_steps=q_fine_steps,
+        exclude=tuple(exclude),
+        batch_size=batch_size,
+    )
+    _check(
+        args["tasks"],
+        args["finetunes"],
+        args["methods"],
+        args["ps"],
+        args["seeds"],
+        low_p_seeds,
+        s,
+        args["lora_methods"],
+        args["extreme_methods"],
+    )
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or torch_threads)
+    try:
+        return _run(args, s)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
+    """The study of :func:`prune_eval` with validated, normalised arguments."""
     from tqdm.auto import tqdm
 
     from lifelong_delta.text.finetune import finetune_dir
     from lifelong_delta.text.prune_eval_report import write_outputs
 
-    s = Settings(max_test=max_test, max_val=max_val, n_calib=n_calib, q_grid_size=q_grid_size,
-                 q_fine_steps=q_fine_steps, exclude=tuple(exclude), batch_size=batch_size)
-    tasks, finetunes, methods = list(tasks), list(finetunes), list(methods)
-    ps, seeds = [float(p) for p in ps], list(seeds)
-    lora_methods, extreme_methods = list(lora_methods), list(extreme_methods)
-    _check(tasks, finetunes, methods, ps, seeds, low_p_seeds, s, lora_methods, extreme_methods)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {threads}")
-        torch.set_num_threads(threads)
+    tasks, finetunes, ps, seeds = args["tasks"], args["finetunes"], args["ps"], args["seeds"]
+    cache_dir, low_p_seeds = args["cache_dir"], args["low_p_seeds"]
     start = time.perf_counter()
     _ensure_finetunes(cache_dir, tasks, finetunes)
     dirs = {(t, f): finetune_dir(t, f, cache_dir) for t in tasks for f in finetunes}
-    splits = {k: task_splits(finetune_hparams(d), max_test, max_val, n_calib, batch_size) for k, d in dirs.items()}
-    cells = plan_cells(tasks, finetunes, methods, ps, seeds, low_p_seeds, lora_methods, extreme_methods)
+    splits = {
+        k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)
+        for k, d in dirs.items()
+    }
+    cells = plan_cells(
+        tasks,
+        finetunes,
+        args["methods"],
+        ps,
+        seeds,
+        low_p_seeds,
+        args["lora_methods"],
+        args["extreme_methods"],
+    )
     rows: list[dict] = []
     qrows: list[dict] = []
     recs: list[dict] = []
@@ -264,15 +331,21 @@ def prune_eval(
             mine = [c for c in cells if c.task == t and c.finetune == f]
             run = FinetuneRun(t, f, dirs[t, f], finetune_dir(t, "base", cache_dir), splits[t, f], s)
             if bar is None:
-                per_token, per_rewrite = _probe(run, splits[t, f])
-                tokens = sum(_cost(c, splits[c.task, c.finetune], s)[0] for c in cells)
-                rewrites = sum(_cost(c, splits[c.task, c.finetune], s)[1] for c in cells)
+                per_token, per_rewrite = run.probe_speed()
+                tokens = sum(cell_cost(c.method, c.p, splits[c.task, c.finetune], s)[0] for c in cells)
+                rewrites = sum(cell_cost(c.method, c.p, splits[c.task, c.finetune], s)[1] for c in cells)
                 eta = tokens * per_token + rewrites * per_rewrite + 5.0 * len(dirs)
-                sizes = ", ".join(f"{task} test {splits[task, finetunes[0]].test.n} of "
-                                  f"{splits[task, finetunes[0]].test_full}" for task in tasks)
-                print(f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}); "
-                      f"about {eta / 60:.0f} minutes at this machine's current speed", flush=True)
-                bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not progress)
+                sizes = ", ".join(
+                    f"{task} test {splits[task, finetunes[0]].test.n} of "
+                    f"{splits[task, finetunes[0]].test_full}"
+                    for task in tasks
+                )
+                print(
+                    f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}); "
+                    f"about {eta / 60:.0f} minutes at this machine's current speed",
+                    flush=True,
+                )
+                bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not args["progress"])
             result = run.evaluate(mine, ps, bar)
             rows += result.rows
             qrows += result.q_rows
@@ -283,19 +356,38 @@ def prune_eval(
         bar.close()
     wall = time.perf_counter() - start
     meta = {
-        "command": _command(cache_dir=cache_dir, out=out, tasks=tasks, finetunes=finetunes, methods=methods, ps=ps,
-                            seeds=seeds, max_test=max_test, max_val=max_val, n_calib=n_calib,
-                            q_grid_size=q_grid_size, q_fine_steps=q_fine_steps, low_p_seeds=low_p_seeds,
-                            lora_methods=lora_methods, extreme_methods=extreme_methods, exclude=list(exclude), batch_size=batch_size, threads=threads),
-        "wall_time_s": round(wall, 1), "tasks": tasks, "finetunes": finetunes, "methods": methods, "ps": ps,
-        "seeds": seeds, "low_p_seeds": low_p_seeds, "lora_methods": lora_methods,
-        "extreme_methods": extreme_methods, "settings": s.as_dict(), "cache_dir": cache_dir,
+        "command": _command(args),
+        "wall_time_s": round(wall, 1),
+        **{
+            k: args[k]
+            for k in (
+                "tasks",
+                "finetunes",
+                "methods",
+                "ps",
+                "seeds",
+                "low_p_seeds",
+                "lora_methods",
+                "extreme_methods",
+                "cache_dir",
+            )
+        },
+        "settings": s.as_dict(),
         "threads": torch.get_num_threads(),
-        "splits": {t: {"test": splits[t, finetunes[0]].test.n, "test_full": splits[t, finetunes[0]].test_full,
-                       "val": splits[t, finetunes[0]].val.n, "calib": splits[t, finetunes[0]].calib.n,
-                       "majority": splits[t, finetunes[0]].majority} for t in tasks},
+        "splits": {
+            t: {
+                "test": splits[t, finetunes[0]].test.n,
+                "test_full": splits[t, finetunes[0]].test_full,
+                "val": splits[t, finetunes[0]].val.n,
+                "calib": splits[t, finetunes[0]].calib.n,
+                "majority": splits[t, finetunes[0]].majority,
+            }
+            for t in tasks
+        },
         "finetunes_info": finetune_info,
     }
-    paths = write_outputs(Path(os.path.expanduser(out)), rows, qrows, recs, meta)
-    print(f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    paths = write_outputs(Path(os.path.expanduser(args["out"])), rows, qrows, recs, meta)
+    print(
+        f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
+    )
     return paths

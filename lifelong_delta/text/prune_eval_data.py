@@ -1,10 +1,11 @@
 """Pre-tokenised evaluation sets and fast accuracy / hidden-state passes for ``prune_eval``.
 
-The splits are exactly the ones the fine-tunes were trained and tested on: ``TextClassificationDataModule`` with
-the hyper-parameters recorded in each fine-tune's ``finetune.json`` (split seed, max length, caps). Examples are
-sorted by length and cut into batches trimmed to their longest sequence, which changes no prediction (the
-attention mask hides padding) and makes the forward passes cheap. Batches of 32 sorted examples compute 1.1 (VADER)
-to 1.15 (TREC) positions per real token, against 1.8 to 2.4 for one batch of 256: twice as fast on a CPU.
+The splits are exactly the ones the fine-tunes were trained and tested on: ``TextClassificationDataModule``
+with the hyper-parameters recorded in each fine-tune's ``finetune.json`` (split seed, max length, caps).
+Examples are sorted by length and cut into batches trimmed to their longest sequence, which changes no
+prediction (the attention mask hides padding) and makes the forward passes cheap. Batches of 32 sorted
+examples compute 1.1 (VADER) to 1.15 (TREC) positions per real token, against 1.8 to 2.4 for one batch of 256:
+twice as fast on a CPU.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ class EvalSet:
     tokens: int
 
     @classmethod
-    def build(cls, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int = 32) -> EvalSet:
+    def build(
+        cls, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int = 32
+    ) -> EvalSet:
         """Sort ``[N, L]`` token tensors by length and cut them into trimmed batches.
 
-        Batches hold ``batch_size`` examples, or fewer for a small set (at least 8, and at least four batches when
-        that allows), so that sorting has room to cut the padding.
+        Batches hold ``batch_size`` examples, or fewer for a small set (at least 8, and at least four batches
+        when that allows), so that sorting has room to cut the padding.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -54,8 +57,12 @@ class EvalSet:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             width = max(int(lengths[idx].max()), 1)
-            batches.append({"input_ids": input_ids[idx, :width].contiguous(),
-                            "attention_mask": attention_mask[idx, :width].contiguous()})
+            batches.append(
+                {
+                    "input_ids": input_ids[idx, :width].contiguous(),
+                    "attention_mask": attention_mask[idx, :width].contiguous(),
+                }
+            )
             ys.append(labels[idx])
         return cls(tuple(batches), tuple(ys), len(order), sum(b["input_ids"].numel() for b in batches))
 
@@ -93,8 +100,9 @@ def finetune_hparams(path: str | os.PathLike) -> dict[str, Any]:
 _SPLIT_CACHE: dict[tuple, TaskSplits] = {}
 
 
-def task_splits(hparams: dict[str, Any], max_test: int | None, max_val: int, n_calib: int,
-                batch_size: int = 32) -> TaskSplits:
+def task_splits(
+    hparams: dict[str, Any], max_test: int | None, max_val: int, n_calib: int, batch_size: int = 32
+) -> TaskSplits:
     """Test / validation / calibration sets of ``hparams["task"]`` with the fine-tune's split (memoised).
 
     Args:
@@ -104,23 +112,46 @@ def task_splits(hparams: dict[str, Any], max_test: int | None, max_val: int, n_c
         n_calib: number of unlabelled training inputs for calibration.
         batch_size: examples per forward pass.
     """
-    from lifelong_delta.text.data import TextClassificationDataModule, load_task, minilm_dir, stratified_take, tokenize
+    from lifelong_delta.text.data import (
+        TextClassificationDataModule,
+        load_task,
+        minilm_dir,
+        stratified_take,
+        tokenize,
+    )
 
-    key = (hparams["task"], hparams.get("split_seed", 0), hparams["max_length"], hparams.get("max_train_examples"),
-           hparams.get("max_eval_examples"), max_test, max_val, n_calib, batch_size)
+    key = (
+        hparams["task"],
+        hparams.get("split_seed", 0),
+        hparams["max_length"],
+        hparams.get("max_train_examples"),
+        hparams.get("max_eval_examples"),
+        max_test,
+        max_val,
+        n_calib,
+        batch_size,
+    )
     if key in _SPLIT_CACHE:
         return _SPLIT_CACHE[key]
     dm = TextClassificationDataModule(
-        hparams["task"], seed=hparams.get("split_seed", 0), max_length=hparams["max_length"],
-        max_train_examples=hparams.get("max_train_examples"), max_eval_examples=hparams.get("max_eval_examples"))
+        hparams["task"],
+        seed=hparams.get("split_seed", 0),
+        max_length=hparams["max_length"],
+        max_train_examples=hparams.get("max_train_examples"),
+        max_eval_examples=hparams.get("max_eval_examples"),
+    )
     data = load_task(hparams["task"])
     tokens = tokenize(data.texts, minilm_dir(), hparams["max_length"])
     idx = dm.split_indices()
-    chosen = {"test": stratified_take(idx["test"], data.labels, max_test),
-              "val": stratified_take(idx["val"], data.labels, max_val),
-              "calib": idx["train"][:n_calib]}  # the shuffled train split's first inputs: no labels used
-    sets = {k: EvalSet.build(tokens["input_ids"][i], tokens["attention_mask"][i], data.labels[i], batch_size)
-            for k, i in chosen.items()}
+    chosen = {
+        "test": stratified_take(idx["test"], data.labels, max_test),
+        "val": stratified_take(idx["val"], data.labels, max_val),
+        "calib": idx["train"][:n_calib],
+    }  # the shuffled train split's first inputs: no labels used
+    sets = {
+        k: EvalSet.build(tokens["input_ids"][i], tokens["attention_mask"][i], data.labels[i], batch_size)
+        for k, i in chosen.items()
+    }
     test_labels = data.labels[chosen["test"]]
     majority = float(torch.bincount(test_labels).max()) / max(len(test_labels), 1)
     out = TaskSplits(sets["test"], sets["val"], sets["calib"], len(idx["test"]), majority, data.num_labels)
@@ -132,13 +163,13 @@ def task_splits(hparams: dict[str, Any], max_test: int | None, max_val: int, n_c
 def accuracy(model: nn.Module, data: EvalSet) -> float:
     """Fraction of ``data`` whose argmax logit is the label (``model`` is a HF sequence classifier)."""
     correct = 0
-    for batch, y in zip(data.batches, data.labels):
+    for batch, y in zip(data.batches, data.labels, strict=True):
         correct += int((model(**batch).logits.argmax(-1) == y).sum())
     return correct / max(data.n, 1)
 
 
 def last_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Last-layer hidden states of the real tokens of ``batch``: float ``[tokens, hidden]`` (padding dropped)."""
+    """Last-layer hidden states of the real tokens of ``batch``: float ``[tokens, hidden]``."""
     h = model(**batch, output_hidden_states=True).hidden_states[-1]
     return h[batch["attention_mask"].bool()]
 

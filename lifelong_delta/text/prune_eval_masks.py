@@ -1,14 +1,16 @@
 """Masked deltas for ``prune_eval``: one keep-mask per (method, p, seed), cheap to rescale per q.
 
 Every pruning method of the study is "keep some delta entries, rescale them by 1/q": DARE / DAREx-q keep the
-counter-based Bernoulli mask of :func:`lifelong_delta.delta.masks.keep_mask`, magnitude / WANDA keep the top-k of
-each output row (:func:`lifelong_delta.delta.importance.importance_prune`, no rescale: q = 1) and structural keeps
-random whole rows (:func:`lifelong_delta.delta.structural.structural_keep`, which ``structural_prune`` uses). The
-masks come from the engine's own functions, so the merged weights are the ones ``lifelong-delta prune`` writes.
+counter-based Bernoulli mask of :func:`lifelong_delta.delta.masks.keep_mask`, magnitude / WANDA keep the top-k
+of each output row (:func:`lifelong_delta.delta.importance.importance_prune`, no rescale: q = 1) and
+structural keeps random whole rows (:func:`lifelong_delta.delta.structural.structural_keep`, which
+``structural_prune`` uses). The masks come from the engine's own functions, so the merged weights are the ones
+``lifelong-delta prune`` writes.
 
-:class:`RescaledDelta` is a :class:`~lifelong_delta.delta.darex.MaskedDelta` whose ``apply_`` writes only the kept,
-nonzero delta entries when it was the last writer of the target module (and the whole tensors otherwise). At
-p = 0.99 a q candidate then costs ~1 % of a full rewrite of the model, with the same values bit for bit.
+:class:`RescaledDelta` is a :class:`~lifelong_delta.delta.darex.MaskedDelta` whose ``apply_`` writes only the
+kept, nonzero delta entries when it was the last writer of the target module (and the whole tensors
+otherwise). At p = 0.99 a q candidate then costs ~1 % of a full rewrite of the model, with the same values bit
+for bit.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ _OWNER = "_prune_eval_writer"
 
 @dataclass(frozen=True)
 class NonZero:
-    """The nonzero entries of one delta: flat indices int64 ``[k]``, fp32 deltas ``[k]`` and fp32 ``θ_pre`` ``[k]``.
+    """The nonzero entries of one delta: flat indices (int64), deltas and ``θ_pre`` (fp32), all ``[k]``.
 
-    Computed once per fine-tune; every mask then only looks at these entries (a fine-tune touches ~0.5 % of the
-    word-embedding rows, so most of that matrix never needs a look).
+    Computed once per fine-tune; every mask then only looks at these entries (a fine-tune touches ~0.5 % of
+    the word-embedding rows, so most of that matrix never needs a look).
     """
 
     idx: Tensor
@@ -48,11 +50,13 @@ class NonZero:
     def of(cls, base: Tensor, delta: Tensor) -> NonZero:
         d = delta.reshape(-1)
         idx = torch.nonzero(d != 0).squeeze(1)
-        return cls(idx, d[idx].to(torch.float32), base.reshape(-1)[idx].to(torch.float32))  # attribute on the target module: token of the RescaledDelta that wrote it last
+        return cls(
+            idx, d[idx].to(torch.float32), base.reshape(-1)[idx].to(torch.float32)
+        )  # attribute on the target module: token of the RescaledDelta that wrote it last
 
 
 def mark_dirty(model: nn.Module) -> None:
-    """Forget which :class:`RescaledDelta` wrote ``model`` last (call after any other write to its weights)."""
+    """Forget which :class:`RescaledDelta` wrote ``model`` last (call it after other writes to it)."""
     model.__dict__.pop(_OWNER, None)
 
 
@@ -69,14 +73,22 @@ class RescaledDelta(MaskedDelta):
     """A :class:`MaskedDelta` with a sparse ``apply_``: same values, a fraction of the memory traffic.
 
     Per tensor it keeps the flat indices of the kept entries whose delta is nonzero, their delta and their
-    pretrained values; ``apply_`` writes ``θ_pre + δ · float32(1/q)`` there, exactly like ``MaskedDelta.merged``.
-    The other entries must already be ``θ_pre``: they are when this object wrote the module last; otherwise the
-    whole tensors are reset to ``θ_pre`` first. Anything else that writes the module must call :func:`mark_dirty`.
+    pretrained values; ``apply_`` writes ``θ_pre + δ · float32(1/q)`` there, exactly like
+    ``MaskedDelta.merged``. The other entries must already be ``θ_pre``: they are when this object wrote the
+    module last; otherwise the whole tensors are reset to ``θ_pre`` first. Anything else that writes the
+    module must call :func:`mark_dirty`.
     """
 
-    def __init__(self, p: float, seed: int, base: dict[str, Tensor], delta: dict[str, Tensor],
-                 keep: dict[str, Tensor], dtypes: dict[str, torch.dtype],
-                 nonzero: Mapping[str, NonZero] | None = None) -> None:
+    def __init__(
+        self,
+        p: float,
+        seed: int,
+        base: dict[str, Tensor],
+        delta: dict[str, Tensor],
+        keep: dict[str, Tensor],
+        dtypes: dict[str, torch.dtype],
+        nonzero: Mapping[str, NonZero] | None = None,
+    ) -> None:
         super().__init__(p, seed, base, delta, keep, dtypes)
         self._token = object()
         self._idx: dict[str, Tensor] = {}
@@ -101,11 +113,12 @@ class RescaledDelta(MaskedDelta):
                 raise ValueError(f"q: no value for tensor {missing[0]!r} ({len(missing)} tensors missing)")
             return {n: resolve_q(self.p, float(q[n]), force=force, name=n) for n in self.names}
         q0 = resolve_q(self.p, q, force=force)
-        return {n: q0 for n in self.names}
+        return dict.fromkeys(self.names, q0)
 
     @torch.no_grad()
-    def apply_(self, target: nn.Module | dict[str, Tensor], q: float | Mapping[str, float], *,
-               force: bool = False) -> None:
+    def apply_(
+        self, target: nn.Module | dict[str, Tensor], q: float | Mapping[str, float], *, force: bool = False
+    ) -> None:
         """Write ``θ = θ_pre + kept / q`` into ``target`` IN PLACE (see :meth:`MaskedDelta.apply_`)."""
         if not isinstance(target, nn.Module) or any(t != torch.float32 for t in self.dtypes.values()):
             if isinstance(target, nn.Module):
@@ -138,8 +151,8 @@ def build_masked(
     """The masked delta of one method at drop rate ``p``.
 
     Args:
-        kind: ``dare`` (Bernoulli keep-mask of the seed, shared by DAREx-q), ``magnitude`` / ``wanda`` (top-k of
-            ``|δ|`` / ``|δ|·‖x‖₂`` per output row; ``seed`` unused) or ``structural`` (random whole rows).
+        kind: ``dare`` (Bernoulli keep-mask of the seed, shared by DAREx-q), ``magnitude`` / ``wanda`` (top-k
+            of ``|δ|`` / ``|δ|·‖x‖₂`` per output row; ``seed`` unused) or ``structural`` (random whole rows).
         base: ``{name: θ_pre}`` of the pruned tensors (referenced, not copied).
         delta: ``{name: fp32 δ}`` of the same tensors.
         p: drop rate in ``[0, 1)``.
@@ -154,6 +167,7 @@ def build_masked(
     resolve_q(p, None)
     rule: Callable[[str, Tensor], Tensor]
     if kind == "dare":
+
         def rule(n: str, d: Tensor) -> Tensor:
             return keep_mask(d.numel(), p, seed=seed, name=n, device=d.device).view(d.shape)
     elif kind in ("magnitude", "wanda"):
@@ -162,15 +176,25 @@ def build_masked(
             raise ValueError("kind='wanda' needs input_norms (calibration activations)")
 
         def rule(n: str, d: Tensor) -> Tensor:
-            return _rowwise_top(d, lambda sub: importance_prune(sub, p, score=kind, input_norms=norms.get(n),
-                                                                rescale="none", name=n) != 0)
+            return _rowwise_top(
+                d,
+                lambda sub: (
+                    importance_prune(sub, p, score=kind, input_norms=norms.get(n), rescale="none", name=n)
+                    != 0
+                ),
+            )
     elif kind == "structural":
+
         def rule(n: str, d: Tensor) -> Tensor:  # as structural_prune: 0/1-D tensors drop single elements
             rows = structural_keep(d, p, axis="rows", select="random", seed=seed, name=n)
-            return rows.view(d.shape) if d.dim() < 2 else rows.view(-1, *([1] * (d.dim() - 1))).expand(d.shape)
+            return (
+                rows.view(d.shape) if d.dim() < 2 else rows.view(-1, *([1] * (d.dim() - 1))).expand(d.shape)
+            )
     else:
         raise ValueError(f"kind={kind!r} is not one of 'dare', 'magnitude', 'wanda', 'structural'")
+    threads = torch.get_num_threads()
     keep = {n: rule(n, d) for n, d in delta.items()}
+    torch.set_num_threads(threads)  # the numba mask kernels' OpenMP pool resets torch's thread count
     return RescaledDelta(p, seed, base, delta, keep, {n: base[n].dtype for n in delta}, nonzero)
 
 

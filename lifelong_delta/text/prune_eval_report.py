@@ -1,4 +1,4 @@
-"""Outputs of ``prune_eval``: the CSV files, ``summary.md`` and ``accuracy_vs_p.png`` (each written atomically).
+"""Outputs of ``prune_eval``: the CSV files, ``summary.md`` and ``accuracy_vs_p.png``, written atomically.
 
 Pure functions over result rows (``{"task", "finetune", "method", "p", "seed", "accuracy"}``), so the notebook
 ``notebooks/prune_eval.ipynb`` can redraw everything from ``results.csv`` alone.
@@ -31,7 +31,15 @@ __all__ = [
 RESULT_COLUMNS = ("task", "finetune", "method", "p", "seed", "accuracy")
 Q_COLUMNS = ("task", "finetune", "method", "p", "seed", "q", "q_min", "q_max", "candidates")
 REC_COLUMNS = ("task", "finetune", "p", "pick", "if_refinetune", "rel_norm", "dare_noise", "reason")
-METHOD_ORDER = ("dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled", "magnitude", "wanda", "structural")
+METHOD_ORDER = (
+    "dare",
+    "darex-q-grid",
+    "darex-q-analytic",
+    "darex-q-unlabelled",
+    "magnitude",
+    "wanda",
+    "structural",
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,11 @@ class Agg:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) < 1e-3 and value != 0 else f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+        return (
+            f"{value:.6g}"
+            if abs(value) < 1e-3 and value != 0
+            else f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+        )
     return str(value)
 
 
@@ -79,17 +91,26 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
-            raise ValueError(f"{path}: expected the columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}")
-        return [{**r, "p": float(r["p"]), "seed": int(r["seed"]), "accuracy": float(r["accuracy"])} for r in reader]
+            raise ValueError(
+                f"{path}: expected the columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}"
+            )
+        return [
+            {**r, "p": float(r["p"]), "seed": int(r["seed"]), "accuracy": float(r["accuracy"])}
+            for r in reader
+        ]
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, float], Agg]:
     """``{(task, finetune, method, p): Agg}`` over the seeds of each cell."""
     groups: dict[tuple[str, str, str, float], list[float]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(float(r["accuracy"]))
-    return {k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for k, v in groups.items()}
+        groups.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(
+            float(r["accuracy"])
+        )
+    return {
+        k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+        for k, v in groups.items()
+    }
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -97,14 +118,19 @@ def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def best_method(agg: Mapping[tuple[str, str, str, float], Agg], task: str, finetune: str,
-                p: float) -> tuple[str, Agg] | None:
+def best_method(
+    agg: Mapping[tuple[str, str, str, float], Agg], task: str, finetune: str, p: float
+) -> tuple[str, Agg] | None:
     """The pruning method with the highest mean accuracy at ``p`` (None if nothing was evaluated there)."""
-    cands = [(k[2], a) for k, a in agg.items() if k[:2] == (task, finetune) and k[3] == p and k[2] != "unpruned"]
+    cands = [
+        (k[2], a) for k, a in agg.items() if k[:2] == (task, finetune) and k[3] == p and k[2] != "unpruned"
+    ]
     return max(cands, key=lambda ma: ma[1].mean) if cands else None
 
 
-def _verdict(pick: str, agg: Mapping[tuple[str, str, str, float], Agg], task: str, ft: str, p: float) -> list[str]:
+def _verdict(
+    pick: str, agg: Mapping[tuple[str, str, str, float], Agg], task: str, ft: str, p: float
+) -> list[str]:
     best = best_method(agg, task, ft, p)
     mine = agg.get((task, ft, pick, p))
     if best is None:
@@ -122,47 +148,97 @@ def _verdict(pick: str, agg: Mapping[tuple[str, str, str, float], Agg], task: st
     return [mine.cell(), best_cell, verdict, ""]
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping[str, Any]],
-                     recs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """The readable report: set-up, accuracy tables (mean ± std over seeds), chosen q, and recommend's picks."""
+def summary_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    q_rows: Sequence[Mapping[str, Any]],
+    recs: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+) -> str:
+    """The readable report: set-up, accuracy (mean ± std over seeds), chosen q, and recommend's picks."""
     agg = aggregate(rows)
     s = meta.get("settings", {})
     lines = ["# Delta-pruning study: MiniLM fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
-    lines += [f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min on {meta.get('threads', '?')} "
-              f"threads. Reproduce: `{meta.get('command', 'make prune-eval')}`.", ""]
+    lines += [
+        (
+            f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min on {meta.get('threads', '?')} "
+            f"threads. Reproduce: `{meta.get('command', 'make prune-eval')}`."
+        ),
+        "",
+    ]
     split_bits = []
     for t, sp in meta.get("splits", {}).items():
-        sub = "the whole test split" if sp["test"] == sp["test_full"] else \
-            f"a stratified subsample of {sp['test']} of the {sp['test_full']} test examples (to fit the time budget)"
-        split_bits.append(f"- **{t}**: {sub}; chance (majority class) {100 * sp['majority']:.1f} %; q grid on "
-                          f"{sp['val']} validation examples; {sp['calib']} unlabelled training inputs for "
-                          "calibration.")
-    lines += ["## Set-up", "", *split_bits,
-              f"- Pruned: every encoder tensor incl. embeddings; left alone: `{', '.join(s.get('exclude', ()))}`.",
-              f"- q candidates: {s.get('q_grid_size')} geometric in [1−p, 1], then {s.get('q_fine_steps')} fine "
-              "steps around the best. Magnitude and WANDA keep the top 1−p of each row without rescaling.",
-              f"- Mask seeds {meta.get('seeds')}: every random method runs all of them at p ≥ 0.9 "
-              f"(the first {meta.get('low_p_seeds', 1)} at p < 0.9). Cells show accuracy in % as mean ± sample "
-              "std over seeds. DARE and structural are not run at p = 0.999 (see the module docstring).", ""]
-    lines += ["## Fine-tunes", "", "| task | fine-tune | unpruned (this test set) | recorded test acc (whole split) "
-              "| ‖δ‖/‖θ_pre‖ (matrices) | mean abs δ |", "|---|---|---|---|---|---|"]
+        sub = (
+            "the whole test split"
+            if sp["test"] == sp["test_full"]
+            else f"a stratified subsample of {sp['test']} of the {sp['test_full']} test examples "
+            "(to fit the time budget)"
+        )
+        split_bits.append(
+            f"- **{t}**: {sub}; chance (majority class) {100 * sp['majority']:.1f} %; q grid on "
+            f"{sp['val']} validation examples; {sp['calib']} unlabelled training inputs for "
+            "calibration."
+        )
+    lines += [
+        "## Set-up",
+        "",
+        *split_bits,
+        (
+            "- Pruned: every encoder tensor, embeddings included; left alone: "
+            f"`{', '.join(s.get('exclude', []))}`."
+        ),
+        (
+            f"- q candidates: {s.get('q_grid_size')} geometric in [1−p, 1], then {s.get('q_fine_steps')} "
+            "fine steps around the best. Magnitude and WANDA keep the top 1−p of each row without rescaling."
+        ),
+        (
+            f"- Mask seeds {meta.get('seeds')}: every random method runs all of them at p ≥ 0.9 "
+            f"(the first {meta.get('low_p_seeds', 1)} at p < 0.9). Cells show accuracy in % as mean ± sample "
+            "std over seeds."
+        ),
+        (
+            f"- At p ≥ 0.999 only {', '.join(meta.get('extreme_methods', ()))} run; the LoRA fine-tune's "
+            f"delta B·A is pruned by {', '.join(m for m in meta.get('lora_methods', ()) if m != 'unpruned')}."
+        ),
+        "",
+    ]
+    lines += [
+        "## Fine-tunes",
+        "",
+        (
+            "| task | fine-tune | unpruned (this test set) | recorded test acc (whole split) "
+            "| ‖δ‖/‖θ_pre‖ (matrices) | mean abs δ |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for info in meta.get("finetunes_info", []):
         rec = info.get("recorded_test_acc")
         un = info.get("unpruned_accuracy")
-        lines.append(f"| {info['task']} | {info['finetune']} | {'–' if un is None else f'{100 * un:.1f}'} | "
-                     f"{'–' if rec is None else f'{100 * rec:.1f}'} | {info['rel_norm']:.2e} | "
-                     f"{info['mean_abs_delta']:.2e} |")
+        lines.append(
+            f"| {info['task']} | {info['finetune']} | {'–' if un is None else f'{100 * un:.1f}'} | "
+            f"{'–' if rec is None else f'{100 * rec:.1f}'} | {info['rel_norm']:.2e} | "
+            f"{info['mean_abs_delta']:.2e} |"
+        )
     ps = sorted({float(r["p"]) for r in rows if r["method"] != "unpruned"})
     for task in dict.fromkeys(r["task"] for r in rows):
-        lines += ["", f"## {task}: test accuracy (%) after pruning", "",
-                  "| fine-tune (unpruned) | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-                  "|---|---|" + "---|" * len(ps)]
+        lines += [
+            "",
+            f"## {task}: test accuracy (%) after pruning",
+            "",
+            "| fine-tune (unpruned) | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+            "|---|---|" + "---|" * len(ps),
+        ]
         fts = list(dict.fromkeys(r["finetune"] for r in rows if r["task"] == task))
         for ft in fts:
             un = agg.get((task, ft, "unpruned", 0.0))
             label = f"{ft} ({un.cell()})" if un else ft
-            methods = _ordered((r["method"] for r in rows if r["task"] == task and r["finetune"] == ft
-                                and r["method"] != "unpruned"), METHOD_ORDER)
+            methods = _ordered(
+                (
+                    r["method"]
+                    for r in rows
+                    if r["task"] == task and r["finetune"] == ft and r["method"] != "unpruned"
+                ),
+                METHOD_ORDER,
+            )
             best = {p: best_method(agg, task, ft, p) for p in ps}
             for m in methods:
                 cells = []
@@ -173,9 +249,13 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
                 lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
                 label = ""
     if q_rows:
-        lines += ["", "## Chosen q (median over seeds; analytic: median over layers)", "",
-                  "| task | fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-                  "|---|---|---|" + "---|" * len(ps)]
+        lines += [
+            "",
+            "## Chosen q (median over seeds; analytic: median over layers)",
+            "",
+            "| task | fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+            "|---|---|---|" + "---|" * len(ps),
+        ]
         qs: dict[tuple[str, str, str, float], list[float]] = {}
         for r in q_rows:
             qs.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(float(r["q"]))
@@ -183,31 +263,49 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
             cells = [f"{statistics.median(qs[(*key, p)]):.3g}" if (*key, p) in qs else "–" for p in ps]
             lines.append(f"| {' | '.join(key)} | " + " | ".join(cells) + " |")
     if recs:
-        lines += ["", "## What `lifelong-delta recommend` picks (labelled and unlabelled data available)", "",
-                  "| task | fine-tune | p | ‖δ‖/‖θ_pre‖ | pick | its accuracy | best in the table | verdict "
-                  "| if re-fine-tuning is allowed |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## What `lifelong-delta recommend` picks (labelled and unlabelled data available)",
+            "",
+            (
+                "| task | fine-tune | p | ‖δ‖/‖θ_pre‖ | pick | its accuracy | best in the table | verdict "
+                "| if re-fine-tuning is allowed |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in recs:
             mine, best_cell, verdict, _ = _verdict(r["pick"], agg, r["task"], r["finetune"], float(r["p"]))
-            lines.append(f"| {r['task']} | {r['finetune']} | {float(r['p']):g} | {float(r['rel_norm']):.2e} | "
-                         f"{r['pick']} | {mine} | {best_cell} | {verdict} | {r['if_refinetune']} |")
+            lines.append(
+                f"| {r['task']} | {r['finetune']} | {float(r['p']):g} | {float(r['rel_norm']):.2e} | "
+                f"{r['pick']} | {mine} | {best_cell} | {verdict} | {r['if_refinetune']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-METHOD_STYLE = {"dare": ("C3", "o"), "darex-q-grid": ("C0", "s"), "darex-q-analytic": ("C9", "^"),
-                "darex-q-unlabelled": ("C2", "v"), "magnitude": ("C1", "D"), "wanda": ("C4", "P"),
-                "structural": ("C7", "x")}
+METHOD_STYLE = {
+    "dare": ("C3", "o"),
+    "darex-q-grid": ("C0", "s"),
+    "darex-q-analytic": ("C9", "^"),
+    "darex-q-unlabelled": ("C2", "v"),
+    "magnitude": ("C1", "D"),
+    "wanda": ("C4", "P"),
+    "structural": ("C7", "x"),
+}
 
 
 def _xpos(p: float) -> float:
     return -math.log10(1.0 - p)  # 0.5 → 0.3, 0.9 → 1, 0.99 → 2, 0.999 → 3
 
 
-def plot_accuracy_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike | None = None,
-                       chance: Mapping[str, float] | None = None) -> Any:
+def plot_accuracy_vs_p(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    chance: Mapping[str, float] | None = None,
+) -> Any:
     """Accuracy against p: one row of panels per task, one panel per fine-tune, one line per method.
 
-    The x axis is ``−log10(1 − p)`` (labelled with p); error bars are the std over seeds; the dashed line is the
-    unpruned model and the dotted one the majority-class rate from ``chance`` (``{task: accuracy}``).
+    The x axis is ``−log10(1 − p)`` (labelled with p); error bars are the std over seeds; the dashed line is
+    the unpruned model and the dotted one the majority-class rate from ``chance`` (``{task: accuracy}``).
 
     Returns:
         The matplotlib figure (also written atomically to ``path`` as PNG if given).
@@ -222,8 +320,13 @@ def plot_accuracy_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fts = list(dict.fromkeys(r["finetune"] for r in rows))
     ps = sorted({float(r["p"]) for r in rows if r["method"] != "unpruned"})
-    fig, axes = plt.subplots(len(tasks), len(fts), figsize=(3.1 * len(fts) + 1.6, 2.7 * len(tasks) + 0.6),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(fts),
+        figsize=(3.1 * len(fts) + 1.6, 2.7 * len(tasks) + 0.6),
+        sharex=True,
+        squeeze=False,
+    )
     handles: dict[str, Any] = {}
     for i, task in enumerate(tasks):
         for j, ft in enumerate(fts):
@@ -233,13 +336,23 @@ def plot_accuracy_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
                 handles["unpruned"] = ax.axhline(100 * un.mean, color="k", ls="--", lw=1)
             if chance and task in chance:
                 handles["chance (majority class)"] = ax.axhline(100 * chance[task], color="0.5", ls=":", lw=1)
-            methods = _ordered((k[2] for k in agg if k[:2] == (task, ft) and k[2] != "unpruned"), METHOD_ORDER)
+            methods = _ordered(
+                (k[2] for k in agg if k[:2] == (task, ft) and k[2] != "unpruned"), METHOD_ORDER
+            )
             for m in methods:
                 pts = [(p, agg[(task, ft, m, p)]) for p in ps if (task, ft, m, p) in agg]
                 color, marker = METHOD_STYLE.get(m, (None, "."))
-                h = ax.errorbar([_xpos(p) for p, _ in pts], [100 * a.mean for _, a in pts],
-                                yerr=[100 * a.std for _, a in pts], color=color, marker=marker, ms=4, lw=1.2,
-                                capsize=2, label=m)
+                h = ax.errorbar(
+                    [_xpos(p) for p, _ in pts],
+                    [100 * a.mean for _, a in pts],
+                    yerr=[100 * a.std for _, a in pts],
+                    color=color,
+                    marker=marker,
+                    ms=4,
+                    lw=1.2,
+                    capsize=2,
+                    label=m,
+                )
                 handles.setdefault(m, h)
             ax.set_title(f"{task} / {ft}", fontsize=9)
             ax.set_ylim(0, 100)
@@ -260,12 +373,22 @@ def plot_accuracy_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
     return fig
 
 
-def write_outputs(out: Path, rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping[str, Any]],
-                  recs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, str]:
+def write_outputs(
+    out: Path,
+    rows: Sequence[Mapping[str, Any]],
+    q_rows: Sequence[Mapping[str, Any]],
+    recs: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+) -> dict[str, str]:
     """Write every output file of the study into ``out`` (atomically) and return their paths."""
-    paths = {"results": out / "results.csv", "q_choices": out / "q_choices.csv",
-             "recommend": out / "recommend.csv", "summary": out / "summary.md", "plot": out / "accuracy_vs_p.png",
-             "meta": out / "meta.json"}
+    paths = {
+        "results": out / "results.csv",
+        "q_choices": out / "q_choices.csv",
+        "recommend": out / "recommend.csv",
+        "summary": out / "summary.md",
+        "plot": out / "accuracy_vs_p.png",
+        "meta": out / "meta.json",
+    }
     _atomic_write(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
     _atomic_write(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
     _atomic_write(paths["recommend"], _csv_bytes(REC_COLUMNS, recs))

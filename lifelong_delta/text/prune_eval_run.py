@@ -1,13 +1,14 @@
 """One fine-tune of the ``prune_eval`` study: load it once, then prune and evaluate every planned cell.
 
-The model holds the fine-tuned weights on load; each method writes ``θ_pre + kept δ / q`` into the pruned tensors
-(:mod:`lifelong_delta.text.prune_eval_masks`), so nothing is reloaded between evaluations.
+The model holds the fine-tuned weights on load; each method writes ``θ_pre + kept δ / q`` into the pruned
+tensors (:mod:`lifelong_delta.text.prune_eval_masks`), so nothing is reloaded between evaluations.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,14 +27,14 @@ from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, last_hidden
 from lifelong_delta.text.prune_eval_masks import NonZero, RescaledDelta, build_masked, mark_dirty, restore_
 
-__all__ = ["FinetuneResult", "FinetuneRun", "Settings", "q_grid"]
+__all__ = ["FinetuneResult", "FinetuneRun", "Settings", "cell_cost", "q_grid"]
 
 DAREX = ("dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled")  # share the DARE mask of a seed
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and options shared by every fine-tune of a study (see :func:`~lifelong_delta.text.prune_eval`)."""
+    """Sizes and options shared by every fine-tune of a study (see ``prune_eval``)."""
 
     max_test: int | None
     max_val: int
@@ -53,6 +54,23 @@ def q_grid(p: float, n: int) -> list[float]:
     return [lo ** (1.0 - i / (n - 1)) for i in range(n)]
 
 
+def cell_cost(method: str, p: float, sp: TaskSplits, s: Settings) -> tuple[int, float]:
+    """(token positions forwarded, model rewrites) of evaluating ``method`` at ``p``: the ETA model.
+
+    A rewrite is one dense copy of the model's weights; building a mask costs a few of them, a q candidate at
+    drop rate p about ``1 − p`` of one (only the kept entries are written).
+    """
+    g = s.q_grid_size + s.q_fine_steps
+    sparse = max(1.0 - p, 0.02)
+    if method == "unpruned":
+        return sp.test.tokens, 1.0
+    if method in ("darex-q-grid", "structural"):
+        return g * sp.val.tokens + sp.test.tokens, 6.0 + g * sparse
+    if method == "darex-q-unlabelled":
+        return (g + 1) * sp.calib.tokens + sp.test.tokens, 6.0 + g * sparse
+    return sp.test.tokens, 6.0
+
+
 @dataclass
 class FinetuneResult:
     """Rows of one fine-tune: accuracies, chosen q values, delta statistics and facts about the fine-tune."""
@@ -67,18 +85,27 @@ class FinetuneResult:
     def recommendations(self, ps: Sequence[float]) -> list[dict[str, Any]]:
         """What ``recommend`` picks at each ``p >= 0.9``, with labels and unlabelled data at hand.
 
-        ``pick`` is the post-hoc choice (``can_refinetune=False``) as a method name of the study; ``if_refinetune``
-        is the pipeline's answer when re-fine-tuning is allowed.
+        ``pick`` is the post-hoc choice (``can_refinetune=False``) as a method name of the study;
+        ``if_refinetune`` is the pipeline's answer when re-fine-tuning is allowed.
         """
         out = []
         for p in sorted(x for x in ps if x >= 0.9):
-            kw = dict(target_p=p, has_labelled_data=True, has_unlabelled_data=True)
+            kw = {"target_p": p, "has_labelled_data": True, "has_unlabelled_data": True}
             post = recommend(self.stats, can_refinetune=False, **kw)
             refit = recommend(self.stats, can_refinetune=True, **kw)
             pick = f"darex-q-{post.q_mode}" if post.method == "darex-q" else post.method
-            out.append({"task": self.task, "finetune": self.finetune, "p": p, "pick": pick,
-                        "if_refinetune": refit.label, "rel_norm": post.numbers["rel_norm"],
-                        "dare_noise": post.numbers["dare_noise"], "reason": post.reason})
+            out.append(
+                {
+                    "task": self.task,
+                    "finetune": self.finetune,
+                    "p": p,
+                    "pick": pick,
+                    "if_refinetune": refit.label,
+                    "rel_norm": post.numbers["rel_norm"],
+                    "dare_noise": post.numbers["dare_noise"],
+                    "reason": post.reason,
+                }
+            )
         return out
 
 
@@ -98,8 +125,9 @@ class FinetuneRun:
         settings: study settings.
     """
 
-    def __init__(self, task: str, finetune: str, ft_dir: Path, base_dir: Path, splits: TaskSplits,
-                 settings: Settings) -> None:
+    def __init__(
+        self, task: str, finetune: str, ft_dir: Path, base_dir: Path, splits: TaskSplits, settings: Settings
+    ) -> None:
         from safetensors.torch import load_file
 
         from lifelong_delta.text.module import load_classifier
@@ -127,7 +155,9 @@ class FinetuneRun:
             if not t.is_floating_point() or is_excluded(n, self.s.exclude):
                 continue
             if n not in base_sd or base_sd[n].shape != t.shape:
-                raise ValueError(f"tensor {n!r} of {self.dir} is missing from the base model or has another shape")
+                raise ValueError(
+                    f"tensor {n!r} of {self.dir} is missing from the base model or has another shape"
+                )
             out[n] = t.float() - base_sd[n].float()
             if not torch.isfinite(out[n]).all():
                 raise ValueError(f"tensor {n!r} of {self.dir} has a non-finite delta")
@@ -140,7 +170,9 @@ class FinetuneRun:
                 raise ValueError(f"LoRA delta {n!r} of {self.dir / 'adapter'} matches no tensor of the model")
             merged = self.ft[n].float() - base_sd[n].float()
             if float((merged - d).abs().max()) > 1e-5 + 1e-3 * float(d.abs().max()):
-                raise ValueError(f"{self.dir}: the merged model.safetensors does not equal base + B·A for {n!r}")
+                raise ValueError(
+                    f"{self.dir}: the merged model.safetensors does not equal base + B·A for {n!r}"
+                )
         return deltas
 
     # ------------------------------------------------------------------ calibration
@@ -167,8 +199,15 @@ class FinetuneRun:
 
     def _unlabelled(self, masked: RescaledDelta, p: float) -> tuple[float, int]:
         restore_(self.model, {n: self.ft[n] for n in self.delta})  # the reference is the fine-tuned model
-        res = select_q_unlabelled(self.model, masked, list(self.sp.calib.batches), last_hidden, p,
-                                  q_grid(p, self.s.q_grid_size), self.s.q_fine_steps)
+        res = select_q_unlabelled(
+            self.model,
+            masked,
+            list(self.sp.calib.batches),
+            last_hidden,
+            p,
+            q_grid(p, self.s.q_grid_size),
+            self.s.q_fine_steps,
+        )
         mark_dirty(self.model)  # select_q_unlabelled restored the fine-tuned weights
         return res.q, len(res.table)
 
@@ -183,10 +222,27 @@ class FinetuneRun:
             means, _ = self._calibration()
             qs = analytic_q_per_layer(masked, means)
             layer = [qs[n] for n in means] or list(qs.values())
-            return qs, {"q": statistics.median(layer), "q_min": min(layer), "q_max": max(layer), "candidates": 0}
+            return qs, {
+                "q": statistics.median(layer),
+                "q_min": min(layer),
+                "q_max": max(layer),
+                "candidates": 0,
+            }
         else:
             raise AssertionError(method)
         return q, {"q": q, "q_min": q, "q_max": q, "candidates": n}
+
+    def probe_speed(self) -> tuple[float, float]:
+        """(seconds per forwarded token position, seconds per dense rewrite of the model), measured now."""
+        accuracy(self.model, self.sp.calib)  # warm-up
+        start = time.perf_counter()
+        accuracy(self.model, self.sp.val)
+        per_token = (time.perf_counter() - start) / max(self.sp.val.tokens, 1)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                t.clone()
+        return per_token, 2.0 * (time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, cells: Sequence[Any], ps: Sequence[float], bar: Any = None) -> FinetuneResult:
@@ -195,13 +251,31 @@ class FinetuneRun:
 
         def add(cell: Any, q_info: dict | None = None) -> None:
             acc = accuracy(self.model, self.sp.test)
-            result.rows.append({"task": cell.task, "finetune": cell.finetune, "method": cell.method, "p": cell.p,
-                                "seed": cell.seed, "accuracy": acc})
+            result.rows.append(
+                {
+                    "task": cell.task,
+                    "finetune": cell.finetune,
+                    "method": cell.method,
+                    "p": cell.p,
+                    "seed": cell.seed,
+                    "accuracy": acc,
+                }
+            )
             if q_info:
-                result.q_rows.append({"task": cell.task, "finetune": cell.finetune, "method": cell.method,
-                                      "p": cell.p, "seed": cell.seed, **q_info})
+                result.q_rows.append(
+                    {
+                        "task": cell.task,
+                        "finetune": cell.finetune,
+                        "method": cell.method,
+                        "p": cell.p,
+                        "seed": cell.seed,
+                        **q_info,
+                    }
+                )
             if bar is not None:
-                bar.set_postfix_str(f"{cell.task}/{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}")
+                bar.set_postfix_str(
+                    f"{cell.task}/{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}"
+                )
                 bar.update(1)
 
         groups: dict[tuple[float, int], list[Any]] = {}
@@ -229,7 +303,9 @@ class FinetuneRun:
             for m in ("magnitude", "wanda"):
                 if m in by_method:
                     norms = self._calibration()[1] if m == "wanda" else None
-                    masked = build_masked(m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero)
+                    masked = build_masked(
+                        m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero
+                    )
                     masked.apply_(self.model, 1.0)
                     add(by_method[m])
         restore_(self.model, self.ft)
@@ -241,7 +317,15 @@ class FinetuneRun:
         except (OSError, ValueError):
             recorded = {}
         pooled = DeltaStats.pool(self.stats.matrices or self.stats.layers)
-        return {"task": self.task, "finetune": self.finetune, "dir": str(self.dir),
-                "recorded_test_acc": recorded.get("test_acc"), "recorded_val_acc": recorded.get("val_acc"),
-                "rel_norm": pooled.rel_norm, "mean_abs_delta": pooled.mean_abs, "std_delta": pooled.std,
-                "pruned_tensors": len(self.delta), "pruned_numel": sum(d.numel() for d in self.delta.values())}
+        return {
+            "task": self.task,
+            "finetune": self.finetune,
+            "dir": str(self.dir),
+            "recorded_test_acc": recorded.get("test_acc"),
+            "recorded_val_acc": recorded.get("val_acc"),
+            "rel_norm": pooled.rel_norm,
+            "mean_abs_delta": pooled.mean_abs,
+            "std_delta": pooled.std,
+            "pruned_tensors": len(self.delta),
+            "pruned_numel": sum(d.numel() for d in self.delta.values()),
+        }
