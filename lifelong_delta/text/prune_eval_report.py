@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "METHOD_STYLE",
     "RESULT_COLUMNS",
     "Agg",
     "aggregate",
@@ -160,8 +161,8 @@ def summary_markdown(
     lines = ["# Delta-pruning study: MiniLM fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
     lines += [
         (
-            f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min on {meta.get('threads', '?')} "
-            f"threads. Reproduce: `{meta.get('command', 'make prune-eval')}`."
+            f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min with {meta.get('threads', '?')} "
+            f"torch thread(s). Reproduce: `{meta.get('command', 'make prune-eval')}`."
         ),
         "",
     ]
@@ -304,8 +305,9 @@ def plot_accuracy_vs_p(
 ) -> Any:
     """Accuracy against p: one row of panels per task, one panel per fine-tune, one line per method.
 
-    The x axis is ``−log10(1 − p)`` (labelled with p); error bars are the std over seeds; the dashed line is
-    the unpruned model and the dotted one the majority-class rate from ``chance`` (``{task: accuracy}``).
+    The x axis is ``−log10(1 − p)`` (labelled with p; methods are shifted a little sideways so that equal
+    results stay visible); error bars are the std over seeds; the dashed line is the unpruned model and the
+    dotted one the majority-class rate from ``chance`` (``{task: accuracy}``).
 
     Returns:
         The matplotlib figure (also written atomically to ``path`` as PNG if given).
@@ -339,11 +341,12 @@ def plot_accuracy_vs_p(
             methods = _ordered(
                 (k[2] for k in agg if k[:2] == (task, ft) and k[2] != "unpruned"), METHOD_ORDER
             )
-            for m in methods:
+            for k, m in enumerate(methods):
                 pts = [(p, agg[(task, ft, m, p)]) for p in ps if (task, ft, m, p) in agg]
                 color, marker = METHOD_STYLE.get(m, (None, "."))
+                dx = 0.03 * (k - (len(methods) - 1) / 2)  # methods that coincide stay visible side by side
                 h = ax.errorbar(
-                    [_xpos(p) for p, _ in pts],
+                    [_xpos(p) + dx for p, _ in pts],
                     [100 * a.mean for _, a in pts],
                     yerr=[100 * a.std for _, a in pts],
                     color=color,
