@@ -8,7 +8,9 @@ from lifelong_delta.delta.darex import (
     MaskedDelta,
     QSearchResult,
     analytic_q_per_layer,
+    analytic_row_q,
     default_coarse_grid,
+    min_mse_q_per_layer,
     select_q_grid,
     select_q_unlabelled,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "MaskedDelta",
     "QSearchResult",
     "analytic_q_per_layer",
+    "analytic_row_q",
+    "min_mse_q_per_layer",
     "default_coarse_grid",
     "select_q_grid",
     "select_q_unlabelled",

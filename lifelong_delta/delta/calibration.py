@@ -162,10 +162,10 @@ def masked_delta(model: nn.Module, base: str, names: Sequence[str], p: float, se
     return MaskedDelta.build(base_sd, {n: sd[n] for n in names}, p, seed=seed)
 
 
-def analytic_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch]) -> dict[str, float]:
-    """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic)."""
+def analytic_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37) -> dict[str, float]:
+    """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
     stats = collect_input_stats(model, batches, _forward, names=_linear_weights(model, masked.names))
-    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()})
+    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta)
 
 
 def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], labels: Sequence[torch.Tensor],
