@@ -244,8 +244,20 @@ class ContinualModule(L.LightningModule):
                 anchor.to(self.device)
 
     # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates (hook: prompt methods add their prompts)."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Penultimate features [B, D] and logits [B, num_classes] (hook: prompt methods override it)."""
+        return backbones.features_and_logits(self.net, x)
+
+    def extra_losses(self) -> dict[str, Tensor]:
+        """Weighted loss terms a subclass adds to the current training step, by log name (hook; none here)."""
+        return {}
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.init_args.trainable")
         opt = self.optimizer(params)
@@ -266,7 +278,7 @@ class ContinualModule(L.LightningModule):
         x, y = batch
         t = self.current_task
         cur = self._tasks[t]
-        feats, logits = backbones.features_and_logits(self.net, x)
+        feats, logits = self.features_and_logits(x)
         active = cur if self.mask_past_logits else range(0, cur.stop)
         cls = masked_loss(logits, y, active, self.loss)
         loss, logs = cls, {"train/cls": cls.detach()}
@@ -283,6 +295,8 @@ class ContinualModule(L.LightningModule):
         for i, anchor in enumerate(self.anchors):
             pen = anchor.penalty(self.net)
             loss, logs[f"train/penalty{i}"] = loss + anchor.strength * pen, pen.detach()
+        for name, term in self.extra_losses().items():
+            loss, logs[f"train/{name}"] = loss + term, term.detach()
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=False)
         self.log("task", float(t), prog_bar=True)
@@ -303,7 +317,7 @@ class ContinualModule(L.LightningModule):
         if task >= seen:  # classes not trained yet: R[i][j > i] is not needed
             return
         x, y = batch
-        preds = predict(self.net(x), range(0, self._tasks[seen - 1].stop))
+        preds = predict(self(x), range(0, self._tasks[seen - 1].stop))
         self._acc[task].update(preds, y)
         self._acc_seen.update(preds, y)
 
