@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lifelong_delta.delta.darex import (
 )
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
+from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
 
 __all__ = ["analytic_q", "grid_q", "input_norms", "load", "masked_delta", "read_text_data", "unlabelled_q"]
 
@@ -150,16 +151,25 @@ def _linear_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def masked_delta(model: nn.Module, base: str, names: Sequence[str], p: float, seed: int) -> MaskedDelta:
-    """The DARE-masked delta of ``model`` (fine-tuned weights) against the ``base`` checkpoint, over ``names``."""
+def masked_delta(model: nn.Module, base: str, names: Sequence[str], spec: PruneSpec,
+                 input_norms: Mapping[str, torch.Tensor] | None = None,
+                 base_names: Mapping[str, str] | None = None) -> MaskedDelta:
+    """The masked delta of ``model`` (fine-tuned weights) against the ``base`` checkpoint, over ``names``.
+
+    The mask is the one ``spec``'s method applies (:func:`~lifelong_delta.delta.methods.keep_mask_for`: DARE's
+    random mask, the magnitude/WANDA top-k or the structural rows/columns), so a q found on it is the q of the
+    streamed prune. ``base_names`` maps a fine-tuned tensor name to its base name when they differ by a prefix.
+    """
     sd = model.state_dict()
     names = [n for n in names if n in sd]
     if not names:
         raise ValueError(f"none of the checkpoint's tensor names is a parameter of the loaded "
                          f"{type(model).__name__}; q_mode needs the model class the checkpoint was saved from")
     with CheckpointReader(base) as rb:
-        base_sd = {n: rb.get(n) for n in names}
-    return MaskedDelta.build(base_sd, {n: sd[n] for n in names}, p, seed=seed)
+        base_sd = {n: rb.get((base_names or {}).get(n, n)) for n in names}
+    norms = input_norms or {}
+    return MaskedDelta.build(base_sd, {n: sd[n] for n in names}, spec.p, seed=spec.seed,
+                             keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)))
 
 
 def analytic_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37) -> dict[str, float]:

@@ -52,6 +52,7 @@ def prune(
     p: float = 0.9,
     q: float | None = None,
     q_mode: QMode | None = None,
+    eta: float = 0.37,
     rescale: RescaleName | None = None,
     structural_axis: Literal["rows", "columns"] = "rows",
     structural_select: Literal["random", "importance"] = "random",
@@ -74,10 +75,13 @@ def prune(
         out: Output directory (must not exist unless --overwrite).
         method: dare | darex-q | magnitude | wanda | structural.
         p: Drop rate in [0, 1).
-        q: DAREx-q rescale: kept entries are multiplied by 1/q, with 1-p <= q <= 1 unless --force.
-        q_mode: Choose q from data instead (darex-q only): grid (labelled validation accuracy), analytic
-            (per layer, from calibration activations) or unlabelled (last-layer output change).
-        rescale: none | dare | q (default per method).
+        q: DAREx-q rescale: kept entries are multiplied by 1/q, with 1-p <= q <= 1 unless --force
+            (darex-q, magnitude, wanda, structural).
+        q_mode: Choose q from data instead: grid (labelled validation accuracy), unlabelled (last-layer output
+            change), both for darex-q, magnitude, wanda and structural; or analytic (per layer, from calibration
+            activations; darex-q only).
+        eta: The free parameter of the analytic q's bound (--q_mode analytic).
+        rescale: none | dare | q (default per method; --q or --q_mode imply q).
         structural_axis: rows | columns (structural only).
         structural_select: random | importance (structural only).
         exclude: Glob patterns of tensors to copy unchanged, e.g. 'classifier.*'.
@@ -94,13 +98,23 @@ def prune(
     """
     if q is not None and q_mode is not None:
         raise ValueError("pass either --q or --q_mode, not both")
-    if q_mode is not None and method != "darex-q":
-        raise ValueError(f"--q_mode chooses DAREx-q's q; use it with --method darex-q (got --method {method})")
+    if q_mode is not None and method == "dare":
+        raise ValueError("--q_mode chooses the rescale 1/q, but --method dare always rescales by 1/(1-p); "
+                         "use --method darex-q")
+    if q_mode == "analytic" and method != "darex-q":
+        raise ValueError(f"--q_mode analytic assumes DARE's independent random mask; use it with --method darex-q "
+                         f"(got --method {method}), or --q_mode grid/unlabelled")
+    if q_mode is not None and rescale not in (None, "q"):
+        raise ValueError(f"--q_mode chooses q for --rescale q, but --rescale is {rescale}; drop --rescale")
     if method == "darex-q" and q is None and q_mode is None:
         raise ValueError("--method darex-q needs --q Q (1-p <= Q <= 1) or --q_mode {grid,analytic,unlabelled}")
+    if not eta > 0:
+        raise ValueError(f"--eta must be > 0, got {eta}")
     for option, value in (("calib_samples", calib_samples), ("batch_size", batch_size), ("max_length", max_length)):
         if value < 1:
             raise ValueError(f"--{option} must be >= 1, got {value}")
+    if q_mode is not None:
+        rescale = "q"
     spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
                      structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
     check_output_path(Path(out), overwrite)
@@ -116,12 +130,12 @@ def prune(
 
         model, batches, labels = cal.load(finetuned, calib_data, need_labels=q_mode == "grid",
                                           samples=calib_samples, batch_size=batch_size, max_length=max_length)
-        if q_mode is None:
+        if METHODS[method].needs_input_norms:
             input_norms = cal.input_norms(model, batches, pruned)
-        else:
-            masked = cal.masked_delta(model, base, pruned, p, seed)
+        if q_mode is not None:
+            masked = cal.masked_delta(model, base, pruned, spec, input_norms)
             if q_mode == "analytic":
-                q_per_tensor = cal.analytic_q(model, masked, batches)
+                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta)
             else:
                 result = (cal.grid_q(model, masked, batches, labels, p) if q_mode == "grid"
                           else cal.unlabelled_q(model, masked, batches, p))

@@ -83,6 +83,7 @@ class MaskedDelta:
         seed: int = 0,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
+        keep_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> MaskedDelta:
         """Mask every floating tensor present in both state dicts and matched by include/exclude globs.
 
@@ -93,6 +94,10 @@ class MaskedDelta:
             seed: Mask seed (same masks as :func:`~lifelong_delta.delta.dare.dare` for this seed).
             include: Globs of tensor names to prune.
             exclude: Globs of tensor names to leave alone.
+            keep_fn: ``keep_fn(name, fp32 delta) -> bool mask`` of the delta's shape; default DARE's
+                :func:`~lifelong_delta.delta.masks.keep_mask`. Pass
+                ``lambda n, d: keep_mask_for(n, d, spec)`` (:mod:`lifelong_delta.delta.methods`) to search q for
+                magnitude, WANDA or structural pruning.
 
         Raises:
             ValueError: shape mismatch or non-finite delta (naming the tensor), bad ``p``.
@@ -113,7 +118,10 @@ class MaskedDelta:
                 raise ValueError(f"tensor {name!r} has non-finite delta entries "
                                  "(NaN/inf in base or fine-tuned)")
             base[name], delta[name], dtypes[name] = b.detach(), d, ft.dtype
-            keep[name] = keep_mask(d.numel(), p, seed=seed, name=name, device=d.device).view(d.shape)
+            if keep_fn is None:
+                keep[name] = keep_mask(d.numel(), p, seed=seed, name=name, device=d.device).view(d.shape)
+            else:
+                keep[name] = keep_fn(name, d)
         return cls(p, seed, base, delta, keep, dtypes)
 
     def kept(self, name: str) -> torch.Tensor:

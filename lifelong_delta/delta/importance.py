@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["InputStats", "collect_input_stats", "importance_prune", "n_keep", "importance_scores"]
+__all__ = ["InputStats", "collect_input_stats", "importance_keep", "importance_prune", "n_keep", "importance_scores"]
 
 Score = Literal["magnitude", "wanda"]
 Rescale = Literal["none", "dare", "q"]
@@ -165,6 +165,34 @@ def importance_prune(
     """
     scale = _rescale_factor(p, rescale, q, force=force, name=name)
     d = delta.detach().to(torch.float32)
+    keep = importance_keep(d, p, score=score, input_norms=input_norms, name=name)
+    flat = d.reshape(keep.shape)
+    out = torch.where(keep, flat * scale if scale != 1.0 else flat, torch.zeros((), device=flat.device))
+    return out.view(delta.shape)
+
+
+@torch.no_grad()
+def importance_keep(
+    delta: torch.Tensor,
+    p: float,
+    *,
+    score: Score = "magnitude",
+    input_norms: torch.Tensor | None = None,
+    name: str = "",
+) -> torch.Tensor:
+    """Bool keep-mask of :func:`importance_prune`: the top ``round((1-p)·n)`` entries of each output row.
+
+    Returns:
+        ``BoolTensor`` of shape ``[shape[0], numel / shape[0]]`` (``[1, numel]`` for 0/1-D tensors); reshape it to
+        ``delta.shape`` to use it element-wise.
+
+    Raises:
+        ValueError: bad ``p``, non-finite delta, missing or mis-shaped ``input_norms`` for ``wanda``.
+    """
+    from lifelong_delta.delta.dare import resolve_q
+
+    resolve_q(p, None, name=name)
+    d = delta.detach().to(torch.float32)
     if not torch.isfinite(d).all():
         raise ValueError(f"tensor {name!r} has non-finite delta entries (NaN/inf in base or fine-tuned)")
     if d.dim() < 2:
@@ -177,8 +205,7 @@ def importance_prune(
     keep = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
         keep.scatter_(1, scores.topk(k, dim=1, sorted=False).indices, True)
-    out = torch.where(keep, flat * scale if scale != 1.0 else flat, torch.zeros((), device=flat.device))
-    return out.view(delta.shape)
+    return keep
 
 
 def _rescale_factor(p: float, rescale: str, q: float | None, *, force: bool, name: str) -> float:

@@ -17,7 +17,7 @@ from lifelong_delta.delta.dare import dare_merge, resolve_q
 from lifelong_delta.delta.importance import importance_prune
 from lifelong_delta.delta.structural import structural_prune
 
-__all__ = ["METHODS", "Method", "PruneSpec", "prune_tensor", "is_excluded"]
+__all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_tensor", "is_excluded"]
 
 MethodName = Literal["dare", "darex-q", "magnitude", "wanda", "structural"]
 RescaleName = Literal["none", "dare", "q"]
@@ -72,7 +72,9 @@ class PruneSpec:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.rescale is None:
-            self.rescale = METHODS[self.method].default_rescale
+            # a q given to an importance method means "rescale by 1/q" (its default is no rescale)
+            default = METHODS[self.method].default_rescale
+            self.rescale = "q" if self.q is not None and default == "none" else default
         if self.rescale not in ("none", "dare", "q"):
             raise ValueError(f"rescale={self.rescale!r} is not one of 'none', 'dare', 'q'")
         if self.method in ("dare", "darex-q") and self.rescale != METHODS[self.method].default_rescale:
@@ -81,8 +83,8 @@ class PruneSpec:
         if self.method == "dare" and self.q is not None:
             raise ValueError("q is set but method='dare' rescales by 1/(1-p); "
                              "use method='darex-q' to rescale by 1/q")
-        if self.rescale == "none" and self.q is not None:
-            raise ValueError("q is set but rescale='none'; use rescale='q' or drop q")
+        if self.rescale in ("none", "dare") and self.q is not None:
+            raise ValueError(f"q is set but rescale={self.rescale!r}; use rescale='q' or drop q")
         resolve_q(self.p, self.q, force=self.force)  # p in [0, 1); q in [1-p, 1] unless force
         if self.structural_axis not in ("rows", "columns"):
             raise ValueError(f"structural_axis={self.structural_axis!r} is not one of 'rows', 'columns'")
@@ -135,6 +137,37 @@ def prune_tensor(
     if q is not None:
         resolve_q(spec.p, q, force=spec.force, name=name)
     return METHODS[spec.method].fn(name, base, finetuned, spec, input_norms, q_eff)
+
+
+@torch.no_grad()
+def keep_mask_for(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The element-wise keep-mask that ``spec``'s method applies to ``delta`` (same shape, bool).
+
+    ``prune_tensor`` with any q keeps exactly these entries (and rescales them by its q), so a q search can build
+    the mask once (:class:`~lifelong_delta.delta.darex.MaskedDelta`) and try each q with a rescale only.
+
+    Args:
+        name: Tensor name (keys random masks).
+        delta: fp32 delta ``θ_ft − θ_pre``.
+        spec: The method and its settings.
+        input_norms: ``[in]`` ‖x_j‖₂ (``wanda``; optional for structural columns).
+    """
+    from lifelong_delta.delta.importance import importance_keep
+    from lifelong_delta.delta.masks import keep_mask
+    from lifelong_delta.delta.structural import _as_matrix, structural_keep
+
+    if spec.method in ("dare", "darex-q"):
+        return keep_mask(delta.numel(), spec.p, seed=spec.seed, name=name, device=delta.device).view(delta.shape)
+    if spec.method in ("magnitude", "wanda"):
+        norms = input_norms if spec.method == "wanda" else None
+        return importance_keep(delta, spec.p, score=spec.method, input_norms=norms, name=name).view(delta.shape)
+    axis = spec.structural_axis if delta.dim() >= 2 else "rows"
+    keep = structural_keep(delta, spec.p, axis=axis, select=spec.structural_select, seed=spec.seed, name=name,
+                           input_norms=input_norms)
+    mat = _as_matrix(delta)
+    return (keep[:, None] if axis == "rows" else keep[None, :]).expand(mat.shape).reshape(delta.shape)
 
 
 def _delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

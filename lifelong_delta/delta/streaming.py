@@ -145,6 +145,8 @@ def stream_prune(
                                  "them with --exclude, or use --method magnitude")
         if spec.method == "darex-q" and spec.q is None and not q_per_tensor:
             raise ValueError("method 'darex-q' needs q: pass --q Q or --q_mode")
+        if spec.method in ("magnitude", "wanda") and spec.rescale == "q" and spec.q is None and not q_per_tensor:
+            raise ValueError(f"--method {spec.method} with --rescale q needs q: pass --q Q or --q_mode")
         pruned = set(match.pruned)
         q_shown = "per tensor" if q_per_tensor else spec.q
         summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out))

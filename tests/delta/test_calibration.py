@@ -96,3 +96,29 @@ def test_read_text_data_formats(tmp_path):
         read_text_data(tmp_path / "c.parquet", need_labels=False)
     with pytest.raises(ValueError, match="file not found"):
         read_text_data(tmp_path / "nope.csv", need_labels=False)
+
+
+@pytest.mark.parametrize(("method", "q_mode", "extra"), [
+    ("magnitude", "grid", {}),
+    ("structural", "unlabelled", {"structural_axis": "columns"}),
+    ("wanda", "unlabelled", {}),
+])
+def test_q_modes_for_importance_and_structural(tiny_bert, tmp_path, method, q_mode, extra):
+    """--q_mode grid/unlabelled pick one global q for the method's own mask; the stream then rescales by it."""
+    base, ft = tiny_bert / "base", tiny_bert / "ft"
+    data = tiny_bert / ("calib.csv" if q_mode == "grid" else "calib.jsonl")
+    summary = prune(str(base), str(ft), str(tmp_path / "out"), method=method, p=0.7, q_mode=q_mode,
+                    calib_data=str(data), calib_samples=8, batch_size=4, progress=False, **extra)
+    assert isinstance(summary.q, float) and 0.3 - 1e-9 <= summary.q <= 1.0
+    name = "bert.encoder.layer.1.intermediate.dense.weight"
+    spec = PruneSpec(method, 0.7, q=summary.q, **extra)
+    if method == "wanda":
+        from lifelong_delta.delta import calibration as cal
+
+        model, batches, _ = cal.load(str(ft), str(data), need_labels=False, samples=8, batch_size=4, max_length=128)
+        norms = cal.input_norms(model, batches, [name])[name]
+        with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(tmp_path / "out") as ro:
+            want = prune_tensor(name, rb.get(name), rf.get(name), spec, input_norms=norms)
+            assert torch.equal(ro.get(name), want)
+    else:
+        _check_merged(base, ft, tmp_path / "out", spec, name)

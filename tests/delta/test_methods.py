@@ -106,3 +106,52 @@ def test_prune_tensor_errors_name_the_tensor():
         with pytest.raises(ValueError, match="'w'.*non-finite"):
             prune_tensor("w", base, bad, PruneSpec(method, 0.5, q=0.8 if method == "darex-q" else None),
                          input_norms=torch.ones(10))
+
+
+def test_a_q_given_to_an_importance_method_rescales_by_it():
+    spec = PruneSpec("magnitude", 0.6, q=0.8)
+    assert spec.rescale == "q"
+    base, ft = _pair()
+    out = prune_tensor("w", base, ft, spec)
+    d = ft - base
+    # brute force: top round(0.4 * 10) = 4 |δ| per row, kept entries ×1/0.8
+    for i in range(d.shape[0]):
+        top = set(d[i].abs().topk(4).indices.tolist())
+        for j in range(d.shape[1]):
+            want = base[i, j] + d[i, j] * (1 / 0.8) if j in top else base[i, j]
+            assert out[i, j] == pytest.approx(float(want), abs=1e-6)
+    with pytest.raises(ValueError, match="q is set but rescale='dare'"):
+        PruneSpec("structural", 0.5, q=0.6, rescale="dare")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PruneSpec("dare", 0.7, seed=1),
+        PruneSpec("magnitude", 0.7, rescale="q"),
+        PruneSpec("wanda", 0.7, rescale="q"),
+        PruneSpec("structural", 0.5, structural_axis="rows", seed=2),
+        PruneSpec("structural", 0.5, structural_axis="columns", structural_select="importance"),
+    ],
+    ids=lambda s: f"{s.method}-{s.structural_axis}",
+)
+def test_masked_delta_with_the_method_mask_equals_prune_tensor_for_every_q(spec):
+    """A q search over magnitude/WANDA/structural masks: build once, rescale per q, same bits as the stream."""
+    from dataclasses import replace
+
+    from lifelong_delta.delta.darex import MaskedDelta
+    from lifelong_delta.delta.methods import keep_mask_for
+
+    torch.manual_seed(5)
+    base = {"w": torch.randn(6, 10), "b": torch.randn(6)}
+    ft = {k: v + torch.randn(v.shape) for k, v in base.items()}
+    norms = {"w": torch.rand(10) + 0.1}
+    masked = MaskedDelta.build(base, ft, spec.p, seed=spec.seed,
+                               keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)))
+    for q in (1 - spec.p, 0.5 * (2 - spec.p), 1.0):
+        qspec = spec if spec.method == "dare" else replace(spec, q=q)
+        for name in masked.names:
+            want = prune_tensor(name, base[name], ft[name], qspec, input_norms=norms.get(name))
+            if spec.method == "dare" and q != 1 - spec.p:
+                continue  # plain DARE has one q
+            assert torch.equal(masked.merged(name, q), want), (name, q)
