@@ -119,7 +119,10 @@ def prune(
                      structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
     check_output_path(Path(out), overwrite)
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
-        pruned = match_tensors(rb, rf, spec.exclude).pruned  # fail on mismatches before loading any model
+        match = match_tensors(rb, rf, spec.exclude)  # fail on mismatches before loading any model
+    pruned = match.pruned
+    if match.prefix is not None:
+        _console().print(match.describe(), highlight=False, soft_wrap=True)
 
     input_norms = q_per_tensor = None
     if q_mode is not None or METHODS[method].needs_input_norms:
@@ -133,7 +136,7 @@ def prune(
         if METHODS[method].needs_input_norms:
             input_norms = cal.input_norms(model, batches, pruned)
         if q_mode is not None:
-            masked = cal.masked_delta(model, base, pruned, spec, input_norms)
+            masked = cal.masked_delta(model, base, pruned, spec, input_norms, base_names=match.base_names)
             if q_mode == "analytic":
                 q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta)
             else:

@@ -24,6 +24,7 @@ from lifelong_delta.delta.stats import (
     DeltaStats,
     PruneStatsAccumulator,
     PruneSummary,
+    TensorMatch,
     TensorPruneStats,
     check_finite,
     layer_stats,
@@ -41,9 +42,9 @@ _CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per op
 
 
 def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                 q: float | None, norms: torch.Tensor | None) -> TensorPruneStats:
+                 q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
     """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
-    b, f = rb.get(name), rf.get(name)
+    b, f = rb.get(base_name), rf.get(name)
     check_finite(name, b, "base")
     check_finite(name, f, "fine-tuned")
     merged = prune_tensor(name, b, f, spec, input_norms=norms, q=q)
@@ -52,7 +53,7 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
 
 
 def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                   q: float | None, norms: torch.Tensor | None) -> TensorPruneStats:
+                   q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
     """DARE / DAREx-q chunk by chunk: memory is a few chunks whatever the tensor size.
 
     Masks are a function of the flat element index (``offset``), so the chunks concatenate to exactly
@@ -66,7 +67,7 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
     def chunks() -> Iterator[torch.Tensor]:
         for start in range(0, numel, _CHUNK):
             count = min(_CHUNK, numel - start)
-            b, f = rb.get_flat(name, start, count), rf.get_flat(name, start, count)
+            b, f = rb.get_flat(base_name, start, count), rf.get_flat(name, start, count)
             try:  # the merge kernel counts non-finite deltas itself, so a separate pass is only needed on error
                 merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
                                     force=spec.force)
@@ -79,6 +80,13 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
 
     writer.add_chunks(name, rf.dtype(name), rf.shape(name), chunks())
     return acc.result()
+
+
+def _mapping_note(match: TensorMatch) -> str | None:
+    if match.prefix is None:
+        return None
+    pb, pf = match.prefix
+    return f"base '{pb}X' = fine-tuned '{pf}X'"
 
 
 def _progress(enabled: bool, what: str) -> Progress:
@@ -149,7 +157,8 @@ def stream_prune(
             raise ValueError(f"--method {spec.method} with --rescale q needs q: pass --q Q or --q_mode")
         pruned = set(match.pruned)
         q_shown = "per tensor" if q_per_tensor else spec.q
-        summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out))
+        summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out),
+                               finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match))
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
         names = rf.names()
         with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata) as writer, \
@@ -163,7 +172,7 @@ def stream_prune(
                     q = q_per_tensor.get(name) if q_per_tensor else None
                     norms = input_norms.get(name) if input_norms else None
                     run = _prune_chunked if spec.method in _ELEMENTWISE else _prune_whole
-                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms))
+                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms, match.base_name(name)))
                 bar.advance(task)
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary
@@ -192,7 +201,7 @@ def stream_delta_stats(
                 numel, parts = math.prod(rf.shape(name)), []
                 for start in range(0, numel, _CHUNK):
                     count = min(_CHUNK, numel - start)
-                    b, f = rb.get_flat(name, start, count), rf.get_flat(name, start, count)
+                    b, f = rb.get_flat(match.base_name(name), start, count), rf.get_flat(name, start, count)
                     check_finite(name, b, "base")
                     check_finite(name, f, "fine-tuned")
                     parts.append(layer_stats(name, b, f))

@@ -120,3 +120,37 @@ def test_cli_minilm_known_delta(tmp_path):
         h_out = AutoModel.from_pretrained(out)(**batch).last_hidden_state
     cos = torch.nn.functional.cosine_similarity(h_ft.flatten(), h_out.flatten(), dim=0)
     assert cos > 0.95
+
+
+def test_prune_bert_model_base_against_a_sequence_classification_finetune(tmp_path, capsys):
+    """BertModel base (``embeddings.*``) vs BertForSequenceClassification fine-tune (``bert.embeddings.*``)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lifelong_delta.delta.commands import prune
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    clf = BertForSequenceClassification(config)
+    clf.bert.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for prm in clf.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+    clf.save_pretrained(tmp_path / "ft")
+    summary = prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"), method="dare", p=0.5,
+                    seed=1, progress=False)
+    printed = capsys.readouterr().out
+    assert "differ by a prefix" in printed and "classifier.weight" in printed
+    assert set(summary.finetuned_only) == {"classifier.weight", "classifier.bias"}
+    base_sd, ft_sd, out = (read_checkpoint(tmp_path / d) for d in ("base", "ft", "out"))
+    assert set(out) == set(ft_sd)
+    spec = PruneSpec("dare", 0.5, seed=1)
+    for name, t in ft_sd.items():
+        if name.startswith("classifier.") or not t.is_floating_point():
+            assert torch.equal(out[name], t), name
+        else:  # pruned against the base tensor without the prefix, the mask keyed by the output name
+            assert torch.equal(out[name], prune_tensor(name, base_sd[name[len("bert."):]], t, spec)), name
+    assert len(summary.tensors) == len(base_sd)
+    stats_result = stats(str(tmp_path / "base"), str(tmp_path / "ft"), progress=False)
+    assert {s.name for s in stats_result.layers} == {n for n in ft_sd if n.startswith("bert.")
+                                                     and ft_sd[n].is_floating_point()}

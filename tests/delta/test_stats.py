@@ -122,3 +122,37 @@ def test_tensor_prune_stats_and_summary():
     assert summary.kept_fraction == pytest.approx(6 / 14)
     assert summary.norm_before == pytest.approx(math.hypot(float(ft.norm()), 3.0))
     assert summary.as_dict()["tensors_pruned"] == 2
+
+
+def test_match_tensors_through_a_prefix_both_ways():
+    base = _Fake({"emb.w": ((4, 2), F), "enc.0.w": ((2, 2), F), "pooler.w": ((2, 2), F)})
+    ft = _Fake({"bert.emb.w": ((4, 2), F), "bert.ids": ((3,), I), "bert.enc.0.w": ((2, 2), F),
+                "bert.pooler.w": ((2, 2), F), "classifier.w": ((3, 2), F), "classifier.b": ((3,), F)})
+    m = match_tensors(base, ft)
+    assert m.prefix == ("", "bert.")
+    assert m.pruned == ["bert.emb.w", "bert.enc.0.w", "bert.pooler.w"]
+    assert m.base_name("bert.enc.0.w") == "enc.0.w" and m.finetuned_only == ["classifier.w", "classifier.b"]
+    assert m.copied == ["bert.ids", "classifier.w", "classifier.b"]
+    assert "copied unchanged: classifier.w, classifier.b" in m.describe()
+    # the reverse: the base carries the prefix (and a head the fine-tuned model does not have)
+    r = match_tensors(ft, base)
+    assert r.prefix == ("bert.", "") and r.pruned == ["emb.w", "enc.0.w", "pooler.w"]
+    assert r.base_name("emb.w") == "bert.emb.w" and r.base_only == ["classifier.w", "classifier.b"]
+    # excluded tensors stay out of the mapping
+    assert match_tensors(base, ft, exclude=("classifier.*",)).finetuned_only == []
+
+
+def test_prefix_mapping_still_checks_shapes_and_real_mismatches():
+    base = _Fake({"emb.w": ((4, 2), F), "enc.w": ((2, 2), F)})
+    with pytest.raises(ValueError, match=r"tensor 'bert.enc.w' has shape \[2, 3\] in the fine-tuned model but "
+                                         r"\[2, 2\] as 'enc.w' in the base model"):
+        match_tensors(base, _Fake({"bert.emb.w": ((4, 2), F), "bert.enc.w": ((2, 3), F)}))
+    # a prefixed tensor without a base counterpart is a real mismatch, not a head
+    with pytest.raises(ValueError, match=r"missing from the base model: bert.emb.w, bert.enc.w, bert.dec.w"):
+        match_tensors(base, _Fake({"bert.emb.w": ((4, 2), F), "bert.enc.w": ((2, 2), F), "bert.dec.w": ((2,), F)}))
+    # a base tensor that nothing maps to is a real mismatch too
+    with pytest.raises(ValueError, match=r"missing from the base model: bert.emb.w"):
+        match_tensors(base, _Fake({"bert.emb.w": ((4, 2), F)}))
+    # names that share nothing
+    with pytest.raises(ValueError, match=r"2 tensor\(s\) of the fine-tuned model are missing from the base model"):
+        match_tensors(base, _Fake({"x.w": ((4, 2), F), "y.w": ((2, 2), F)}))
