@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from lifelong_delta.delta.io import CheckpointReader, check_output_path
+from lifelong_delta.delta.lora_merge import LoraPrune, is_adapter_dir, stream_prune_lora
 from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName
 from lifelong_delta.delta.recommend import Recommendation
 from lifelong_delta.delta.recommend import recommend as choose_method
@@ -56,6 +57,7 @@ def prune(
     rescale: RescaleName | None = None,
     structural_axis: Literal["rows", "columns"] = "rows",
     structural_select: Literal["random", "importance"] = "random",
+    lora_prune: LoraPrune = "product",
     exclude: list[str] | str | None = None,
     seed: int = 0,
     out_shard_size: str = "2GB",
@@ -71,7 +73,9 @@ def prune(
 
     Args:
         base: Pretrained model (HF directory with safetensors weights, or one .safetensors file).
-        finetuned: Fine-tuned model of the same architecture.
+        finetuned: Fine-tuned model of the same architecture, or a PEFT LoRA adapter directory (adapter_config.json
+            + adapter_model.safetensors): its delta scaling·B·A is pruned and merged into --base, and the output is
+            a full checkpoint.
         out: Output directory (must not exist unless --overwrite).
         method: dare | darex-q | magnitude | wanda | structural.
         p: Drop rate in [0, 1).
@@ -84,6 +88,7 @@ def prune(
         rescale: none | dare | q (default per method; --q or --q_mode imply q).
         structural_axis: rows | columns (structural only).
         structural_select: random | importance (structural only).
+        lora_prune: product (prune the LoRA delta B·A) | factors (prune A and B, then merge); LoRA adapters only.
         exclude: Glob patterns of tensors to copy unchanged, e.g. 'classifier.*'.
         seed: Mask seed.
         out_shard_size: Output shard size, e.g. 2GB or 500MB.
@@ -117,6 +122,17 @@ def prune(
         rescale = "q"
     spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
                      structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
+    if is_adapter_dir(finetuned):
+        if q_mode is not None:
+            raise ValueError("--q_mode needs calibration of a loaded model, which a LoRA adapter --finetuned does not "
+                             "support; pass --q Q")
+        summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=lora_prune, overwrite=overwrite,
+                                    out_shard_size=out_shard_size, progress=progress)
+        _console().print(summary.table())
+        return summary
+    if lora_prune != "product":
+        raise ValueError(f"--lora_prune {lora_prune} needs a PEFT adapter directory as --finetuned "
+                         "(adapter_config.json + adapter_model.safetensors)")
     check_output_path(Path(out), overwrite)
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, spec.exclude)  # fail on mismatches before loading any model

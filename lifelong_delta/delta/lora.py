@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ _FACTOR = re.compile(
 __all__ = [
     "LoraAdapter",
     "load_lora_adapter",
+    "lora_delta_names",
     "lora_deltas",
     "lora_scaling",
     "prune_lora_factors",
@@ -105,8 +107,24 @@ def _strip(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def lora_deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+def lora_delta_names(adapter: LoraAdapter) -> list[str]:
+    """Base parameter names that :func:`lora_deltas` returns a delta for (without computing any product)."""
+    names = []
+    for key in adapter.tensors:
+        m = _FACTOR.match(_strip(key))
+        if m is None:
+            continue
+        name = f"{m['path']}.bias" if m["suffix"] == ".bias" else f"{m['path']}.weight"
+        if (m["suffix"] != ".bias" or m["kind"] == "lora_B") and name not in names:
+            names.append(name)
+    return names
+
+
+def lora_deltas(adapter: LoraAdapter, only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Dense fp32 delta of every adapted weight: ``{"<path>.weight": scaling · B @ A}``.
+
+    ``only`` restricts the (dense, possibly large) products to those base parameter names, so a streaming caller
+    holds one at a time.
 
     Handles ``fan_in_fan_out`` (delta transposed), embeddings (``lora_embedding_A/B``) and conv layers
     with 1×1 ``B``; the ``base_model.model.`` prefix is stripped. A ``lora_B.bias`` (``lora_bias=True``)
@@ -125,6 +143,9 @@ def lora_deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
         if m is None:
             continue
         path, kind = m["path"], m["kind"]
+        target = f"{path}.bias" if m["suffix"] == ".bias" else f"{path}.weight"
+        if only is not None and target not in only:
+            continue
         if m["suffix"] == ".bias":
             if kind == "lora_B":
                 out[f"{path}.bias"] = t.to(torch.float32) * lora_scaling(adapter.config, path)

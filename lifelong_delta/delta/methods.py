@@ -17,7 +17,7 @@ from lifelong_delta.delta.dare import dare_merge, resolve_q
 from lifelong_delta.delta.importance import importance_prune
 from lifelong_delta.delta.structural import structural_prune
 
-__all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_tensor", "is_excluded"]
+__all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_delta", "prune_tensor", "is_excluded"]
 
 MethodName = Literal["dare", "darex-q", "magnitude", "wanda", "structural"]
 RescaleName = Literal["none", "dare", "q"]
@@ -183,23 +183,56 @@ def _dare(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norm
     return dare_merge(base, ft, spec.p, seed=spec.seed, name=name, q=q, force=spec.force)
 
 
+@torch.no_grad()
+def prune_delta(
+    name: str,
+    delta: torch.Tensor,
+    spec: PruneSpec,
+    *,
+    input_norms: torch.Tensor | None = None,
+    q: float | None = None,
+) -> torch.Tensor:
+    """fp32 pruned (and rescaled) delta for one tensor: the method of ``spec`` applied to a given delta.
+
+    The merge ``θ_pre + pruned`` is the caller's (e.g. a LoRA product ``scaling · B A`` or a LoRA factor, which have
+    no fine-tuned tensor to subtract from). Exclusion patterns are not applied here.
+
+    Args:
+        name: Tensor name (keys the mask; named in errors).
+        delta: Delta tensor (any floating dtype).
+        spec: The method and its settings.
+        input_norms: ``[in]`` ‖x_j‖₂ for ``wanda`` (and optionally structural columns).
+        q: Per-tensor q overriding ``spec.q``.
+    """
+    from lifelong_delta.delta.dare import dare
+
+    q_eff = spec.q if q is None else q
+    if q is not None:
+        resolve_q(spec.p, q, force=spec.force, name=name)
+    if spec.method in ("dare", "darex-q"):
+        if spec.method == "darex-q" and q_eff is None:
+            raise ValueError(f"method='darex-q' needs q for tensor {name!r}")
+        return dare(delta, spec.p, seed=spec.seed, name=name, q=q_eff if spec.method == "darex-q" else None,
+                    force=spec.force)
+    if spec.method in ("magnitude", "wanda"):
+        return importance_prune(delta, spec.p, score=spec.method, input_norms=input_norms, rescale=spec.rescale,
+                                q=q_eff, name=name, force=spec.force)
+    q_s = 1.0 if spec.rescale == "none" else None if spec.rescale == "dare" else q_eff
+    return structural_prune(delta, spec.p, axis=spec.structural_axis, select=spec.structural_select, seed=spec.seed,
+                            name=name, q=q_s, input_norms=input_norms, force=spec.force)
+
+
 def _importance(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
                 q: float | None) -> torch.Tensor:
     b, d = _delta(name, base, ft)
-    pruned = importance_prune(d, spec.p, score=spec.method, input_norms=norms, rescale=spec.rescale, q=q,
-                              name=name, force=spec.force)
+    pruned = prune_delta(name, d, spec, input_norms=norms, q=q)
     return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
 
 
 def _structural(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
                 q: float | None) -> torch.Tensor:
     b, d = _delta(name, base, ft)
-    if spec.rescale == "none":
-        q = 1.0
-    elif spec.rescale == "dare":
-        q = None
-    pruned = structural_prune(d, spec.p, axis=spec.structural_axis, select=spec.structural_select,
-                              seed=spec.seed, name=name, q=q, input_norms=norms, force=spec.force)
+    pruned = prune_delta(name, d, spec, input_norms=norms, q=q)
     return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
 
 
