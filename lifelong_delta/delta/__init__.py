@@ -23,7 +23,7 @@ from lifelong_delta.delta.lora import (
     replaced_tensors,
 )
 from lifelong_delta.delta.masks import keep_mask, numba_available, set_backend, tensor_key, uniform
-from lifelong_delta.delta.methods import METHODS, PruneSpec, is_excluded, prune_tensor
+from lifelong_delta.delta.methods import METHODS, PruneSpec, is_excluded, keep_mask_for, prune_delta, prune_tensor
 from lifelong_delta.delta.structural import structural_keep, structural_prune
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "METHODS",
     "PruneSpec",
     "is_excluded",
+    "keep_mask_for",
+    "prune_delta",
     "prune_tensor",
     "structural_keep",
     "structural_prune",
