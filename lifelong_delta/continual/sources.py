@@ -223,7 +223,8 @@ def load_source(
 ) -> tuple[Split, Split | None]:
     """Load the train and test splits of ``dataset``.
 
-    Built-in offline names: ``mnist``, ``fashion_mnist`` (also ``fashion-mnist``, ``fmnist``), ``digits``.
+    Built-in offline names: ``mnist``, ``fashion_mnist`` (also ``fashion-mnist``, ``fmnist``), ``digits``, and
+    ``imagenet_r`` (a local directory, ``data_root`` or ``$IMAGENET_R_ROOT``, with the fixed 80/20 split).
     Any other name goes to Hugging Face ``datasets.load_dataset`` (``imagefolder`` + ``data_root`` for a local
     directory; ``cifar100`` from the local cache).
 
@@ -237,6 +238,10 @@ def load_source(
         return load_fashion_mnist(data_root)
     if key in ("digits", "sklearn_digits"):
         return load_digits_tensor(), None
+    if key in ("imagenet_r", "imagenet-r"):
+        from lifelong_delta.continual.imagenet_r import load_imagenet_r  # the fixed 80/20 split
+
+        return load_imagenet_r(data_root)
     return load_hf(dataset, data_root, image_key, label_key, hf_kwargs)
 
 
