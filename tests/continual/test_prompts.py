@@ -182,8 +182,9 @@ def test_prompt_modules_validate_their_options() -> None:
 
 # ------------------------------------------------------------------------------------------- DDP
 @pytest.mark.ddp
-def test_ddp_two_processes_agree_on_prompt_selection(tmp_path: Path) -> None:
-    """L2P on a tiny stream with 2 gloo processes: same keys and same top-k picks on every rank."""
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "codap"])
+def test_ddp_two_processes_agree_on_prompt_selection(tmp_path: Path, method: str) -> None:
+    """A prompt method on a tiny stream with 2 gloo processes: equal prompts and equal picks on every rank."""
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(
         f"""
@@ -200,6 +201,7 @@ model:
   init_args:
     pretrained: false
     backbone_kwargs: {TINY}
+    {"pool_size: 20" if method == "codap" else ""}
 data:
   init_args: {{dataset: digits, n_tasks: 2, classes_per_task: 2, max_per_class: 32, batch_size: 8,
                eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
@@ -208,12 +210,16 @@ data:
     cfg = ROOT / "configs" / "cl_eval" / "mnist"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": str(ROOT)}
-    args = [str(LIGHTNING), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / "l2p.yaml"), "-c", str(tiny)]
+    args = [str(LIGHTNING), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny)]
     run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MEMBER: 2/2" in run.stdout + run.stderr
     dumps = [torch.load(tmp_path / f"selection_rank{r}.pt") for r in (0, 1)]
-    assert torch.equal(dumps[0]["keys"], dumps[1]["keys"])
+    assert dumps[0]["pool"].keys() == dumps[1]["pool"].keys()
+    for name, value in dumps[0]["pool"].items():
+        assert torch.equal(value, dumps[1]["pool"][name]), name
     assert torch.equal(dumps[0]["selection"], dumps[1]["selection"])
-    assert dumps[0]["selection"].shape == (16, 5)
+    assert dumps[0]["selection"].shape[1 if method == "codap" else 0] == 16  # CODA-P: α [blocks, 16, components]
+    if method == "codap":
+        assert int(dumps[0]["pool"]["task_initialised"]) == 1  # task 1's components were re-drawn on both ranks
     assert len(list(tmp_path.glob("ddp/version_*/cl_metrics.json"))) == 1
