@@ -180,6 +180,35 @@ def test_prompt_modules_validate_their_options() -> None:
         L2P(backbone="resnet18", backbone_kwargs={"in_chans": 1}, num_classes=4, trainable=["fc.*"])
 
 
+def test_codap_checkpoint_restores_prompts_and_pool_state(tmp_path: Path) -> None:
+    from lifelong_delta.cli import lightning_main
+
+    cfg = ROOT / "configs" / "cl_eval" / "mnist"
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(f"""
+trainer:
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp_path}, save_last: true, save_top_k: 0}}
+model:
+  init_args: {{pretrained: false, backbone_kwargs: {TINY}, pool_size: 20}}
+data:
+  init_args: {{dataset: digits, n_tasks: 4, classes_per_task: 2, max_per_class: 16, batch_size: 16,
+               val_fraction: 0.2, max_eval_per_class: null}}
+""")
+    lightning_main(["fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / "codap.yaml"), "-c", str(tiny)])
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    loaded = CodaPrompt.load_from_checkpoint(tmp_path / "last.ckpt").eval()  # no datamodule, no trainer
+    for name, value in loaded.prompts.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][f"prompts.{name}"]), name
+    assert int(loaded.prompts.task_initialised) == 3 and int(loaded.prompts.n_tasks) == 4
+    assert loaded.tasks_seen() == 4 and loaded.component_range(3) == (15, 20)
+    assert loaded(torch.randn(2, 1, 8, 8)).shape == (2, 8)
+
+
 # ------------------------------------------------------------------------------------------- DDP
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["l2p", "dualprompt", "codap"])

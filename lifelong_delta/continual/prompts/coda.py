@@ -65,7 +65,8 @@ class CodaPromptPool(nn.Module):
     """Components ``prompts`` [n_layers, M, 2, L, D], keys ``keys`` and attention ``attn`` [n_layers, M, D_key].
 
     All three start orthonormal over the M components (per block, as the authors' ``tensor_prompt(ortho=True)``).
-    ``task_initialised`` (a buffer, so it travels in checkpoints) is the last task whose components were re-drawn.
+    Buffers (they travel in checkpoints): ``task_initialised``, the last task whose components were re-drawn, and
+    ``n_tasks``, the length of the stream (so a model loaded without its data still splits the pool right).
     """
 
     def __init__(self, layers: list[int], pool_size: int, length: int, embed_dim: int, key_dim: int) -> None:
@@ -84,6 +85,7 @@ class CodaPromptPool(nn.Module):
                 nn.init.orthogonal_(self.keys[j])
                 nn.init.orthogonal_(self.attn[j])
         self.register_buffer("task_initialised", torch.zeros((), dtype=torch.long))
+        self.register_buffer("n_tasks", torch.zeros((), dtype=torch.long))  # of the stream, set by the module
 
     @property
     def pool_size(self) -> int:
@@ -177,10 +179,11 @@ class CodaPrompt(PromptModule):
         if self.pool_size < len(self._tasks):
             raise ValueError(f"CODA-P needs >= 1 component per task: pool_size={self.pool_size} < "
                              f"n_tasks={len(self._tasks)}")
+        self.prompts.n_tasks.fill_(len(self._tasks))
 
     def component_range(self, task: int) -> tuple[int, int]:
         """Components ``[start, stop)`` that ``task`` adds (``pool_size // n_tasks`` each)."""
-        per = self.pool_size // max(len(self._tasks), 1)
+        per = self.pool_size // max(len(self._tasks) or int(self.prompts.n_tasks), 1)
         return task * per, (task + 1) * per
 
     def _start_prompt_task(self) -> None:
