@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from jsonargparse import CLI
 
+    from lifelong_delta.continual.cl_eval import cl_eval
     from lifelong_delta.continual.pretrain import pretrain
     from lifelong_delta.delta.commands import prune, recommend, stats
     from lifelong_delta.text.finetune import all_finetunes
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "recommend": recommend,
         "finetune": all_finetunes,
         "prune-eval": prune_eval,
+        "cl-eval": cl_eval,
     }
     args = list(sys.argv[1:] if argv is None else argv)
     sub = next((a for a in args if not a.startswith("-")), None)

@@ -1,0 +1,95 @@
+"""``lifelong-delta cl-eval``: the study driver over a tiny stream (two methods x two seeds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifelong_delta.cli import main
+from lifelong_delta.continual.cl_eval import RESULT_COLUMNS, cl_eval, read_results, summary_markdown
+
+TINY_VIT = ("{img_size: 8, patch_size: 4, in_chans: 1, embed_dim: 64, depth: 4, num_heads: 4, class_token: false, "
+            "global_pool: avg}")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(tmp_path: Path) -> Path:
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(f"""
+trainer:
+  enable_progress_bar: false
+  callbacks: []
+  enable_checkpointing: false
+model:
+  init_args:
+    pretrained: false
+    backbone_kwargs: {TINY_VIT}
+data:
+  init_args: {{dataset: digits, n_tasks: 2, classes_per_task: 2, max_per_class: 20, batch_size: 16,
+               eval_batch_size: 64, val_fraction: 0.25, max_eval_per_class: null}}
+""")
+    return tiny
+
+
+def test_study_writes_the_table_and_plots_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "study"
+    summary = cl_eval(methods=["ftpp", "predkd_l2"], seeds=[0, 1], out_dir=str(out),
+                      override=["-c", str(_tiny(tmp_path))])
+    assert Path(summary) == out / "summary.md"
+    with open(out / "results.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == RESULT_COLUMNS
+    rows = read_results(out / "results.csv")
+    assert [(r["method"], r["seed"]) for r in rows] == [("ftpp", 0), ("predkd_l2", 0), ("ftpp", 1), ("predkd_l2", 1)]
+    for r in rows:  # each row is its run's cl_metrics.json
+        metrics = json.loads((out / "runs" / r["method"] / f"seed{r['seed']}" / "cl_metrics.json").read_text())
+        assert r["average_accuracy"] == pytest.approx(metrics["average_accuracy"], abs=1e-6)
+        assert r["forgetting"] == pytest.approx(metrics["forgetting"], abs=1e-6)
+        assert metrics["seed"] == str(r["seed"])
+    orders = {s: json.loads((out / "runs" / "ftpp" / f"seed{s}" / "cl_metrics.json").read_text())["class_order"]
+              for s in (0, 1)}
+    assert orders[0] != orders[1]  # each seed has its own class order
+    text = Path(summary).read_text()
+    assert "| FT++ |" in text and "| PredKD+L2 |" in text
+    for png in ("accuracy.png", "accuracy_matrices.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second call re-uses the finished runs: nothing is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("cl_metrics.json")}
+    cl_eval(methods=["ftpp", "predkd_l2"], seeds=[0, 1], out_dir=str(out), override=["-c", str(_tiny(tmp_path))])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert read_results(out / "results.csv") == rows
+
+
+def test_summary_table_orders_by_accuracy_and_keeps_joint_last() -> None:
+    rows = [
+        {"method": "joint", "seed": 0, "average_accuracy": 0.9, "forgetting": 0.0, "bwt": 0.0},
+        {"method": "ft", "seed": 0, "average_accuracy": 0.2, "forgetting": 0.8, "bwt": -0.8},
+        {"method": "ft", "seed": 1, "average_accuracy": 0.4, "forgetting": 0.6, "bwt": -0.6},
+        {"method": "l2", "seed": 0, "average_accuracy": 0.5, "forgetting": 0.1, "bwt": -0.1},
+    ]
+    lines = [l for l in summary_markdown(rows).splitlines() if l.startswith("| ") and "method" not in l]
+    assert [l.split("|")[1].strip() for l in lines] == ["L2 (ViT attention)", "FT", "Joint (upper bound)"]
+    assert "| 30.0 ± 14.1 | 70.0 ± 14.1 | -70.0 ± 14.1 | 2 |" in lines[1]  # mean ± sample std in %
+
+
+def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cl-eval", "--methods", "nope", "--out_dir", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown method(s) ['nope']") and "\n" not in err
+    bad = tmp_path / "results.csv"
+    bad.write_text("method,seed,acc\n")
+    with pytest.raises(ValueError, match="expected columns method,seed,average_accuracy,forgetting,bwt"):
+        read_results(bad)
