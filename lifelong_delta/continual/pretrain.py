@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,22 +29,27 @@ def pretrain(
     dataset: str = "fashion_mnist",
     cache_dir: str = "~/.cache/lifelong_delta",
     name: str = "vit28_fmnist",
-    epochs: int = 1,
-    batch_size: int = 64,
+    epochs: int = 3,
+    batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
     backbone: str = "vit_tiny_patch16_224",
-    embed_dim: int = 64,
+    embed_dim: int = 128,
     depth: int = 4,
     num_heads: int = 4,
     patch_size: int = 4,
     img_size: int = 28,
-    max_per_class: int | None = 5000,
+    max_per_class: int | None = None,
     force: bool = False,
 ) -> str:
     """Pretrain a small timm ViT on all classes of ``dataset`` and cache it under ``<cache_dir>/<name>``.
 
-    Idempotent: if the cache entry exists and ``force`` is False, prints ``cached at ...`` and returns.
+    Idempotent: if the cache entry exists, was trained with the same options and ``force`` is False, prints
+    ``cached at ...`` and returns. An entry trained with other options is retrained (and says so).
+
+    The defaults (width 128, 4 blocks, 3 epochs over all 60k images) take about 8 minutes on 2 free cores and
+    reach about 85 % Fashion-MNIST test accuracy; a linear probe of their mean-pooled features reaches about
+    77 % on MNIST (62 % for the earlier width-64, 1-epoch default).
 
     Args:
         dataset: an offline source of ``ClassIncrementalDataModule`` (``fashion_mnist``, ``mnist``, ...).
@@ -77,9 +83,17 @@ def pretrain(
     if img_size % patch_size:
         raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
     out = expand_path(cache_dir) / name
+    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
+              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
+    options = {"backbone": backbone, "backbone_kwargs": kwargs, "dataset": dataset, "epochs": epochs,
+               "batch_size": batch_size, "lr": lr, "max_per_class": max_per_class, "seed": seed}
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
-        print(f"cached at {out}", flush=True)
-        return str(out)
+        cached = json.loads((out / "config.json").read_text())
+        changed = sorted(k for k, v in options.items() if cached.get(k) != v)
+        if not changed:
+            print(f"cached at {out}", flush=True)
+            return str(out)
+        print(f"{out} was trained with other options ({', '.join(changed)}): retraining", flush=True)
 
     import lightning as L
 
@@ -91,13 +105,14 @@ def pretrain(
         eval_batch_size=512, image_size=img_size, channels=1, max_per_class=max_per_class,
     )
     dm.setup("fit")
-    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
-              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
     model = _make_classifier()(backbone, dm.num_classes, kwargs, lr)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
+    steps = epochs * len(dm.train_dataloader())
+    print(f"pretraining {backbone} {kwargs} on {dataset}: {steps} steps, about "
+          f"{steps * _seconds_per_step(model.net, dm) / 60:.0f} min on this machine (cached afterwards)", flush=True)
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=dm.train_dataloader())  # one seeded loader: a new order each epoch
     seconds = time.perf_counter() - start
@@ -106,14 +121,9 @@ def pretrain(
           flush=True)
 
     config = {
-        "backbone": backbone,
-        "backbone_kwargs": kwargs,
+        **options,
         "num_classes": dm.num_classes,
-        "dataset": dataset,
         "normalize": {"mean": 0.5, "std": 0.5},
-        "epochs": epochs,
-        "max_per_class": max_per_class,
-        "seed": seed,
         "test_accuracy": accuracy,
         "train_seconds": round(seconds, 1),
         "timm_version": __import__("timm").__version__,
@@ -155,6 +165,25 @@ def _make_classifier() -> type:
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return Classifier
+
+
+def _seconds_per_step(net: torch.nn.Module, dm: Any) -> float:
+    """Wall time of one training step, timed on a throwaway copy of ``net`` (after one warm-up step)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    probe = copy.deepcopy(net).train()
+    opt = torch.optim.Adam(probe.parameters())
+    x, y = next(iter(dm.train_dataloader()))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(probe(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 @torch.no_grad()

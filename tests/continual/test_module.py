@@ -255,6 +255,12 @@ def test_pretrain_caches_once_and_the_module_loads_it(tmp_path: Path, capsys: py
     assert capsys.readouterr().out.strip() == f"cached at {out}"
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary directories left behind
+    capsys.readouterr()
+    pretrain(**{**options, "depth": 2})  # other options: the stale entry is retrained, not silently reused
+    assert "trained with other options (backbone_kwargs): retraining" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["backbone_kwargs"]["depth"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    pretrain(**options)
 
     m = ContinualModule(num_classes=4, pretrained=str(out))  # the architecture comes from config.json
     weights = read_state_dict(out)
