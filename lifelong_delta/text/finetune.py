@@ -105,11 +105,15 @@ RECIPES: dict[str, Recipe] = {
                    note="LoRA r=8 on query/value, classifier trained"),
 }
 #: Default cap on the training split (stratified): VADER's 8 054 training snippets are cut to 4 000 to fit the
-#: time budget (~15 minutes for all ten fine-tunes on 2 free cores). Pass max_train_examples to change it.
+#: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, ~1.5 hours is the
+#: estimate for 2 quieter cores). Pass max_train_examples to change it.
 DEFAULT_TRAIN_CAP: dict[str, int | None] = {"trec": None, "vader": 4000}
 
-#: Seconds per training step at batch 32 on 2 free cores (measured); LoRA steps cost ~0.7 of these.
-_SECONDS_PER_STEP = {"trec": 0.35, "vader": 0.6}
+#: Seconds per training step at batch 32 on 2 cores: the faster end of wall time / steps as recorded
+#: in ``finetune.json`` on a shared 2-core machine (TREC 3.2-4.6 s, VADER 4.1-12 s per step). LoRA steps cost
+#: ~0.6 of these. ``all_finetunes`` re-estimates from the measured speed after each fine-tune.
+_SECONDS_PER_STEP = {"trec": 3.0, "vader": 4.5}
+_LORA_STEP_FRACTION = 0.6
 
 
 # ---------------------------------------------------------------------------------------------------- paths
@@ -408,14 +412,14 @@ def estimate_seconds(
     batch_size: int = 32,
     max_train_examples: int | None = None,
 ) -> float:
-    """Rough wall time of one fine-tune on 2 free cores (training steps + evaluation), in seconds."""
+    """Rough wall time of one fine-tune on 2 cores (training steps + evaluation), in seconds."""
     _check_task_recipe(task, recipe)
     cap = DEFAULT_TRAIN_CAP[task] if max_train_examples is None else max_train_examples
     dm = TextClassificationDataModule(task, max_train_examples=cap)
     sizes = {k: len(v) for k, v in dm.split_indices().items()}
     r = RECIPES[recipe]
     n_epochs = r.epochs[task] if epochs is None else epochs
-    per_step = _SECONDS_PER_STEP[task] * batch_size / 32 * (0.7 if r.lora_r else 1.0)
+    per_step = _SECONDS_PER_STEP[task] * batch_size / 32 * (_LORA_STEP_FRACTION if r.lora_r else 1.0)
     steps = math.ceil(sizes["train"] / batch_size) * n_epochs
     evals = (sizes["val"] * n_epochs + sizes["test"]) / 32 * _SECONDS_PER_STEP[task] / 3  # forward only
     return steps * per_step + evals + 10.0  # + loading and saving
@@ -452,7 +456,7 @@ def all_finetunes(
     estimates = {job: estimate_seconds(*job, epochs=epochs) for job in pending}
     print(
         f"fine-tuning {len(pending)} models ({len(jobs) - len(pending)} cached), about "
-        f"{sum(estimates.values()) / 60:.0f} minutes on 2 free cores, into {_root(cache_dir)}",
+        f"{sum(estimates.values()) / 60:.0f} minutes on 2 cores, into {_root(cache_dir)}",
         flush=True,
     )
     paths, spent, estimated = [], 0.0, 0.0

@@ -32,11 +32,12 @@ The model is loaded once per fine-tune and kept in memory; the masked delta is b
 only rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs
 under ``torch.inference_mode`` on pre-tokenised, length-sorted batches.
 
-Budget: the default study is 560 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 100 tokens/s per
-free core here, so the test sets are subsampled (128 stratified examples per task, the same for every method)
-and the q grids (32 validation examples, 4 + 1 candidates) and calibration sets (16 inputs) are capped: about
-2.8 M token positions, 20-25 min on 2 free cores. ``max_test=None`` evaluates the whole test splits (~5x
-longer).
+Budget: the default study is 560 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 500 token positions/s
+on one thread here, so the test sets are subsampled (128 stratified examples per task, the same for every
+method) and the q grids (32 validation examples, 4 + 1 candidates) and calibration sets (16 inputs) are capped:
+about 2.8 M token positions. Measured: 43 min on one thread of a 2-core machine that another job kept busy
+(``results/prune_eval/summary.md`` records the wall time); it runs one torch thread by default, because two
+threads were 3x slower on that busy machine. ``max_test=None`` evaluates the whole test splits (~5x longer).
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def prune_eval(
     extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
     exclude: Sequence[str] = ("classifier.*",),
     batch_size: int = 32,
-    threads: int | None = None,
+    threads: int | None = 1,
     progress: bool = True,
 ) -> dict[str, str]:
     """Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.
@@ -256,8 +257,10 @@ def prune_eval(
             round(0.001 · 384) = 0 kept rows are degenerate).
         exclude: glob patterns of tensors left unpruned.
         batch_size: examples per forward pass (length-sorted; 32 wastes ~10 % on padding, 256 about half).
-        threads: torch intra-op threads for the run (None: leave torch's setting, one per core). On a 2-core
-            machine that other jobs keep busy, 1 is faster than 2.
+        threads: torch intra-op threads for the run (None: leave torch's setting, one per core). Default 1:
+            MiniLM's matrices on ~20-token batches are too small for intra-op parallelism to pay, and on a 2-core
+            machine that other jobs keep busy, 2 threads measured 470 token positions/s against 1 500 for one
+            thread (OpenMP waits for the thread that is descheduled).
         progress: show a progress bar.
 
     Returns:
