@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lifelong_delta.continual.cl_eval import cl_eval
     from lifelong_delta.continual.pretrain import pretrain
+    from lifelong_delta.continual.probe import probe
     from lifelong_delta.delta.commands import prune, recommend, stats
     from lifelong_delta.text.finetune import all_finetunes
     from lifelong_delta.text.prune_eval import prune_eval
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "finetune": all_finetunes,
         "prune-eval": prune_eval,
         "cl-eval": cl_eval,
+        "probe": probe,
     }
     args = list(sys.argv[1:] if argv is None else argv)
     sub = next((a for a in args if not a.startswith("-")), None)

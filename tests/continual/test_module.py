@@ -262,6 +262,15 @@ def test_pretrain_caches_once_and_the_module_loads_it(tmp_path: Path, capsys: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     pretrain(**options)
 
+    from lifelong_delta.continual.probe import probe
+
+    first = probe(pretrained=str(out), dataset="digits", n_tasks=2, classes_per_task=2, max_per_class=60)
+    assert first["joint_linear_probe"] > 0.5  # 4 digit classes, chance 0.25: even weak features separate them
+    assert 0.0 <= first["per_task_heads_average_accuracy"] <= 1.0
+    assert probe(pretrained=str(out), dataset="digits", n_tasks=2, classes_per_task=2, max_per_class=60) == first
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        probe(pretrained=str(tmp_path / "nowhere"))
+
     m = ContinualModule(num_classes=4, pretrained=str(out))  # the architecture comes from config.json
     weights = read_state_dict(out)
     assert torch.equal(m.net.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
