@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 RESULT_COLUMNS = ("task", "finetune", "method", "p", "seed", "accuracy")
-Q_COLUMNS = ("task", "finetune", "method", "p", "seed", "q", "q_min", "q_max", "candidates")
+Q_COLUMNS = ("task", "finetune", "method", "p", "seed", "q", "q_min", "q_max", "candidates", "eta")
 REC_COLUMNS = ("task", "finetune", "p", "pick", "if_refinetune", "rel_norm", "dare_noise", "reason")
 METHOD_ORDER = (
     "dare",
@@ -83,7 +83,7 @@ def _csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> byt
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for r in rows:
-        writer.writerow([_fmt(r[c]) for c in columns])
+        writer.writerow([_fmt(r.get(c, "")) for c in columns])  # a column a row lacks stays empty
     return buf.getvalue().encode()
 
 

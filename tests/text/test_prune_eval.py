@@ -217,6 +217,11 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         qs = list(csv.DictReader(f))
     grid = [q for q in qs if q["finetune"] == "adamw" and q["method"] == "darex-q-grid" and q["p"] == "0.9"]
     assert len(grid) == 2 and all(0.1 - 1e-9 <= float(q["q"]) <= 1.0 for q in grid)
+    from lifelong_delta.text.prune_eval_run import ETA_GRID
+
+    analytic = [q for q in qs if q["method"] == "darex-q-analytic"]
+    assert analytic and all(float(q["eta"]) in ETA_GRID and int(q["candidates"]) == len(ETA_GRID) for q in analytic)
+    assert all(q["eta"] == "" for q in grid)  # η only exists for the analytic mode
     for name in ("summary", "plot", "recommend", "meta"):
         assert (out / paths[name].split("/")[-1]).stat().st_size > 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
