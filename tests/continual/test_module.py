@@ -241,6 +241,21 @@ def test_task_boundaries_consolidate_anchors_teacher_and_restart_the_optimizer(t
 
 
 # ------------------------------------------------------------------------------------------------- pretrain
+def test_random_affine_is_seeded_and_the_identity_without_jitter() -> None:
+    from lifelong_delta.continual.pretrain import random_affine
+
+    x = torch.full((3, 1, 12, 12), -1.0)
+    x[:, :, 4:8, 5:7] = 1.0
+    torch.testing.assert_close(random_affine(x, degrees=0.0, scale=0.0, shift_px=0.0), x)
+    torch.manual_seed(1)
+    a = random_affine(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, random_affine(x)) and not torch.equal(a, x)
+    assert not torch.equal(a[0], a[1])  # each image draws its own transform
+    shifted = random_affine(x[:1], degrees=0.0, scale=0.0, shift_px=1e-6)
+    torch.testing.assert_close(shifted, x[:1], atol=1e-4, rtol=0)
+
+
 def test_pretrain_caches_once_and_the_module_loads_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from lifelong_delta.continual.pretrain import pretrain
 
