@@ -7,21 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lifelong_delta.cli import main
 from lifelong_delta.continual.cl_eval import RESULT_COLUMNS, cl_eval, read_results, summary_markdown
 
 TINY_VIT = ("{img_size: 8, patch_size: 4, in_chans: 1, embed_dim: 64, depth: 4, num_heads: 4, class_token: false, "
             "global_pool: avg}")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny(tmp_path: Path) -> Path:

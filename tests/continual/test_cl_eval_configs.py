@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lifelong_delta.cli import lightning_main
 
@@ -18,14 +17,6 @@ CLASS_PATH = {"l2p": "prompts.L2P", "dualprompt": "prompts.DualPrompt", "codap":
 # The offline ViT's shape (4 blocks, width 64, mean pooling) at 8x8 px: every method config fits it unchanged.
 TINY_VIT = ("{img_size: 8, patch_size: 4, in_chans: 1, embed_dim: 64, depth: 4, num_heads: 4, class_token: false, "
             "global_pool: avg}")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_every_method_has_a_config() -> None:

@@ -16,14 +16,6 @@ from lifelong_delta.continual.imagenet_r import IMAGENET_R_ENV, imagenet_r_split
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stand-in for the extracted archive: <root>/imagenet-r/<wnid>/<style>_<k>.jpg, 5 images a class."""

@@ -20,14 +20,6 @@ from lifelong_delta.continual.backbones import features_and_logits, read_state_d
 TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only add contention on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def _module(**kwargs) -> ContinualModule:
     kwargs.setdefault("backbone_kwargs", TINY_VIT)
     return ContinualModule(**kwargs)

@@ -14,14 +14,6 @@ KW = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 3
 POOLS = {"avg": {"class_token": False, "global_pool": "avg"}, "token": {}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _vit(pool: str = "avg", fused: bool = True) -> torch.nn.Module:
     net = timm.create_model("vit_tiny_patch16_224", num_classes=4, **KW, **POOLS[pool]).eval()
     for blk in net.blocks:

@@ -29,14 +29,6 @@ TINY = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth":
         "class_token": False, "global_pool": "avg"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------- selection
 def test_topk_selection_picks_the_matching_keys() -> None:
     keys = torch.randn(10, 16)

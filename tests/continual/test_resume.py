@@ -16,14 +16,6 @@ from lifelong_delta.continual import ClassIncrementalDataModule, ContinualModule
 TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only add contention on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(root: Path, name: str, epochs_per_task: int, ckpt_path: Path | None = None) -> tuple[Path, dict]:
     L.seed_everything(0, verbose=False)
     dm = ClassIncrementalDataModule(
