@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lifelong_delta.continual.metrics import _atomic_write_bytes
+
 __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_markdown"]
 
 #: offline methods in the order of the paper's tables (baselines, distillation, regularisation, prompting).
@@ -98,12 +100,6 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         ]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -164,7 +160,7 @@ def _plot(rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[flo
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    _write_atomic(out / "accuracy.png", buf.getvalue())
+    _atomic_write_bytes(out / "accuracy.png", buf.getvalue())
 
     shown = [m for m in methods if m in matrices and m != "joint"]
     if not shown:
@@ -191,7 +187,7 @@ def _plot(rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[flo
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _write_atomic(out / "accuracy_matrices.png", buf.getvalue())
+    _atomic_write_bytes(out / "accuracy_matrices.png", buf.getvalue())
 
 
 def cl_eval(
@@ -252,10 +248,10 @@ def cl_eval(
     writer.writerow(RESULT_COLUMNS)
     for r in rows:
         writer.writerow([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])])
-    _write_atomic(out / "results.csv", buf.getvalue().encode())
+    _atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
     meta = {"stream": stream if config_dir is None else str(root), "seeds": seeds, "wall_time_s": wall,
             "command": "make cl-eval"}
-    _write_atomic(out / "summary.md", summary_markdown(rows, meta).encode())
+    _atomic_write_bytes(out / "summary.md", summary_markdown(rows, meta).encode())
     _plot(rows, matrices, out)
     print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "
           f"{out / 'accuracy_matrices.png'} ({wall / 60:.1f} min)", flush=True)

@@ -70,11 +70,11 @@ def probe(
     from lifelong_delta.continual import ClassIncrementalDataModule, backbones
     from lifelong_delta.continual.heads import masked_loss
 
-    path = str(backbones.expand_path(pretrained))
-    kwargs = backbones.pretrained_kwargs(path)
-    if kwargs is None:
+    path = backbones.expand_path(pretrained)
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: give a directory written by lifelong-delta pretrain")
-    name = json.loads((backbones.expand_path(path) / "config.json").read_text()).get("backbone", "vit_tiny_patch16_224")
+    config = json.loads((path / "config.json").read_text())
+    name, kwargs = config.get("backbone", "vit_tiny_patch16_224"), dict(config["backbone_kwargs"])
     dm = ClassIncrementalDataModule(
         dataset=dataset, n_tasks=n_tasks, classes_per_task=classes_per_task, class_order_seed=seed, seed=seed,
         val_fraction=0.1, max_per_class=max_per_class, max_eval_per_class=300, image_size=kwargs.get("img_size"),
@@ -82,7 +82,7 @@ def probe(
     )
     dm.setup("fit")
     classes = n_tasks * classes_per_task
-    net = backbones.build_backbone(name, classes, path, kwargs).eval()
+    net = backbones.build_backbone(name, classes, str(path), kwargs).eval()
     xtr, ytr = _features(net, dm, "train")
     xva, yva = _features(net, dm, "val")
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
@@ -110,5 +110,5 @@ def probe(
     with torch.no_grad():
         seq_acc = float((head(xva).argmax(1) == yva).float().mean())
     result = {"joint_linear_probe": joint_acc, "per_task_heads_average_accuracy": seq_acc}
-    print(json.dumps({"pretrained": path, "dataset": dataset, **result}), flush=True)
+    print(json.dumps({"pretrained": str(path), "dataset": dataset, **result}), flush=True)
     return result

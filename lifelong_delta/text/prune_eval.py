@@ -52,22 +52,14 @@ from typing import Any
 import torch
 
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
+from lifelong_delta.text.prune_eval_report import METHOD_ORDER
 from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings, cell_cost
 
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
-METHODS: tuple[str, ...] = (
-    "unpruned",
-    "dare",
-    "darex-q-grid",
-    "darex-q-analytic",
-    "darex-q-unlabelled",
-    "magnitude",
-    "wanda",
-    "structural",
-)
+METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
 #: Methods for the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
 LORA_ALLOWED = frozenset({"unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"})
 #: Deterministic methods: one row per p, with the first seed.

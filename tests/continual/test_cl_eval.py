@@ -10,9 +10,8 @@ import pytest
 
 from lifelong_delta.cli import main
 from lifelong_delta.continual.cl_eval import RESULT_COLUMNS, cl_eval, read_results, summary_markdown
+from tests.continual.test_cl_eval_configs import TINY_VIT  # the offline ViT's shape at 8x8 px
 
-TINY_VIT = ("{img_size: 8, patch_size: 4, in_chans: 1, embed_dim: 64, depth: 4, num_heads: 4, class_token: false, "
-            "global_pool: avg}")
 
 
 def _tiny(tmp_path: Path) -> Path:
