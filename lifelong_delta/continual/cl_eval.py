@@ -115,7 +115,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None
     if meta:
         lines += [
             f"Stream: {meta.get('stream', '?')}; seeds {meta.get('seeds', '?')} (each its own class order); "
-            f"wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min. "
+            f"this call trained {meta.get('trained_runs', '?')} of {len(rows)} runs in "
+            f"{meta.get('wall_time_s', float('nan')) / 60:.1f} min (finished runs are reused). "
             f"Reproduce: `{meta.get('command', 'make cl-eval')}`.",
             "",
         ]
@@ -134,7 +135,9 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None
     return "\n".join(lines)
 
 
-def _plot(rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[float | None]]]], out: Path) -> None:
+def _plot(
+    rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[float | None]]]], out: Path, stream: str
+) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -156,7 +159,7 @@ def _plot(rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[flo
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title("Class-incremental split MNIST, 5 tasks × 2 classes (mean ± std over seeds)")
+    ax.set_title(f"Class-incremental stream {stream!r}: mean ± std over seeds")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -188,6 +191,27 @@ def _plot(rows: Sequence[dict[str, Any]], matrices: dict[str, list[list[list[flo
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     _atomic_write_bytes(out / "accuracy_matrices.png", buf.getvalue())
+
+
+def _command(
+    methods: list[str], seeds: list[int], stream: str, config_dir: str | None, out_dir: str,
+    override: list[str] | None,
+) -> str:
+    """The ``lifelong-delta cl-eval`` command line that repeats a study (``make cl-eval`` for the defaults)."""
+    parts = []
+    if methods != list(METHODS):
+        parts.append(f"--methods '{json.dumps(methods)}'")
+    if seeds != [0, 1, 2]:
+        parts.append(f"--seeds '{json.dumps(seeds)}'")
+    if stream != "mnist":
+        parts.append(f"--stream {stream}")
+    if config_dir is not None:
+        parts.append(f"--config_dir {config_dir}")
+    if out_dir != "results/cl_eval":
+        parts.append(f"--out_dir {out_dir}")
+    if override:
+        parts.append(f"--override '{json.dumps(list(override))}'")
+    return " ".join(["lifelong-delta cl-eval", *parts]) if parts else "make cl-eval"
 
 
 def cl_eval(
@@ -231,13 +255,14 @@ def cl_eval(
 
     start = time.perf_counter()
     plan = [(m, s) for s in seeds for m in methods]
-    rows, matrices = [], {}
+    rows, matrices, trained = [], {}, 0
     bar = tqdm(plan, desc="cl-eval", unit="run")
     for m, s in bar:
         bar.set_postfix_str(f"{m} seed {s}")
         path = runs / m / f"seed{s}" / "cl_metrics.json"
         if force or not path.is_file():
             _run_one(root, m, s, runs, list(override or []))
+            trained += 1
         metrics = json.loads(path.read_text())
         rows.append({"method": m, "seed": s, **{k: float(metrics[k]) for k in RESULT_COLUMNS[2:]}})
         matrices.setdefault(m, []).append(metrics["accuracy_matrix"])
@@ -250,9 +275,10 @@ def cl_eval(
         writer.writerow([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])])
     _atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
     meta = {"stream": stream if config_dir is None else str(root), "seeds": seeds, "wall_time_s": wall,
-            "command": "make cl-eval"}
+            "trained_runs": trained,
+            "command": _command(methods, seeds, stream, config_dir, out_dir, override)}
     _atomic_write_bytes(out / "summary.md", summary_markdown(rows, meta).encode())
-    _plot(rows, matrices, out)
+    _plot(rows, matrices, out, meta["stream"])
     print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "
           f"{out / 'accuracy_matrices.png'} ({wall / 60:.1f} min)", flush=True)
     return str(out / "summary.md")

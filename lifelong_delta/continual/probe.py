@@ -18,11 +18,13 @@ __all__ = ["probe"]
 
 
 @torch.no_grad()
-def _features(net: torch.nn.Module, dm, split: str) -> tuple[Tensor, Tensor]:
+def _features(net: torch.nn.Module, dm, split: str, progress: bool = False) -> tuple[Tensor, Tensor]:
+    from tqdm.auto import tqdm
+
     from lifelong_delta.continual.backbones import features_and_logits
 
     xs, ys = [], []
-    for t in range(dm.n_tasks):
+    for t in tqdm(range(dm.n_tasks), desc=f"features ({split})", unit="task", disable=not progress):
         for x, y in dm.task_dataloader(t, split, batch_size=512):
             xs.append(features_and_logits(net, x)[0])
             ys.append(y)
@@ -51,6 +53,7 @@ def probe(
     max_per_class: int | None = 1000,
     seed: int = 0,
     epochs: int = 1,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Frozen-feature probes of ``pretrained`` on a class-incremental split of ``dataset``.
 
@@ -62,6 +65,7 @@ def probe(
         max_per_class: training images per class.
         seed: class order, split and head initialisation.
         epochs: epochs of each per-task head (Adam 3e-3, batch 32, masked BCE as in ``ContinualModule``).
+        progress: progress bars over the feature extraction and the per-task heads.
 
     Returns:
         ``{"joint_linear_probe": ..., "per_task_heads_average_accuracy": ...}`` (validation accuracy), also
@@ -83,8 +87,8 @@ def probe(
     dm.setup("fit")
     classes = n_tasks * classes_per_task
     net = backbones.build_backbone(name, classes, str(path), kwargs).eval()
-    xtr, ytr = _features(net, dm, "train")
-    xva, yva = _features(net, dm, "val")
+    xtr, ytr = _features(net, dm, "train", progress)
+    xva, yva = _features(net, dm, "val", progress)
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
     joint = _linear_probe((xtr - mean) / std, ytr, classes)
     joint_acc = float((joint((xva - mean) / std).argmax(1) == yva).float().mean())
@@ -94,7 +98,9 @@ def probe(
     with torch.no_grad():
         head.weight.normal_(0, 0.02, generator=gen)
         head.bias.zero_()
-    for t in range(n_tasks):
+    from tqdm.auto import tqdm
+
+    for t in tqdm(range(n_tasks), desc="per-task heads", unit="task", disable=not progress):
         active = dm.task_classes(t)
         sel = (ytr >= active.start) & (ytr < active.stop)
         x, y = xtr[sel], ytr[sel]

@@ -259,6 +259,9 @@ def _layer_contributions(masked: MaskedDelta, name: str, xbar: torch.Tensor) -> 
     return c
 
 
+_Q_BLOCK = 64  # q values per block of :func:`analytic_row_q`'s scan
+
+
 def analytic_row_q(
     c: torch.Tensor,
     p: float,
@@ -308,10 +311,48 @@ def analytic_row_q(
     s1, s2 = c.sum(1), c.pow(2).sum(1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
     n_steps = round(1.0 / step)
+    ks = torch.arange(math.ceil((1.0 - p) * n_steps - 1e-9), n_steps - 1, dtype=torch.float64)
     best_q = torch.full_like(s1, 1.0 - p)
     best = torch.full_like(s1, math.inf)
     stopped = torch.zeros_like(s1, dtype=torch.bool)
-    for k in range(math.ceil((1.0 - p) * n_steps - 1e-9), n_steps - 1):
+    # The scan of the authors' code, one q at a time, is evaluated a block of q values at once: in a block, a
+    # q improves a row when its F is <= the minimum over every earlier q (the running minimum before it), and
+    # the row has stopped from the first q whose F is >= that minimum. The scan ends at the first q after which
+    # stop_fraction of the rows have stopped; the rows keep the last improving q up to there. Same values as the
+    # sequential loop (the same float64 operations per element), ~100x fewer kernel launches.
+    for start in range(0, len(ks), _Q_BLOCK):
+        q = (ks[start : start + _Q_BLOCK] * step)[:, None]  # [b, 1]
+        res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()  # [b, rows]
+        prev_min = torch.cat([best[None], res[:-1]]).cummin(0).values
+        improved, worse = res <= prev_min, res >= prev_min
+        stop_now = (stopped[None] | worse.cummax(0).values)  # [b, rows]: stopped after each q
+        end = len(q)
+        if stop_fraction is not None:
+            hit = (stop_now.double().mean(1) >= stop_fraction).nonzero()
+            if len(hit):
+                end = int(hit[0]) + 1
+        steps = torch.arange(end, dtype=torch.long)[:, None]
+        last = torch.where(improved[:end], steps, -1).max(0).values  # last improving q of each row, or -1
+        best_q = torch.where(last >= 0, q[:end, 0][last.clamp(min=0)], best_q)
+        best = torch.minimum(best, res[:end].min(0).values)
+        stopped = stop_now[end - 1]
+        if end < len(q):
+            break
+    return best_q
+
+
+def analytic_row_q_sequential(
+    c: torch.Tensor, p: float, *, eta: float = 0.37, gamma: float = 0.95, stop_fraction: float | None = 0.8,
+    step: float = 0.001,
+) -> torch.Tensor:
+    """:func:`analytic_row_q` computed as the authors' code does, one q per iteration: the reference that the
+    blocked scan is tested and benchmarked against (same arguments, same result bit for bit, slower)."""
+    c = c.double()
+    s1, s2 = c.sum(1), c.pow(2).sum(1)
+    phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
+    best_q, best = torch.full_like(s1, 1.0 - p), torch.full_like(s1, math.inf)
+    stopped = torch.zeros_like(s1, dtype=torch.bool)
+    for k in range(math.ceil((1.0 - p) * round(1.0 / step) - 1e-9), round(1.0 / step) - 1):
         q = k * step
         res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()
         improved, worse = res <= best, res >= best

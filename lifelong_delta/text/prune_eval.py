@@ -33,11 +33,12 @@ only rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.Res
 under ``torch.inference_mode`` on pre-tokenised, length-sorted batches.
 
 Budget: the default study is 560 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 500 token positions/s
-on one thread here, so the test sets are subsampled (128 stratified examples per task, the same for every
-method) and the q grids (32 validation examples, 4 + 1 candidates) and calibration sets (16 inputs) are capped:
-about 2.8 M token positions. Measured: 43 min on one thread of a 2-core machine that another job kept busy
-(``results/prune_eval/summary.md`` records the wall time); it runs one torch thread by default, because two
-threads were 3x slower on that busy machine. ``max_test=None`` evaluates the whole test splits (~5x longer).
+on one thread here, so the test sets are subsampled (96 stratified examples per task, the same for every method)
+and the q grids (24 validation examples, 4 + 1 candidates; 4 η candidates for the analytic q) and calibration sets
+(16 inputs) are capped: about 2.3 M token positions. The fine-tunes are spread over ``jobs`` worker processes of
+one torch thread each (one per core by default): on 2 free cores, two one-thread processes forward 3 070
+positions/s against 2 720 for one two-thread process and 1 590 for one thread. ``results/prune_eval/summary.md``
+records the wall time. ``max_test=None`` evaluates the whole test splits (~7x longer).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from typing import Any
 
 import torch
 
+from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 from lifelong_delta.text.prune_eval_report import METHOD_ORDER
 from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings, cell_cost
@@ -58,7 +60,7 @@ from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings, cell_cost
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
-FINETUNES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
+FINETUNES: tuple[str, ...] = STUDY_RECIPES
 METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
 #: Methods for the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
 LORA_ALLOWED = frozenset({"unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"})
@@ -125,7 +127,7 @@ def _check(
 
     for option, values, allowed in (
         ("tasks", tasks, TASKS),
-        ("finetunes", finetunes, FINETUNES),
+        ("finetunes", finetunes, tuple(RECIPES)),
         ("methods", methods, METHODS),
         ("lora_methods", lora_methods, LORA_ALLOWED),
         ("extreme_methods", extreme_methods, METHODS),
@@ -190,7 +192,7 @@ def _command(args: dict[str, object]) -> str:
     for key, value in args.items():
         value = list(value) if isinstance(value, tuple) else value
         default = defaults[key]
-        if key == "progress" or value == (list(default) if isinstance(default, tuple) else default):
+        if key in ("progress", "jobs") or value == (list(default) if isinstance(default, tuple) else default):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
@@ -208,8 +210,8 @@ def prune_eval(
     methods: Sequence[str] = METHODS,
     ps: Sequence[float] = (0.5, 0.9, 0.95, 0.99, 0.999),
     seeds: Sequence[int] = (0, 1, 2),
-    max_test: int | None = 128,
-    max_val: int = 32,
+    max_test: int | None = 96,
+    max_val: int = 24,
     n_calib: int = 16,
     q_grid_size: int = 4,
     q_fine_steps: int = 1,
@@ -219,6 +221,7 @@ def prune_eval(
     exclude: Sequence[str] = ("classifier.*",),
     batch_size: int = 32,
     threads: int | None = 1,
+    jobs: int | None = None,
     progress: bool = True,
 ) -> dict[str, str]:
     """Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.
@@ -253,6 +256,9 @@ def prune_eval(
             MiniLM's matrices on ~20-token batches are too small for intra-op parallelism to pay, and on a 2-core
             machine that other jobs keep busy, 2 threads measured 470 token positions/s against 1 500 for one
             thread (OpenMP waits for the thread that is descheduled).
+        jobs: worker processes, each evaluating whole fine-tunes with ``threads`` threads (None: one per core,
+            at most one per fine-tune). The rows do not depend on it: every fine-tune's evaluation is
+            deterministic and independent of the others.
         progress: show a progress bar.
 
     Returns:
@@ -282,6 +288,8 @@ def prune_eval(
     )
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1 or None (one per core), got {jobs}")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads)
     try:
@@ -316,39 +324,44 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
         args["lora_methods"],
         args["extreme_methods"],
     )
-    rows: list[dict] = []
-    qrows: list[dict] = []
-    recs: list[dict] = []
-    finetune_info: list[dict] = []
-    bar = None
-    for t in tasks:
-        for f in finetunes:
-            mine = [c for c in cells if c.task == t and c.finetune == f]
-            run = FinetuneRun(t, f, dirs[t, f], finetune_dir(t, "base", cache_dir), splits[t, f], s)
-            if bar is None:
-                per_token, per_rewrite = run.probe_speed()
-                tokens = sum(cell_cost(c.method, c.p, splits[c.task, c.finetune], s)[0] for c in cells)
-                rewrites = sum(cell_cost(c.method, c.p, splits[c.task, c.finetune], s)[1] for c in cells)
-                eta = tokens * per_token + rewrites * per_rewrite + 5.0 * len(dirs)
-                sizes = ", ".join(
-                    f"{task} test {splits[task, finetunes[0]].test.n} of "
-                    f"{splits[task, finetunes[0]].test_full}"
-                    for task in tasks
-                )
-                print(
-                    f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}); "
-                    f"about {eta / 60:.0f} minutes at this machine's current speed",
-                    flush=True,
-                )
-                bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not args["progress"])
-            result = run.evaluate(mine, ps, bar)
-            rows += result.rows
-            qrows += result.q_rows
-            recs += result.recommendations(ps)
-            finetune_info.append(result.info)
+    units = [(t, f) for t in tasks for f in finetunes]
+    unit_cells = {u: [c for c in cells if (c.task, c.finetune) == u] for u in units}
+    unit_cost: dict[tuple[str, str], float] = {}
+
+    def load(u: tuple[str, str]) -> FinetuneRun:
+        return FinetuneRun(*u, dirs[u], finetune_dir(u[0], "base", cache_dir), splits[u], s)
+
+    first = load(units[0])
+    per_token, per_rewrite = first.probe_speed()
+    for u in units:
+        costs = [cell_cost(c.method, c.p, splits[u], s) for c in unit_cells[u]]
+        tokens, rewrites = sum(c[0] for c in costs), sum(c[1] for c in costs)
+        unit_cost[u] = tokens * per_token + rewrites * per_rewrite + 5.0
+    jobs = max(1, min(args["jobs"] or os.cpu_count() or 1, len(units)))
+    sizes = ", ".join(
+        f"{t} test {splits[t, finetunes[0]].test.n} of {splits[t, finetunes[0]].test_full}" for t in tasks
+    )
+    print(
+        f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}) in {jobs} process(es); "
+        f"about {_makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
+        flush=True,
+    )
+    bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not args["progress"])
+    results: dict[tuple[str, str], tuple[list, list, list, dict]] = {}
+    if jobs == 1:
+        for u in units:
+            run = first if u == units[0] else load(u)
+            results[u] = _unit_outputs(run, unit_cells[u], ps, bar)
             del run
-    if bar is not None:
-        bar.close()
+        first = None
+    else:
+        del first
+        results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, cache_dir, jobs, bar)
+    bar.close()
+    rows = [r for u in units for r in results[u][0]]
+    qrows = [r for u in units for r in results[u][1]]
+    recs = [r for u in units for r in results[u][2]]
+    finetune_info = [results[u][3] for u in units]
     wall = time.perf_counter() - start
     meta = {
         "command": _command(args),
@@ -369,6 +382,7 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
         },
         "settings": s.as_dict(),
         "threads": torch.get_num_threads(),
+        "jobs": jobs,
         "splits": {
             t: {
                 "test": splits[t, finetunes[0]].test.n,
@@ -386,3 +400,79 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
         f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
     )
     return paths
+
+
+def _makespan(costs: Sequence[float], jobs: int) -> float:
+    """Wall time of running jobs of ``costs`` longest first on ``jobs`` workers (the ETA of the study)."""
+    loads = [0.0] * jobs
+    for c in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def _unit_outputs(run: FinetuneRun, cells: Sequence[Cell], ps: Sequence[float], bar: Any) -> tuple:
+    result = run.evaluate(cells, ps, bar)
+    return result.rows, result.q_rows, result.recommendations(ps), result.info
+
+
+class _QueueBar:
+    """The part of a tqdm bar that :meth:`FinetuneRun.evaluate` uses, forwarding updates to the parent."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.text = queue, ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.text = text
+
+    def update(self, n: int) -> None:
+        self.queue.put((n, self.text))
+
+
+def _worker(
+    unit: tuple[str, str], cells: list[Cell], ft_dir: Path, base_dir: Path, splits: Any, s: Settings,
+    ps: list[float], threads: int, queue: Any,
+) -> tuple:
+    """One fine-tune of the study in a worker process with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    run = FinetuneRun(*unit, ft_dir, base_dir, splits, s)
+    return _unit_outputs(run, cells, ps, _QueueBar(queue))
+
+
+def _run_parallel(
+    units: list[tuple[str, str]], unit_cells: dict, unit_cost: dict, dirs: dict, splits: dict, s: Settings,
+    ps: list[float], cache_dir: str, jobs: int, bar: Any,
+) -> dict[tuple[str, str], tuple]:
+    """The fine-tunes spread over ``jobs`` spawned processes, longest first; results keyed by fine-tune.
+
+    Each fine-tune's evaluation is deterministic and independent of the others, so the rows equal those of one
+    process.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from lifelong_delta.text.finetune import finetune_dir
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        q = manager.Queue()
+        futures = {
+            pool.submit(
+                _worker, u, unit_cells[u], dirs[u], finetune_dir(u[0], "base", cache_dir), splits[u], s, ps,
+                torch.get_num_threads(), q,
+            ): u
+            for u in sorted(units, key=lambda u: -unit_cost[u])
+        }
+        pending, results = set(futures), {}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[futures[fut]] = fut.result()  # re-raises a worker's error here
+            while True:
+                try:
+                    n, text = q.get_nowait()
+                except queue_mod.Empty:
+                    break
+                bar.set_postfix_str(text)
+                bar.update(n)
+    return results

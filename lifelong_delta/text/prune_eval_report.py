@@ -161,8 +161,9 @@ def summary_markdown(
     lines = ["# Delta-pruning study: MiniLM fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
     lines += [
         (
-            f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min with {meta.get('threads', '?')} "
-            f"torch thread(s). Reproduce: `{meta.get('command', 'make prune-eval')}`."
+            f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min with {meta.get('jobs', 1)} "
+            f"process(es) of {meta.get('threads', '?')} torch thread(s). "
+            f"Reproduce: `{meta.get('command', 'make prune-eval')}`."
         ),
         "",
     ]

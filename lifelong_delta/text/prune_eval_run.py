@@ -49,7 +49,7 @@ class Settings:
 
 
 #: η candidates of the analytic q (the authors' README uses 0.27–1.01 for BERT on GLUE).
-ETA_GRID: tuple[float, ...] = (0.1, 0.27, 0.45, 0.7, 1.0, 1.5)
+ETA_GRID: tuple[float, ...] = (0.1, 0.27, 0.5, 1.0)
 
 
 def q_grid(p: float, n: int) -> list[float]:

@@ -83,3 +83,14 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     bad.write_text("method,seed,acc\n")
     with pytest.raises(ValueError, match="expected columns method,seed,average_accuracy,forgetting,bwt"):
         read_results(bad)
+
+
+def test_summary_records_the_command_that_repeats_the_study() -> None:
+    from lifelong_delta.continual.cl_eval import METHODS, _command
+
+    assert _command(list(METHODS), [0, 1, 2], "mnist", None, "results/cl_eval", None) == "make cl-eval"
+    cmd = _command(["ft", "l2"], [3], "mnist", None, "out", ["--data.init_args.n_tasks=2"])
+    assert cmd == (
+        "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --seeds '[3]' --out_dir out "
+        "--override '[\"--data.init_args.n_tasks=2\"]'"
+    )

@@ -12,6 +12,7 @@ from lifelong_delta.delta.darex import (
     MaskedDelta,
     analytic_q_per_layer,
     analytic_row_q,
+    analytic_row_q_sequential,
     bernoulli_subgaussian_phi,
     default_coarse_grid,
     min_mse_q_per_layer,
@@ -185,6 +186,20 @@ def test_analytic_row_q_early_stop_and_bad_arguments():
         analytic_row_q(c, 0.9, eta=0.0)
     with pytest.raises(ValueError, match="gamma=1"):
         analytic_row_q(c, 0.9, gamma=1.0)
+
+
+@pytest.mark.parametrize(
+    ("p", "eta", "stop"), [(0.5, 0.37, 0.8), (0.9, 0.1, 0.8), (0.99, 1.5, 0.5), (0.95, 0.7, None)]
+)
+def test_blocked_scan_equals_the_sequential_scan(p, eta, stop):
+    torch.manual_seed(3)
+    # rows of many scales and signs, so they stop at different q (some only after several blocks of q values)
+    c = torch.randn(300, 40, dtype=torch.float64) * torch.logspace(-3, 1, 300, dtype=torch.float64)[:, None]
+    c[::7] = c[::7].abs()
+    want = analytic_row_q_sequential(c, p, eta=eta, stop_fraction=stop)
+    got = analytic_row_q(c, p, eta=eta, stop_fraction=stop)
+    assert torch.equal(got, want)
+    assert len(set(want.tolist())) > 10  # the rows really chose different q
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.7, 0.99])

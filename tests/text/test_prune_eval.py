@@ -122,6 +122,7 @@ def test_q_grid_is_geometric_between_1_minus_p_and_1():
         ("finetunes", {"finetunes": ["sgd"]}),
         ("max_test", {"max_test": 0}),
         ("lora_methods", {"lora_methods": ["wanda"]}),
+        ("jobs", {"jobs": 0}),
     ],
 )
 def test_bad_options_are_value_errors_naming_the_option(tmp_path, option, kwargs):
@@ -181,6 +182,7 @@ def study(tmp_path_factory):
         q_grid_size=2,
         q_fine_steps=1,
         lora_methods=LORA,
+        jobs=1,
         progress=False,
     )
     return cache, out, paths
@@ -230,6 +232,19 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         "## trec: test accuracy (%) after pruning" in summary
         and "What `lifelong-delta recommend` picks" in summary
     )
+
+
+def test_two_worker_processes_write_the_same_rows_as_one(study, tmp_path):
+    cache, out, paths = study
+    two = prune_eval(
+        cache_dir=str(cache), out=str(tmp_path / "two"), tasks=["trec"], finetunes=["adamw", "lora"], ps=[0.9],
+        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1, lora_methods=LORA,
+        jobs=2, progress=False,
+    )
+    for name in ("results", "q_choices", "recommend"):
+        assert (tmp_path / "two" / f"{name}.csv").read_bytes() == (out / f"{name}.csv").read_bytes(), name
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["jobs"] == 2
+    assert two["results"] == str(tmp_path / "two" / "results.csv")
 
 
 def test_unpruned_accuracy_equals_a_direct_evaluation(study):
