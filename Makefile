@@ -12,13 +12,14 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain finetune prune-eval cl-eval bench clean help
+.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large cl-eval bench clean help
 
 help:
 	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
 	@echo "make test      set up and run the test suite"
 	@echo "make pretrain  pretrain + cache the 28px ViT backbone on Fashion-MNIST"
 	@echo "make prune-eval  fine-tune MiniLM offline (cached), prune every way, write results/prune_eval/"
+	@echo "make prune-eval-large  AdamR-L2 vs AdamW at the large lr on TREC (finding 3), results/prune_eval_large/"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make bench     run the benchmarks under bench/"
 
@@ -53,6 +54,10 @@ finetune: setup
 
 prune-eval: setup finetune
 	$(BIN)/lifelong-delta prune-eval
+
+# finding 3 of docs/reproduction.md: AdamR-L2 against AdamW at the same large lr (fine-tunes trec/adamr-l2-large once)
+prune-eval-large: setup finetune
+	$(BIN)/lifelong-delta prune-eval --tasks '[trec]' --finetunes '[adamw-large,adamr-l2-large]' --out results/prune_eval_large
 
 cl-eval: setup pretrain
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta cl-eval
