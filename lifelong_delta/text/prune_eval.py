@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from lifelong_delta.cli import repro_command
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 from lifelong_delta.text.prune_eval_report import METHOD_ORDER
@@ -183,25 +184,6 @@ def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[
     )
 
 
-def _command(args: dict[str, object]) -> str:
-    """The ``lifelong-delta prune-eval`` command that repeats a call (non-default options only)."""
-    import inspect
-
-    defaults = {k: v.default for k, v in inspect.signature(prune_eval).parameters.items()}
-    parts = ["lifelong-delta prune-eval"]
-    for key, value in args.items():
-        value = list(value) if isinstance(value, tuple) else value
-        default = defaults[key]
-        if key in ("progress", "jobs") or value == (list(default) if isinstance(default, tuple) else default):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, list):
-            parts += [f"{flag} {v}" for v in value]
-        else:
-            parts.append(f"{flag} {'null' if value is None else value}")
-    return " ".join(parts)
-
-
 def prune_eval(
     cache_dir: str = DEFAULT_CACHE_DIR,
     out: str = "results/prune_eval",
@@ -331,8 +313,7 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
     def load(u: tuple[str, str]) -> FinetuneRun:
         return FinetuneRun(*u, dirs[u], finetune_dir(u[0], "base", cache_dir), splits[u], s)
 
-    first = load(units[0])
-    per_token, per_rewrite = first.probe_speed()
+    per_token, per_rewrite = load(units[0]).probe_speed()  # the probe's model is freed right after
     for u in units:
         costs = [cell_cost(c.method, c.p, splits[u], s) for c in unit_cells[u]]
         tokens, rewrites = sum(c[0] for c in costs), sum(c[1] for c in costs)
@@ -347,15 +328,9 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
         flush=True,
     )
     bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not args["progress"])
-    results: dict[tuple[str, str], tuple[list, list, list, dict]] = {}
-    if jobs == 1:
-        for u in units:
-            run = first if u == units[0] else load(u)
-            results[u] = _unit_outputs(run, unit_cells[u], ps, bar)
-            del run
-        first = None
+    if jobs == 1:  # one fine-tune in memory at a time
+        results = {u: _unit_outputs(load(u), unit_cells[u], ps, bar) for u in units}
     else:
-        del first
         results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, cache_dir, jobs, bar)
     bar.close()
     rows = [r for u in units for r in results[u][0]]
@@ -364,7 +339,7 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
     finetune_info = [results[u][3] for u in units]
     wall = time.perf_counter() - start
     meta = {
-        "command": _command(args),
+        "command": repro_command("lifelong-delta prune-eval", prune_eval, args, skip=("progress", "jobs")),
         "wall_time_s": round(wall, 1),
         **{
             k: args[k]

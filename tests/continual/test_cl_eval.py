@@ -85,12 +85,32 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         read_results(bad)
 
 
-def test_summary_records_the_command_that_repeats_the_study() -> None:
-    from lifelong_delta.continual.cl_eval import METHODS, _command
+def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None:
+    import functools
+    import shlex
 
-    assert _command(list(METHODS), [0, 1, 2], "mnist", None, "results/cl_eval", None) == "make cl-eval"
-    cmd = _command(["ft", "l2"], [3], "mnist", None, "out", ["--data.init_args.n_tasks=2"])
+    import lifelong_delta.continual.cl_eval as mod
+    from lifelong_delta.cli import main, repro_command
+
+    defaults = {"methods": None, "seeds": None, "stream": "mnist", "config_dir": None, "out_dir": "results/cl_eval",
+                "override": None}
+    assert repro_command("lifelong-delta cl-eval", mod.cl_eval, defaults, default="make cl-eval") == "make cl-eval"
+    given = {"methods": ["ft", "l2"], "seeds": [3], "out_dir": "out dir",
+             "override": ["--data.init_args.n_tasks=2", "-c", "x.yaml"]}
+    cmd = repro_command("lifelong-delta cl-eval", mod.cl_eval, given, default="make cl-eval")
     assert cmd == (
-        "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --seeds '[3]' --out_dir out "
-        "--override '[\"--data.init_args.n_tasks=2\"]'"
+        "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --seeds '[3]' --out-dir 'out dir' "
+        "--override '[\"--data.init_args.n_tasks=2\", \"-c\", \"x.yaml\"]'"
     )
+    # the recorded line parses back, through the real CLI, to the same call
+    calls = []
+    real = mod.cl_eval
+
+    @functools.wraps(real)
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        return "summary.md"
+
+    monkeypatch.setattr(mod, "cl_eval", record)
+    main(shlex.split(cmd)[1:])
+    assert {k: calls[0][k] for k in given} == given

@@ -272,3 +272,29 @@ def test_unpruned_accuracy_equals_a_direct_evaluation(study):
     recorded = json.loads((finetune_dir("trec", "adamw", cache) / "finetune.json").read_text())["test_acc"]
     (adamw,) = [r["accuracy"] for r in rows if r["finetune"] == "adamw" and r["method"] == "unpruned"]
     assert adamw == pytest.approx(recorded, abs=1e-6)  # the fine-tune's own Lightning test metric
+
+
+def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
+    import functools
+    import shlex
+    from pathlib import Path
+
+    import lifelong_delta.text.prune_eval as mod
+    from lifelong_delta.cli import main
+
+    cache, _, paths = study
+    cmd = json.loads(Path(paths["meta"]).read_text())["command"]
+    assert cmd.startswith("lifelong-delta prune-eval --cache-dir ") and "--jobs" not in cmd and "--progress" not in cmd
+    calls = []
+
+    @functools.wraps(mod.prune_eval)
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        return {}
+
+    monkeypatch.setattr(mod, "prune_eval", record)
+    main(shlex.split(cmd)[1:])
+    want = {"cache_dir": str(cache), "tasks": ["trec"], "finetunes": ["adamw", "lora"], "ps": [0.9], "seeds": [0, 1],
+            "max_test": None, "max_val": 4, "n_calib": 4, "q_grid_size": 2, "lora_methods": LORA}
+    assert {k: calls[0][k] for k in want} == want
+    assert calls[0]["methods"] == list(METHODS)  # a default stays a default
