@@ -54,6 +54,31 @@ def _lightning_parser_class() -> type:
     return OneLineErrorParser
 
 
+def quiet_third_party() -> None:
+    """Drop the third-party chatter that says nothing about the run, so our progress lines stay readable.
+
+    Lightning's advertising tips (``💡 Tip: ... litlogger / litmodels``) and the pytree deprecation Lightning 2.6
+    triggers in torch 2.14 on every step of a fit. Real warnings are untouched. Set
+    ``LIFELONG_DELTA_VERBOSE=1`` to keep everything.
+    """
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("LIFELONG_DELTA_VERBOSE"):
+        return
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "_NoTips" for f in logger.filters):  # idempotent
+            logger.addFilter(_NoTips())
+
+
 def lightning_main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning`` command.
 
@@ -67,6 +92,7 @@ def lightning_main(args: list[str] | None = None) -> None:
     from lightning.pytorch.cli import LightningCLI
     from omegaconf.errors import OmegaConfBaseException
 
+    quiet_third_party()
     try:
         LightningCLI(
             subclass_mode_model=True,
@@ -164,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         "cl-eval": cl_eval,
         "probe": probe,
     }
+    quiet_third_party()
     args = list(sys.argv[1:] if argv is None else argv)
     sub = next((a for a in args if not a.startswith("-")), None)
     args = _normalise_flags(args, commands.get(sub))
