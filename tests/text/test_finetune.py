@@ -126,3 +126,35 @@ def test_linear_warmup_decay():
     assert factors[:2] == [0.5, 1.0]
     assert factors[2:] == pytest.approx([1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     assert linear_warmup_decay(0, total_steps=5, warmup_steps=0) == 1.0
+
+
+def test_adamr_is_chosen_from_the_lightning_yaml_config(tmp_path):
+    """configs/finetune_trec.yaml picks AdamR like any torch optimiser; it is anchored at the pretrained weights
+    (the classifier head in its own reg=0 group) and one ``lightning fit`` step runs."""
+    from pathlib import Path
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from lifelong_delta.optim import AdamR
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "finetune_trec.yaml"
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=["-c", str(config), "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+              "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--data.init_args.max_train_examples=24", "--data.init_args.max_eval_examples=12",
+              "--data.init_args.batch_size=8"],
+        run=False,
+        auto_configure_optimizers=False,
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, AdamR)
+    assert [(g["reg"], g["variant"]) for g in opt.param_groups] == [(0.1, "l2"), (0.0, "l2")]
+    assert opt.param_groups[0]["lr"] <= 5e-5  # the warm-up/decay schedule drives the configured lr
+    head = {id(p) for n, p in cli.model.model.named_parameters() if n.startswith("classifier.")}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == head
+    moved = [not torch.equal(p, opt.pretrained[p]) for p in opt.param_groups[0]["params"] if p.grad is not None]
+    assert moved and any(moved)  # the step trained the encoder away from its anchor
