@@ -317,6 +317,7 @@ def finetune(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> str:
     """Fine-tune MiniLM on an offline task with a recipe, and cache it as a Hugging Face directory.
 
@@ -336,6 +337,7 @@ def finetune(
             vader).
         max_eval_examples: stratified cap on the validation and test splits.
         progress: show Lightning's progress bar.
+        callbacks: extra Lightning callbacks for the trainer (e.g. a step counter of an outer progress bar).
 
     Returns:
         The directory path. It is returned at once if cached with the same hyper-parameters.
@@ -377,7 +379,7 @@ def finetune(
             accelerator="cpu", devices=1, max_epochs=h["epochs"],
             logger=CSVLogger(tmp, name="logs", version=""),
             enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=progress,
+            enable_progress_bar=progress, callbacks=list(callbacks),
             log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))))
         trainer.fit(module, datamodule=dm)
         val_acc = float(trainer.callback_metrics["val_acc"])
@@ -469,7 +471,8 @@ def all_finetunes(
     for t, r in bar:
         bar.set_postfix_str(f"{t}/{r}")
         start = time.perf_counter()
-        paths.append(finetune(t, r, cache_dir, epochs=epochs, seed=seed, force=force, progress=False))
+        paths.append(finetune(t, r, cache_dir, epochs=epochs, seed=seed, force=force, progress=False,
+                              callbacks=[_steps_in_postfix(bar, f"{t}/{r}")]))
         if (t, r) in pending:
             spent, estimated = spent + time.perf_counter() - start, estimated + estimates.pop((t, r))
             if estimates:  # re-estimate with this machine's measured speed
@@ -477,6 +480,19 @@ def all_finetunes(
                 tqdm.write(f"about {left:.0f} minutes left ({spent / estimated:.1f}x the estimate so far)")
     _print_summary(paths)
     return paths
+
+
+def _steps_in_postfix(bar: Any, label: str) -> Any:
+    """A Lightning callback that shows ``task/recipe step i/n`` in the postfix of the outer fine-tunes bar."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StepsInPostfix(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            step, total = trainer.global_step, trainer.estimated_stepping_batches
+            if step == 1 or step % 5 == 0 or step == total:
+                bar.set_postfix_str(f"{label} step {step}/{total}")
+
+    return StepsInPostfix()
 
 
 def _print_summary(paths: Sequence[str]) -> None:
