@@ -35,3 +35,16 @@ class SelectionDump(L.Callback):
         state = {k: v.detach().cpu() for k, v in pool.state_dict().items()}
         torch.save({"pool": state, "selection": selection.cpu()},
                    self.out_dir / f"selection_rank{trainer.global_rank}.pt")
+
+
+class StateDump(L.Callback):
+    """At the end of fit, write ``state_rank{r}.pt``: the module's weights, its anchors' states and its metrics."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        anchors = [a.state_dict() for a in getattr(pl_module, "anchors", [])]
+        torch.save({"weights": weights, "anchors": anchors, "R": pl_module.accuracy_matrix},
+                   self.out_dir / f"state_rank{trainer.global_rank}.pt")

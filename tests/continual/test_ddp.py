@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.continual.test_prompts import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 LIGHTNING = Path(sys.executable).parent / "lightning"
@@ -31,3 +34,60 @@ def test_ddp_two_cpu_processes_finish_and_write_metrics(tmp_path: Path) -> None:
     assert len(R) == 3 and all(R[i][j] is not None for i in range(3) for j in range(i + 1))
     assert 0.0 <= metrics["average_accuracy"] <= 1.0
     assert (written[0].parent / "accuracy_matrix.png").is_file()
+
+
+def _tree_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tree_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tree_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["ft", "ftpp", "joint", "predkd", "predkd_featkd", "predkd_ewc", "predkd_l2", "l2"])
+def test_every_method_config_runs_under_two_process_ddp(tmp_path: Path, method: str) -> None:
+    """Each configs/cl_eval method (the prompt ones: tests/continual/test_prompts.py) on a tiny stream with 2 gloo
+    processes: the ranks end with equal weights, equal anchors (EWC: the all-reduced Fisher) and equal R."""
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        f"""
+trainer:
+  accelerator: cpu
+  strategy: ddp
+  devices: 2
+  enable_progress_bar: false
+  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: ddp}}}}
+  callbacks:
+    - class_path: tests.continual.prompt_probe.StateDump
+      init_args: {{out_dir: {tmp_path}}}
+model:
+  init_args:
+    pretrained: false
+    backbone_kwargs: {TINY}
+data:
+  init_args: {{dataset: digits, classes_per_task: 2, max_per_class: 24, batch_size: 8,
+               eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
+"""
+    )
+    cfg = ROOT / "configs" / "cl_eval" / "mnist"
+    # 2 tasks of 2 classes; joint: one task of 4 classes
+    stream = ["--data.init_args.n_tasks=1", "--data.init_args.classes_per_task=4"] if method == "joint" else [
+        "--data.init_args.n_tasks=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(ROOT)}
+    args = [str(LIGHTNING), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny),
+            *stream]
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MEMBER: 2/2" in run.stdout + run.stderr
+    dumps = [torch.load(tmp_path / f"state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert _tree_equal(dumps[0], dumps[1])
+    R = dumps[0]["R"]
+    assert len(R) == (1 if method == "joint" else 2)
+    assert all(R[i][j] is not None for i in range(len(R)) for j in range(i + 1))
+    if method in ("predkd_ewc", "predkd_l2", "l2"):
+        assert dumps[0]["anchors"] and all(s for s in dumps[0]["anchors"])
+    assert len(list(tmp_path.glob("ddp/version_*/cl_metrics.json"))) == 1
