@@ -132,6 +132,22 @@ def test_functional_penalty_and_pull():
     assert anchor_penalty([], [], None).item() == 0.0
 
 
+def test_unit_pull_is_bit_identical_on_either_path():
+    """ω = 1 with |rate| < 0.5 takes the one-pass lerp path; it must round exactly like the sub/add path (which
+    larger rates and weighted anchors take), so that AdamR's results do not depend on the path."""
+    g = torch.Generator().manual_seed(0)
+    for rate in (1e-7, 3.3e-5, 0.01, 0.3, 0.4999, 0.5, 0.9):
+        ps = [torch.randn(257, 63, generator=g) * 0.05, torch.randn(1031, generator=g)]
+        rs = [p + torch.randn(p.shape, generator=g) * 1e-3 for p in ps]
+        math = [p - rate * (p - r) for p, r in zip(ps, rs)]
+        explicit = [p.clone() for p in ps]
+        torch._foreach_add_(explicit, torch._foreach_sub(explicit, rs), alpha=-rate)
+        anchor_pull_(ps, rs, None, rate)
+        for p, e, m in zip(ps, explicit, math):
+            assert torch.equal(p, e), rate
+            torch.testing.assert_close(p, m)
+
+
 # ----------------------------------------------------------------------------- pull
 def test_pull_math_weighted_and_unit():
     model = tiny()
