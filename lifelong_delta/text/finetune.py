@@ -110,14 +110,15 @@ RECIPES: dict[str, Recipe] = {
 #: The recipes ``make finetune`` / ``make prune-eval`` train by default (``adamr-l2-large`` is opt-in: finding 3).
 STUDY_RECIPES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
 #: Default cap on the training split (stratified): VADER's 8 054 training snippets are cut to 4 000 to fit the
-#: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, ~1.5 hours is the
-#: estimate for 2 quieter cores). Pass max_train_examples to change it.
+#: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, and about 45 minutes
+#: at the free-machine speed below). Pass max_train_examples to change it.
 DEFAULT_TRAIN_CAP: dict[str, int | None] = {"trec": None, "vader": 4000}
 
-#: Seconds per training step at batch 32 on 2 cores: the faster end of wall time / steps as recorded
-#: in ``finetune.json`` on a shared 2-core machine (TREC 3.2-4.6 s, VADER 4.1-12 s per step). LoRA steps cost
-#: ~0.6 of these. ``all_finetunes`` re-estimates from the measured speed after each fine-tune.
-_SECONDS_PER_STEP = {"trec": 3.0, "vader": 4.5}
+#: Seconds per training step at batch 32 on 2 free cores, from wall time / steps in ``finetune.json`` (session 4:
+#: vader/adamw-large 125 steps in 200 s with loading and evaluation; session 3: trec/adamr-l2-large in 5.8 min).
+#: On a machine shared with other jobs they were 2.5-3x larger. LoRA steps cost ~0.6 of these.
+#: ``all_finetunes`` re-estimates from the measured speed after each fine-tune.
+_SECONDS_PER_STEP = {"trec": 1.2, "vader": 1.5}
 _LORA_STEP_FRACTION = 0.6
 
 
