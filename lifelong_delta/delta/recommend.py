@@ -17,7 +17,7 @@ noise-to-signal proxy ``ρ(p) = sqrt(p/(1−p))·r`` (the standard deviation of 
 heuristics, not numbers from the paper; pass your own to override them. They were calibrated on the MiniLM study of
 ``make prune-eval`` (``docs/reproduction.md``, finding 5): at ``r`` = 5.2e-2 (TREC, AdamW at lr 4e-4) DAREx-q still
 beat WANDA by 28 points at p = 0.99, so ``large_rel_norm`` is 0.1, above every fine-tune measured there; and the
-post-hoc methods lost 20+ points where ``ρ(p)`` passed 0.3, which AdamR-L2 re-fine-tuning recovered (69.8 → 88.9).
+post-hoc methods lost 20+ points where ``ρ(p)`` passed 0.3, which AdamR-L2 re-fine-tuning recovered (about 70 → 88.5).
 """
 
 from __future__ import annotations
