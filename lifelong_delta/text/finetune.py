@@ -392,6 +392,7 @@ def finetune(
             "recipe": recipe, "note": r.note, "hparams": h, "base": base,
             "val_acc": val_acc, "test_acc": test_acc, "wall_time_s": round(wall, 1),
             "steps": int(trainer.global_step),
+            "torch_threads": torch.get_num_threads(),  # the weights depend on it (CPU reductions)
             "n_examples": {k: len(v) for k, v in dm.datasets.items()},
             **_delta_stats(load_file(str(Path(base) / "model.safetensors")), module.merged_model()),
             "versions": _versions(),

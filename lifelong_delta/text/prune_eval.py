@@ -272,15 +272,18 @@ def prune_eval(
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1 or None (one per core), got {jobs}")
+    start = time.perf_counter()
+    # with torch's own thread count, as `lifelong-delta finetune` runs them: a fine-tune's weights depend on it
+    _ensure_finetunes(args["cache_dir"], args["tasks"], args["finetunes"])
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads)
     try:
-        return _run(args, s)
+        return _run(args, s, start)
     finally:
         torch.set_num_threads(torch_threads)
 
 
-def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
+def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     """The study of :func:`prune_eval` with validated, normalised arguments."""
     from tqdm.auto import tqdm
 
@@ -289,8 +292,6 @@ def _run(args: dict[str, Any], s: Settings) -> dict[str, str]:
 
     tasks, finetunes, ps, seeds = args["tasks"], args["finetunes"], args["ps"], args["seeds"]
     cache_dir, low_p_seeds = args["cache_dir"], args["low_p_seeds"]
-    start = time.perf_counter()
-    _ensure_finetunes(cache_dir, tasks, finetunes)
     dirs = {(t, f): finetune_dir(t, f, cache_dir) for t in tasks for f in finetunes}
     splits = {
         k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)

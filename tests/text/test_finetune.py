@@ -178,3 +178,10 @@ def test_adamr_is_chosen_from_the_lightning_yaml_config(tmp_path):
     assert {id(p) for p in opt.param_groups[1]["params"]} == head
     moved = [not torch.equal(p, opt.pretrained[p]) for p in opt.param_groups[0]["params"] if p.grad is not None]
     assert moved and any(moved)  # the step trained the encoder away from its anchor
+
+
+def test_finetune_json_records_the_thread_count(tiny):
+    """A fine-tune's weights depend on torch's thread count (CPU reductions), so it is recorded with them."""
+    cache, path = tiny
+    info = json.loads((finetune_dir("trec", "adamr-l2", cache) / "finetune.json").read_text())
+    assert info["torch_threads"] == torch.get_num_threads() >= 1
