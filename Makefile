@@ -60,7 +60,7 @@ prune-eval: setup finetune
 	$(BIN)/lifelong-delta prune-eval
 
 # finding 3 of docs/reproduction.md: AdamR-L2 against AdamW at the same large lr on TREC and VADER (fine-tunes the four
-# models once if they are not cached: about 17 minutes)
+# models once if they are not cached: about 9 minutes)
 prune-eval-large: setup
 	$(BIN)/lifelong-delta prune-eval --finetunes '[adamw-large,adamr-l2-large]' --out results/prune_eval_large
 

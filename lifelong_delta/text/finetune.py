@@ -110,15 +110,15 @@ RECIPES: dict[str, Recipe] = {
 #: The recipes ``make finetune`` / ``make prune-eval`` train by default (``adamr-l2-large`` is opt-in: finding 3).
 STUDY_RECIPES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
 #: Default cap on the training split (stratified): VADER's 8 054 training snippets are cut to 4 000 to fit the
-#: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, and about 45 minutes
+#: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, and about 20 minutes
 #: at the free-machine speed below). Pass max_train_examples to change it.
 DEFAULT_TRAIN_CAP: dict[str, int | None] = {"trec": None, "vader": 4000}
 
-#: Seconds per training step at batch 32 on 2 free cores, from wall time / steps in ``finetune.json`` (session 4:
-#: vader/adamw-large 125 steps in 200 s with loading and evaluation; session 3: trec/adamr-l2-large in 5.8 min).
-#: On a machine shared with other jobs they were 2.5-3x larger. LoRA steps cost ~0.6 of these.
-#: ``all_finetunes`` re-estimates from the measured speed after each fine-tune.
-_SECONDS_PER_STEP = {"trec": 1.2, "vader": 1.5}
+#: Seconds per training step at batch 32 on 2 free cores with torch's default 2 threads, from wall time / steps in
+#: ``finetune.json`` (session 4: trec/adamw-large 270 steps in 2.3 min, vader/adamw-large 125 steps in 1.9 min, with
+#: loading and evaluation). With 1 thread they were 1.6x, on a machine shared with other jobs up to 6x larger. LoRA
+#: steps cost ~0.6 of these. ``all_finetunes`` re-estimates from the measured speed after each fine-tune.
+_SECONDS_PER_STEP = {"trec": 0.5, "vader": 0.85}
 _LORA_STEP_FRACTION = 0.6
 
 
