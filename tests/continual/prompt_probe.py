@@ -1,7 +1,10 @@
-"""A callback for the DDP test of the prompt methods: each rank saves its prompts and its picks on fixed images."""
+"""The DDP tests' tools: callbacks that dump each rank's state, and a runner of one cl_eval config on 2 processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -48,3 +51,47 @@ class StateDump(L.Callback):
         anchors = [a.state_dict() for a in getattr(pl_module, "anchors", [])]
         torch.save({"weights": weights, "anchors": anchors, "R": pl_module.accuracy_matrix},
                    self.out_dir / f"state_rank{trainer.global_rank}.pt")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+#: a 4-block ViT on 8x8 images, the shape of the offline backbone's configs
+TINY = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 4, "num_heads": 2,
+        "class_token": False, "global_pool": "avg"}
+
+
+def run_ddp(tmp_path: Path, method: str, callback: str, model_extra: str = "", n_tasks: int = 2,
+            classes_per_task: int = 2) -> str:
+    """``lightning fit`` of ``configs/cl_eval/mnist/<method>.yaml`` on sklearn digits with a tiny random ViT, on 2
+    CPU gloo processes, with ``callback`` (a class of this module) writing into ``tmp_path``; returns the output."""
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        f"""
+trainer:
+  accelerator: cpu
+  strategy: ddp
+  devices: 2
+  enable_progress_bar: false
+  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: ddp}}}}
+  callbacks:
+    - class_path: tests.continual.prompt_probe.{callback}
+      init_args: {{out_dir: {tmp_path}}}
+model:
+  init_args:
+    pretrained: false
+    backbone_kwargs: {TINY}
+    {model_extra}
+data:
+  init_args: {{dataset: digits, n_tasks: {n_tasks}, classes_per_task: {classes_per_task}, max_per_class: 32,
+               batch_size: 8, eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
+"""
+    )
+    cfg = ROOT / "configs" / "cl_eval" / "mnist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(ROOT)}
+    lightning = Path(sys.executable).parent / "lightning"
+    args = [str(lightning), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny)]
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "MEMBER: 2/2" in out
+    return out

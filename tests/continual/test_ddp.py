@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.continual.test_prompts import TINY
+from tests.continual.prompt_probe import run_ddp
 
 ROOT = Path(__file__).resolve().parents[2]
 LIGHTNING = Path(sys.executable).parent / "lightning"
@@ -51,38 +51,8 @@ def _tree_equal(a, b) -> bool:
 def test_every_method_config_runs_under_two_process_ddp(tmp_path: Path, method: str) -> None:
     """Each configs/cl_eval method (the prompt ones: tests/continual/test_prompts.py) on a tiny stream with 2 gloo
     processes: the ranks end with equal weights, equal anchors (EWC: the all-reduced Fisher) and equal R."""
-    tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(
-        f"""
-trainer:
-  accelerator: cpu
-  strategy: ddp
-  devices: 2
-  enable_progress_bar: false
-  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: ddp}}}}
-  callbacks:
-    - class_path: tests.continual.prompt_probe.StateDump
-      init_args: {{out_dir: {tmp_path}}}
-model:
-  init_args:
-    pretrained: false
-    backbone_kwargs: {TINY}
-data:
-  init_args: {{dataset: digits, classes_per_task: 2, max_per_class: 24, batch_size: 8,
-               eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
-"""
-    )
-    cfg = ROOT / "configs" / "cl_eval" / "mnist"
     # 2 tasks of 2 classes; joint: one task of 4 classes
-    stream = ["--data.init_args.n_tasks=1", "--data.init_args.classes_per_task=4"] if method == "joint" else [
-        "--data.init_args.n_tasks=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(ROOT)}
-    args = [str(LIGHTNING), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny),
-            *stream]
-    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "MEMBER: 2/2" in run.stdout + run.stderr
+    run_ddp(tmp_path, method, "StateDump", **({"n_tasks": 1, "classes_per_task": 4} if method == "joint" else {}))
     dumps = [torch.load(tmp_path / f"state_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert _tree_equal(dumps[0], dumps[1])
     R = dumps[0]["R"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,9 @@ from lifelong_delta.continual.prompts import (
     orthogonality_loss,
     select_prompts,
 )
+from tests.continual.prompt_probe import TINY, run_ddp
 
 ROOT = Path(__file__).resolve().parents[2]
-LIGHTNING = Path(sys.executable).parent / "lightning"
-TINY = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 4, "num_heads": 2,
-        "class_token": False, "global_pool": "avg"}
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -206,35 +201,7 @@ data:
 @pytest.mark.parametrize("method", ["l2p", "dualprompt", "codap"])
 def test_ddp_two_processes_agree_on_prompt_selection(tmp_path: Path, method: str) -> None:
     """A prompt method on a tiny stream with 2 gloo processes: equal prompts and equal picks on every rank."""
-    tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(
-        f"""
-trainer:
-  accelerator: cpu
-  strategy: ddp
-  devices: 2
-  enable_progress_bar: false
-  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: ddp}}}}
-  callbacks:
-    - class_path: tests.continual.prompt_probe.SelectionDump
-      init_args: {{out_dir: {tmp_path}}}
-model:
-  init_args:
-    pretrained: false
-    backbone_kwargs: {TINY}
-    {"pool_size: 20" if method == "codap" else ""}
-data:
-  init_args: {{dataset: digits, n_tasks: 2, classes_per_task: 2, max_per_class: 32, batch_size: 8,
-               eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
-"""
-    )
-    cfg = ROOT / "configs" / "cl_eval" / "mnist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(ROOT)}
-    args = [str(LIGHTNING), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny)]
-    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "MEMBER: 2/2" in run.stdout + run.stderr
+    run_ddp(tmp_path, method, "SelectionDump", model_extra="pool_size: 20" if method == "codap" else "")
     dumps = [torch.load(tmp_path / f"selection_rank{r}.pt") for r in (0, 1)]
     assert dumps[0]["pool"].keys() == dumps[1]["pool"].keys()
     for name, value in dumps[0]["pool"].items():
