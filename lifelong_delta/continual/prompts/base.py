@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lifelong_delta.continual.module import ContinualModule
@@ -57,6 +58,8 @@ class PromptModule(ContinualModule):
         super()._build_net(num_classes, pretrained)
         check_vit(self.net, self.prompt_layers())
         self._build_prompts()
+        n_prompt = sum(p.numel() for p in self.prompts.parameters() if p.requires_grad)
+        rank_zero_info(f"{type(self).__name__}: + {n_prompt:,} trainable prompt parameters")
 
     def prompt_layers(self) -> list[int]:
         """Blocks that receive prefixes (checked against the backbone depth)."""
