@@ -151,8 +151,10 @@ def repro_command(
     that do not change results, e.g. ``progress``); lists are one JSON value, which also carries items that
     start with ``--``. With nothing to pass, ``default`` (e.g. ``make cl-eval``) is returned if given.
     """
+    def norm(value: Any) -> Any:  # a tuple default equals the list the CLI passes
+        return list(value) if isinstance(value, tuple) else value
+
     defaults = {k: p.default for k, p in inspect.signature(func).parameters.items()}
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     parts = [program]
     for key, value in given.items():
         if key in skip or norm(value) == norm(defaults[key]):
