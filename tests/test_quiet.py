@@ -13,7 +13,8 @@ def test_tips_and_pytree_deprecation_are_dropped_real_messages_kept(caplog, monk
 
     monkeypatch.delenv("LIFELONG_DELTA_VERBOSE", raising=False)
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    before = list(logger.filters)
+    before = list(logger.filters)  # other in-process CLI tests of this worker may have installed it already
+    logger.filters[:] = [f for f in before if type(f).__name__ != "_NoTips"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_third_party()
@@ -26,6 +27,6 @@ def test_tips_and_pytree_deprecation_are_dropped_real_messages_kept(caplog, monk
     try:
         assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
         assert [str(w.message) for w in caught] == ["The 'train_dataloader' does not have many workers"]
-        assert len(logger.filters) == len(before) + 1
+        assert [type(f).__name__ for f in logger.filters].count("_NoTips") == 1
     finally:
         logger.filters[:] = before
