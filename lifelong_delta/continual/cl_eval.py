@@ -196,6 +196,7 @@ def _plot(
 
 def cl_eval(
     methods: list[str] | None = None,
+    skip: list[str] | None = None,
     seeds: list[int] | None = None,
     stream: str = "mnist",
     config_dir: str | None = None,
@@ -207,6 +208,7 @@ def cl_eval(
 
     Args:
         methods: config names in the stream's directory (default: all of :data:`METHODS`).
+        skip: methods to leave out of ``methods``, e.g. ``[joint]``.
         seeds: seeds; each sets ``seed_everything``, the class order and the data split (default 0 1 2).
         stream: sub-directory of ``configs/cl_eval`` (``mnist``; ``imagenet_r`` needs the data and ViT-B).
         config_dir: a directory of configs to use instead (``base.yaml`` + ``<method>.yaml``).
@@ -218,10 +220,16 @@ def cl_eval(
     Returns:
         Path of ``summary.md``.
     """
-    given = {"methods": methods, "seeds": seeds, "stream": stream, "config_dir": config_dir, "out_dir": out_dir,
+    given = {"methods": methods, "skip": skip, "seeds": seeds, "stream": stream, "config_dir": config_dir, "out_dir": out_dir,
              "override": override}
     root = _config_dir(stream, config_dir)
     methods = list(methods or METHODS)
+    unknown_skip = sorted(set(skip or ()) - set(methods))
+    if unknown_skip:
+        raise ValueError(f"skip={unknown_skip} names method(s) that are not run; choose from {methods}")
+    methods = [m for m in methods if m not in set(skip or ())]
+    if not methods:
+        raise ValueError("skip leaves no method to run")
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")

@@ -34,8 +34,9 @@ data:
 
 def test_study_writes_the_table_and_plots_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "study"
-    summary = cl_eval(methods=["ftpp", "predkd_l2"], seeds=[0, 1], out_dir=str(out),
+    summary = cl_eval(methods=["ftpp", "l2", "predkd_l2"], skip=["l2"], seeds=[0, 1], out_dir=str(out),
                       override=["-c", str(_tiny(tmp_path))])
+    assert not (out / "runs" / "l2").exists()
     assert Path(summary) == out / "summary.md"
     with open(out / "results.csv", newline="") as f:
         assert tuple(next(csv.reader(f))) == RESULT_COLUMNS
@@ -79,6 +80,12 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown method(s) ['nope']") and "\n" not in err
+    for skip, message in (("[nope]", "error: skip=['nope'] names method(s) that are not run"),
+                          ("[ft,l2]", "error: skip leaves no method to run")):
+        with pytest.raises(SystemExit):
+            main(["cl-eval", "--methods", "[ft,l2]", "--skip", skip, "--out_dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err
     bad = tmp_path / "results.csv"
     bad.write_text("method,seed,acc\n")
     with pytest.raises(ValueError, match="expected columns method,seed,average_accuracy,forgetting,bwt"):
@@ -92,14 +99,14 @@ def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None
     import lifelong_delta.continual.cl_eval as mod
     from lifelong_delta.cli import main, repro_command
 
-    defaults = {"methods": None, "seeds": None, "stream": "mnist", "config_dir": None, "out_dir": "results/cl_eval",
+    defaults = {"methods": None, "skip": None, "seeds": None, "stream": "mnist", "config_dir": None, "out_dir": "results/cl_eval",
                 "override": None}
     assert repro_command("lifelong-delta cl-eval", mod.cl_eval, defaults, default="make cl-eval") == "make cl-eval"
-    given = {"methods": ["ft", "l2"], "seeds": [3], "out_dir": "out dir",
+    given = {"methods": ["ft", "l2"], "skip": ["l2"], "seeds": [3], "out_dir": "out dir",
              "override": ["--data.init_args.n_tasks=2", "-c", "x.yaml"]}
     cmd = repro_command("lifelong-delta cl-eval", mod.cl_eval, given, default="make cl-eval")
     assert cmd == (
-        "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --seeds '[3]' --out-dir 'out dir' "
+        "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --skip '[\"l2\"]' --seeds '[3]' --out-dir 'out dir' "
         "--override '[\"--data.init_args.n_tasks=2\", \"-c\", \"x.yaml\"]'"
     )
     # the recorded line parses back, through the real CLI, to the same call
