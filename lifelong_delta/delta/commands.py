@@ -9,6 +9,7 @@ by streaming like every other method.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -75,7 +76,8 @@ def prune(
         base: Pretrained model (HF directory with safetensors weights, or one .safetensors file).
         finetuned: Fine-tuned model of the same architecture, or a PEFT LoRA adapter directory (adapter_config.json
             + adapter_model.safetensors): its delta scaling·B·A is pruned and merged into --base, and the output is
-            a full checkpoint.
+            a full checkpoint. With --q_mode or --method wanda the adapter is first merged unpruned into a
+            temporary checkpoint next to --out (the calibration needs the fine-tuned model loaded).
         out: Output directory (must not exist unless --overwrite).
         method: dare | darex-q | magnitude | wanda | structural.
         p: Drop rate in [0, 1).
@@ -123,9 +125,8 @@ def prune(
     spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
                      structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
     if is_adapter_dir(finetuned):
-        if q_mode is not None:
-            raise ValueError("--q_mode needs calibration of a loaded model, which a LoRA adapter --finetuned does not "
-                             "support; pass --q Q")
+        if q_mode is not None or METHODS[method].needs_input_norms:
+            return _prune_adapter_via_merge(base, finetuned, out, locals())
         summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=lora_prune, overwrite=overwrite,
                                     out_shard_size=out_shard_size, progress=progress)
         _console().print(summary.table())
@@ -167,6 +168,31 @@ def prune(
                            progress=progress, input_norms=input_norms, q_per_tensor=q_per_tensor)
     _console().print(summary.table())
     return summary
+
+
+def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> PruneSummary:
+    """``prune`` of a LoRA adapter with calibration (``--q_mode`` or WANDA): merge ``base + scaling·B·A`` unpruned
+    into a temporary full checkpoint next to ``out``, prune that like a full fine-tune, then delete it.
+
+    The calibration needs the fine-tuned model loaded, which is the merged one. The pruned delta is the product
+    ``B·A`` (``--lora_prune product``), rounded once to the base's dtype by the merge, as a merged PEFT model is.
+    """
+    what = f"--q_mode {args['q_mode']}" if args["q_mode"] else f"--method {args['method']}"
+    if args["lora_prune"] != "product":
+        raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
+                         "drop --lora_prune factors")
+    if args["calib_data"] is None:
+        raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+    if not Path(args["calib_data"]).is_file():
+        raise ValueError(f"--calib_data {args['calib_data']}: file not found")
+    check_output_path(Path(out), args["overwrite"])
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.merge-", dir=parent) as tmp:
+        merged = Path(tmp) / "merged"
+        stream_prune_lora(base, adapter, merged, PruneSpec(method="dare", p=0.0), progress=args["progress"])
+        kwargs = {k: v for k, v in args.items() if k in inspect.signature(prune).parameters}
+        return prune(**{**kwargs, "base": base, "finetuned": str(merged), "out": out})
 
 
 def stats(

@@ -122,3 +122,45 @@ def test_q_modes_for_importance_and_structural(tiny_bert, tmp_path, method, q_mo
             assert torch.equal(ro.get(name), want)
     else:
         _check_merged(base, ft, tmp_path / "out", spec, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_bert):
+    """A PEFT LoRA adapter on the tiny BERT's query/value (B non-zero) and the same model merged by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(1)
+    model = BertForSequenceClassification.from_pretrained(tiny_bert / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    peft_model.save_pretrained(tiny_bert / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tiny_bert / "peft_merged")
+    return tiny_bert / "adapter", tiny_bert / "peft_merged"
+
+
+@pytest.mark.parametrize(("method", "q_mode"), [("wanda", None), ("darex-q", "unlabelled")])
+def test_lora_adapter_with_calibration_prunes_like_its_peft_merge(tiny_bert, tiny_lora, tmp_path, method, q_mode):
+    """WANDA and the q modes on a LoRA adapter: the adapter is merged first, so the result is that of pruning the
+    model PEFT's ``merge_and_unload`` gives, and no temporary merge is left behind."""
+    adapter, peft_merged = tiny_lora
+    kw = {"method": method, "p": 0.5, "q_mode": q_mode, "calib_data": str(tiny_bert / "calib.jsonl"),
+          "calib_samples": 8, "batch_size": 4, "progress": False}
+    from_adapter = prune(str(tiny_bert / "base"), str(adapter), str(tmp_path / "a" / "out"), **kw)
+    from_merged = prune(str(tiny_bert / "base"), str(peft_merged), str(tmp_path / "m"), **kw)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]  # the temporary merge is gone
+    if q_mode:
+        assert from_adapter.q == pytest.approx(from_merged.q, abs=1e-9)
+    with CheckpointReader(tiny_bert / "base") as rb, CheckpointReader(tmp_path / "a" / "out") as ra, \
+            CheckpointReader(tmp_path / "m") as rm:
+        for name in ("bert.encoder.layer.0.attention.self.query.weight",
+                     "bert.encoder.layer.1.attention.self.value.weight", "classifier.weight"):  # head: modules_to_save
+            kept_a, kept_m = ra.get(name) != rb.get(name), rm.get(name) != rb.get(name)
+            assert torch.equal(kept_a, kept_m) and 0.3 < kept_a.double().mean() < 0.7, name
+            torch.testing.assert_close(ra.get(name), rm.get(name), rtol=0, atol=1e-6)
+        name = "bert.encoder.layer.0.attention.self.key.weight"  # not adapted: the base tensor
+        assert torch.equal(ra.get(name), rb.get(name))

@@ -123,8 +123,10 @@ def test_adapter_names_with_a_prefix_map_onto_the_base(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "wanda"}, "--method wanda needs calibration activations"),
-        ({"method": "darex-q", "q_mode": "unlabelled", "calib_data": "x.csv"}, "--q_mode needs calibration"),
+        ({"method": "wanda"}, "--method wanda needs --calib_data FILE"),
+        ({"method": "darex-q", "q_mode": "unlabelled", "calib_data": "x.csv"}, "--calib_data x.csv: file not found"),
+        ({"method": "wanda", "lora_prune": "factors", "calib_data": "x.csv"},
+         "--method wanda calibrates the merged model, so it prunes the LoRA product B·A; drop --lora_prune factors"),
         ({"method": "dare", "lora_prune": "both"}, "--lora_prune 'both' is not one of"),
     ],
 )
