@@ -15,8 +15,8 @@ For each task (TREC, VADER) and cached fine-tune (AdamW, AdamR-L2, AdamR-L1, lar
 * ``structural``: drop random whole rows of each delta matrix, rescaled by 1/q with q from the validation
   grid;
 * for the LoRA fine-tune, the delta is ``B·A`` of the adapted matrices
-  (:func:`lifelong_delta.delta.lora_deltas`), pruned by DARE and DAREx-q (the grid; ``lora_methods`` adds the
-  other q modes).
+  (:func:`lifelong_delta.delta.lora_deltas`), pruned by every method like a full delta (``lora_methods``
+  restricts them).
 
 Mask seeds: every random method runs all seeds at p ≥ 0.9 (mean and spread), one at p = 0.5. At p = 0.999 only
 ``extreme_methods`` run (DAREx-q with the grid, magnitude, WANDA): DARE's ×1000 rescale is meaningless once it
@@ -32,7 +32,7 @@ The model is loaded once per fine-tune and kept in memory; the masked delta is b
 only rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs
 under ``torch.inference_mode`` on pre-tokenised, length-sorted batches.
 
-Budget: the default study is 560 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 500 token positions/s
+Budget: the default study is 640 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 500 token positions/s
 on one thread here, so the test sets are subsampled (96 stratified examples per task, the same for every method)
 and the q grids (24 validation examples, 4 + 1 candidates; 4 η candidates for the analytic q) and calibration sets
 (16 inputs) are capped: about 2.3 M token positions. The fine-tunes are spread over ``jobs`` worker processes of
@@ -64,7 +64,6 @@ DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = STUDY_RECIPES
 METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
 #: Methods for the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
-LORA_ALLOWED = frozenset({"unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"})
 #: Deterministic methods: one row per p, with the first seed.
 SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
 EXTREME_P = 0.999
@@ -89,7 +88,7 @@ def plan_cells(
     ps: Sequence[float],
     seeds: Sequence[int],
     low_p_seeds: int = 1,
-    lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
+    lora_methods: Sequence[str] = METHODS,
     extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
 ) -> list[Cell]:
     """Every (task, fine-tune, method, p, seed) the study evaluates, in evaluation order.
@@ -130,7 +129,7 @@ def _check(
         ("tasks", tasks, TASKS),
         ("finetunes", finetunes, tuple(RECIPES)),
         ("methods", methods, METHODS),
-        ("lora_methods", lora_methods, LORA_ALLOWED),
+        ("lora_methods", lora_methods, METHODS),
         ("extreme_methods", extreme_methods, METHODS),
     ):
         if option == "extreme_methods" and not values:
@@ -198,7 +197,7 @@ def prune_eval(
     q_grid_size: int = 4,
     q_fine_steps: int = 1,
     low_p_seeds: int = 1,
-    lora_methods: Sequence[str] = ("unpruned", "dare", "darex-q-grid"),
+    lora_methods: Sequence[str] = METHODS,
     extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
     exclude: Sequence[str] = ("classifier.*",),
     batch_size: int = 32,
@@ -228,8 +227,7 @@ def prune_eval(
         q_grid_size: coarse q candidates, geometric in [1 − p, 1] (end points included).
         q_fine_steps: fine candidates between the best coarse q's neighbours.
         low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
-        lora_methods: the methods run on the LoRA fine-tune's delta B·A (a subset of ``unpruned``, ``dare``
-            and the three ``darex-q-*`` modes).
+        lora_methods: the methods run on the LoRA fine-tune's delta B·A (default: every method).
         extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
             round(0.001 · 384) = 0 kept rows are degenerate).
         exclude: glob patterns of tensors left unpruned.

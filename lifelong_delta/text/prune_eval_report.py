@@ -149,6 +149,13 @@ def _verdict(
     return [mine.cell(), best_cell, verdict, ""]
 
 
+def _lora_methods_text(meta: Mapping[str, Any]) -> str:
+    lora = [m for m in meta.get("lora_methods", ()) if m != "unpruned"]
+    if set(lora) >= set(meta.get("methods", ())) - {"unpruned"}:
+        return "every method, like a full delta"
+    return ", ".join(lora)
+
+
 def summary_markdown(
     rows: Sequence[Mapping[str, Any]],
     q_rows: Sequence[Mapping[str, Any]],
@@ -199,7 +206,7 @@ def summary_markdown(
         ),
         (
             f"- At p ≥ 0.999 only {', '.join(meta.get('extreme_methods', ()))} run; the LoRA fine-tune's "
-            f"delta B·A is pruned by {', '.join(m for m in meta.get('lora_methods', ()) if m != 'unpruned')}."
+            f"delta B·A is pruned by {_lora_methods_text(meta)}."
         ),
         "",
     ]

@@ -103,7 +103,7 @@ def test_plan_runs_every_seed_from_p_0p9_and_only_extreme_methods_at_0p999():
     assert got["adamw", "dare", 0.5] == [4] and got["adamw", "dare", 0.9] == [4, 5, 6]
     assert got["adamw", "magnitude", 0.9] == [4] and got["adamw", "darex-q-grid", 0.999] == [4, 5, 6]
     assert {m for f, m, p in got if p == 0.999} == {"darex-q-grid", "magnitude", "wanda"}
-    assert {m for f, m, _ in got if f == "lora"} == {"unpruned", "dare", "darex-q-grid"}
+    assert {m for f, m, _ in got if f == "lora"} == set(METHODS)  # a LoRA delta B·A is pruned every way
     assert len(cells) == len(set(cells))
 
 
@@ -121,7 +121,7 @@ def test_q_grid_is_geometric_between_1_minus_p_and_1():
         ("seeds", {"seeds": []}),
         ("finetunes", {"finetunes": ["sgd"]}),
         ("max_test", {"max_test": 0}),
-        ("lora_methods", {"lora_methods": ["wanda"]}),
+        ("lora_methods", {"lora_methods": ["sparsegpt"]}),
         ("jobs", {"jobs": 0}),
     ],
 )
@@ -139,7 +139,6 @@ def test_read_results_checks_the_columns(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- one tiny real fine-tune
-LORA = ["unpruned", "dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled"]
 TINY = {
     "epochs": 1,
     "max_train_examples": 24,
@@ -181,7 +180,6 @@ def study(tmp_path_factory):
         n_calib=4,
         q_grid_size=2,
         q_fine_steps=1,
-        lora_methods=LORA,
         jobs=1,
         progress=False,
     )
@@ -198,8 +196,8 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
     assert (
         len(rows)
         == len(raw) - 1
-        == len(plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1], lora_methods=LORA))
-        == 22
+        == len(plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1]))
+        == 26
     )
     assert {r["p"] for r in rows} == {0.0, 0.9}
     assert {r["seed"] for r in rows} == {0, 1}
@@ -214,7 +212,9 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         seeds[r["finetune"], r["method"], r["p"]].add(r["seed"])
     assert seeds["adamw", "darex-q-unlabelled", 0.9] == {0, 1} and seeds["adamw", "unpruned", 0.0] == {0}
     assert seeds["adamw", "wanda", 0.9] == {0} and seeds["lora", "darex-q-analytic", 0.9] == {0, 1}
-    assert not [k for k in seeds if k[0] == "lora" and k[1] in ("magnitude", "wanda", "structural")]
+    assert seeds["lora", "wanda", 0.9] == {0} and seeds["lora", "structural", 0.9] == {0, 1}
+    lora_only_dare = plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1], lora_methods=["dare"])
+    assert {c.method for c in lora_only_dare if c.finetune == "lora"} == {"dare"}
     with open(paths["q_choices"], newline="") as f:
         qs = list(csv.DictReader(f))
     grid = [q for q in qs if q["finetune"] == "adamw" and q["method"] == "darex-q-grid" and q["p"] == "0.9"]
@@ -238,7 +238,7 @@ def test_two_worker_processes_write_the_same_rows_as_one(study, tmp_path):
     cache, out, paths = study
     two = prune_eval(
         cache_dir=str(cache), out=str(tmp_path / "two"), tasks=["trec"], finetunes=["adamw", "lora"], ps=[0.9],
-        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1, lora_methods=LORA,
+        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1,
         jobs=2, progress=False,
     )
     for name in ("results", "q_choices", "recommend"):
@@ -295,6 +295,6 @@ def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
     monkeypatch.setattr(mod, "prune_eval", record)
     main(shlex.split(cmd)[1:])
     want = {"cache_dir": str(cache), "tasks": ["trec"], "finetunes": ["adamw", "lora"], "ps": [0.9], "seeds": [0, 1],
-            "max_test": None, "max_val": 4, "n_calib": 4, "q_grid_size": 2, "lora_methods": LORA}
+            "max_test": None, "max_val": 4, "n_calib": 4, "q_grid_size": 2}
     assert {k: calls[0][k] for k in want} == want
     assert calls[0]["methods"] == list(METHODS)  # a default stays a default
