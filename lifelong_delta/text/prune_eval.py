@@ -43,6 +43,7 @@ records the wall time. ``max_test=None`` evaluates the whole test splits (~7x lo
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -56,7 +57,7 @@ from lifelong_delta.cli import repro_command
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 from lifelong_delta.text.prune_eval_report import METHOD_ORDER
-from lifelong_delta.text.prune_eval_run import FinetuneRun, Settings, cell_cost
+from lifelong_delta.text.prune_eval_run import ETA_GRID, FinetuneRun, Settings, cell_cost
 
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
@@ -154,6 +155,8 @@ def _check(
             raise ValueError(f"{option} must be >= 1, got {getattr(s, option)}")
     if s.max_test is not None and s.max_test < 1:
         raise ValueError(f"max_test must be >= 1 or None (the whole test split), got {s.max_test}")
+    if not s.etas or not all(math.isfinite(e) and e > 0 for e in s.etas):
+        raise ValueError(f"etas must be one or more finite η > 0, got {list(s.etas)}")
     if s.q_grid_size < 2 or s.q_fine_steps < 0:
         raise ValueError(
             f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}"
@@ -196,6 +199,7 @@ def prune_eval(
     n_calib: int = 16,
     q_grid_size: int = 4,
     q_fine_steps: int = 1,
+    etas: Sequence[float] = ETA_GRID,
     low_p_seeds: int = 1,
     lora_methods: Sequence[str] = METHODS,
     extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
@@ -226,6 +230,7 @@ def prune_eval(
         n_calib: unlabelled training inputs for WANDA's norms, the analytic and the unlabelled q.
         q_grid_size: coarse q candidates, geometric in [1 − p, 1] (end points included).
         q_fine_steps: fine candidates between the best coarse q's neighbours.
+        etas: candidates for the analytic q's free parameter η, chosen per cell on the validation examples.
         low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
         lora_methods: the methods run on the LoRA fine-tune's delta B·A (default: every method).
         extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
@@ -252,6 +257,7 @@ def prune_eval(
         n_calib=n_calib,
         q_grid_size=q_grid_size,
         q_fine_steps=q_fine_steps,
+        etas=tuple(float(e) for e in etas),
         exclude=tuple(exclude),
         batch_size=batch_size,
     )

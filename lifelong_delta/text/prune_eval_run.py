@@ -41,6 +41,7 @@ class Settings:
     n_calib: int
     q_grid_size: int
     q_fine_steps: int
+    etas: tuple[float, ...]
     exclude: tuple[str, ...]
     batch_size: int
 
@@ -48,7 +49,7 @@ class Settings:
         return asdict(self)
 
 
-#: η candidates of the analytic q (the authors' README uses 0.27–1.01 for BERT on GLUE).
+#: Default η candidates of the analytic q (the authors' README uses 0.27–1.01 for BERT on GLUE).
 ETA_GRID: tuple[float, ...] = (0.1, 0.27, 0.5, 1.0)
 
 
@@ -71,7 +72,7 @@ def cell_cost(method: str, p: float, sp: TaskSplits, s: Settings) -> tuple[int, 
     if method in ("darex-q-grid", "structural"):
         return g * sp.val.tokens + sp.test.tokens, 6.0 + g * sparse
     if method == "darex-q-analytic":
-        return len(ETA_GRID) * sp.val.tokens + sp.test.tokens, 6.0 + len(ETA_GRID) * sparse
+        return len(s.etas) * sp.val.tokens + sp.test.tokens, 6.0 + len(s.etas) * sparse
     if method == "darex-q-unlabelled":
         return (g + 1) * sp.calib.tokens + sp.test.tokens, 6.0 + g * sparse
     return sp.test.tokens, 6.0
@@ -210,18 +211,18 @@ class FinetuneRun:
         --analytical`` searches it on the validation metric (``find_optimal_param``), and their README lists
         η = 0.27–1.01 for BERT on GLUE. A fixed η mostly leaves rows whose ``Σ_j c_ij`` is negative scanning
         to the end of the grid, so every layer's q lands near 0.5 whatever p is (measured: 52.6 % on
-        trec/adamw at p = 0.9 with η = 0.37). Candidates: :data:`ETA_GRID`.
+        trec/adamw at p = 0.9 with η = 0.37). Candidates: ``Settings.etas`` (default :data:`ETA_GRID`).
         """
         means, _ = self._calibration()
         best: tuple[float, dict[str, float], float] | None = None
-        for eta in ETA_GRID:
+        for eta in self.s.etas:
             qs = analytic_q_per_layer(masked, means, eta=eta)
             masked.apply_(self.model, qs)
             acc = accuracy(self.model, self.sp.val)
             if best is None or acc > best[0]:
                 best = (acc, qs, eta)
         assert best is not None
-        return best[1], best[2], len(ETA_GRID)
+        return best[1], best[2], len(self.s.etas)
 
     def _unlabelled(self, masked: RescaledDelta, p: float) -> tuple[float, int]:
         restore_(self.model, {n: self.ft[n] for n in self.delta})  # the reference is the fine-tuned model

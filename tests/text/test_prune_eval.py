@@ -123,6 +123,7 @@ def test_q_grid_is_geometric_between_1_minus_p_and_1():
         ("max_test", {"max_test": 0}),
         ("lora_methods", {"lora_methods": ["sparsegpt"]}),
         ("jobs", {"jobs": 0}),
+        ("etas", {"etas": [0.5, 0.0]}),
     ],
 )
 def test_bad_options_are_value_errors_naming_the_option(tmp_path, option, kwargs):
@@ -139,6 +140,7 @@ def test_read_results_checks_the_columns(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- one tiny real fine-tune
+ETAS = [0.5, 3.0]  # not the default grid: the option must reach the analytic q
 TINY = {
     "epochs": 1,
     "max_train_examples": 24,
@@ -180,6 +182,7 @@ def study(tmp_path_factory):
         n_calib=4,
         q_grid_size=2,
         q_fine_steps=1,
+        etas=ETAS,
         jobs=1,
         progress=False,
     )
@@ -219,10 +222,8 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         qs = list(csv.DictReader(f))
     grid = [q for q in qs if q["finetune"] == "adamw" and q["method"] == "darex-q-grid" and q["p"] == "0.9"]
     assert len(grid) == 2 and all(0.1 - 1e-9 <= float(q["q"]) <= 1.0 for q in grid)
-    from lifelong_delta.text.prune_eval_run import ETA_GRID
-
     analytic = [q for q in qs if q["method"] == "darex-q-analytic"]
-    assert analytic and all(float(q["eta"]) in ETA_GRID and int(q["candidates"]) == len(ETA_GRID) for q in analytic)
+    assert analytic and all(float(q["eta"]) in ETAS and int(q["candidates"]) == len(ETAS) for q in analytic)
     assert all(q["eta"] == "" for q in grid)  # η only exists for the analytic mode
     for name in ("summary", "plot", "recommend", "meta"):
         assert (out / paths[name].split("/")[-1]).stat().st_size > 0
@@ -238,7 +239,7 @@ def test_two_worker_processes_write_the_same_rows_as_one(study, tmp_path):
     cache, out, paths = study
     two = prune_eval(
         cache_dir=str(cache), out=str(tmp_path / "two"), tasks=["trec"], finetunes=["adamw", "lora"], ps=[0.9],
-        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1,
+        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1, etas=ETAS,
         jobs=2, progress=False,
     )
     for name in ("results", "q_choices", "recommend"):
