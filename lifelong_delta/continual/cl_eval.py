@@ -220,8 +220,8 @@ def cl_eval(
     Returns:
         Path of ``summary.md``.
     """
-    given = {"methods": methods, "skip": skip, "seeds": seeds, "stream": stream, "config_dir": config_dir, "out_dir": out_dir,
-             "override": override}
+    given = {"methods": methods, "skip": skip, "seeds": seeds, "stream": stream, "config_dir": config_dir,
+             "out_dir": out_dir, "override": override}
     root = _config_dir(stream, config_dir)
     methods = list(methods or METHODS)
     unknown_skip = sorted(set(skip or ()) - set(methods))

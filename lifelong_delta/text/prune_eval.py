@@ -64,7 +64,6 @@ __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = STUDY_RECIPES
 METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
-#: Methods for the LoRA fine-tune's delta B·A (importance and structural pruning target full deltas).
 #: Deterministic methods: one row per p, with the first seed.
 SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
 EXTREME_P = 0.999
