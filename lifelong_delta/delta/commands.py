@@ -13,6 +13,8 @@ import inspect
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -170,6 +172,19 @@ def prune(
     return summary
 
 
+@contextmanager
+def _merged(base: str, finetuned: str, *, near: Path | None = None, progress: bool = False) -> Iterator[str]:
+    """``finetuned`` itself, or for a PEFT LoRA adapter a temporary full checkpoint ``base + scaling·B·A``
+    (unpruned; in ``near`` or the system temporary directory), deleted on exit."""
+    if not is_adapter_dir(finetuned):
+        yield finetuned
+        return
+    with tempfile.TemporaryDirectory(prefix=".lora-merge-", dir=near) as tmp:
+        merged = Path(tmp) / "merged"
+        stream_prune_lora(base, finetuned, merged, PruneSpec(method="dare", p=0.0), progress=progress)
+        yield str(merged)
+
+
 def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> PruneSummary:
     """``prune`` of a LoRA adapter with calibration (``--q_mode`` or WANDA): merge ``base + scaling·B·A`` unpruned
     into a temporary full checkpoint next to ``out``, prune that like a full fine-tune, then delete it.
@@ -188,11 +203,9 @@ def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> P
     check_output_path(Path(out), args["overwrite"])
     parent = Path(out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.merge-", dir=parent) as tmp:
-        merged = Path(tmp) / "merged"
-        stream_prune_lora(base, adapter, merged, PruneSpec(method="dare", p=0.0), progress=args["progress"])
+    with _merged(base, adapter, near=parent, progress=args["progress"]) as merged:
         kwargs = {k: v for k, v in args.items() if k in inspect.signature(prune).parameters}
-        return prune(**{**kwargs, "base": base, "finetuned": str(merged), "out": out})
+        return prune(**{**kwargs, "base": base, "finetuned": merged, "out": out})
 
 
 def stats(
@@ -207,7 +220,8 @@ def stats(
 
     Args:
         base: Pretrained model (HF directory or .safetensors file).
-        finetuned: Fine-tuned model.
+        finetuned: Fine-tuned model, or a PEFT LoRA adapter directory (merged into a temporary checkpoint first:
+            its delta is scaling·B·A, and zero for the tensors it does not adapt).
         exclude: Glob patterns of tensors to skip.
         png: Also save a plot of the per-tensor statistics to this PNG file.
         top: Only list the TOP tensors with the largest ‖δ‖/‖θ_pre‖ (the pooled row covers all).
@@ -217,7 +231,8 @@ def stats(
         raise ValueError(f"--top must be >= 1, got {top}")
     if png is not None and not Path(png).resolve().parent.is_dir():
         raise ValueError(f"--png {png}: directory {Path(png).parent} does not exist")
-    result = stream_delta_stats(base, finetuned, _patterns(exclude), progress=progress)
+    with _merged(base, finetuned, progress=progress) as merged:
+        result = stream_delta_stats(base, merged, _patterns(exclude), progress=progress)
     console = _console()
     console.print(result.table(top=top))
     if png is not None:
@@ -240,7 +255,8 @@ def recommend(
 
     Args:
         base: Pretrained model.
-        finetuned: Fine-tuned model.
+        finetuned: Fine-tuned model, or a PEFT LoRA adapter directory (its delta B·A is low-rank, which rules out
+            importance pruning).
         target_p: Drop rate you want, in [0, 1).
         has_labelled_data: You have a labelled validation set.
         has_unlabelled_data: You have unlabelled inputs (a batch is enough).
@@ -250,9 +266,11 @@ def recommend(
     """
     if not 0.0 <= target_p < 1.0:
         raise ValueError(f"--target_p must be in [0, 1), got {target_p}")
-    result = stream_delta_stats(base, finetuned, _patterns(exclude), progress=progress)
+    with _merged(base, finetuned, progress=progress) as merged:
+        result = stream_delta_stats(base, merged, _patterns(exclude), progress=progress)
     rec = choose_method(result, target_p=target_p, has_labelled_data=has_labelled_data,
-                        has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune)
+                        has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune,
+                        low_rank=is_adapter_dir(finetuned))
     console = _console()
     console.print(f"[bold]recommendation:[/bold] {rec.label}")
     console.print(f"[bold]why:[/bold] {rec.reason}", highlight=False)

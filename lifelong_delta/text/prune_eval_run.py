@@ -97,7 +97,8 @@ class FinetuneResult:
         """
         out = []
         for p in sorted(x for x in ps if x >= 0.9):
-            kw = {"target_p": p, "has_labelled_data": True, "has_unlabelled_data": True}
+            kw = {"target_p": p, "has_labelled_data": True, "has_unlabelled_data": True,
+                  "low_rank": self.finetune == "lora"}
             post = recommend(self.stats, can_refinetune=False, **kw)
             refit = recommend(self.stats, can_refinetune=True, **kw)
             pick = f"darex-q-{post.q_mode}" if post.method == "darex-q" else post.method

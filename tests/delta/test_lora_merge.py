@@ -156,3 +156,37 @@ def test_adapter_that_does_not_fit_the_base(tmp_path):
         prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"), lora_prune="factors",
               progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_stats_and_recommend_read_an_adapter_as_its_product(tmp_path, monkeypatch):
+    """``stats`` / ``recommend`` on an adapter see δ = scaling·B·A (zero where it adapts nothing), like on the model
+    merged by hand; and ``recommend`` knows the delta is low-rank, so it never picks importance pruning."""
+    import tempfile
+
+    from lifelong_delta.delta.commands import recommend, stats
+
+    base_sd, tensors = _setup(tmp_path)
+    merged = dict(base_sd)
+    for t in TARGETS:
+        merged[f"{t}.weight"] = (base_sd[f"{t}.weight"].double() + _dense(tensors, t)).float()
+    merged["classifier.weight"] = tensors["base_model.model.classifier.weight"]
+    write_checkpoint(tmp_path / "by_hand", merged, "1KB")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    kw = {"exclude": ["classifier.*"], "progress": False}
+    got = {s.name: s for s in stats(str(tmp_path / "base"), str(tmp_path / "adapter"), **kw).layers}
+    want = {s.name: s for s in stats(str(tmp_path / "base"), str(tmp_path / "by_hand"), **kw).layers}
+    assert got.keys() == want.keys() and "layers.1.weight" in got
+    for name, s in want.items():
+        assert got[name].norm == pytest.approx(s.norm, rel=1e-5, abs=1e-7), name
+    assert got["layers.1.weight"].norm == 0.0
+    assert got["layers.0.weight"].norm == pytest.approx(float(_dense(tensors, "layers.0").norm()), rel=1e-5)
+
+    rec_kw = {"target_p": 0.5, "has_labelled_data": True, "can_refinetune": False, **kw}
+    full = recommend(str(tmp_path / "base"), str(tmp_path / "by_hand"), **rec_kw)
+    lora = recommend(str(tmp_path / "base"), str(tmp_path / "adapter"), **rec_kw)
+    assert full.numbers["rel_norm"] > 0.1 and full.method == "wanda"  # a large delta
+    assert lora.numbers["rel_norm"] == pytest.approx(full.numbers["rel_norm"], rel=1e-5)
+    assert lora.method == "darex-q" and "LoRA product" in lora.reason
+    assert list((tmp_path / "tmp").iterdir()) == []  # the temporary merges are gone

@@ -58,6 +58,16 @@ def test_large_delta_is_importance_pruning_or_adamr():
     assert recommend(big, target_p=0.99, can_refinetune=False).method == "magnitude"
 
 
+def test_a_large_low_rank_delta_is_not_importance_pruned():
+    big = _stats(0.2)
+    kw = {"target_p": 0.9, "has_labelled_data": True, "can_refinetune": False}
+    assert recommend(big, **kw).method == "wanda"
+    rec = recommend(big, low_rank=True, **kw)
+    assert (rec.method, rec.q_mode) == ("darex-q", "grid") and "LoRA product" in rec.reason
+    assert recommend(big, low_rank=True, target_p=0.9).method == "refinetune-adamr"  # ρ = 0.6
+    assert recommend(_stats(0.01), low_rank=True, target_p=0.9) == recommend(_stats(0.01), target_p=0.9)
+
+
 @pytest.mark.parametrize(
     ("rel_norm", "p", "post_hoc", "if_refinetune"),
     [  # the measured MiniLM fine-tunes of docs/reproduction.md (finding 5): what was best in the study
