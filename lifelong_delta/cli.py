@@ -109,6 +109,20 @@ def lightning_main(args: list[str] | None = None) -> None:
         print(f"error: {msg} ({type(err).__name__}; LIFELONG_DELTA_TRACEBACK=1 shows the traceback)",
               file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group if one is up.
+
+    Lightning's DDP strategy leaves it alive after ``fit``; a gloo group still alive at interpreter exit can abort
+    the process ("terminate called without an active exception", exit status -6) after all work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _normalise_flags(argv: list[str], command: Callable[..., Any] | None = None) -> list[str]:

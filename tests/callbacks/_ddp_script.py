@@ -68,4 +68,9 @@ def run(out: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), sys.argv[2])
+    from lifelong_delta.cli import close_process_group
+
+    try:
+        run(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        close_process_group()  # a gloo group alive at exit can abort the process
