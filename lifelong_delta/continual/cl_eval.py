@@ -224,10 +224,11 @@ def cl_eval(
              "out_dir": out_dir, "override": override}
     root = _config_dir(stream, config_dir)
     methods = list(methods or METHODS)
-    unknown_skip = sorted(set(skip or ()) - set(methods))
-    if unknown_skip:
-        raise ValueError(f"skip={unknown_skip} names method(s) that are not run; choose from {methods}")
-    methods = [m for m in methods if m not in set(skip or ())]
+    skipped = set(skip or ())
+    if skipped - set(methods):
+        raise ValueError(f"skip={sorted(skipped - set(methods))} names method(s) that are not run; "
+                         f"choose from {methods}")
+    methods = [m for m in methods if m not in skipped]
     if not methods:
         raise ValueError("skip leaves no method to run")
     seeds = [0, 1, 2] if seeds is None else list(seeds)

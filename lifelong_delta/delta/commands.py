@@ -126,8 +126,18 @@ def prune(
         rescale = "q"
     spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
                      structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
+    calibrating = q_mode is not None or METHODS[method].needs_input_norms
+    if calibrating:  # checked before anything is read, merged or written
+        what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
+        if lora_prune != "product" and is_adapter_dir(finetuned):
+            raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
+                             "drop --lora_prune factors")
+        if calib_data is None:
+            raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+        if not Path(calib_data).is_file():
+            raise ValueError(f"--calib_data {calib_data}: file not found")
     if is_adapter_dir(finetuned):
-        if q_mode is not None or METHODS[method].needs_input_norms:
+        if calibrating:
             return _prune_adapter_via_merge(base, finetuned, out, locals())
         summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=lora_prune, overwrite=overwrite,
                                     out_shard_size=out_shard_size, progress=progress)
@@ -144,10 +154,7 @@ def prune(
         _console().print(match.describe(), highlight=False, soft_wrap=True)
 
     input_norms = q_per_tensor = None
-    if q_mode is not None or METHODS[method].needs_input_norms:
-        if calib_data is None:
-            what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
-            raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+    if calibrating:
         from lifelong_delta.delta import calibration as cal
 
         model, batches, labels = cal.load(finetuned, calib_data, need_labels=q_mode == "grid",
@@ -192,14 +199,6 @@ def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> P
     The calibration needs the fine-tuned model loaded, which is the merged one. The pruned delta is the product
     ``B·A`` (``--lora_prune product``), rounded once to the base's dtype by the merge, as a merged PEFT model is.
     """
-    what = f"--q_mode {args['q_mode']}" if args["q_mode"] else f"--method {args['method']}"
-    if args["lora_prune"] != "product":
-        raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
-                         "drop --lora_prune factors")
-    if args["calib_data"] is None:
-        raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
-    if not Path(args["calib_data"]).is_file():
-        raise ValueError(f"--calib_data {args['calib_data']}: file not found")
     check_output_path(Path(out), args["overwrite"])
     parent = Path(out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
