@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lifelong_delta.delta.darex import analytic_row_q, analytic_row_q_sequential
+from lifelong_delta.delta.analytic_q import analytic_row_q, analytic_row_q_sequential
 
 
 def main() -> None:

@@ -3,17 +3,9 @@
 DARE (arXiv 2311.03099), DAREx-q, importance and structural pruning (arXiv 2410.09344), LoRA deltas.
 """
 
+from lifelong_delta.delta.analytic_q import analytic_q_per_layer, analytic_row_q, min_mse_q_per_layer
 from lifelong_delta.delta.dare import dare, dare_merge, resolve_q
-from lifelong_delta.delta.darex import (
-    MaskedDelta,
-    QSearchResult,
-    analytic_q_per_layer,
-    analytic_row_q,
-    default_coarse_grid,
-    min_mse_q_per_layer,
-    select_q_grid,
-    select_q_unlabelled,
-)
+from lifelong_delta.delta.darex import MaskedDelta, QSearchResult, default_coarse_grid, select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import InputStats, collect_input_stats, importance_prune
 from lifelong_delta.delta.lora import (
     LoraAdapter,

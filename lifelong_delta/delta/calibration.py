@@ -3,7 +3,8 @@
 Loads the fine-tuned Hugging Face model (the class named in its ``config.json``) and a small text file, and
 computes what the streaming prune needs: one global q (grid on labelled accuracy, or the unlabelled last-layer
 output change), per-tensor q (analytic), or per-tensor input norms ‖x_j‖₂. The math lives in
-:mod:`lifelong_delta.delta.darex` and :mod:`lifelong_delta.delta.importance`; this module only wires data to it.
+:mod:`lifelong_delta.delta.darex`, :mod:`lifelong_delta.delta.analytic_q` and :mod:`lifelong_delta.delta.importance`;
+this module only wires data to it.
 Tensor names are the model's ``state_dict`` names, which equal the checkpoint's for the class it was saved from.
 """
 
@@ -19,13 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lifelong_delta.delta.darex import (
-    MaskedDelta,
-    QSearchResult,
-    analytic_q_per_layer,
-    select_q_grid,
-    select_q_unlabelled,
-)
+from lifelong_delta.delta.analytic_q import analytic_q_per_layer
+from lifelong_delta.delta.darex import MaskedDelta, QSearchResult, select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for

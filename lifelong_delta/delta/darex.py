@@ -6,9 +6,8 @@ Build the masked delta once per seed (:meth:`MaskedDelta.build`); after that eac
 a rescale (:meth:`MaskedDelta.apply_`) and an evaluation. q is chosen
 
 1. on a labelled metric with a coarse-then-fine global grid (:func:`select_q_grid`),
-2. per layer, analytically from ``c_ij = Δw_ij · mean(x_j)`` on calibration inputs: the authors' tail-bound
-   objective (:func:`analytic_q_per_layer`, taken from their code at https://github.com/vengdeng/DAREx) or this
-   project's parameter-free minimum-MSE closed form (:func:`min_mse_q_per_layer`), or
+2. per layer, analytically from ``c_ij = Δw_ij · mean(x_j)`` on calibration inputs
+   (:mod:`lifelong_delta.delta.analytic_q`), or
 3. without labels, minimising ``mean |h_last(ft) − h_last(pruned)|`` (:func:`select_q_unlabelled`).
 """
 
@@ -30,13 +29,9 @@ from lifelong_delta.delta.methods import is_excluded
 __all__ = [
     "MaskedDelta",
     "QSearchResult",
-    "select_q_grid",
-    "analytic_q_per_layer",
-    "analytic_row_q",
-    "bernoulli_subgaussian_phi",
-    "min_mse_q_per_layer",
-    "select_q_unlabelled",
     "default_coarse_grid",
+    "select_q_grid",
+    "select_q_unlabelled",
 ]
 
 
@@ -221,8 +216,8 @@ def select_q_grid(
         q = round(q, 12)  # candidates that coincide up to rounding are evaluated once
         if q not in seen:
             v = float(evaluate(q))
-            if v != v:
-                raise ValueError(f"evaluate({q:g}) returned NaN; the metric must be a finite number")
+            if not math.isfinite(v):
+                raise ValueError(f"evaluate({q:g}) returned {v}; the metric must be a finite number")
             seen[q] = v
             table.append((q, v))
         return seen[q]
@@ -235,241 +230,6 @@ def select_q_grid(
         fine = [lo + (hi - lo) * k / (fine_steps + 1) for k in range(1, fine_steps + 1)]
         best = max([best, *(round(q, 12) for q in fine)], key=lambda q: sign * run(q))
     return QSearchResult(q=best, table=table)
-
-
-def bernoulli_subgaussian_phi(p: float) -> float:
-    """``Φ(p) = (1 − 2p) / log((1 − p) / p)``, twice the optimal sub-Gaussian variance proxy of a Bernoulli(p).
-
-    ``Φ(0.5) = 1/2`` (the limit; the formula is 0/0 there). Used by :func:`analytic_q_per_layer`.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p={p}: Φ(p) needs 0 < p < 1")
-    if abs(p - 0.5) < 1e-9:
-        return 0.5
-    return (1.0 - 2.0 * p) / math.log((1.0 - p) / p)
-
-
-def _layer_contributions(masked: MaskedDelta, name: str, xbar: torch.Tensor) -> torch.Tensor:
-    """``c [out, in(+1)]``: ``Δw_ij · mean(x_j)``, with the layer's bias delta appended as a column (input 1)."""
-    d = masked.delta[name]
-    c = d.double() * xbar.to(device=d.device, dtype=torch.float64)[None, :]
-    bias = name[: -len("weight")] + "bias" if name.endswith("weight") else None
-    if bias is not None and bias in masked.delta and masked.delta[bias].shape == (d.shape[0],):
-        c = torch.cat([c, masked.delta[bias].double()[:, None]], dim=1)
-    return c
-
-
-_Q_BLOCK = 64  # q values per block of :func:`analytic_row_q`'s scan
-
-
-def analytic_row_q(
-    c: torch.Tensor,
-    p: float,
-    *,
-    eta: float = 0.37,
-    gamma: float = 0.95,
-    stop_fraction: float | None = 0.8,
-    step: float = 0.001,
-) -> torch.Tensor:
-    """Per-output-row q of DAREx-q's analytic mode: the grid q minimising a tail bound on the row's output change.
-
-    With ``m_ij ~ Bernoulli(1 − p)`` the pruned layer's output change on the mean input is
-    ``h_i = Σ_j c_ij (1 − m_ij / q)``. Bounding its moment generating function with the sub-Gaussian proxy of a
-    Bernoulli (:func:`bernoulli_subgaussian_phi`) gives, for a free parameter ``η > 0``, the objective
-
-        F_i(q) = | η · (1 − (1 − p)/q) · Σ_j c_ij  +  η² · Φ(p) · Σ_j c_ij² / (4 q²)  +  log(2 / (1 − γ)) |
-
-    (η times the high-probability bound on ``h_i`` at confidence γ). q runs over the grid
-    ``(1 − p), (1 − p) + step, …, 0.998`` (``step = 0.001``; 1 − p rounded up to the grid, where the authors' code
-    rounds down); each row keeps the q of its smallest ``F_i`` (ties go to the larger q). The scan stops early once
-    ``stop_fraction`` of the rows have seen ``F_i`` stop decreasing, which keeps rows dominated by outlier features
-    from dragging the scan to q = 1.
-
-    This is the algorithm of the authors' code, ``analytical_resolve_new`` in ``utils/analyticalq.py`` of
-    https://github.com/vengdeng/DAREx (commit 8f5ced8), computed here in float64 instead of float16.
-
-    Args:
-        c: ``[out, k]`` contributions ``c_ij``.
-        p: Drop rate in ``(0, 1)``.
-        eta: The bound's free parameter η (the authors tune it on validation data per task; their README uses
-            0.27 – 1.01 for BERT on GLUE).
-        gamma: Confidence of the bound (the authors use 0.95).
-        stop_fraction: Fraction of rows past their minimum at which the scan stops (the authors use 0.8);
-            None scans the whole grid (each row then gets the grid argmin of ``F_i``).
-        step: Grid step of q.
-
-    Returns:
-        ``[out]`` float64 q per row.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p={p}: the analytic q needs 0 < p < 1")
-    if not eta > 0.0:
-        raise ValueError(f"eta={eta} must be > 0")
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma={gamma} must be in (0, 1)")
-    c = c.double()
-    s1, s2 = c.sum(1), c.pow(2).sum(1)
-    phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
-    n_steps = round(1.0 / step)
-    ks = torch.arange(math.ceil((1.0 - p) * n_steps - 1e-9), n_steps - 1, dtype=torch.float64)
-    best_q = torch.full_like(s1, 1.0 - p)
-    best = torch.full_like(s1, math.inf)
-    stopped = torch.zeros_like(s1, dtype=torch.bool)
-    # The scan of the authors' code, one q at a time, is evaluated a block of q values at once: in a block, a
-    # q improves a row when its F is <= the minimum over every earlier q (the running minimum before it), and
-    # the row has stopped from the first q whose F is >= that minimum. The scan ends at the first q after which
-    # stop_fraction of the rows have stopped; the rows keep the last improving q up to there. Same values as the
-    # sequential loop (the same float64 operations per element), ~100x fewer kernel launches.
-    for start in range(0, len(ks), _Q_BLOCK):
-        q = (ks[start : start + _Q_BLOCK] * step)[:, None]  # [b, 1]
-        res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()  # [b, rows]
-        prev_min = torch.cat([best[None], res[:-1]]).cummin(0).values
-        improved, worse = res <= prev_min, res >= prev_min
-        stop_now = (stopped[None] | worse.cummax(0).values)  # [b, rows]: stopped after each q
-        end = len(q)
-        if stop_fraction is not None:
-            hit = (stop_now.double().mean(1) >= stop_fraction).nonzero()
-            if len(hit):
-                end = int(hit[0]) + 1
-        steps = torch.arange(end, dtype=torch.long)[:, None]
-        last = torch.where(improved[:end], steps, -1).max(0).values  # last improving q of each row, or -1
-        best_q = torch.where(last >= 0, q[:end, 0][last.clamp(min=0)], best_q)
-        best = torch.minimum(best, res[:end].min(0).values)
-        stopped = stop_now[end - 1]
-        if end < len(q):
-            break
-    return best_q
-
-
-def analytic_row_q_sequential(
-    c: torch.Tensor, p: float, *, eta: float = 0.37, gamma: float = 0.95, stop_fraction: float | None = 0.8,
-    step: float = 0.001,
-) -> torch.Tensor:
-    """:func:`analytic_row_q` computed as the authors' code does, one q per iteration: the reference that the
-    blocked scan is tested and benchmarked against (same arguments, same result bit for bit, slower)."""
-    c = c.double()
-    s1, s2 = c.sum(1), c.pow(2).sum(1)
-    phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
-    best_q, best = torch.full_like(s1, 1.0 - p), torch.full_like(s1, math.inf)
-    stopped = torch.zeros_like(s1, dtype=torch.bool)
-    for k in range(math.ceil((1.0 - p) * round(1.0 / step) - 1e-9), round(1.0 / step) - 1):
-        q = k * step
-        res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()
-        improved, worse = res <= best, res >= best
-        best = torch.where(improved, res, best)
-        best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
-        stopped |= worse
-        if stop_fraction is not None and stopped.double().mean() >= stop_fraction:
-            break
-    return best_q
-
-
-def analytic_q_per_layer(
-    masked: MaskedDelta,
-    mean_inputs: Mapping[str, torch.Tensor],
-    *,
-    eta: float = 0.37,
-    gamma: float = 0.95,
-    stop_fraction: float | None = 0.8,
-) -> dict[str, float]:
-    """DAREx-q's analytic per-layer q (Deng et al., arXiv 2410.09344), as implemented by the authors.
-
-    For each weight matrix with a ``mean_inputs`` entry, ``c_ij = Δw_ij · mean(x_j)`` (the layer's bias delta
-    appended as one more column with input 1), every output row gets q from :func:`analytic_row_q`, and the layer's q
-    is the mean over rows. The layer's bias gets the layer's q; every other pruned tensor (embeddings, norms, a
-    weight without calibration inputs) gets the mean of the layer qs, or ``1 − p`` when no layer has one. This
-    follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx (``utils/analyticalq.py``,
-    ``utils/deltaprune.py``).
-
-    Source note: the objective is taken from the authors' code; the paper's own text (its equation numbers) was not
-    available to us, so no equation is cited here. The parameter-free alternative derived in this project is
-    :func:`min_mse_q_per_layer`.
-
-    Args:
-        masked: The masked delta (supplies p and Δw).
-        mean_inputs: ``{weight name: [in] mean(x_j)}`` e.g. from
-            :func:`lifelong_delta.delta.importance.collect_input_stats`.
-        eta: The bound's free parameter η (see :func:`analytic_row_q`).
-        gamma: Confidence of the bound.
-        stop_fraction: Early-stop fraction of the q scan.
-
-    Returns:
-        ``{name: q}`` for every tensor of ``masked``.
-
-    Raises:
-        ValueError: a mean-input vector whose length is not the weight's ``in`` dimension, or bad eta/gamma.
-    """
-    p = masked.p
-    layer_q: dict[str, float] = {}
-    for name in masked.names:
-        d, xbar = masked.delta[name], mean_inputs.get(name)
-        if xbar is None or d.dim() != 2:
-            continue
-        if xbar.shape != (d.shape[1],):
-            raise ValueError(f"mean_inputs[{name!r}] has shape {tuple(xbar.shape)}, expected [{d.shape[1]}]")
-        if p == 0.0:
-            layer_q[name] = 1.0
-            continue
-        rows = analytic_row_q(_layer_contributions(masked, name, xbar), p, eta=eta, gamma=gamma,
-                              stop_fraction=stop_fraction)
-        layer_q[name] = float(rows.mean())
-    fallback = sum(layer_q.values()) / len(layer_q) if layer_q else 1.0 - p
-    out: dict[str, float] = {}
-    for name in masked.names:
-        weight = name[: -len("bias")] + "weight" if name.endswith("bias") else None
-        out[name] = layer_q.get(name, layer_q.get(weight, fallback) if weight else fallback)
-    return out
-
-
-def min_mse_q_per_layer(
-    masked: MaskedDelta,
-    mean_inputs: Mapping[str, torch.Tensor],
-    *,
-    clip: bool = True,
-) -> dict[str, float]:
-    """Per-layer q minimising the expected squared output change (this project's derivation, not the paper's).
-
-    For output unit i and the mean calibration input x̄, the change of the layer output caused by pruning is
-    ``h_i = Σ_j c_ij (1 − m_ij / q)`` with ``c_ij = Δw_ij · mean(x_j)`` and ``m_ij ~ Bernoulli(1 − p)``. With
-    ``S1_i = Σ_j c_ij`` and ``S2_i = Σ_j c_ij²``:
-
-        E[h_i]   = (1 − (1 − p)/q) · S1_i          (bias, zero at q = 1 − p)
-        Var[h_i] = p (1 − p) / q² · S2_i           (variance, shrinks as q grows)
-
-    Minimising ``Σ_i E[h_i²]`` over ``u = 1/q`` gives the closed form
-
-        q* = (1 − p) + p · Σ_i S2_i / Σ_i S1_i²
-
-    clipped to ``[1 − p, 1]`` (``q = 1`` when ``Σ_i S1_i² = 0``). Unlike :func:`analytic_q_per_layer` it has no free
-    parameter. Tensors without a ``mean_inputs`` entry and non-2-D tensors (biases, norms, convs) get ``1 − p``.
-
-    Args:
-        masked: The masked delta (supplies p and Δw).
-        mean_inputs: ``{weight name: [in] mean(x_j)}``.
-        clip: Clip q to ``[1 − p, 1]``.
-
-    Returns:
-        ``{name: q}`` for every tensor of ``masked``.
-
-    Raises:
-        ValueError: a mean-input vector whose length is not the weight's ``in`` dimension.
-    """
-    p = masked.p
-    out: dict[str, float] = {}
-    for name in masked.names:
-        d = masked.delta[name]
-        xbar = mean_inputs.get(name)
-        if xbar is None or d.dim() != 2:
-            out[name] = 1.0 - p
-            continue
-        if xbar.shape != (d.shape[1],):
-            raise ValueError(f"mean_inputs[{name!r}] has shape {tuple(xbar.shape)}, expected [{d.shape[1]}]")
-        c = d * xbar.to(device=d.device, dtype=torch.float32)[None, :]  # c_ij = Δw_ij · mean(x_j)
-        s1sq = c.sum(1).double().pow(2).sum().item()  # Σ_i S1_i²
-        s2 = c.double().pow(2).sum().item()  # Σ_i S2_i
-        q = (1.0 - p) + p * s2 / s1sq if s1sq > 0 else 1.0
-        out[name] = min(max(q, 1.0 - p), 1.0) if clip else q
-    return out
 
 
 def select_q_unlabelled(

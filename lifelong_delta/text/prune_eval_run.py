@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lifelong_delta.delta.calibration import input_norms
-from lifelong_delta.delta.darex import analytic_q_per_layer, select_q_grid, select_q_unlabelled
+from lifelong_delta.delta.analytic_q import analytic_q_per_layer
+from lifelong_delta.delta.darex import select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.lora import load_lora_adapter, lora_deltas
 from lifelong_delta.delta.methods import is_excluded
