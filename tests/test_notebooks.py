@@ -56,3 +56,43 @@ def test_prune_eval_notebook_draws_the_plots_from_a_results_csv(tmp_path, monkey
     assert len(images) >= 2  # accuracy vs p, and the bar chart at the most extreme p
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "darex-q-grid" in html and "±" in html  # the mean ± std table
+
+
+def _tiny_cl_study(root: Path, methods: dict[str, float], seeds: int, tasks: int, runs: bool) -> int:
+    """A results.csv (and optionally runs/<method>/seed<k>/cl_metrics.json) like `lifelong-delta cl-eval` writes."""
+    root.mkdir(parents=True)
+    rows = []
+    for method, acc in methods.items():
+        for s in range(seeds):
+            a = round(acc + 0.01 * s, 6)
+            forgetting = 0.0 if method == "joint" else round(0.8 - acc, 6)
+            rows.append((method, s, a, forgetting, -forgetting))
+            if runs and method != "joint":
+                R = [[(acc if j <= i else None) for j in range(tasks)] for i in range(tasks)]
+                out = root / "runs" / method / f"seed{s}"
+                out.mkdir(parents=True)
+                (out / "cl_metrics.json").write_text(json.dumps({"accuracy_matrix": R}))
+    with open(root / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "average_accuracy", "forgetting", "bwt"])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def test_cl_eval_notebook_compares_studies_and_skips_missing_ones(tmp_path, monkeypatch):
+    five = _tiny_cl_study(tmp_path / "cl_eval", {"ft": 0.2, "predkd": 0.25, "l2": 0.3, "joint": 0.7}, 3, 5, False)
+    two = _tiny_cl_study(tmp_path / "cl_eval_2x5", {"ft": 0.3, "predkd_featkd": 0.45, "codap": 0.35}, 2, 2, True)
+    dirs = [tmp_path / "cl_eval", tmp_path / "cl_eval_2x5", tmp_path / "missing"]
+    monkeypatch.setenv("CL_EVAL_DIRS", ":".join(map(str, dirs)))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    nb = _run(ROOT / "notebooks" / "cl_eval.ipynb", tmp_path)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"{five} rows from {dirs[0] / 'results.csv'}" in text and f"{two} rows from" in text
+    assert f"skipped {dirs[2]}" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # A_N vs F_N, paired gain over FT, last row of R (runs of the 2x5 study only)
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    # mean ± std over seeds in %, labels from cl_eval.LABELS, and "–" where a method was not run in a study
+    assert "26.0 ± 1.0" in html and "PredKD+FeatKD" in html and "CODA-P" in html and "–" in html
