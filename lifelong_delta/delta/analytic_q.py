@@ -7,7 +7,8 @@ For a weight matrix with delta ``Δw`` and mean calibration input ``x̄``, pruni
 from ``c``:
 
 * :func:`analytic_q_per_layer`: the authors' tail-bound objective, per output row, taken from their code at
-  https://github.com/vengdeng/DAREx (free parameter η);
+  https://github.com/vengdeng/DAREx (free parameter η), in their float16 arithmetic by default (see
+  :func:`analytic_row_q` for why that matters);
 * :func:`min_mse_q_per_layer`: this project's closed form minimising ``Σ_i E[h_i²]`` (no free parameter).
 
 :class:`lifelong_delta.delta.darex.MaskedDelta` supplies ``p`` and ``Δw``; the chosen qs go back to its ``apply_``.
@@ -17,12 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from lifelong_delta.delta.darex import MaskedDelta
 
+Arithmetic = Literal["float16", "float64"]
+
 __all__ = [
+    "Arithmetic",
     "analytic_q_per_layer",
     "analytic_row_q",
     "analytic_row_q_sequential",
@@ -43,13 +48,18 @@ def bernoulli_subgaussian_phi(p: float) -> float:
     return (1.0 - 2.0 * p) / math.log((1.0 - p) / p)
 
 
-def _layer_contributions(masked: MaskedDelta, name: str, xbar: torch.Tensor) -> torch.Tensor:
-    """``c [out, in(+1)]``: ``Δw_ij · mean(x_j)``, with the layer's bias delta appended as a column (input 1)."""
+def _layer_contributions(
+    masked: MaskedDelta, name: str, xbar: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``c [out, in(+1)]``: ``Δw_ij · mean(x_j)``, with the layer's bias delta appended as a column (input 1).
+
+    Computed in ``dtype`` (the authors multiply in float32 and then round c to float16).
+    """
     d = masked.delta[name]
-    c = d.double() * xbar.to(device=d.device, dtype=torch.float64)[None, :]
+    c = d.to(dtype) * xbar.to(device=d.device, dtype=dtype)[None, :]
     bias = name[: -len("weight")] + "bias" if name.endswith("weight") else None
     if bias is not None and bias in masked.delta and masked.delta[bias].shape == (d.shape[0],):
-        c = torch.cat([c, masked.delta[bias].double()[:, None]], dim=1)
+        c = torch.cat([c, masked.delta[bias].to(dtype)[:, None]], dim=1)
     return c
 
 
@@ -64,6 +74,7 @@ def analytic_row_q(
     gamma: float = 0.95,
     stop_fraction: float | None = 0.8,
     step: float = 0.001,
+    arithmetic: Arithmetic = "float16",
 ) -> torch.Tensor:
     """Per-output-row q of DAREx-q's analytic mode: the grid q minimising a tail bound on the row's output change.
 
@@ -80,7 +91,20 @@ def analytic_row_q(
     from dragging the scan to q = 1.
 
     This is the algorithm of the authors' code, ``analytical_resolve_new`` in ``utils/analyticalq.py`` of
-    https://github.com/vengdeng/DAREx (commit 8f5ced8), computed here in float64 instead of float16.
+    https://github.com/vengdeng/DAREx (commit 8f5ced8).
+
+    ``arithmetic`` decides how it is computed, and the two give very different q on small deltas:
+
+    * ``"float16"`` (default): as the authors' code does. c, its row sums and every term of ``F_i`` are float16
+      tensors, and so is the running best. For small ``c_ij`` the objective is ``log(2/(1−γ)) ≈ 3.69`` plus terms
+      below float16's resolution there (``2⁻⁹ ≈ 0.002``), so the second q ties with the first: a tie counts as an
+      improvement *and* as "stopped", the scan ends, and the row keeps ``q = (1 − p) + step``, about DARE's rescale.
+      Only rows whose terms are large enough to move the rounded objective get another q. In effect float16 is a
+      tolerance on the improvement. This is the variant that reproduces the paper's claim on our MiniLM fine-tunes
+      (docs/reproduction.md, finding 2).
+    * ``"float64"``: the objective exactly, in float64, with no ties. Rows with ``Σ_j c_ij < 0`` then keep
+      improving up to the end of the grid and rows with ``Σ_j c_ij > 0`` stay near ``1 − p``, so on small deltas
+      a layer's mean q is about 0.5 whatever p is, which prunes far worse than DARE. Blocked scan, below.
 
     Args:
         c: ``[out, k]`` contributions ``c_ij``.
@@ -91,6 +115,7 @@ def analytic_row_q(
         stop_fraction: Fraction of rows past their minimum at which the scan stops (the authors use 0.8);
             None scans the whole grid (each row then gets the grid argmin of ``F_i``).
         step: Grid step of q.
+        arithmetic: ``"float16"`` (the authors') or ``"float64"``, see above.
 
     Returns:
         ``[out]`` float64 q per row.
@@ -101,11 +126,15 @@ def analytic_row_q(
         raise ValueError(f"eta={eta} must be > 0")
     if not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma={gamma} must be in (0, 1)")
+    if arithmetic == "float16":
+        return _row_q_float16(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step)
+    if arithmetic != "float64":
+        raise ValueError(f"arithmetic={arithmetic!r}: choose 'float16' (the authors') or 'float64'")
     c = c.double()
     s1, s2 = c.sum(1), c.pow(2).sum(1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
     n_steps = round(1.0 / step)
-    ks = torch.arange(math.ceil((1.0 - p) * n_steps - 1e-9), n_steps - 1, dtype=torch.float64)
+    ks = torch.arange(_grid_start(p, step), n_steps - 1, dtype=torch.float64)
     best_q = torch.full_like(s1, 1.0 - p)
     best = torch.full_like(s1, math.inf)
     stopped = torch.zeros_like(s1, dtype=torch.bool)
@@ -135,18 +164,52 @@ def analytic_row_q(
     return best_q
 
 
+def _grid_start(p: float, step: float) -> int:
+    """First grid index: 1 − p rounded up to the grid (the authors round down, which can start below 1 − p)."""
+    return math.ceil((1.0 - p) * round(1.0 / step) - 1e-9)
+
+
+def _row_q_float16(
+    c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float
+) -> torch.Tensor:
+    """:func:`analytic_row_q` in the authors' float16 arithmetic, one q per iteration in their order of operations.
+
+    Python-float scalars times float16 tensors give float16 tensors, as in their code; the row sums are taken
+    once instead of at every q (the same values). The scan usually ends within a few q (ties stop it).
+    """
+    c = c.to(torch.float16)
+    s1 = torch.sum(c, dim=1)
+    s2 = torch.sum(c**2, dim=1)
+    phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
+    best_q = torch.full(s1.shape, 1.0 - p, dtype=torch.float64)
+    best = torch.full(s1.shape, 10000.0, dtype=torch.float16)
+    stopped = torch.zeros(s1.shape, dtype=torch.bool)
+    for k in range(_grid_start(p, step), round(1.0 / step) - 1):
+        q = k * step
+        term1 = (1 - (1 - p) / q) * s1
+        term2 = eta**2 * phi * s2 / (4 * q**2) + const
+        res = abs(eta * term1 + term2)  # float16
+        improved, worse = res <= best, res >= best
+        best = torch.where(improved, res, best)
+        best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
+        stopped |= worse
+        if stop_fraction is not None and stopped.double().mean() >= stop_fraction:
+            break
+    return best_q
+
+
 def analytic_row_q_sequential(
     c: torch.Tensor, p: float, *, eta: float = 0.37, gamma: float = 0.95, stop_fraction: float | None = 0.8,
     step: float = 0.001,
 ) -> torch.Tensor:
-    """:func:`analytic_row_q` computed as the authors' code does, one q per iteration: the reference that the
-    blocked scan is tested and benchmarked against (same arguments, same result bit for bit, slower)."""
+    """:func:`analytic_row_q` with ``arithmetic="float64"``, one q per iteration as the authors' code loops: the
+    reference that the blocked scan is tested and benchmarked against (same result bit for bit, slower)."""
     c = c.double()
     s1, s2 = c.sum(1), c.pow(2).sum(1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
     best_q, best = torch.full_like(s1, 1.0 - p), torch.full_like(s1, math.inf)
     stopped = torch.zeros_like(s1, dtype=torch.bool)
-    for k in range(math.ceil((1.0 - p) * round(1.0 / step) - 1e-9), round(1.0 / step) - 1):
+    for k in range(_grid_start(p, step), round(1.0 / step) - 1):
         q = k * step
         res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()
         improved, worse = res <= best, res >= best
@@ -165,12 +228,14 @@ def analytic_q_per_layer(
     eta: float = 0.37,
     gamma: float = 0.95,
     stop_fraction: float | None = 0.8,
+    arithmetic: Arithmetic = "float16",
 ) -> dict[str, float]:
     """DAREx-q's analytic per-layer q (Deng et al., arXiv 2410.09344), as implemented by the authors.
 
     For each weight matrix with a ``mean_inputs`` entry, ``c_ij = Δw_ij · mean(x_j)`` (the layer's bias delta
     appended as one more column with input 1), every output row gets q from :func:`analytic_row_q`, and the layer's q
-    is the mean over rows. The layer's bias gets the layer's q; every other pruned tensor (embeddings, norms, a
+    is the mean over rows, clipped to ``[1 − p, 1]`` (the authors' does not clip; a float16 mean of rows at
+    ``1 − p`` can land a rounding error below it). The layer's bias gets the layer's q; every other pruned tensor (embeddings, norms, a
     weight without calibration inputs) gets the mean of the layer qs, or ``1 − p`` when no layer has one. This
     follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx (``utils/analyticalq.py``,
     ``utils/deltaprune.py``).
@@ -186,6 +251,7 @@ def analytic_q_per_layer(
         eta: The bound's free parameter η (see :func:`analytic_row_q`).
         gamma: Confidence of the bound.
         stop_fraction: Early-stop fraction of the q scan.
+        arithmetic: ``"float16"`` as the authors' code, or ``"float64"`` (see :func:`analytic_row_q`).
 
     Returns:
         ``{name: q}`` for every tensor of ``masked``.
@@ -204,9 +270,10 @@ def analytic_q_per_layer(
         if p == 0.0:
             layer_q[name] = 1.0
             continue
-        rows = analytic_row_q(_layer_contributions(masked, name, xbar), p, eta=eta, gamma=gamma,
-                              stop_fraction=stop_fraction)
-        layer_q[name] = float(rows.mean())
+        dtype = torch.float32 if arithmetic == "float16" else torch.float64
+        rows = analytic_row_q(_layer_contributions(masked, name, xbar, dtype), p, eta=eta, gamma=gamma,
+                              stop_fraction=stop_fraction, arithmetic=arithmetic)
+        layer_q[name] = min(max(float(rows.mean()), 1.0 - p), 1.0)
     fallback = sum(layer_q.values()) / len(layer_q) if layer_q else 1.0 - p
     out: dict[str, float] = {}
     for name in masked.names:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lifelong_delta.delta.analytic_q import analytic_q_per_layer
+from lifelong_delta.delta.analytic_q import Arithmetic, analytic_q_per_layer
 from lifelong_delta.delta.darex import MaskedDelta, QSearchResult, select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
@@ -168,10 +168,13 @@ def masked_delta(model: nn.Module, base: str, names: Sequence[str], spec: PruneS
                              keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)))
 
 
-def analytic_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37) -> dict[str, float]:
+def analytic_q(
+    model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37,
+    arithmetic: Arithmetic = "float16",
+) -> dict[str, float]:
     """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
     stats = collect_input_stats(model, batches, _forward, names=_linear_weights(model, masked.names))
-    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta)
+    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta, arithmetic=arithmetic)
 
 
 def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], labels: Sequence[torch.Tensor],

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from lifelong_delta.delta.analytic_q import Arithmetic
 from lifelong_delta.delta.io import CheckpointReader, check_output_path
 from lifelong_delta.delta.lora_merge import LoraPrune, is_adapter_dir, stream_prune_lora
 from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName
@@ -57,6 +58,7 @@ def prune(
     q: float | None = None,
     q_mode: QMode | None = None,
     eta: float = 0.37,
+    analytic_arithmetic: Arithmetic = "float16",
     rescale: RescaleName | None = None,
     structural_axis: Literal["rows", "columns"] = "rows",
     structural_select: Literal["random", "importance"] = "random",
@@ -89,6 +91,9 @@ def prune(
             change), both for darex-q, magnitude, wanda and structural; or analytic (per layer, from calibration
             activations; darex-q only).
         eta: The free parameter of the analytic q's bound (--q_mode analytic).
+        analytic_arithmetic: float16 (the authors' code: float16 rounding ends a row's q scan near 1-p unless the
+            bound moves by more than float16 resolves) | float64 (the exact bound; on small deltas it drives q to
+            about 0.5 whatever p is). --q_mode analytic only.
         rescale: none | dare | q (default per method; --q or --q_mode imply q).
         structural_axis: rows | columns (structural only).
         structural_select: random | importance (structural only).
@@ -164,7 +169,7 @@ def prune(
         if q_mode is not None:
             masked = cal.masked_delta(model, base, pruned, spec, input_norms, base_names=match.base_names)
             if q_mode == "analytic":
-                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta)
+                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta, arithmetic=analytic_arithmetic)
             else:
                 result = (cal.grid_q(model, masked, batches, labels, p) if q_mode == "grid"
                           else cal.unlabelled_q(model, masked, batches, p))

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from lifelong_delta.cli import repro_command
+from lifelong_delta.delta.analytic_q import Arithmetic
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 from lifelong_delta.text.prune_eval_report import METHOD_ORDER
@@ -199,6 +200,7 @@ def prune_eval(
     q_grid_size: int = 4,
     q_fine_steps: int = 1,
     etas: Sequence[float] = ETA_GRID,
+    analytic_arithmetic: Arithmetic = "float16",
     low_p_seeds: int = 1,
     lora_methods: Sequence[str] = METHODS,
     extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
@@ -230,6 +232,8 @@ def prune_eval(
         q_grid_size: coarse q candidates, geometric in [1 − p, 1] (end points included).
         q_fine_steps: fine candidates between the best coarse q's neighbours.
         etas: candidates for the analytic q's free parameter η, chosen per cell on the validation examples.
+        analytic_arithmetic: float16 (the authors' code) or float64 (the exact bound), see
+            :func:`lifelong_delta.delta.analytic_q.analytic_row_q`.
         low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
         lora_methods: the methods run on the LoRA fine-tune's delta B·A (default: every method).
         extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
@@ -257,6 +261,7 @@ def prune_eval(
         q_grid_size=q_grid_size,
         q_fine_steps=q_fine_steps,
         etas=tuple(float(e) for e in etas),
+        analytic_arithmetic=analytic_arithmetic,
         exclude=tuple(exclude),
         batch_size=batch_size,
     )

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lifelong_delta.delta.analytic_q import Arithmetic, analytic_q_per_layer
 from lifelong_delta.delta.calibration import input_norms
-from lifelong_delta.delta.analytic_q import analytic_q_per_layer
 from lifelong_delta.delta.darex import select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.lora import load_lora_adapter, lora_deltas
@@ -43,6 +43,7 @@ class Settings:
     q_grid_size: int
     q_fine_steps: int
     etas: tuple[float, ...]
+    analytic_arithmetic: Arithmetic
     exclude: tuple[str, ...]
     batch_size: int
 
@@ -211,14 +212,14 @@ class FinetuneRun:
 
         The bound's η balances its two terms and is not fixed by the theory: the authors' ``find_q_encoder.py
         --analytical`` searches it on the validation metric (``find_optimal_param``), and their README lists
-        η = 0.27–1.01 for BERT on GLUE. A fixed η mostly leaves rows whose ``Σ_j c_ij`` is negative scanning
-        to the end of the grid, so every layer's q lands near 0.5 whatever p is (measured: 52.6 % on
-        trec/adamw at p = 0.9 with η = 0.37). Candidates: ``Settings.etas`` (default :data:`ETA_GRID`).
+        η = 0.27–1.01 for BERT on GLUE. Candidates: ``Settings.etas`` (default :data:`ETA_GRID`). The scan runs
+        in ``Settings.analytic_arithmetic`` (float16 as the authors' code; in float64 rows whose ``Σ_j c_ij`` is
+        negative scan to the end of the grid and every layer's q lands near 0.5 whatever p is).
         """
         means, _ = self._calibration()
         best: tuple[float, dict[str, float], float] | None = None
         for eta in self.s.etas:
-            qs = analytic_q_per_layer(masked, means, eta=eta)
+            qs = analytic_q_per_layer(masked, means, eta=eta, arithmetic=self.s.analytic_arithmetic)
             masked.apply_(self.model, qs)
             acc = accuracy(self.model, self.sp.val)
             if best is None or acc > best[0]:

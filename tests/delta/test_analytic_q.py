@@ -69,7 +69,7 @@ def _objective(row, p, q, eta, gamma):
 def test_analytic_row_q_is_the_grid_argmin_of_the_authors_objective(p, eta):
     torch.manual_seed(int(p * 100))
     c = torch.randn(5, 4, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [3.0], [0.5], [10.0]])
-    got = analytic_row_q(c, p, eta=eta, stop_fraction=None)
+    got = analytic_row_q(c, p, eta=eta, stop_fraction=None, arithmetic="float64")
     for i, row in enumerate(c.tolist()):
         vals = [(_objective(row, p, q, eta, 0.95), q) for q in _grid(p)]
         best = min(v for v, _ in vals)
@@ -81,18 +81,22 @@ def test_analytic_row_q_early_stop_and_bad_arguments():
     # identical rows with an interior minimum: every row passes it at the same step, so stopping early changes nothing
     row = torch.tensor([[0.5, 0.5, 0.5]], dtype=torch.float64)  # minimum near q = 0.45
     c = row.repeat(4, 1)
-    full = analytic_row_q(c, 0.9, eta=0.5, stop_fraction=None)
-    early = analytic_row_q(c, 0.9, eta=0.5)
+    f64 = {"arithmetic": "float64"}
+    full = analytic_row_q(c, 0.9, eta=0.5, stop_fraction=None, **f64)
+    early = analytic_row_q(c, 0.9, eta=0.5, **f64)
     assert torch.equal(full, early) and 0.1 < full[0] < 0.998
     # one row with a much later minimum keeps its best-so-far q when 80% of the rows have stopped
     c2 = torch.cat([row.repeat(4, 1), torch.tensor([[100.0, 100.0, 100.0]], dtype=torch.float64)])
-    early2 = analytic_row_q(c2, 0.9, eta=0.5)
-    assert torch.equal(early2[:4], full) and early2[4] <= analytic_row_q(c2[4:], 0.9, eta=0.5, stop_fraction=None)[0]
-    assert analytic_row_q(c, 0.9, eta=0.5)[0] >= 0.1  # never below 1 - p
+    early2 = analytic_row_q(c2, 0.9, eta=0.5, **f64)
+    assert torch.equal(early2[:4], full)
+    assert early2[4] <= analytic_row_q(c2[4:], 0.9, eta=0.5, stop_fraction=None, **f64)[0]
+    assert analytic_row_q(c, 0.9, eta=0.5, **f64)[0] >= 0.1  # never below 1 - p
     with pytest.raises(ValueError, match="eta=0"):
         analytic_row_q(c, 0.9, eta=0.0)
     with pytest.raises(ValueError, match="gamma=1"):
         analytic_row_q(c, 0.9, gamma=1.0)
+    with pytest.raises(ValueError, match="arithmetic='bf16'"):
+        analytic_row_q(c, 0.9, arithmetic="bf16")
 
 
 @pytest.mark.parametrize(
@@ -104,7 +108,7 @@ def test_blocked_scan_equals_the_sequential_scan(p, eta, stop):
     c = torch.randn(300, 40, dtype=torch.float64) * torch.logspace(-3, 1, 300, dtype=torch.float64)[:, None]
     c[::7] = c[::7].abs()
     want = analytic_row_q_sequential(c, p, eta=eta, stop_fraction=stop)
-    got = analytic_row_q(c, p, eta=eta, stop_fraction=stop)
+    got = analytic_row_q(c, p, eta=eta, stop_fraction=stop, arithmetic="float64")
     assert torch.equal(got, want)
     assert len(set(want.tolist())) > 10  # the rows really chose different q
 
@@ -127,11 +131,64 @@ def test_analytic_q_per_layer_wires_rows_bias_and_fallback():
     ft = {k: torch.randn(v.shape) for k, v in base.items()}
     masked = MaskedDelta.build(base, ft, p)
     xbar = torch.rand(4) + 0.5
-    qs = analytic_q_per_layer(masked, {"l.weight": xbar}, eta=eta)
-    c = torch.cat([ft["l.weight"].double() * xbar.double()[None, :], ft["l.bias"].double()[:, None]], dim=1)
-    want = analytic_row_q(c, p, eta=eta).mean().item()
-    assert qs["l.weight"] == pytest.approx(want) and qs["l.bias"] == qs["l.weight"]
-    assert qs["e.weight"] == qs["n.weight"] == pytest.approx(want)  # mean of the layer qs
+    for arithmetic, dtype in (("float64", torch.float64), ("float16", torch.float32)):
+        qs = analytic_q_per_layer(masked, {"l.weight": xbar}, eta=eta, arithmetic=arithmetic)
+        c = torch.cat([ft["l.weight"].to(dtype) * xbar.to(dtype)[None, :], ft["l.bias"].to(dtype)[:, None]], dim=1)
+        want = analytic_row_q(c, p, eta=eta, arithmetic=arithmetic).mean().item()
+        assert qs["l.weight"] == pytest.approx(want) and qs["l.bias"] == qs["l.weight"]
+        assert qs["e.weight"] == qs["n.weight"] == pytest.approx(want)  # mean of the layer qs
     assert analytic_q_per_layer(masked, {})["l.weight"] == pytest.approx(1 - p)  # no calibrated layer
     with pytest.raises(ValueError, match=r"mean_inputs\['l.weight'\] has shape"):
         analytic_q_per_layer(masked, {"l.weight": torch.ones(3)})
+
+
+def _authors_float16_scan(c, p, eta, gamma=0.95, stop_iter=0.8):
+    """The authors' ``analytical_resolve_new`` transcribed as written (float16 c, float16 running best, keepdim
+    sums recomputed at every q), except that the grid starts at 1 − p rounded up, as ours does."""
+    c = c.to(torch.float16)
+    q_o = torch.ones(c.shape[0], 1, dtype=torch.float64) * (1 - p)
+    stop_index = torch.zeros(c.shape[0], 1)
+    best_res = torch.ones(c.shape[0], 1, dtype=torch.float16) * 10000
+    phi = (1 - 2 * p) / math.log((1 - p) / p)
+    for q_1000 in range(math.ceil((1 - p) * 1000 - 1e-9), 999):
+        q = q_1000 * 0.001
+        term1 = (1 - (1 - p) / q) * torch.sum(c, dim=1, keepdim=True)
+        term2 = eta**2 * phi * torch.sum(c**2, dim=1, keepdim=True) / (4 * q**2) + math.log(2 / (1 - gamma))
+        res = abs(eta * term1 + term2)
+        index_s = res <= best_res
+        index_l = res >= best_res
+        best_res[index_s] = res[index_s]
+        q_o[index_s] = q
+        stop_index[index_l] = 1
+        if stop_index.mean() >= stop_iter:
+            break
+    return q_o[:, 0]
+
+
+@pytest.mark.parametrize(("p", "eta"), [(0.6, 0.37), (0.9, 1.0), (0.99, 0.27), (0.99, 20.0)])
+def test_float16_scan_is_the_authors_loop(p, eta):
+    torch.manual_seed(5)
+    # rows from far below float16's resolution at the objective's ~3.69 up to rows that move it a lot
+    c = torch.randn(200, 30) * torch.logspace(-6, 0, 200)[:, None]
+    got = analytic_row_q(c, p, eta=eta)  # float16 is the default
+    assert torch.equal(got, _authors_float16_scan(c, p, eta))
+    assert (got >= 1 - p - 1e-12).all() and (got <= 0.998 + 1e-12).all()
+
+
+@pytest.mark.parametrize("p", [0.9, 0.99])
+def test_float16_keeps_small_deltas_at_dare_where_float64_drifts_to_half(p):
+    """The behaviour behind finding 2: on tiny c the float16 objective ties at the second q, so every row stops at
+    1 − p + step; the exact float64 objective sends rows with Σ_j c_ij < 0 to the end of the grid."""
+    torch.manual_seed(6)
+    c = torch.randn(400, 64) * 1e-5
+    f16 = analytic_row_q(c, p)
+    assert torch.allclose(f16, torch.full_like(f16, 1 - p + 0.001))
+    f64 = analytic_row_q(c, p, arithmetic="float64", stop_fraction=None)
+    neg = c.double().sum(1) < 0
+    assert (f64[neg] > 0.99).all() and (f64[~neg] < 1 - p + 0.05).all()
+    # per layer: float16 ≈ DARE's 1/(1 − p); float64 ≈ the mean of the two ends, whatever p is
+    base, ft = {"l.weight": torch.zeros(400, 64)}, {"l.weight": c}
+    masked = MaskedDelta.build(base, ft, p)
+    ones = {"l.weight": torch.ones(64)}
+    assert analytic_q_per_layer(masked, ones)["l.weight"] == pytest.approx(1 - p + 0.001)
+    assert 0.4 < analytic_q_per_layer(masked, ones, arithmetic="float64", stop_fraction=None)["l.weight"] < 0.6
