@@ -19,8 +19,8 @@ For each task (TREC, VADER) and cached fine-tune (AdamW, AdamR-L2, AdamR-L1, lar
   restricts them).
 
 Mask seeds: every random method runs all seeds at p ≥ 0.9 (mean and spread), one at p = 0.5. At p = 0.999 only
-``extreme_methods`` run (DAREx-q with the grid, magnitude, WANDA): DARE's ×1000 rescale is meaningless once it
-has collapsed, and structural pruning keeps round(0.001 · 384) = 0 rows of every MiniLM matrix.
+``extreme_methods`` run (DAREx-q with the grid and the analytic q, magnitude, WANDA): DARE's ×1000 rescale is
+meaningless once it has collapsed, and structural pruning keeps round(0.001 · 384) = 0 rows of every MiniLM matrix.
 
 What is pruned: every tensor of the encoder, embeddings included, but not the classifier head
 (``exclude=("classifier.*",)``), as in DARE's reference code for BERT-style classifiers
@@ -68,6 +68,8 @@ METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
 #: Deterministic methods: one row per p, with the first seed.
 SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
 EXTREME_P = 0.999
+#: the methods run at p >= EXTREME_P by default
+EXTREME_METHODS: tuple[str, ...] = ("darex-q-grid", "darex-q-analytic", "magnitude", "wanda")
 HIGH_P = 0.9  # from here on every random method runs every seed
 
 
@@ -90,7 +92,7 @@ def plan_cells(
     seeds: Sequence[int],
     low_p_seeds: int = 1,
     lora_methods: Sequence[str] = METHODS,
-    extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
+    extreme_methods: Sequence[str] = EXTREME_METHODS,
 ) -> list[Cell]:
     """Every (task, fine-tune, method, p, seed) the study evaluates, in evaluation order.
 
@@ -203,7 +205,7 @@ def prune_eval(
     analytic_arithmetic: Arithmetic = "float16",
     low_p_seeds: int = 1,
     lora_methods: Sequence[str] = METHODS,
-    extreme_methods: Sequence[str] = ("darex-q-grid", "magnitude", "wanda"),
+    extreme_methods: Sequence[str] = EXTREME_METHODS,
     exclude: Sequence[str] = ("classifier.*",),
     batch_size: int = 32,
     threads: int | None = 1,

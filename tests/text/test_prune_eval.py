@@ -102,7 +102,7 @@ def test_plan_runs_every_seed_from_p_0p9_and_only_extreme_methods_at_0p999():
     assert got["adamw", "unpruned", 0.0] == [4]
     assert got["adamw", "dare", 0.5] == [4] and got["adamw", "dare", 0.9] == [4, 5, 6]
     assert got["adamw", "magnitude", 0.9] == [4] and got["adamw", "darex-q-grid", 0.999] == [4, 5, 6]
-    assert {m for f, m, p in got if p == 0.999} == {"darex-q-grid", "magnitude", "wanda"}
+    assert {m for f, m, p in got if p == 0.999} == {"darex-q-grid", "darex-q-analytic", "magnitude", "wanda"}
     assert {m for f, m, _ in got if f == "lora"} == set(METHODS)  # a LoRA delta B·A is pruned every way
     assert len(cells) == len(set(cells))
 
