@@ -127,11 +127,12 @@ def analytic_row_q(
     if not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma={gamma} must be in (0, 1)")
     if arithmetic == "float16":
-        return _row_q_float16(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step)
+        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step,
+                                dtype=torch.float16)
     if arithmetic != "float64":
         raise ValueError(f"arithmetic={arithmetic!r}: choose 'float16' (the authors') or 'float64'")
     c = c.double()
-    s1, s2 = c.sum(1), c.pow(2).sum(1)
+    s1, s2 = torch.sum(c, dim=1), torch.sum(c**2, dim=1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
     n_steps = round(1.0 / step)
     ks = torch.arange(_grid_start(p, step), n_steps - 1, dtype=torch.float64)
@@ -145,7 +146,7 @@ def analytic_row_q(
     # sequential loop (the same float64 operations per element), ~100x fewer kernel launches.
     for start in range(0, len(ks), _Q_BLOCK):
         q = (ks[start : start + _Q_BLOCK] * step)[:, None]  # [b, 1]
-        res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()  # [b, rows]
+        res = _objective(s1, s2, p, q, eta, phi, const)  # [b, rows]
         prev_min = torch.cat([best[None], res[:-1]]).cummin(0).values
         improved, worse = res <= prev_min, res >= prev_min
         stop_now = (stopped[None] | worse.cummax(0).values)  # [b, rows]: stopped after each q
@@ -169,26 +170,34 @@ def _grid_start(p: float, step: float) -> int:
     return math.ceil((1.0 - p) * round(1.0 / step) - 1e-9)
 
 
-def _row_q_float16(
-    c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float
-) -> torch.Tensor:
-    """:func:`analytic_row_q` in the authors' float16 arithmetic, one q per iteration in their order of operations.
+def _objective(s1: torch.Tensor, s2: torch.Tensor, p: float, q: float | torch.Tensor, eta: float, phi: float,
+               const: float) -> torch.Tensor:
+    """``F_i(q)`` in the authors' order of operations; the dtype of ``s1`` and ``s2`` is the arithmetic (Python
+    floats times a float16 tensor stay float16). ``q`` is a float, or a ``[b, 1]`` float64 tensor for a block of
+    q values (the same float64 operations per element as a Python float)."""
+    term1 = (1 - (1 - p) / q) * s1
+    term2 = eta**2 * phi * s2 / (4 * q**2) + const
+    return abs(eta * term1 + term2)
 
-    Python-float scalars times float16 tensors give float16 tensors, as in their code; the row sums are taken
-    once instead of at every q (the same values). The scan usually ends within a few q (ties stop it).
+
+def _sequential_scan(
+    c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The authors' scan, one q per iteration, with c, the sums, the objective and the running best in ``dtype``.
+
+    float16 is how their code computes it (and the running best starts at their 10 000); the row sums are taken
+    once instead of at every q (the same values). In float16 the scan usually ends within a few q (ties stop it).
     """
-    c = c.to(torch.float16)
-    s1 = torch.sum(c, dim=1)
-    s2 = torch.sum(c**2, dim=1)
+    c = c.to(dtype)
+    s1, s2 = torch.sum(c, dim=1), torch.sum(c**2, dim=1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
     best_q = torch.full(s1.shape, 1.0 - p, dtype=torch.float64)
-    best = torch.full(s1.shape, 10000.0, dtype=torch.float16)
+    best = torch.full(s1.shape, 10000.0 if dtype == torch.float16 else math.inf, dtype=dtype)
     stopped = torch.zeros(s1.shape, dtype=torch.bool)
     for k in range(_grid_start(p, step), round(1.0 / step) - 1):
         q = k * step
-        term1 = (1 - (1 - p) / q) * s1
-        term2 = eta**2 * phi * s2 / (4 * q**2) + const
-        res = abs(eta * term1 + term2)  # float16
+        res = _objective(s1, s2, p, q, eta, phi, const)
         improved, worse = res <= best, res >= best
         best = torch.where(improved, res, best)
         best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
@@ -204,21 +213,8 @@ def analytic_row_q_sequential(
 ) -> torch.Tensor:
     """:func:`analytic_row_q` with ``arithmetic="float64"``, one q per iteration as the authors' code loops: the
     reference that the blocked scan is tested and benchmarked against (same result bit for bit, slower)."""
-    c = c.double()
-    s1, s2 = c.sum(1), c.pow(2).sum(1)
-    phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
-    best_q, best = torch.full_like(s1, 1.0 - p), torch.full_like(s1, math.inf)
-    stopped = torch.zeros_like(s1, dtype=torch.bool)
-    for k in range(_grid_start(p, step), round(1.0 / step) - 1):
-        q = k * step
-        res = (eta * (1.0 - (1.0 - p) / q) * s1 + eta**2 * phi * s2 / (4.0 * q * q) + const).abs()
-        improved, worse = res <= best, res >= best
-        best = torch.where(improved, res, best)
-        best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
-        stopped |= worse
-        if stop_fraction is not None and stopped.double().mean() >= stop_fraction:
-            break
-    return best_q
+    return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step,
+                            dtype=torch.float64)
 
 
 def analytic_q_per_layer(
