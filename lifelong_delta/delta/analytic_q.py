@@ -75,6 +75,7 @@ def analytic_row_q(
     stop_fraction: float | None = 0.8,
     step: float = 0.001,
     arithmetic: Arithmetic = "float16",
+    tie_rtol: float = 0.0,
 ) -> torch.Tensor:
     """Per-output-row q of DAREx-q's analytic mode: the grid q minimising a tail bound on the row's output change.
 
@@ -106,6 +107,11 @@ def analytic_row_q(
       improving up to the end of the grid and rows with ``Σ_j c_ij > 0`` stay near ``1 − p``, so on small deltas
       a layer's mean q is about 0.5 whatever p is, which prunes far worse than DARE. Blocked scan, below.
 
+    ``tie_rtol > 0`` makes the tolerance explicit: a q whose ``F_i`` is within ``tie_rtol · best`` of the row's
+    best so far counts as a tie (improved *and* stopped), in either arithmetic. In float64, ``tie_rtol`` between
+    1e-4 and 2e-3 behaves like float16 on our fine-tunes (docs/reproduction.md, finding 2): the effect is the
+    tolerance, not the precision.
+
     Args:
         c: ``[out, k]`` contributions ``c_ij``.
         p: Drop rate in ``(0, 1)``.
@@ -116,6 +122,7 @@ def analytic_row_q(
             None scans the whole grid (each row then gets the grid argmin of ``F_i``).
         step: Grid step of q.
         arithmetic: ``"float16"`` (the authors') or ``"float64"``, see above.
+        tie_rtol: Relative tolerance under which two values of ``F_i`` tie (0: exact comparisons).
 
     Returns:
         ``[out]`` float64 q per row.
@@ -126,11 +133,14 @@ def analytic_row_q(
         raise ValueError(f"eta={eta} must be > 0")
     if not 0.0 < gamma < 1.0:
         raise ValueError(f"gamma={gamma} must be in (0, 1)")
-    if arithmetic == "float16":
-        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step,
-                                dtype=torch.float16)
-    if arithmetic != "float64":
+    if not (math.isfinite(tie_rtol) and 0.0 <= tie_rtol < 1.0):
+        raise ValueError(f"tie_rtol={tie_rtol} must be in [0, 1)")
+    if arithmetic not in ("float16", "float64"):
         raise ValueError(f"arithmetic={arithmetic!r}: choose 'float16' (the authors') or 'float64'")
+    if arithmetic == "float16" or tie_rtol > 0:  # ties make the scan path-dependent: no blocking
+        dtype = torch.float16 if arithmetic == "float16" else torch.float64
+        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=dtype,
+                                tie_rtol=tie_rtol)
     c = c.double()
     s1, s2 = torch.sum(c, dim=1), torch.sum(c**2, dim=1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
@@ -182,7 +192,7 @@ def _objective(s1: torch.Tensor, s2: torch.Tensor, p: float, q: float | torch.Te
 
 def _sequential_scan(
     c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float,
-    dtype: torch.dtype,
+    dtype: torch.dtype, tie_rtol: float = 0.0,
 ) -> torch.Tensor:
     """The authors' scan, one q per iteration, with c, the sums, the objective and the running best in ``dtype``.
 
@@ -199,6 +209,9 @@ def _sequential_scan(
         q = k * step
         res = _objective(s1, s2, p, q, eta, phi, const)
         improved, worse = res <= best, res >= best
+        if tie_rtol > 0:
+            tie = ((res - best).abs() <= tie_rtol * best) & torch.isfinite(best)
+            improved, worse = improved | tie, worse | tie
         best = torch.where(improved, res, best)
         best_q = torch.where(improved, torch.full_like(best_q, q), best_q)
         stopped |= worse
@@ -225,6 +238,7 @@ def analytic_q_per_layer(
     gamma: float = 0.95,
     stop_fraction: float | None = 0.8,
     arithmetic: Arithmetic = "float16",
+    tie_rtol: float = 0.0,
 ) -> dict[str, float]:
     """DAREx-q's analytic per-layer q (Deng et al., arXiv 2410.09344), as implemented by the authors.
 
@@ -248,6 +262,7 @@ def analytic_q_per_layer(
         gamma: Confidence of the bound.
         stop_fraction: Early-stop fraction of the q scan.
         arithmetic: ``"float16"`` as the authors' code, or ``"float64"`` (see :func:`analytic_row_q`).
+        tie_rtol: Relative tie tolerance of the scan (see :func:`analytic_row_q`).
 
     Returns:
         ``{name: q}`` for every tensor of ``masked``.
@@ -268,7 +283,7 @@ def analytic_q_per_layer(
             continue
         dtype = torch.float32 if arithmetic == "float16" else torch.float64
         rows = analytic_row_q(_layer_contributions(masked, name, xbar, dtype), p, eta=eta, gamma=gamma,
-                              stop_fraction=stop_fraction, arithmetic=arithmetic)
+                              stop_fraction=stop_fraction, arithmetic=arithmetic, tie_rtol=tie_rtol)
         layer_q[name] = min(max(float(rows.mean()), 1.0 - p), 1.0)
     fallback = sum(layer_q.values()) / len(layer_q) if layer_q else 1.0 - p
     out: dict[str, float] = {}

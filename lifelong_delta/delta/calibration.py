@@ -170,11 +170,12 @@ def masked_delta(model: nn.Module, base: str, names: Sequence[str], spec: PruneS
 
 def analytic_q(
     model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37,
-    arithmetic: Arithmetic = "float16",
+    arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0,
 ) -> dict[str, float]:
     """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
     stats = collect_input_stats(model, batches, _forward, names=_linear_weights(model, masked.names))
-    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta, arithmetic=arithmetic)
+    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta, arithmetic=arithmetic,
+                                tie_rtol=tie_rtol)
 
 
 def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], labels: Sequence[torch.Tensor],

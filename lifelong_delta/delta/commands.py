@@ -59,6 +59,7 @@ def prune(
     q_mode: QMode | None = None,
     eta: float = 0.37,
     analytic_arithmetic: Arithmetic = "float16",
+    analytic_tie_rtol: float = 0.0,
     rescale: RescaleName | None = None,
     structural_axis: Literal["rows", "columns"] = "rows",
     structural_select: Literal["random", "importance"] = "random",
@@ -94,6 +95,8 @@ def prune(
         analytic_arithmetic: float16 (the authors' code: float16 rounding ends a row's q scan near 1-p unless the
             bound moves by more than float16 resolves) | float64 (the exact bound; on small deltas it drives q to
             about 0.5 whatever p is). --q_mode analytic only.
+        analytic_tie_rtol: Relative tolerance under which two values of the bound tie in the q scan (0: exact
+            comparisons; 5e-4 in float64 behaves like float16). --q_mode analytic only.
         rescale: none | dare | q (default per method; --q or --q_mode imply q).
         structural_axis: rows | columns (structural only).
         structural_select: random | importance (structural only).
@@ -124,6 +127,8 @@ def prune(
         raise ValueError("--method darex-q needs --q Q (1-p <= Q <= 1) or --q_mode {grid,analytic,unlabelled}")
     if not eta > 0:
         raise ValueError(f"--eta must be > 0, got {eta}")
+    if not 0 <= analytic_tie_rtol < 1:
+        raise ValueError(f"--analytic_tie_rtol must be in [0, 1), got {analytic_tie_rtol}")
     for option, value in (("calib_samples", calib_samples), ("batch_size", batch_size), ("max_length", max_length)):
         if value < 1:
             raise ValueError(f"--{option} must be >= 1, got {value}")
@@ -169,7 +174,8 @@ def prune(
         if q_mode is not None:
             masked = cal.masked_delta(model, base, pruned, spec, input_norms, base_names=match.base_names)
             if q_mode == "analytic":
-                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta, arithmetic=analytic_arithmetic)
+                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta, arithmetic=analytic_arithmetic,
+                                              tie_rtol=analytic_tie_rtol)
             else:
                 result = (cal.grid_q(model, masked, batches, labels, p) if q_mode == "grid"
                           else cal.unlabelled_q(model, masked, batches, p))

@@ -159,6 +159,8 @@ def _check(
         raise ValueError(f"max_test must be >= 1 or None (the whole test split), got {s.max_test}")
     if not s.etas or not all(math.isfinite(e) and e > 0 for e in s.etas):
         raise ValueError(f"etas must be one or more finite η > 0, got {list(s.etas)}")
+    if not (math.isfinite(s.analytic_tie_rtol) and 0 <= s.analytic_tie_rtol < 1):
+        raise ValueError(f"analytic_tie_rtol must be in [0, 1), got {s.analytic_tie_rtol}")
     if s.q_grid_size < 2 or s.q_fine_steps < 0:
         raise ValueError(
             f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}"
@@ -203,6 +205,7 @@ def prune_eval(
     q_fine_steps: int = 1,
     etas: Sequence[float] = ETA_GRID,
     analytic_arithmetic: Arithmetic = "float16",
+    analytic_tie_rtol: float = 0.0,
     low_p_seeds: int = 1,
     lora_methods: Sequence[str] = METHODS,
     extreme_methods: Sequence[str] = EXTREME_METHODS,
@@ -236,6 +239,7 @@ def prune_eval(
         etas: candidates for the analytic q's free parameter η, chosen per cell on the validation examples.
         analytic_arithmetic: float16 (the authors' code) or float64 (the exact bound), see
             :func:`lifelong_delta.delta.analytic_q.analytic_row_q`.
+        analytic_tie_rtol: relative tie tolerance of the analytic q's scan (0: exact comparisons).
         low_p_seeds: seeds (the first ones) for the random methods at p < 0.9.
         lora_methods: the methods run on the LoRA fine-tune's delta B·A (default: every method).
         extreme_methods: the methods run at p >= 0.999 (where DARE's ×1000 rescale and structural pruning's
@@ -264,6 +268,7 @@ def prune_eval(
         q_fine_steps=q_fine_steps,
         etas=tuple(float(e) for e in etas),
         analytic_arithmetic=analytic_arithmetic,
+        analytic_tie_rtol=float(analytic_tie_rtol),
         exclude=tuple(exclude),
         batch_size=batch_size,
     )

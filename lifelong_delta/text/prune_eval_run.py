@@ -44,6 +44,7 @@ class Settings:
     q_fine_steps: int
     etas: tuple[float, ...]
     analytic_arithmetic: Arithmetic
+    analytic_tie_rtol: float
     exclude: tuple[str, ...]
     batch_size: int
 
@@ -219,7 +220,8 @@ class FinetuneRun:
         means, _ = self._calibration()
         best: tuple[float, dict[str, float], float] | None = None
         for eta in self.s.etas:
-            qs = analytic_q_per_layer(masked, means, eta=eta, arithmetic=self.s.analytic_arithmetic)
+            qs = analytic_q_per_layer(masked, means, eta=eta, arithmetic=self.s.analytic_arithmetic,
+                                      tie_rtol=self.s.analytic_tie_rtol)
             masked.apply_(self.model, qs)
             acc = accuracy(self.model, self.sp.val)
             if best is None or acc > best[0]:

@@ -97,6 +97,11 @@ def test_analytic_row_q_early_stop_and_bad_arguments():
         analytic_row_q(c, 0.9, gamma=1.0)
     with pytest.raises(ValueError, match="arithmetic='bf16'"):
         analytic_row_q(c, 0.9, arithmetic="bf16")
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="tie_rtol="):
+            analytic_row_q(c, 0.9, tie_rtol=bad)
+    # tie_rtol = 0 is the exact scan: the blocked float64 result
+    assert torch.equal(analytic_row_q(c2, 0.9, eta=0.5, tie_rtol=0.0, **f64), early2)
 
 
 @pytest.mark.parametrize(
@@ -186,9 +191,22 @@ def test_float16_keeps_small_deltas_at_dare_where_float64_drifts_to_half(p):
     f64 = analytic_row_q(c, p, arithmetic="float64", stop_fraction=None)
     neg = c.double().sum(1) < 0
     assert (f64[neg] > 0.99).all() and (f64[~neg] < 1 - p + 0.05).all()
+    # the effect is the tolerance, not the precision: float64 with a relative tie tolerance behaves like float16
+    assert torch.equal(analytic_row_q(c, p, arithmetic="float64", tie_rtol=5e-4), f16)
     # per layer: float16 ≈ DARE's 1/(1 − p); float64 ≈ the mean of the two ends, whatever p is
     base, ft = {"l.weight": torch.zeros(400, 64)}, {"l.weight": c}
     masked = MaskedDelta.build(base, ft, p)
     ones = {"l.weight": torch.ones(64)}
     assert analytic_q_per_layer(masked, ones)["l.weight"] == pytest.approx(1 - p + 0.001)
     assert 0.4 < analytic_q_per_layer(masked, ones, arithmetic="float64", stop_fraction=None)["l.weight"] < 0.6
+
+
+def test_tie_tolerance_counts_a_near_equal_value_as_improved_and_stopped():
+    """One row with Σ_j c_ij < 0, p = 0.5: F falls at every q, by less than 1e-4 relative per step. Exact
+    comparisons follow it to the end of the grid; with a tolerance the second q ties, the row takes it and stops."""
+    c = torch.tensor([[-0.02, -0.02, -0.02]], dtype=torch.float64)
+    exact = analytic_row_q(c, 0.5, eta=1.0, arithmetic="float64", stop_fraction=1.0)
+    assert exact.item() == pytest.approx(0.998)
+    for rtol in (1e-4, 1e-2):
+        loose = analytic_row_q(c, 0.5, eta=1.0, arithmetic="float64", stop_fraction=1.0, tie_rtol=rtol)
+        assert loose.item() == pytest.approx(0.501)
