@@ -340,6 +340,7 @@ class PruneSummary:
     out: str | None = None
     finetuned_only: list[str] = field(default_factory=list)
     name_mapping: str | None = None
+    q_per_tensor: dict[str, float] | None = None
 
     @property
     def numel(self) -> int:
@@ -376,6 +377,11 @@ class PruneSummary:
             ("‖δ‖ before", f"{self.norm_before:.6g}"),
             ("‖δ‖ after", f"{self.norm_after:.6g}"),
         ]
+        if self.q_per_tensor:
+            qs = sorted(self.q_per_tensor[t.name] for t in self.tensors if t.name in self.q_per_tensor)
+            if qs:
+                rows.append(("q per tensor: min / median / max",
+                             f"{qs[0]:.4g} / {qs[len(qs) // 2]:.4g} / {qs[-1]:.4g}"))
         if self.out:
             rows.append(("output", self.out))
         for row in rows:
@@ -387,7 +393,8 @@ class PruneSummary:
         return {"method": self.method, "p": self.p, "q": self.q, "tensors_pruned": len(self.tensors),
                 "tensors_copied": len(self.copied), "finetuned_only": list(self.finetuned_only),
                 "name_mapping": self.name_mapping, "numel": self.numel, "kept_fraction": self.kept_fraction,
-                "norm_before": self.norm_before, "norm_after": self.norm_after, "out": self.out}
+                "norm_before": self.norm_before, "norm_after": self.norm_after, "out": self.out,
+                "q_per_tensor": self.q_per_tensor}
 
 
 _STATS_CHUNK = 1 << 22  # elements per chunk when measuring a pruned tensor (bounds the temporaries)

@@ -158,7 +158,8 @@ def stream_prune(
         pruned = set(match.pruned)
         q_shown = "per tensor" if q_per_tensor else spec.q
         summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out),
-                               finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match))
+                               finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match),
+                               q_per_tensor=dict(q_per_tensor) if q_per_tensor else None)
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
         names = rf.names()
         with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata) as writer, \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,21 @@ def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
     summary = prune(str(base), str(ft), str(tmp_path / "a"), method="darex-q", p=0.9, q_mode="analytic",
                     calib_data=data, calib_samples=8, progress=False)
     assert summary.q == "per tensor"
+    qs = summary.q_per_tensor
+    assert qs is not None and {t.name for t in summary.tensors} <= set(qs)
+    assert all(0.1 - 1e-12 <= q <= 1.0 for q in qs.values())
+    layer = "bert.encoder.layer.0.attention.self.query"
+    assert qs[layer + ".bias"] == qs[layer + ".weight"]  # a layer's bias takes the layer's q
+    spec = PruneSpec("darex-q", 0.9)
+    for name in (layer + ".weight", layer + ".bias", "bert.embeddings.word_embeddings.weight"):
+        _check_merged(base, ft, tmp_path / "a", spec, name, q=qs[name])  # each tensor rescaled by its own 1/q
+    # the tiny BERT's deltas are small: float16 (the default) keeps q near 1 - p, the exact float64 scan does not
+    exact = prune(str(base), str(ft), str(tmp_path / "e"), method="darex-q", p=0.9, q_mode="analytic",
+                  calib_data=data, calib_samples=8, progress=False, analytic_arithmetic="float64",
+                  analytic_tie_rtol=0.0)
+    assert exact.q_per_tensor is not None and set(exact.q_per_tensor) == set(qs)
+    assert statistics.median(qs.values()) < 0.2 < statistics.median(exact.q_per_tensor.values())
+    _check_merged(base, ft, tmp_path / "e", spec, layer + ".weight", q=exact.q_per_tensor[layer + ".weight"])
     summary = prune(str(base), str(ft), str(tmp_path / "w"), method="wanda", p=0.5, calib_data=data,
                     calib_samples=8, progress=False)
     assert summary.kept_fraction == pytest.approx(0.5, abs=0.02)
