@@ -11,6 +11,7 @@ No Lightning.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -378,10 +379,10 @@ class PruneSummary:
             ("‖δ‖ after", f"{self.norm_after:.6g}"),
         ]
         if self.q_per_tensor:
-            qs = sorted(self.q_per_tensor[t.name] for t in self.tensors if t.name in self.q_per_tensor)
+            qs = [self.q_per_tensor[t.name] for t in self.tensors if t.name in self.q_per_tensor]
             if qs:
                 rows.append(("q per tensor: min / median / max",
-                             f"{qs[0]:.4g} / {qs[len(qs) // 2]:.4g} / {qs[-1]:.4g}"))
+                             f"{min(qs):.4g} / {statistics.median(qs):.4g} / {max(qs):.4g}"))
         if self.out:
             rows.append(("output", self.out))
         for row in rows:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from lifelong_delta.delta.calibration import read_text_data
 from lifelong_delta.delta.commands import prune
@@ -69,6 +70,11 @@ def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
     qs = summary.q_per_tensor
     assert qs is not None and {t.name for t in summary.tensors} <= set(qs)
     assert all(0.1 - 1e-12 <= q <= 1.0 for q in qs.values())
+    console = Console(record=True, width=200)
+    console.print(summary.table())
+    pruned_qs = [qs[t.name] for t in summary.tensors]
+    assert (f"{min(pruned_qs):.4g} / {statistics.median(pruned_qs):.4g} / {max(pruned_qs):.4g}"
+            in console.export_text())
     layer = "bert.encoder.layer.0.attention.self.query"
     assert qs[layer + ".bias"] == qs[layer + ".weight"]  # a layer's bias takes the layer's q
     spec = PruneSpec("darex-q", 0.9)
