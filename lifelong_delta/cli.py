@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -38,20 +39,47 @@ def one_line_error(message: str) -> str:
     return ": ".join(parts) or message.strip()
 
 
-def _lightning_parser_class() -> type:
-    from lightning.pytorch.cli import LightningArgumentParser
+def _plain_error(message: str) -> str:
+    """:func:`one_line_error`, with jsonargparse's type talk in words: ``Parser key "p": Expected a <class 'float'>.
+    Got value: x`` becomes ``--p: expected a float, got 'x'``."""
+    given = re.search(r"(?:Given value|Got value): (.*)", message)
+    text = " ".join(one_line_error(re.sub(r"\.? ?Got value: .*", "", message)).split())
+    text = re.sub(r'Parser key "([\w.]+)"', lambda m: "--" + m[1].split(".")[-1], text)
+    text = re.sub(r"Expected a <class '(\w+)'>\.?", lambda m: f"expected {_article(m[1])} {m[1]}", text)
+    text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.?",
+                  lambda m: "expected one of " + m[1].replace("'", ""), text)
+    if "arguments are required:" in text:  # "prune.base, prune.out" -> "--base, --out"
+        head, _, names = text.partition("required:")
+        text = head + "required: " + ", ".join("--" + n.strip().split(".")[-1] for n in names.split(","))
+    return text + (f", got '{given[1].strip()}'" if given else "")
 
-    class OneLineErrorParser(LightningArgumentParser):
-        """A LightningArgumentParser whose errors are one ``error: ...`` line (no usage dump), exit 2."""
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _error_exit(parser: Any, message: str) -> None:
+    print(f"error: {_plain_error(message)} (see: {parser.prog.replace(' [options]', '')} --help)",
+          file=sys.stderr, flush=True)
+    parser.exit(2)
+
+
+def _one_line_parser_class(base: type) -> type:
+    """``base`` (a jsonargparse parser class) whose errors are one ``error: ...`` line (no usage dump), exit 2."""
+
+    class OneLineErrorParser(base):  # type: ignore[misc, valid-type]
         def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
             if not self.exit_on_error:
                 super().error(message, ex)
-            print(f"error: {one_line_error(message)} (see: {self.prog.replace(' [options]', '')} --help)",
-                  file=sys.stderr, flush=True)
-            self.exit(2)
+            _error_exit(self, message)
 
     return OneLineErrorParser
+
+
+def _lightning_parser_class() -> type:
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    return _one_line_parser_class(LightningArgumentParser)
 
 
 def quiet_third_party() -> None:
@@ -92,6 +120,9 @@ def lightning_main(args: list[str] | None = None) -> None:
     from lightning.pytorch.cli import LightningCLI
     from omegaconf.errors import OmegaConfBaseException
 
+    from lifelong_delta.callbacks.progress_lines import ProgressLines
+    from lifelong_delta.progress import is_terminal
+
     quiet_third_party()
     try:
         LightningCLI(
@@ -101,6 +132,8 @@ def lightning_main(args: list[str] | None = None) -> None:
             parser_kwargs={"parser_mode": "omegaconf"},
             args=args,
             auto_configure_optimizers=False,
+            # a log or pipe gets a progress line every few seconds instead of a redrawn bar
+            trainer_defaults={"callbacks": [ProgressLines()], "enable_progress_bar": is_terminal()},
         )
     except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
         if os.environ.get("LIFELONG_DELTA_TRACEBACK"):
@@ -181,37 +214,92 @@ def repro_command(
     return default if default and len(parts) == 1 else " ".join(parts)
 
 
+# name -> ("module:function", the first line of its docstring). Only the chosen command's module is imported, so
+# --help and argument errors of the pruning commands answer before torch is loaded.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prune": ("lifelong_delta.delta.commands:prune",
+              "Prune the delta between a fine-tuned model and its base, and write the merged model to a new "
+              "directory."),
+    "stats": ("lifelong_delta.delta.commands:stats",
+              "Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, "
+              "‖δ‖/‖θ_pre‖."),
+    "recommend": ("lifelong_delta.delta.commands:recommend",
+                  "Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why."),
+    "pretrain": ("lifelong_delta.continual.pretrain:pretrain",
+                 "Pretrain a small timm ViT on all classes of dataset and cache it under <cache_dir>/<name>."),
+    "probe": ("lifelong_delta.continual.probe:probe",
+              "Frozen-feature probes of pretrained on a class-incremental split of dataset."),
+    "cl-eval": ("lifelong_delta.continual.cl_eval:cl_eval",
+                "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots."),
+    "finetune": ("lifelong_delta.text.finetune:all_finetunes",
+                 "Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary."),
+    "prune-eval": ("lifelong_delta.text.prune_eval:prune_eval",
+                   "Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and "
+                   "a plot."),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lifelong-delta COMMAND [options]   (lifelong-delta COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every ``finally`` and ``with`` cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lifelong-delta`` command.
 
-    Subcommands map to plain functions; jsonargparse builds their flags from the signatures. Errors in user input
-    (``ValueError``, ``FileNotFoundError``, ``FileExistsError``) become a one-line ``error: ...`` and exit status 2.
+    Subcommands map to plain functions; jsonargparse builds their flags from the signatures, importing only the
+    chosen command's module. Errors in user input (``ValueError``, ``FileNotFoundError``, ``FileExistsError``)
+    become a one-line ``error: ...`` and exit status 2. Ctrl-C, SIGTERM and SIGHUP print one line, let the
+    command remove its temporary output, and exit with 128 + the signal number (130 for Ctrl-C).
     """
-    from jsonargparse import CLI
+    import importlib
+    import signal
 
-    from lifelong_delta.continual.cl_eval import cl_eval
-    from lifelong_delta.continual.pretrain import pretrain
-    from lifelong_delta.continual.probe import probe
-    from lifelong_delta.delta.commands import prune, recommend, stats
-    from lifelong_delta.text.finetune import all_finetunes
-    from lifelong_delta.text.prune_eval import prune_eval
-
-    commands = {
-        "pretrain": pretrain,
-        "prune": prune,
-        "stats": stats,
-        "recommend": recommend,
-        "finetune": all_finetunes,
-        "prune-eval": prune_eval,
-        "cl-eval": cl_eval,
-        "probe": probe,
-    }
-    quiet_third_party()
     args = list(sys.argv[1:] if argv is None else argv)
     sub = next((a for a in args if not a.startswith("-")), None)
-    args = _normalise_flags(args, commands.get(sub))
+    if sub is None:
+        if args and args[0] in ("-h", "--help"):
+            print(_usage())
+            return
+        print(_usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if sub not in COMMANDS:
+        print(f"error: unknown command {sub!r}; choose one of {', '.join(COMMANDS)} (see: lifelong-delta --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    module, func = COMMANDS[sub][0].split(":")
+    command = getattr(importlib.import_module(module), func)
+    args = _normalise_flags(args, command)
+    quiet_third_party()
+    handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    from jsonargparse import CLI, ArgumentParser
+
     try:
-        CLI(commands, args=args, as_positional=False, allow_abbrev=False)
+        CLI({sub: command}, args=args, as_positional=False, allow_abbrev=False,
+            parser_class=_one_line_parser_class(ArgumentParser))
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"\nlifelong-delta {sub}: interrupted ({signal.Signals(signum).name}); its temporary files were "
+              "removed and no output was moved into place", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

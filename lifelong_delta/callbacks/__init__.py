@@ -1,5 +1,6 @@
 """Lightning callbacks (layer 3): thin hooks over the pure functions in ``anchors/`` and ``delta/``."""
 
 from lifelong_delta.callbacks.delta_pruning import DeltaPruning
+from lifelong_delta.callbacks.progress_lines import ProgressLines
 
-__all__ = ["DeltaPruning"]
+__all__ = ["DeltaPruning", "ProgressLines"]

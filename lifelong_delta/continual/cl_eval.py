@@ -242,22 +242,24 @@ def cl_eval(
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
 
-    from tqdm.auto import tqdm
+    from lifelong_delta.progress import Progress
 
     start = time.perf_counter()
     plan = [(m, s) for s in seeds for m in methods]
-    rows, matrices, trained = [], {}, 0
-    bar = tqdm(plan, desc="cl-eval", unit="run")
-    for m, s in bar:
-        bar.set_postfix_str(f"{m} seed {s}")
-        path = runs / m / f"seed{s}" / "cl_metrics.json"
-        if force or not path.is_file():
-            _run_one(root, m, s, runs, list(override or []))
-            trained += 1
-        metrics = json.loads(path.read_text())
-        rows.append({"method": m, "seed": s, **{k: float(metrics[k]) for k in RESULT_COLUMNS[2:]}})
-        matrices.setdefault(m, []).append(metrics["accuracy_matrix"])
-    wall = time.perf_counter() - start
+    todo = {(m, s) for m, s in plan if force or not (runs / m / f"seed{s}" / "cl_metrics.json").is_file()}
+    rows, matrices = [], {}
+    # lines, not a live bar: each run draws Lightning's own bar; finished runs take no time, so are not counted
+    with Progress("cl-eval", len(todo), unit="runs", live=False) as bar:
+        for m, s in plan:
+            path = runs / m / f"seed{s}" / "cl_metrics.json"
+            if (m, s) in todo:
+                bar.update(0, detail=f"{m} seed {s}")
+                _run_one(root, m, s, runs, list(override or []))
+                bar.update(1)
+            metrics = json.loads(path.read_text())
+            rows.append({"method": m, "seed": s, **{k: float(metrics[k]) for k in RESULT_COLUMNS[2:]}})
+            matrices.setdefault(m, []).append(metrics["accuracy_matrix"])
+    trained, wall = len(todo), time.perf_counter() - start
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -101,7 +101,9 @@ def pretrain(
 
     import lightning as L
 
+    from lifelong_delta.callbacks.progress_lines import ProgressLines
     from lifelong_delta.continual.data import ClassIncrementalDataModule
+    from lifelong_delta.progress import is_terminal
 
     L.seed_everything(seed, verbose=False)
     dm = ClassIncrementalDataModule(
@@ -113,6 +115,7 @@ def pretrain(
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=is_terminal(), callbacks=[ProgressLines()],  # a bar on a terminal, else lines
     )
     steps = epochs * len(dm.train_dataloader())
     print(f"pretraining {backbone} {kwargs} on {dataset}: {steps} steps, about "

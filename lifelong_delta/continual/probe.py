@@ -19,15 +19,17 @@ __all__ = ["probe"]
 
 @torch.no_grad()
 def _features(net: torch.nn.Module, dm, split: str, progress: bool = False) -> tuple[Tensor, Tensor]:
-    from tqdm.auto import tqdm
-
     from lifelong_delta.continual.backbones import features_and_logits
+    from lifelong_delta.progress import Progress
 
     xs, ys = [], []
-    for t in tqdm(range(dm.n_tasks), desc=f"features ({split})", unit="task", disable=not progress):
-        for x, y in dm.task_dataloader(t, split, batch_size=512):
-            xs.append(features_and_logits(net, x)[0])
-            ys.append(y)
+    with Progress(f"features ({split})", dm.n_tasks, unit="tasks", enabled=progress) as bar:
+        for t in range(dm.n_tasks):
+            bar.update(0, detail=f"task {t}")
+            for x, y in dm.task_dataloader(t, split, batch_size=512):
+                xs.append(features_and_logits(net, x)[0])
+                ys.append(y)
+            bar.update(1)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -65,7 +67,7 @@ def probe(
         max_per_class: training images per class.
         seed: class order, split and head initialisation.
         epochs: epochs of each per-task head (Adam 3e-3, batch 32, masked BCE as in ``ContinualModule``).
-        progress: progress bars over the feature extraction and the per-task heads.
+        progress: progress of the feature extraction and the per-task heads (a bar on a terminal, else lines).
 
     Returns:
         ``{"joint_linear_probe": ..., "per_task_heads_average_accuracy": ...}`` (validation accuracy), also
@@ -98,21 +100,24 @@ def probe(
     with torch.no_grad():
         head.weight.normal_(0, 0.02, generator=gen)
         head.bias.zero_()
-    from tqdm.auto import tqdm
+    from lifelong_delta.progress import Progress
 
-    for t in tqdm(range(n_tasks), desc="per-task heads", unit="task", disable=not progress):
-        active = dm.task_classes(t)
-        sel = (ytr >= active.start) & (ytr < active.stop)
-        x, y = xtr[sel], ytr[sel]
-        opt = torch.optim.Adam(head.parameters(), lr=3e-3)
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), 32):
-                idx = order[i : i + 32]
-                loss = masked_loss(head(x[idx]), y[idx], active, "bce")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+    with Progress("per-task heads", n_tasks, unit="tasks", enabled=progress) as bar:
+        for t in range(n_tasks):
+            bar.update(0, detail=f"task {t}")
+            active = dm.task_classes(t)
+            sel = (ytr >= active.start) & (ytr < active.stop)
+            x, y = xtr[sel], ytr[sel]
+            opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=gen)
+                for i in range(0, len(x), 32):
+                    idx = order[i : i + 32]
+                    loss = masked_loss(head(x[idx]), y[idx], active, "bce")
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            bar.update(1)
     with torch.no_grad():
         seq_acc = float((head(xva).argmax(1) == yva).float().mean())
     result = {"joint_linear_probe": joint_acc, "per_task_heads_average_accuracy": seq_acc}

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 
+from lifelong_delta.delta.choices import Arithmetic
 from lifelong_delta.delta.darex import MaskedDelta
 
-Arithmetic = Literal["float16", "float64"]
 
 __all__ = [
     "Arithmetic",

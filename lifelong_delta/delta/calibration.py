@@ -106,13 +106,35 @@ def load(
         tokenizer = transformers.AutoTokenizer.from_pretrained(finetuned)
     except (OSError, ValueError) as e:
         raise ValueError(f"--finetuned {finetuned}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-    model = cls.from_pretrained(finetuned, dtype=torch.float32).eval()
+    model = _model_from_checkpoint(cls, config, finetuned)
     batches = [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt")) for i in range(0, len(texts), batch_size)]
     label_batches = None
     if labels is not None:
         label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
     return model, batches, label_batches
+
+
+def _model_from_checkpoint(cls: type, config: Any, finetuned: str) -> nn.Module:
+    """``cls`` with exactly the tensors :class:`CheckpointReader` reads from ``finetuned`` (fp32, eval mode).
+
+    ``from_pretrained(finetuned)`` would pick its own weight file (a ``pytorch_model.bin`` next to an oddly named
+    ``*.safetensors``, say), so the model that decides q could differ from the one pruned.
+    """
+    with CheckpointReader(finetuned) as reader:
+        state = {name: tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+                 for name, tensor in reader}
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32,
+                                          output_loading_info=True)
+    except (OSError, RuntimeError, KeyError) as e:
+        raise ValueError(f"--finetuned {finetuned}: cannot build a {cls.__name__} from its weights "
+                         f"({str(e).splitlines()[0]})") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise ValueError(f"--finetuned {finetuned}: its weights lack {len(missing)} tensor(s) that a "
+                         f"{cls.__name__} needs, e.g. {missing[0]!r}; calibration needs the complete model")
+    return model.eval()
 
 
 def _forward(model: nn.Module, batch: Batch) -> Any:

@@ -1,39 +1,37 @@
 """The ``lifelong-delta prune | stats | recommend`` subcommands: plain typed functions over :mod:`lifelong_delta.delta`.
 
-jsonargparse builds the CLI from these signatures (``lifelong_delta.cli.main``). Each function validates its input
-before any heavy work and raises ``ValueError`` (or :class:`~lifelong_delta.delta.io.CheckpointError`, a subclass)
-with a one-line message naming the option or tensor to fix. Calibration-based choices (DAREx-q's ``q_mode`` and
-WANDA's input norms) load the fine-tuned model with transformers, compute q or the norms in memory, and then prune
-by streaming like every other method.
+jsonargparse builds the CLI from these signatures (``lifelong_delta.cli.main``). Importing this module loads no
+torch: each command first checks its options, that its inputs exist and that its output touches none of them
+(:mod:`lifelong_delta.outputs`), says what it is about to do, and only then imports the heavy modules. A bad option
+or path is a ``ValueError`` (or a subclass) with a one-line message naming what to fix, raised before anything is
+read or written. Calibration-based choices (DAREx-q's ``q_mode`` and WANDA's input norms) load the fine-tuned model
+from exactly the tensors that are pruned, compute q or the norms in memory, and then prune by streaming like every
+other method.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from lifelong_delta.delta.analytic_q import Arithmetic
-from lifelong_delta.delta.io import CheckpointReader, check_output_path
-from lifelong_delta.delta.lora_merge import LoraPrune, is_adapter_dir, stream_prune_lora
-from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName
-from lifelong_delta.delta.recommend import Recommendation
-from lifelong_delta.delta.recommend import recommend as choose_method
-from lifelong_delta.delta.stats import DeltaStats, PruneSummary, match_tensors
-from lifelong_delta.delta.streaming import stream_delta_stats, stream_prune
+from lifelong_delta import outputs
+from lifelong_delta.delta.choices import Arithmetic, LoraPrune, MethodName, QMode, RescaleName, resolve_q
 
-if TYPE_CHECKING:
+# Types for readers and type checkers only (mypy honours the MYPY constant). Not a typing.TYPE_CHECKING block:
+# jsonargparse executes those when it builds a parser, which would import torch before --help answers.
+MYPY = False
+if MYPY:
     from rich.console import Console
 
-__all__ = ["prune", "recommend", "stats"]
+    from lifelong_delta.delta.recommend import Recommendation
+    from lifelong_delta.delta.stats import DeltaStats, PruneSummary
 
-QMode = Literal["grid", "analytic", "unlabelled"]
+__all__ = ["prune", "recommend", "stats"]
 
 
 def _patterns(exclude: list[str] | str | None) -> tuple[str, ...]:
@@ -125,6 +123,7 @@ def prune(
         raise ValueError(f"--q_mode chooses q for --rescale q, but --rescale is {rescale}; drop --rescale")
     if method == "darex-q" and q is None and q_mode is None:
         raise ValueError("--method darex-q needs --q Q (1-p <= Q <= 1) or --q_mode {grid,analytic,unlabelled}")
+    resolve_q(p, q, force=force)
     if not eta > 0:
         raise ValueError(f"--eta must be > 0, got {eta}")
     if not 0 <= analytic_tie_rtol < 1:
@@ -132,31 +131,64 @@ def prune(
     for option, value in (("calib_samples", calib_samples), ("batch_size", batch_size), ("max_length", max_length)):
         if value < 1:
             raise ValueError(f"--{option} must be >= 1, got {value}")
-    if q_mode is not None:
-        rescale = "q"
-    spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis,
-                     structural_select=structural_select, seed=seed, exclude=_patterns(exclude), force=force)
+    if q_mode is not None and calib_data is None:
+        raise ValueError(f"--q_mode {q_mode} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+    _check_inputs(base=base, finetuned=finetuned, calib_data=calib_data)
+    inputs = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
+    outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    _say(f"prune: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
+         f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}")
+    return _prune(locals())
+
+
+def _say(line: str) -> None:
+    """One status line on stderr, at once (before the heavy imports of a command)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _check_inputs(**paths: str | None) -> None:
+    """Each given input path exists (a one-line error naming the option otherwise)."""
+    for option, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"--{option} {path}: not found")
+    calib = paths.get("calib_data")
+    if calib is not None and not os.path.isfile(calib):
+        raise ValueError(f"--calib_data {calib}: not a file (CSV/TSV/JSONL with a 'text' column)")
+
+
+def _prune(args: dict) -> PruneSummary:
+    """The work of :func:`prune` once its options and paths are checked."""
+    from dataclasses import replace
+
+    from lifelong_delta.delta.io import CheckpointReader
+    from lifelong_delta.delta.lora_merge import is_adapter_dir, stream_prune_lora
+    from lifelong_delta.delta.methods import METHODS, PruneSpec
+    from lifelong_delta.delta.stats import match_tensors
+    from lifelong_delta.delta.streaming import stream_prune
+
+    a = args
+    base, finetuned, out, method = a["base"], a["finetuned"], a["out"], a["method"]
+    spec = PruneSpec(method=method, p=a["p"], q=a["q"], rescale="q" if a["q_mode"] else a["rescale"],
+                     structural_axis=a["structural_axis"], structural_select=a["structural_select"], seed=a["seed"],
+                     exclude=_patterns(a["exclude"]), force=a["force"])
+    q_mode = a["q_mode"]
     calibrating = q_mode is not None or METHODS[method].needs_input_norms
-    if calibrating:  # checked before anything is read, merged or written
-        what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
-        if lora_prune != "product" and is_adapter_dir(finetuned):
-            raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
-                             "drop --lora_prune factors")
-        if calib_data is None:
-            raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
-        if not Path(calib_data).is_file():
-            raise ValueError(f"--calib_data {calib_data}: file not found")
+    what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
+    if calibrating and a["calib_data"] is None:
+        raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
+    if calibrating and a["lora_prune"] != "product" and is_adapter_dir(finetuned):
+        raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
+                         "drop --lora_prune factors")
     if is_adapter_dir(finetuned):
         if calibrating:
-            return _prune_adapter_via_merge(base, finetuned, out, locals())
-        summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=lora_prune, overwrite=overwrite,
-                                    out_shard_size=out_shard_size, progress=progress)
+            return _prune_adapter_via_merge(base, finetuned, out, a)
+        summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=a["lora_prune"], overwrite=a["overwrite"],
+                                    out_shard_size=a["out_shard_size"], progress=a["progress"])
         _console().print(summary.table())
         return summary
-    if lora_prune != "product":
-        raise ValueError(f"--lora_prune {lora_prune} needs a PEFT adapter directory as --finetuned "
+    if a["lora_prune"] != "product":
+        raise ValueError(f"--lora_prune {a['lora_prune']} needs a PEFT adapter directory as --finetuned "
                          "(adapter_config.json + adapter_model.safetensors)")
-    check_output_path(Path(out), overwrite)
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, spec.exclude)  # fail on mismatches before loading any model
     pruned = match.pruned
@@ -167,40 +199,47 @@ def prune(
     if calibrating:
         from lifelong_delta.delta import calibration as cal
 
-        model, batches, labels = cal.load(finetuned, calib_data, need_labels=q_mode == "grid",
-                                          samples=calib_samples, batch_size=batch_size, max_length=max_length)
+        model, batches, labels = cal.load(finetuned, a["calib_data"], need_labels=q_mode == "grid",
+                                          samples=a["calib_samples"], batch_size=a["batch_size"],
+                                          max_length=a["max_length"])
         if METHODS[method].needs_input_norms:
             input_norms = cal.input_norms(model, batches, pruned)
         if q_mode is not None:
             masked = cal.masked_delta(model, base, pruned, spec, input_norms, base_names=match.base_names)
             if q_mode == "analytic":
-                q_per_tensor = cal.analytic_q(model, masked, batches, eta=eta, arithmetic=analytic_arithmetic,
-                                              tie_rtol=analytic_tie_rtol)
+                q_per_tensor = cal.analytic_q(model, masked, batches, eta=a["eta"],
+                                              arithmetic=a["analytic_arithmetic"], tie_rtol=a["analytic_tie_rtol"])
             else:
-                result = (cal.grid_q(model, masked, batches, labels, p) if q_mode == "grid"
-                          else cal.unlabelled_q(model, masked, batches, p))
+                result = (cal.grid_q(model, masked, batches, labels, spec.p) if q_mode == "grid"
+                          else cal.unlabelled_q(model, masked, batches, spec.p))
                 _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
                                  + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
                 spec = replace(spec, q=result.q)
         del model
 
-    summary = stream_prune(base, finetuned, out, spec, overwrite=overwrite, out_shard_size=out_shard_size,
-                           progress=progress, input_norms=input_norms, q_per_tensor=q_per_tensor)
+    summary = stream_prune(base, finetuned, out, spec, overwrite=a["overwrite"], out_shard_size=a["out_shard_size"],
+                           progress=a["progress"], input_norms=input_norms, q_per_tensor=q_per_tensor)
     _console().print(summary.table())
     return summary
 
 
 @contextmanager
-def _merged(base: str, finetuned: str, *, near: Path | None = None, progress: bool = False) -> Iterator[str]:
+def _merged(base: str, finetuned: str, *, near: Path, progress: bool = False) -> Iterator[str]:
     """``finetuned`` itself, or for a PEFT LoRA adapter a temporary full checkpoint ``base + scaling·B·A``
-    (unpruned; in ``near`` or the system temporary directory), deleted on exit."""
+    (unpruned; in a temporary folder of this tool in ``near``), deleted on exit."""
+    from lifelong_delta.delta.lora_merge import is_adapter_dir, stream_prune_lora
+    from lifelong_delta.delta.methods import PruneSpec
+
     if not is_adapter_dir(finetuned):
         yield finetuned
         return
-    with tempfile.TemporaryDirectory(prefix=".lora-merge-", dir=near) as tmp:
-        merged = Path(tmp) / "merged"
+    tmp = outputs.make_temp_dir(near, ".lora-merge-")
+    try:
+        merged = tmp / "merged"
         stream_prune_lora(base, finetuned, merged, PruneSpec(method="dare", p=0.0), progress=progress)
         yield str(merged)
+    finally:
+        outputs.remove_temp_dir(tmp)
 
 
 def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> PruneSummary:
@@ -210,12 +249,10 @@ def _prune_adapter_via_merge(base: str, adapter: str, out: str, args: dict) -> P
     The calibration needs the fine-tuned model loaded, which is the merged one. The pruned delta is the product
     ``B·A`` (``--lora_prune product``), rounded once to the base's dtype by the merge, as a merged PEFT model is.
     """
-    check_output_path(Path(out), args["overwrite"])
     parent = Path(out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with _merged(base, adapter, near=parent, progress=args["progress"]) as merged:
-        kwargs = {k: v for k, v in args.items() if k in inspect.signature(prune).parameters}
-        return prune(**{**kwargs, "base": base, "finetuned": merged, "out": out})
+        return _prune({**args, "finetuned": merged})
 
 
 def stats(
@@ -239,9 +276,13 @@ def stats(
     """
     if top is not None and top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    if png is not None and not Path(png).resolve().parent.is_dir():
-        raise ValueError(f"--png {png}: directory {Path(png).parent} does not exist")
-    with _merged(base, finetuned, progress=progress) as merged:
+    _check_inputs(base=base, finetuned=finetuned)
+    if png is not None:
+        outputs.check_output_file(png, option="--png", inputs={"--base": base, "--finetuned": finetuned})
+    _say(f"stats: delta of {finetuned} against {base}")
+    from lifelong_delta.delta.streaming import stream_delta_stats
+
+    with _merged(base, finetuned, near=Path(tempfile.gettempdir()), progress=progress) as merged:
         result = stream_delta_stats(base, merged, _patterns(exclude), progress=progress)
     console = _console()
     console.print(result.table(top=top))
@@ -276,7 +317,13 @@ def recommend(
     """
     if not 0.0 <= target_p < 1.0:
         raise ValueError(f"--target_p must be in [0, 1), got {target_p}")
-    with _merged(base, finetuned, progress=progress) as merged:
+    _check_inputs(base=base, finetuned=finetuned)
+    _say(f"recommend: reading the delta of {finetuned} against {base}")
+    from lifelong_delta.delta.lora_merge import is_adapter_dir
+    from lifelong_delta.delta.recommend import recommend as choose_method
+    from lifelong_delta.delta.streaming import stream_delta_stats
+
+    with _merged(base, finetuned, near=Path(tempfile.gettempdir()), progress=progress) as merged:
         result = stream_delta_stats(base, merged, _patterns(exclude), progress=progress)
     rec = choose_method(result, target_p=target_p, has_labelled_data=has_labelled_data,
                         has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune,
@@ -317,13 +364,8 @@ def _plot(result: DeltaStats, png: Path) -> None:
         axes[1].set_xticks(list(x), [s.name for s in layers], rotation=90, fontsize=6)
     fig.suptitle("delta statistics (δ = finetuned − base)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=png.resolve().parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png)
+        with outputs.atomic_file(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png", metadata={"Software": outputs.PNG_SOFTWARE})
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-

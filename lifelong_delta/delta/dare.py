@@ -11,35 +11,10 @@ import numpy as np
 import torch
 
 from lifelong_delta.delta import _kernels
+from lifelong_delta.delta.choices import resolve_q
 from lifelong_delta.delta.masks import _use_numba, drop_threshold, tensor_key
 
 __all__ = ["dare", "dare_merge", "resolve_q", "scale_of"]
-
-
-def _where(name: str | None) -> str:
-    return f" (tensor {name!r})" if name else ""
-
-
-def resolve_q(p: float, q: float | None, *, force: bool = False, name: str | None = None) -> float:
-    """Validate ``p`` and ``q`` and return the effective ``q`` (``1 - p`` when ``q is None``).
-
-    Raises:
-        ValueError: ``p`` outside ``[0, 1)``; ``q <= 0``; ``q > 1`` or ``q < 1 - p`` unless ``force``.
-    """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"p={p} is outside [0, 1): p is the drop rate{_where(name)}")
-    if q is None:
-        return 1.0 - float(p)
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not q > 0.0 or q != q:
-        raise ValueError(f"q={q} must be > 0: the kept entries are rescaled by 1/q{_where(name)}")
-    if not force:
-        if q > 1.0:
-            raise ValueError(f"q={q} is above 1 (it would shrink the kept delta); pass force=True to allow it"
-                             f"{_where(name)}")
-        if q < (1.0 - p) - 1e-12:
-            raise ValueError(f"q={q} is below 1-p={1.0 - p:g} (it over-amplifies the kept delta); "
-                             f"pass force=True to allow it{_where(name)}")
-    return float(q)
 
 
 def scale_of(q: float) -> float:

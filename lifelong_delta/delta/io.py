@@ -8,7 +8,7 @@ Layer 2 of the architecture (small stateful objects, no Lightning). Both ends ke
 * :class:`ShardedWriter` streams each tensor's bytes to a per-shard body file as soon as it is added; when a shard
   is full it writes the final file as ``header + body`` (a kernel-side copy). All files go to a temporary directory
   next to ``out``, which is renamed into place by :meth:`ShardedWriter.commit`; a killed or failed run leaves
-  nothing at ``out``.
+  nothing at ``out`` (the rules for outputs and temporary folders are in :mod:`lifelong_delta.outputs`).
 
 :func:`lifelong_delta.delta.streaming.stream_prune` joins the two with a pruning method.
 
@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,13 @@ from typing import IO, BinaryIO
 
 import torch
 
+from lifelong_delta import outputs
+
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "ShardedWriter",
     "TensorInfo",
-    "check_output_path",
     "copy_non_weight_files",
     "parse_size",
 ]
@@ -198,6 +198,15 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to shard file "
+                                      f"names, got {type(weight_map).__name__}")
+            for shard in dict.fromkeys(weight_map.values()):
+                parts = Path(shard).parts
+                if not parts or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
+                    raise CheckpointError(f"{index} names shard {shard!r}, which is outside the model folder; "
+                                          "shard names must be file names inside it")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             for file in files:
                 if not file.is_file():
@@ -297,7 +306,7 @@ def _is_weight_file(name: str) -> bool:
 def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
     """Copy config, tokenizer and other non-weight files (and sub-directories) of a model directory.
 
-    Weight files (``*.safetensors``, ``*.bin``, their indexes, …) and hidden entries are skipped.
+    Copies are new files whose mode follows the umask (not the source's mode). Weight files (``*.safetensors``, ``*.bin``, their indexes, …) and hidden entries are skipped.
 
     Returns:
         The relative paths copied.
@@ -313,7 +322,7 @@ def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[st
             if fname.startswith(".") or _is_weight_file(fname):
                 continue
             (dst / rel).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(root) / fname, dst / rel / fname)
+            shutil.copyfile(Path(root) / fname, dst / rel / fname)  # a new file: the umask sets its mode
             copied.append(str(rel / fname))
     return copied
 
@@ -355,11 +364,19 @@ class ShardedWriter:
         out_dir: Final output directory.
         max_shard_size: Shard size limit (``"2GB"``, ``"500MB"`` or bytes). A shard is closed before a tensor that
             would push it past the limit; a single larger tensor gets a shard of its own.
-        overwrite: Replace an existing ``out_dir`` at commit time. Without it an existing path is an error.
+        overwrite: Replace an existing ``out_dir`` at commit time, if it is an output folder this tool wrote
+            (:func:`lifelong_delta.outputs.check_output_dir`).
         metadata: safetensors ``__metadata__`` of every shard; ``{"format": "pt"}`` by default.
+        inputs: ``{option: path}`` of what the caller reads; ``out_dir`` must not be, contain or lie inside any.
+        command: The command named in the output folder's marker.
+        layout: Every tensor to come, in order, as ``(name, dtype, shape)``. With it the shards are planned up
+            front and each tensor's bytes go straight into its final file (written once); the tensors must then be
+            added in exactly this order. Without it each shard's data is staged in a body file and copied behind
+            its header when the shard is full.
 
     Raises:
-        CheckpointError: ``out_dir`` exists and ``overwrite`` is false, or its parent is not writable.
+        OutputPathError: ``out_dir`` overlaps an input, exists without ``overwrite``, or is not this tool's output.
+        CheckpointError: its parent is not writable.
     """
 
     def __init__(
@@ -369,15 +386,20 @@ class ShardedWriter:
         *,
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        inputs: outputs.Inputs = {},
+        command: str = "write",
+        layout: Sequence[tuple[str, torch.dtype, Sequence[int]]] | None = None,
     ) -> None:
         self.out = Path(out_dir)
         self.max_shard_bytes = parse_size(max_shard_size)
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
-        check_output_path(self.out, overwrite)
+        self.inputs = dict(inputs)
+        self.command = command
+        outputs.check_output_dir(self.out, overwrite=overwrite, inputs=self.inputs)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self.tmp = outputs.make_temp_dir(self.out.parent, f".{self.out.name}.tmp-")
         except OSError as e:
             raise CheckpointError(f"cannot create output next to {self.out}: {e.strerror or e}") from None
         self._shards: list[tuple[Path, list[str]]] = []  # finished shards: (temporary file, tensor names)
@@ -387,6 +409,48 @@ class ShardedWriter:
         self._names: set[str] = set()
         self.total_size = 0
         self._done = False
+        self._plan: list[list[tuple[str, str, tuple[int, ...], int, int]]] | None = None
+        self._next: list[str] = []  # planned names not added yet, last one first
+        self._planned_entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        if layout is not None:
+            self._plan = self._plan_shards(layout)
+            self._next = [name for shard in self._plan for name, *_ in shard][::-1]
+
+    def _plan_shards(self, layout: Sequence[tuple[str, torch.dtype, Sequence[int]]]
+                     ) -> list[list[tuple[str, str, tuple[int, ...], int, int]]]:
+        """Shards as lists of ``(name, code, shape, begin, end)``, by the same rule as the unplanned path."""
+        shards: list[list[tuple[str, str, tuple[int, ...], int, int]]] = [[]]
+        used, seen = 0, set()
+        for name, dtype, shape in layout:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} appears twice in the layout")
+            if dtype not in _CODES:
+                raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+            seen.add(name)
+            shape = tuple(int(s) for s in shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and used + nbytes > self.max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, _CODES[dtype], shape, used, used + nbytes))
+            used += nbytes
+        return shards
+
+    def _header(self, entries: dict[str, tuple[str, tuple[int, ...], int, int]]) -> bytes:
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        for name, (code, shape, begin, end) in entries.items():
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _open_planned_shard(self) -> None:
+        """Open the next planned shard's final file and write its header."""
+        assert self._plan is not None
+        planned = self._plan[len(self._shards)]
+        self._planned_entries = {name: (code, shape, b, e) for name, code, shape, b, e in planned}
+        self._body = open(self.tmp / f"shard-{len(self._shards):05d}.safetensors", "wb")  # noqa: SIM115
+        self._body.write(self._header(self._planned_entries))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (written to disk immediately; the caller may free it afterwards)."""
@@ -411,10 +475,21 @@ class ShardedWriter:
             raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        if self._entries and self._body_bytes + nbytes > self.max_shard_bytes:
-            self._finish_shard()
-        if self._body is None:
-            self._body = open(self.tmp / f"body-{len(self._shards):05d}.bin", "w+b")  # noqa: SIM115
+        if self._plan is not None:
+            if not self._next or self._next[-1] != name:
+                expected = f"{self._next[-1]!r}" if self._next else "no more tensors"
+                raise ValueError(f"tensor {name!r} is out of the writer's layout order (expected {expected})")
+            if self._body is None:
+                self._open_planned_shard()
+            if self._planned_entries[name][:2] != (_CODES[dtype], shape):
+                raise ValueError(f"tensor {name!r} has {dtype} {list(shape)}, but the layout planned "
+                                 f"{self._planned_entries[name][0]} {list(self._planned_entries[name][1])}")
+            self._next.pop()
+        else:
+            if self._entries and self._body_bytes + nbytes > self.max_shard_bytes:
+                self._finish_shard()
+            if self._body is None:
+                self._body = open(self.tmp / f"body-{len(self._shards):05d}.bin", "w+b")  # noqa: SIM115
         written = 0
         for chunk in chunks:
             if chunk.dtype != dtype:
@@ -429,22 +504,22 @@ class ShardedWriter:
         self._body_bytes += nbytes
         self._names.add(name)
         self.total_size += nbytes
+        if self._plan is not None and len(self._entries) == len(self._planned_entries):
+            self._finish_shard()
 
     def _finish_shard(self) -> None:
         assert self._body is not None
-        header: dict[str, object] = {"__metadata__": self.metadata}
-        for name, (code, shape, begin, end) in self._entries.items():
-            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-        path = self.tmp / f"shard-{len(self._shards):05d}.safetensors"
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            _copy_body(self._body, f, self._body_bytes)
-        body_path = Path(self._body.name)
-        self._body.close()
-        body_path.unlink()
+        if self._plan is not None:  # the header went first; the data is in place
+            path = Path(self._body.name)
+            self._body.close()
+        else:
+            path = self.tmp / f"shard-{len(self._shards):05d}.safetensors"
+            with open(path, "wb") as f:
+                f.write(self._header(self._entries))
+                _copy_body(self._body, f, self._body_bytes)
+            body_path = Path(self._body.name)
+            self._body.close()
+            body_path.unlink()
         self._shards.append((path, list(self._entries)))
         self._body, self._entries, self._body_bytes = None, {}, 0
 
@@ -456,6 +531,10 @@ class ShardedWriter:
         """
         if self._done:
             raise RuntimeError("ShardedWriter.commit() called twice")
+        if self._next:
+            raise ValueError(f"{len(self._next)} tensor(s) of the layout were never added, e.g. {self._next[-1]!r}")
+        if self._plan is not None and not self._shards:  # an empty layout
+            self._plan = None
         if self._entries or not self._shards:
             if self._body is None:  # an empty checkpoint still gets a valid (empty) file
                 self._body = open(self.tmp / "body-empty.bin", "w+b")  # noqa: SIM115
@@ -473,14 +552,7 @@ class ShardedWriter:
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if copy_files_from is not None:
             copy_non_weight_files(copy_files_from, self.tmp)
-        check_output_path(self.out, self.overwrite)
-        trash = None
-        if self.out.exists() or self.out.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-        os.replace(self.tmp, self.out)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        outputs.commit_dir(self.tmp, self.out, overwrite=self.overwrite, command=self.command, inputs=self.inputs)
         self._done = True
         return self.out
 
@@ -490,7 +562,7 @@ class ShardedWriter:
             self._body.close()
             self._body = None
         if not self._done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            outputs.remove_temp_dir(self.tmp)
         self._done = True
 
     def __enter__(self) -> ShardedWriter:
@@ -499,10 +571,3 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if not self._done:
             self.abort()
-
-
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Raise :class:`CheckpointError` if ``out`` exists and ``overwrite`` is false."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CheckpointError(f"output path {out} already exists; pass --overwrite to replace it")
-

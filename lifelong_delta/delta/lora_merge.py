@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from lifelong_delta.delta.io import CheckpointError, CheckpointReader, ShardedWriter, check_output_path, parse_size
+from lifelong_delta import outputs
+from lifelong_delta.delta.choices import LoraPrune
+from lifelong_delta.delta.io import CheckpointReader, ShardedWriter, parse_size
 from lifelong_delta.delta.lora import (
     _FACTOR,
     LoraAdapter,
@@ -35,10 +36,10 @@ from lifelong_delta.delta.lora import (
 )
 from lifelong_delta.delta.methods import PruneSpec, is_excluded, prune_delta
 from lifelong_delta.delta.stats import PruneSummary, _listing, _prefix_candidates, check_finite, tensor_prune_stats
+from lifelong_delta.progress import Progress
 
 __all__ = ["LoraPrune", "is_adapter_dir", "stream_prune_lora"]
 
-LoraPrune = Literal["product", "factors"]
 
 
 def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
@@ -100,7 +101,8 @@ def stream_prune_lora(
         lora_prune: ``"product"`` (prune ``scaling · B A``) or ``"factors"`` (prune A and B).
         overwrite: Replace an existing ``out``.
         out_shard_size: Output shard size limit, e.g. ``"2GB"``.
-        progress: Show a progress bar (on stderr).
+        progress: Show progress on stderr (a bar on a terminal, a line every 10 s elsewhere, see
+            :class:`lifelong_delta.progress.Progress`).
 
     Returns:
         A :class:`~lifelong_delta.delta.stats.PruneSummary` over the adapted tensors (δ before = the adapter's
@@ -110,8 +112,6 @@ def stream_prune_lora(
         CheckpointError: unreadable base, or ``out`` exists without ``overwrite``.
         ValueError: a bad adapter, an adapted tensor missing from the base or of another shape, WANDA, a bad mode.
     """
-    from lifelong_delta.delta.streaming import _progress
-
     if lora_prune not in ("product", "factors"):
         raise ValueError(f"--lora_prune {lora_prune!r} is not one of product, factors")
     if spec.method == "wanda":
@@ -120,10 +120,8 @@ def stream_prune_lora(
     if spec.method == "darex-q" and spec.q is None:
         raise ValueError("method 'darex-q' needs q: pass --q Q")
     out = Path(out)
-    for src in (base, adapter_dir):
-        if out.resolve() == Path(src).resolve():
-            raise CheckpointError(f"--out {out} is also an input; choose another output directory")
-    check_output_path(out, overwrite)
+    inputs = {"--base": base, "--finetuned": adapter_dir}
+    outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
     parse_size(out_shard_size)
     adapter = load_lora_adapter(adapter_dir)
     full = replaced_tensors(adapter)
@@ -145,17 +143,19 @@ def stream_prune_lora(
                     factor_keys.setdefault(name, set()).add(key)
             pruned_adapter = _prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
         names = rb.names()
-        with ShardedWriter(out, out_shard_size, overwrite=overwrite) as writer, \
-                _progress(progress, "merging") as bar:
-            task = bar.add_task("merge", total=len(names), tensor="")
+        nbytes = {name: rb.info(name).nbytes for name in names}
+        with ShardedWriter(out, out_shard_size, overwrite=overwrite, inputs=inputs,
+                           command="prune") as writer, \
+                Progress("merging", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
+                         enabled=progress) as bar:
             for name in names:
-                bar.update(task, tensor=name)
+                bar.update(0, detail=name)
                 a_name = from_base.get(name)
                 b = rb.get(name)
                 if a_name is None:
                     writer.add(name, b)
                     summary.copied.append(name)
-                    bar.advance(task)
+                    bar.update(1, nbytes=nbytes[name])
                     continue
                 if not b.is_floating_point():
                     raise ValueError(f"tensor {name!r} of the base model is not floating ({b.dtype}); "
@@ -183,6 +183,6 @@ def stream_prune_lora(
                     merged = torch.where(pruned != 0, b32 + pruned, b32).to(b.dtype)
                 writer.add(name, merged)
                 summary.tensors.append(tensor_prune_stats(name, b32, b32 + delta, merged))
-                bar.advance(task)
+                bar.update(1, nbytes=nbytes[name])
             writer.commit(copy_files_from=base if Path(base).is_dir() else None)
     return summary

@@ -13,14 +13,12 @@ from typing import Literal
 
 import torch
 
+from lifelong_delta.delta.choices import MethodName, RescaleName
 from lifelong_delta.delta.dare import dare_merge, resolve_q
 from lifelong_delta.delta.importance import importance_prune
 from lifelong_delta.delta.structural import structural_prune
 
 __all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_delta", "prune_tensor", "is_excluded"]
-
-MethodName = Literal["dare", "darex-q", "magnitude", "wanda", "structural"]
-RescaleName = Literal["none", "dare", "q"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,8 @@ def prune_tensor(
         raise ValueError(f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape "
                          f"{tuple(finetuned.shape)}")
     if not (finetuned.is_floating_point() and base.is_floating_point()) or is_excluded(name, spec.exclude):
+        return finetuned
+    if finetuned.numel() == 0:  # nothing to prune (and no row to take a top-k of)
         return finetuned
     q_eff = spec.q if q is None else q
     if q is not None:

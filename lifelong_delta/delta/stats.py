@@ -151,6 +151,12 @@ def match_tensors(base: _Checkpoint, finetuned: _Checkpoint, exclude: Sequence[s
         return ckpt.dtype(name).is_floating_point and not is_excluded(name, tuple(exclude))
 
     ft_names = finetuned.names()
+    for n in ft_names:
+        if n in base and not is_excluded(n, tuple(exclude)) and (
+                base.dtype(n).is_floating_point != finetuned.dtype(n).is_floating_point):
+            raise ValueError(f"tensor {n!r} is {_dtype_name(base.dtype(n))} in the base model but "
+                             f"{_dtype_name(finetuned.dtype(n))} in the fine-tuned model; a delta needs both "
+                             f"floating (pass --exclude '{n}' to copy the fine-tuned one unchanged)")
     pruned = [n for n in ft_names if floating(finetuned, n)]
     missing = [n for n in pruned if n not in base]
     extra = [n for n in base.names() if floating(base, n) and not (n in finetuned and floating(finetuned, n))]
@@ -178,6 +184,10 @@ def match_tensors(base: _Checkpoint, finetuned: _Checkpoint, exclude: Sequence[s
                              f"{list(finetuned.shape(n))} in the fine-tuned model")
     kept = set(pruned)
     return TensorMatch(pruned=pruned, copied=[n for n in ft_names if n not in kept])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_finite(name: str, tensor: torch.Tensor, which: str) -> None:

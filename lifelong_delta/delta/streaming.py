@@ -13,12 +13,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from lifelong_delta import outputs
 from lifelong_delta.delta.dare import dare_merge
-from lifelong_delta.delta.io import CheckpointError, CheckpointReader, ShardedWriter, check_output_path, parse_size
+from lifelong_delta.delta.io import CheckpointReader, ShardedWriter, parse_size
 from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.stats import (
     DeltaStats,
@@ -31,9 +31,7 @@ from lifelong_delta.delta.stats import (
     match_tensors,
     tensor_prune_stats,
 )
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from lifelong_delta.progress import Progress
 
 __all__ = ["stream_delta_stats", "stream_prune"]
 
@@ -89,16 +87,6 @@ def _mapping_note(match: TensorMatch) -> str | None:
     return f"base '{pb}X' = fine-tuned '{pf}X'"
 
 
-def _progress(enabled: bool, what: str) -> Progress:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[tensor]}"), console=Console(stderr=True), disable=not enabled, transient=False,
-    )
-
-
 def stream_prune(
     base: str | os.PathLike[str],
     finetuned: str | os.PathLike[str],
@@ -126,7 +114,8 @@ def stream_prune(
         spec: What to prune and how.
         overwrite: Replace an existing ``out``.
         out_shard_size: Output shard size limit, e.g. ``"2GB"``.
-        progress: Show a progress bar (on stderr).
+        progress: Show progress on stderr (a bar on a terminal, a line every 10 s elsewhere, see
+            :class:`lifelong_delta.progress.Progress`).
         input_norms: Per-tensor input activation norms ‖x_j‖₂ for WANDA, keyed by tensor name.
         q_per_tensor: Per-tensor q overriding ``spec.q`` (e.g. DAREx-q's analytic per-layer q).
 
@@ -138,10 +127,8 @@ def stream_prune(
         ValueError: bad spec, missing/extra tensors, shape mismatch, non-finite values (naming the tensor).
     """
     out = Path(out)
-    for src in (base, finetuned):
-        if out.resolve() == Path(src).resolve():
-            raise CheckpointError(f"--out {out} is also an input checkpoint; choose another output directory")
-    check_output_path(out, overwrite)
+    inputs = {"--base": base, "--finetuned": finetuned}
+    outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
     parse_size(out_shard_size)
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, spec.exclude)
@@ -162,11 +149,14 @@ def stream_prune(
                                q_per_tensor=dict(q_per_tensor) if q_per_tensor else None)
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
         names = rf.names()
-        with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata) as writer, \
-                _progress(progress, "pruning") as bar:
-            task = bar.add_task("prune", total=len(names), tensor="")
+        nbytes = {name: rf.info(name).nbytes for name in names}
+        layout = [(name, rf.dtype(name), rf.shape(name)) for name in names]  # every output keeps its dtype
+        with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs,
+                           command="prune", layout=layout) as writer, \
+                Progress("pruning", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
+                         enabled=progress) as bar:
             for name in names:
-                bar.update(task, tensor=name)
+                bar.update(0, detail=name)
                 if name not in pruned:
                     writer.add(name, rf.get(name))
                 else:
@@ -174,7 +164,7 @@ def stream_prune(
                     norms = input_norms.get(name) if input_norms else None
                     run = _prune_chunked if spec.method in _ELEMENTWISE else _prune_whole
                     summary.tensors.append(run(name, rb, rf, writer, spec, q, norms, match.base_name(name)))
-                bar.advance(task)
+                bar.update(1, nbytes=nbytes[name])
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary
 
@@ -195,10 +185,11 @@ def stream_delta_stats(
     layers = []
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, exclude)
-        with _progress(progress, "reading") as bar:
-            task = bar.add_task("stats", total=len(match.pruned), tensor="")
+        nbytes = {name: rf.info(name).nbytes for name in match.pruned}
+        with Progress("reading", len(match.pruned), unit="tensors", total_bytes=sum(nbytes.values()),
+                      enabled=progress) as bar:
             for name in match.pruned:
-                bar.update(task, tensor=name)
+                bar.update(0, detail=name)
                 numel, parts = math.prod(rf.shape(name)), []
                 for start in range(0, numel, _CHUNK):
                     count = min(_CHUNK, numel - start)
@@ -208,5 +199,5 @@ def stream_delta_stats(
                     parts.append(layer_stats(name, b, f))
                 pooled = DeltaStats.pool(parts, name) if parts else layer_stats(name, torch.zeros(0), torch.zeros(0))
                 layers.append(replace(pooled, shape=rf.shape(name)))
-                bar.advance(task)
+                bar.update(1, nbytes=nbytes[name])
     return DeltaStats(tuple(layers))

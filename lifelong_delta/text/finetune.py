@@ -337,8 +337,9 @@ def finetune(
         max_train_examples: stratified cap on the training split; None = ``DEFAULT_TRAIN_CAP`` (4000 for
             vader).
         max_eval_examples: stratified cap on the validation and test splits.
-        progress: show Lightning's progress bar.
-        callbacks: extra Lightning callbacks for the trainer (e.g. a step counter of an outer progress bar).
+        progress: show progress: Lightning's bar on a terminal, else a line every 10 s
+            (:class:`~lifelong_delta.callbacks.ProgressLines`).
+        callbacks: extra Lightning callbacks for the trainer (e.g. a step counter of an outer progress).
 
     Returns:
         The directory path. It is returned at once if cached with the same hyper-parameters.
@@ -362,6 +363,8 @@ def finetune(
     from lightning.pytorch.loggers import CSVLogger
     from safetensors.torch import load_file
 
+    from lifelong_delta.callbacks.progress_lines import ProgressLines
+    from lifelong_delta.progress import is_terminal
     from lifelong_delta.text.module import SequenceClassifier
 
     base = base_model(task, cache_dir, seed)
@@ -380,7 +383,8 @@ def finetune(
             accelerator="cpu", devices=1, max_epochs=h["epochs"],
             logger=CSVLogger(tmp, name="logs", version=""),
             enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=progress, callbacks=list(callbacks),
+            enable_progress_bar=progress and is_terminal(),  # not a terminal: ProgressLines prints lines
+            callbacks=[*callbacks, *([ProgressLines()] if progress else [])],
             log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))))
         trainer.fit(module, datamodule=dm)
         val_acc = float(trainer.callback_metrics["val_acc"])
@@ -442,7 +446,7 @@ def all_finetunes(
     seed: int = 0,
     force: bool = False,
 ) -> list[str]:
-    """Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary.
+    """Run every (task, recipe) fine-tune that is not cached, showing progress, and print a summary.
 
     Args:
         cache_dir: root of the cache.
@@ -455,7 +459,7 @@ def all_finetunes(
     Returns:
         The fine-tuned directories, in (task, recipe) order.
     """
-    from tqdm.auto import tqdm
+    from lifelong_delta.progress import Progress
 
     for t in tasks:
         for r in recipes:
@@ -469,32 +473,34 @@ def all_finetunes(
         flush=True,
     )
     paths, spent, estimated = [], 0.0, 0.0
-    bar = tqdm(jobs, desc="fine-tunes", unit="model")
-    for t, r in bar:
-        bar.set_postfix_str(f"{t}/{r}")
-        start = time.perf_counter()
-        paths.append(finetune(t, r, cache_dir, epochs=epochs, seed=seed, force=force, progress=False,
-                              callbacks=[_steps_in_postfix(bar, f"{t}/{r}")]))
-        if (t, r) in pending:
-            spent, estimated = spent + time.perf_counter() - start, estimated + estimates.pop((t, r))
-            if estimates:  # re-estimate with this machine's measured speed
-                left = sum(estimates.values()) * spent / estimated / 60
-                tqdm.write(f"about {left:.0f} minutes left ({spent / estimated:.1f}x the estimate so far)")
+    with Progress("fine-tunes", len(pending), unit="models") as bar:  # cached ones take no time
+        for t, r in jobs:
+            bar.update(0, detail=f"{t}/{r}")
+            start = time.perf_counter()
+            paths.append(finetune(t, r, cache_dir, epochs=epochs, seed=seed, force=force, progress=False,
+                                  callbacks=[_steps_in_detail(bar, f"{t}/{r}")]))
+            if (t, r) in pending:
+                spent, estimated = spent + time.perf_counter() - start, estimated + estimates.pop((t, r))
+                bar.update(1)
+                if estimates:  # re-estimate with this machine's measured speed
+                    left = sum(estimates.values()) * spent / estimated / 60
+                    print(f"about {left:.0f} minutes left ({spent / estimated:.1f}x the estimate so far)", flush=True)
     _print_summary(paths)
     return paths
 
 
-def _steps_in_postfix(bar: Any, label: str) -> Any:
-    """A Lightning callback that shows ``task/recipe step i/n`` in the postfix of the outer fine-tunes bar."""
+def _steps_in_detail(bar: Any, label: str) -> Any:
+    """A Lightning callback that shows ``task/recipe step i/n`` as the current item of the outer fine-tunes
+    :class:`~lifelong_delta.progress.Progress`."""
     from lightning.pytorch.callbacks import Callback
 
-    class StepsInPostfix(Callback):
+    class StepsInDetail(Callback):
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             step, total = trainer.global_step, trainer.estimated_stepping_batches
             if step == 1 or step % 5 == 0 or step == total:
-                bar.set_postfix_str(f"{label} step {step}/{total}")
+                bar.update(0, detail=f"{label} step {step}/{total}")
 
-    return StepsInPostfix()
+    return StepsInDetail()
 
 
 def _print_summary(paths: Sequence[str]) -> None:

@@ -253,7 +253,7 @@ def prune_eval(
         jobs: worker processes, each evaluating whole fine-tunes with ``threads`` threads (None: one per core,
             at most one per fine-tune). The rows do not depend on it: every fine-tune's evaluation is
             deterministic and independent of the others.
-        progress: show a progress bar.
+        progress: show progress (a bar on a terminal, a line every 10 s elsewhere).
 
     Returns:
         ``{"results": path, "summary": path, "plot": path, "q_choices": path, "recommend": path}``.
@@ -300,8 +300,7 @@ def prune_eval(
 
 def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     """The study of :func:`prune_eval` with validated, normalised arguments."""
-    from tqdm.auto import tqdm
-
+    from lifelong_delta.progress import Progress
     from lifelong_delta.text.finetune import finetune_dir
     from lifelong_delta.text.prune_eval_report import write_outputs
 
@@ -343,12 +342,12 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
         f"about {_makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
         flush=True,
     )
-    bar = tqdm(total=len(cells), desc="prune-eval", unit="eval", disable=not args["progress"])
-    if jobs == 1:  # one fine-tune in memory at a time
-        results = {u: _unit_outputs(load(u), unit_cells[u], ps, bar) for u in units}
-    else:
-        results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, cache_dir, jobs, bar)
-    bar.close()
+    with Progress("prune-eval", len(cells), unit="evals", enabled=args["progress"]) as bar:
+        bar.update(0, detail=f"{units[0][0]}/{units[0][1]}")  # a first line before the first fine-tune loads
+        if jobs == 1:  # one fine-tune in memory at a time
+            results = {u: _unit_outputs(load(u), unit_cells[u], ps, bar) for u in units}
+        else:
+            results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, cache_dir, jobs, bar)
     rows = [r for u in units for r in results[u][0]]
     qrows = [r for u in units for r in results[u][1]]
     recs = [r for u in units for r in results[u][2]]
@@ -407,16 +406,14 @@ def _unit_outputs(run: FinetuneRun, cells: Sequence[Cell], ps: Sequence[float], 
 
 
 class _QueueBar:
-    """The part of a tqdm bar that :meth:`FinetuneRun.evaluate` uses, forwarding updates to the parent."""
+    """The part of a :class:`~lifelong_delta.progress.Progress` that :meth:`FinetuneRun.evaluate` uses,
+    forwarding updates to the parent."""
 
     def __init__(self, queue: Any) -> None:
-        self.queue, self.text = queue, ""
+        self.queue = queue
 
-    def set_postfix_str(self, text: str) -> None:
-        self.text = text
-
-    def update(self, n: int) -> None:
-        self.queue.put((n, self.text))
+    def update(self, advance: int = 1, *, detail: str | None = None) -> None:
+        self.queue.put((advance, detail))
 
 
 def _worker(
@@ -464,6 +461,5 @@ def _run_parallel(
                     n, text = q.get_nowait()
                 except queue_mod.Empty:
                     break
-                bar.set_postfix_str(text)
-                bar.update(n)
+                bar.update(n, detail=text)
     return results

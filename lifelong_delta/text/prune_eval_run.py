@@ -305,10 +305,8 @@ class FinetuneRun:
                     }
                 )
             if bar is not None:
-                bar.set_postfix_str(
-                    f"{cell.task}/{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}"
-                )
-                bar.update(1)
+                where = f"{cell.task}/{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}"
+                bar.update(1, detail=where)
 
         groups: dict[tuple[float, int], list[Any]] = {}
         for c in cells:

@@ -15,6 +15,7 @@ import torch
 
 from lifelong_delta.delta.commands import prune
 from lifelong_delta.delta.io import CheckpointError
+from lifelong_delta.outputs import OutputPathError
 from tests.delta._checkpoints import leftovers, make_pair, perturbed, read_checkpoint, tiny_state, write_checkpoint
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
@@ -87,25 +88,34 @@ def test_unreadable_and_missing_files(tmp_path):
     shard.write_bytes(b"\x00" * 3)
     msg = _expect_error(tmp_path, "not a safetensors file", base=base, ft=ft)
     assert str(shard) in msg
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):
+    with pytest.raises(ValueError, match="--base .*nope: not found"):
         prune(str(tmp_path / "nope"), str(ft), str(tmp_path / "out"), progress=False)
 
 
 def test_existing_output_unless_overwrite(tmp_path):
     base, ft = make_pair(tmp_path)
     out = tmp_path / "out"
+    prune(str(base), str(ft), str(out), progress=False)
+    with pytest.raises(OutputPathError, match="already exists; pass --overwrite"):
+        prune(str(base), str(ft), str(out), progress=False)
+    first = read_checkpoint(out)
+    prune(str(base), str(ft), str(out), overwrite=True, seed=1, progress=False)
+    assert not torch.equal(read_checkpoint(out)["layers.0.weight"], first["layers.0.weight"])
+
+
+def test_overwrite_refuses_a_folder_this_tool_did_not_write(tmp_path):
+    base, ft = make_pair(tmp_path)
+    out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
-        prune(str(base), str(ft), str(out), progress=False)
+    with pytest.raises(OutputPathError, match="was not written by lifelong-delta"):
+        prune(str(base), str(ft), str(out), overwrite=True, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
-    prune(str(base), str(ft), str(out), overwrite=True, progress=False)
-    assert not (out / "precious.txt").exists() and read_checkpoint(out)
 
 
 def test_output_may_not_be_an_input(tmp_path):
     base, ft = make_pair(tmp_path)
-    with pytest.raises(CheckpointError, match="is also an input"):
+    with pytest.raises(OutputPathError, match="is the same path as --finetuned"):
         prune(str(base), str(ft), str(ft), overwrite=True, progress=False)
     assert read_checkpoint(ft)
 
@@ -162,7 +172,7 @@ def test_cli_bad_input_exit_status_and_one_line(tmp_path, case):
             "1.2" if case == "p" else "0.5"]
     res = _cli(*args)
     assert res.returncode == 2, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("prune: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     expected = {"missing": "extra.weight", "p": "p=1.2 is outside [0, 1)", "exists": "already exists"}[case]
     assert expected in lines[0]

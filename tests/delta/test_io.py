@@ -19,6 +19,7 @@ from lifelong_delta.delta.io import (
     copy_non_weight_files,
     parse_size,
 )
+from lifelong_delta.outputs import MARKER, OutputPathError
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -41,7 +42,7 @@ def test_roundtrip_sharded_and_single(tmp_path, size):
         for k, v in ts.items():
             w.add(k, v)
         w.commit()
-    files = sorted(os.listdir(out))
+    files = sorted(f for f in os.listdir(out) if f != MARKER)
     if size == "1KB":
         n = len([f for f in files if f.endswith(".safetensors")])
         assert n > 2 and INDEX_FILE in files and SINGLE_FILE not in files
@@ -116,15 +117,27 @@ def test_failure_leaves_nothing(tmp_path):
 
 def test_existing_out_needs_overwrite(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+    with ShardedWriter(out) as w:
+        w.add("a", torch.zeros(3))
+        w.commit()
+    with pytest.raises(OutputPathError, match="already exists.*--overwrite"):
         ShardedWriter(out)
-    assert (out / "keep.txt").read_text() == "old"
     with ShardedWriter(out, overwrite=True) as w:
         w.add("a", torch.ones(3))
         w.commit()
-    assert sorted(os.listdir(out)) == [SINGLE_FILE]
+    assert sorted(os.listdir(out)) == [MARKER, SINGLE_FILE]
+    assert json.loads((out / MARKER).read_text())["files"] == [SINGLE_FILE]
+    assert torch.equal(CheckpointReader(out).get("a"), torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(OutputPathError, match="was not written by lifelong-delta"):
+        ShardedWriter(out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
@@ -190,3 +203,37 @@ def test_parse_size():
     for bad in ("", "2 parsecs", "-1GB", 0):
         with pytest.raises(ValueError, match="out_shard_size"):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("size", ["1KB", "300B", 10**9])
+def test_planned_layout_writes_the_same_files(tmp_path, size):
+    """With a layout, each tensor goes straight into its final shard: the files equal the staged path's, byte for
+    byte."""
+    ts = _tensors()
+    ts["empty"] = torch.zeros(0, 3)
+    layout = [(k, v.dtype, v.shape) for k, v in ts.items()]
+    for name, plan in (("staged", None), ("planned", layout)):
+        with ShardedWriter(tmp_path / name, size, layout=plan) as w:
+            for k, v in ts.items():
+                w.add_chunks(k, v.dtype, v.shape, list(v.reshape(-1).split(7)))
+            w.commit()
+    staged, planned = sorted(os.listdir(tmp_path / "staged")), sorted(os.listdir(tmp_path / "planned"))
+    assert staged == planned and len(staged) > 1
+    for f in staged:
+        if f != MARKER:
+            assert (tmp_path / "staged" / f).read_bytes() == (tmp_path / "planned" / f).read_bytes(), f
+    assert not any(p.suffix == ".bin" for p in (tmp_path / "planned").iterdir())
+
+
+def test_planned_layout_is_enforced(tmp_path):
+    a, b = torch.ones(3), torch.zeros(2, dtype=torch.float16)
+    layout = [("a", a.dtype, a.shape), ("b", b.dtype, b.shape)]
+    with ShardedWriter(tmp_path / "o1", layout=layout) as w, pytest.raises(ValueError, match="out of the writer"):
+        w.add("b", b)
+    with ShardedWriter(tmp_path / "o2", layout=layout) as w, pytest.raises(ValueError, match="planned F16"):
+        w.add("a", a)
+        w.add("b", b.float())
+    with ShardedWriter(tmp_path / "o3", layout=layout) as w, pytest.raises(ValueError, match="never added, e.g. 'b'"):
+        w.add("a", a)
+        w.commit()
+    assert sorted(os.listdir(tmp_path)) == []

@@ -124,14 +124,17 @@ def test_adapter_names_with_a_prefix_map_onto_the_base(tmp_path):
     ("kwargs", "match"),
     [
         ({"method": "wanda"}, "--method wanda needs --calib_data FILE"),
-        ({"method": "darex-q", "q_mode": "unlabelled", "calib_data": "x.csv"}, "--calib_data x.csv: file not found"),
-        ({"method": "wanda", "lora_prune": "factors", "calib_data": "x.csv"},
+        ({"method": "darex-q", "q_mode": "unlabelled", "calib_data": "x.csv"}, "--calib_data x.csv: not found"),
+        ({"method": "wanda", "lora_prune": "factors", "calib_data": "CALIB"},
          "--method wanda calibrates the merged model, so it prunes the LoRA product B·A; drop --lora_prune factors"),
         ({"method": "dare", "lora_prune": "both"}, "--lora_prune 'both' is not one of"),
     ],
 )
 def test_bad_lora_options(tmp_path, kwargs, match):
     _setup(tmp_path)
+    if kwargs.get("calib_data") == "CALIB":
+        kwargs["calib_data"] = str(tmp_path / "calib.csv")
+        (tmp_path / "calib.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match=match) as e:
         prune(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), progress=False, **kwargs)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists() and leftovers(tmp_path) == []

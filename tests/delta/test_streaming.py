@@ -108,14 +108,17 @@ def test_exclude_copies_unchanged_and_allows_head_only_in_finetuned(tmp_path):
     assert not torch.equal(got["layers.0.weight"], ft_sd["layers.0.weight"])
 
 
-def test_overwrite_replaces_existing_output(tmp_path):
+def test_overwrite_replaces_an_earlier_output(tmp_path):
     base, ft = make_pair(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("x")
-    stream_prune(base, ft, out, PruneSpec("dare", 0.5), overwrite=True, progress=False)
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    stream_prune(base, ft, out, PruneSpec("dare", 0.5), progress=False)
+    stream_prune(base, ft, out, PruneSpec("dare", 0.9), overwrite=True, progress=False)
+    assert (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out"]
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"holds files lifelong-delta did not write \(stale.txt\)"):
+        stream_prune(base, ft, out, PruneSpec("dare", 0.5), overwrite=True, progress=False)
+    assert (out / "stale.txt").read_text() == "x"
 
 
 @pytest.mark.parametrize("chunk", [5, 1 << 22])

@@ -17,13 +17,13 @@ TINY = dict(
 
 
 class _Bar:
-    """Stands in for the outer tqdm bar of ``all_finetunes``."""
+    """Stands in for the outer ``Progress`` of ``all_finetunes``."""
 
     def __init__(self):
-        self.postfixes = []
+        self.details = []
 
-    def set_postfix_str(self, text):
-        self.postfixes.append(text)
+    def update(self, advance=1, *, detail=None):
+        self.details.append(detail)
 
 
 BAR = _Bar()
@@ -31,16 +31,16 @@ BAR = _Bar()
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from lifelong_delta.text.finetune import _steps_in_postfix
+    from lifelong_delta.text.finetune import _steps_in_detail
 
     cache = tmp_path_factory.mktemp("finetunes")
-    path = finetune("trec", "adamr-l2", cache_dir=str(cache), callbacks=[_steps_in_postfix(BAR, "trec/adamr-l2")],
+    path = finetune("trec", "adamr-l2", cache_dir=str(cache), callbacks=[_steps_in_detail(BAR, "trec/adamr-l2")],
                     **TINY)
     return cache, path
 
 
 def test_the_outer_bar_shows_the_training_steps(tiny):
-    assert BAR.postfixes == ["trec/adamr-l2 step 1/3", "trec/adamr-l2 step 3/3"]  # 24 examples, batch 8
+    assert BAR.details == ["trec/adamr-l2 step 1/3", "trec/adamr-l2 step 3/3"]  # 24 examples, batch 8
 
 
 def test_tiny_finetune_writes_a_loadable_hf_directory(tiny):
