@@ -33,6 +33,7 @@ from pathlib import Path
 
 __all__ = [
     "MARKER",
+    "atomic_dir",
     "atomic_file",
     "PNG_SOFTWARE",
     "TEMP_MARKER",
@@ -347,14 +348,34 @@ def commit_dir(tmp: Path, out: Path, *, overwrite: bool, command: str, inputs: I
     (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
     os.chmod(tmp / MARKER, file_mode())
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    if out.exists():
-        trash = make_temp_dir(out.parent, f".{out.name}.old-")
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
+    _swap_into_place(tmp, out)
+    return out
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` goes to a tagged trash folder first, then is deleted."""
+    if final.exists():
+        trash = make_temp_dir(final.parent, f".{final.name}.old-")
+        os.replace(final, trash / "old")
+        os.replace(tmp, final)
         remove_temp_dir(trash)
     else:
-        os.replace(tmp, out)
-    return out
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder (:func:`make_temp_dir`) next to ``final`` to fill; on success it replaces ``final``,
+    on any error or Ctrl-C it is removed. For this tool's own cache entries, which need no marker."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(final.parent, f".{final.name}.tmp-")
+    try:
+        yield tmp
+        (tmp / TEMP_MARKER).unlink()
+        _swap_into_place(tmp, final)
+    finally:
+        remove_temp_dir(tmp)
 
 
 @contextmanager

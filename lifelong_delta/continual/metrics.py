@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lifelong_delta import outputs
 
 Matrix = Sequence[Sequence[float | None]] | np.ndarray | torch.Tensor
 
@@ -118,20 +119,10 @@ def backward_transfer(R: Matrix) -> float:
     return float(np.mean([arr[T - 1, j] - arr[j, j] for j in range(T - 1)]))
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def plot_accuracy_matrix(R: Matrix, path: str | os.PathLike[str], title: str | None = None) -> Path:
@@ -178,14 +169,9 @@ def plot_accuracy_matrix(R: Matrix, path: str | os.PathLike[str], title: str | N
     ax.set_title(title)
     fig.tight_layout()
     out = Path(path)
-    fd, tmp = _atomic_target(out)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": outputs.PNG_SOFTWARE})
     return out
 
 

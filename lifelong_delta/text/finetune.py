@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from lifelong_delta import outputs
 from lifelong_delta.text.data import (
     DEFAULT_MAX_LENGTH,
     TASKS,
@@ -164,37 +164,6 @@ def _cached(path: Path, hparams: dict[str, Any], force: bool) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success, it replaces ``final`` (removed on failure)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -251,7 +220,7 @@ def base_model(task: TaskName = "trec", cache_dir: str = DEFAULT_CACHE_DIR, seed
     hparams = {"task": task, "seed": seed, "label_names": label_names}
     if _cached(path, hparams, force):
         return str(path)
-    with _atomic_dir(path) as tmp, torch.random.fork_rng(devices=[]):
+    with outputs.atomic_dir(path) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_classifier(minilm_dir(), label_names=label_names)
         _save_model(model, tmp)
@@ -369,7 +338,7 @@ def finetune(
 
     base = base_model(task, cache_dir, seed)
     start = time.perf_counter()
-    with _atomic_dir(path) as tmp, _quiet_lightning():
+    with outputs.atomic_dir(path) as tmp, _quiet_lightning():
         L.seed_everything(seed, verbose=False)
         dm = TextClassificationDataModule(
             task, seed=0, shuffle_seed=seed, max_length=h["max_length"], batch_size=batch_size,
