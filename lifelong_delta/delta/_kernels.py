@@ -261,6 +261,88 @@ if HAVE_NUMBA:
             _uniform_range(out, k0, k1, lo0, s, min(n, s + PAR_BLOCK))
 
 
+    # The fused merge with statistics on raw checkpoint words: bf16 arrives and leaves as its uint16 bits (decoded
+    # and rounded to nearest even here, as torch does), fp32 as itself. One pass per element gives the merged
+    # value and what the prune summary needs, in the output dtype: nnz of the delta before and after, and the
+    # fp64 sums of squares of the delta before and after (the "after" delta is the rounded output minus base).
+    _U16_SHIFT = _U32(16)
+    _HALF = _U32(0x7FFF)
+    _MAG16 = _U32(0x7FFF)
+
+    @njit(inline="always", cache=True)
+    def _decode(a, start, n, is_bf16, dst_u, dst_f):  # pragma: no cover - compiled; a[start:start+n] as fp32
+        if is_bf16:
+            for j in range(n):
+                dst_u[j] = _U32(a[start + j]) << _U16_SHIFT
+        else:
+            for j in range(n):
+                dst_f[j] = a[start + j]
+
+    @njit(inline="always", cache=True)
+    def _rne16(u):  # pragma: no cover - compiled; fp32 bits -> bf16 bits, rounded to nearest even (as torch)
+        return (u + _HALF + ((u >> _U16_SHIFT) & _U32(1))) >> _U16_SHIFT
+
+    @njit(inline="always", cache=True)
+    def _differ16(x, y):  # pragma: no cover - compiled; bf16 values differ (+0 and -0 are equal)
+        return x != y and ((x | y) & _MAG16) != _U32(0)
+
+    @njit(inline="always", cache=True)
+    def _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        # block-local fp32 copies with uint32 views: the bf16 <-> fp32 bit moves vectorise as whole loops
+        n = stop - start
+        bu = np.empty(n, np.uint32)
+        fu = np.empty(n, np.uint32)
+        ru = np.empty(n, np.uint32)
+        bf, ff, rf = bu.view(np.float32), fu.view(np.float32), ru.view(np.float32)
+        _decode(base, start, n, b16, bu, bf)
+        _decode(ft, start, n, f16, fu, ff)
+        nbad = nnz_before = nnz_after = 0
+        sq_before = sq_after = 0.0
+        for j in range(n):
+            b = bf[j]
+            d = ff[j] - b
+            nbad += (d - d) != _ZERO
+            sq_before += np.float64(d) * np.float64(d)
+            rf[j] = b + d * scale if _word(k0, k1, lo0, start + j) >= thresh else b
+        if f16:
+            for j in range(n):
+                rb, bb, fb = _rne16(ru[j]), _rne16(bu[j]), _rne16(fu[j])
+                out[start + j] = np.uint16(rb)
+                nnz_before += _differ16(fb, bb)
+                nnz_after += _differ16(rb, bb)
+                ru[j] = rb << _U16_SHIFT
+        else:
+            for j in range(n):
+                out[start + j] = rf[j]
+                nnz_before += ff[j] != bf[j]
+                nnz_after += rf[j] != bf[j]
+        for j in range(n):
+            dm = np.float64(rf[j] - bf[j])
+            sq_after += dm * dm
+        return nbad, nnz_before, nnz_after, sq_before, sq_after
+
+    # 'reassoc' lets LLVM vectorise the sums of squares (statistics only); no 'contract', so no fused
+    # multiply-add changes the merged bits
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+    def _par_merge_stats(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        n = out.size
+        nbad = nnz_b = nnz_a = 0
+        sq_b = sq_a = 0.0
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s = blk * PAR_BLOCK
+            r = _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
+            nbad += r[0]
+            nnz_b += r[1]
+            nnz_a += r[2]
+            sq_b += r[3]
+            sq_a += r[4]
+        return nbad, nnz_b, nnz_a, sq_b, sq_a
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def _ser_merge_stats(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+        return _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, 0, out.size)
+
+
 _POOL_PID: int | None = None  # process that started numba's thread pool
 
 
@@ -335,3 +417,27 @@ def nb_merge(
                 if out.dtype != f32:
                     out[s:e] = o
     return nbad
+
+
+def nb_merge_stats(
+    base: np.ndarray, ft: np.ndarray, out: np.ndarray, base_bf16: bool, ft_bf16: bool,
+    key: int, offset: int, thresh: int, scale: float,
+) -> tuple[int, int, int, float, float]:
+    """Fused DARE merge of raw words with the prune statistics, for flat CPU arrays of one chunk.
+
+    ``base`` and ``ft`` are ``float32`` arrays or ``uint16`` arrays of bf16 bits (``*_bf16``); ``out`` has the
+    fine-tuned array's dtype and receives the merged words (the same bits as :func:`nb_merge` into that dtype).
+
+    Returns:
+        ``(non-finite deltas, nnz before, nnz after, Σδ² before, Σδ² after)``, compared and summed in the output
+        dtype as :class:`~lifelong_delta.delta.stats.PruneStatsAccumulator` does.
+    """
+    t, sc = np.uint32(thresh), np.float32(scale)
+    totals = [0, 0, 0, 0.0, 0.0]
+    with _LOCK:
+        for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.size):
+            run = _par_merge_stats if _parallel(s1 - s0) else _ser_merge_stats
+            r = run(base[s0:s1], ft[s0:s1], out[s0:s1], base_bf16, ft_bf16, k0, k1, lo0, t, sc)
+            for j in range(5):
+                totals[j] += r[j]
+    return int(totals[0]), int(totals[1]), int(totals[2]), float(totals[3]), float(totals[4])

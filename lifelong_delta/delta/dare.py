@@ -14,7 +14,7 @@ from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.choices import resolve_q
 from lifelong_delta.delta.masks import _use_numba, drop_threshold, tensor_key
 
-__all__ = ["dare", "dare_merge", "resolve_q", "scale_of"]
+__all__ = ["dare", "dare_merge", "dare_merge_stats", "resolve_q", "scale_of"]
 
 
 def scale_of(q: float) -> float:
@@ -129,3 +129,51 @@ def dare_merge(
     run = _kernels.nb_merge if _use_numba(f.device) else _kernels.torch_merge
     _check_finite(run(b, f, flat_out, key, offset, thresh, scale), name)
     return flat_out.view(finetuned.shape)
+
+
+_RAW = {torch.float32: None, torch.bfloat16: torch.int16}  # dtypes the fused kernel reads and writes as raw words
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+
+@torch.no_grad()
+def dare_merge_stats(
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    p: float,
+    *,
+    seed: int,
+    name: str,
+    q: float | None = None,
+    offset: int = 0,
+    force: bool = False,
+) -> tuple[torch.Tensor, tuple[int, int, float, float]] | None:
+    """:func:`dare_merge` into ``finetuned.dtype`` and the chunk's prune statistics, in one pass over memory.
+
+    The streaming prune's fast path: the numba kernel reads bf16 and fp32 words as they are stored and writes the
+    output words directly, so no fp32 copy of either input is made. The merged bits equal :func:`dare_merge`'s.
+
+    Args:
+        base, finetuned: Flat contiguous CPU tensors of equal length, each float32 or bfloat16.
+        p, seed, name, q, offset, force: As for :func:`dare_merge`.
+
+    Returns:
+        ``(merged, (nnz before, nnz after, Σδ² before, Σδ² after))``, or None when the kernel does not apply
+        (numba missing or switched off, another device or dtype): then call :func:`dare_merge`.
+
+    Raises:
+        ValueError: bad ``p``/``q``, or non-finite deltas (naming the tensor).
+    """
+    if (base.dtype not in _RAW or finetuned.dtype not in _RAW or not _use_numba(finetuned.device)
+            or base.device != finetuned.device or base.numel() != finetuned.numel()):
+        return None
+    q = resolve_q(p, q, force=force, name=name)
+    b, f = _flat(base), _flat(finetuned)
+    out = torch.empty(f.numel(), dtype=f.dtype)
+    nbad, *counts = _kernels.nb_merge_stats(_raw(b), _raw(f), _raw(out), b.dtype == torch.bfloat16,
+                                           f.dtype == torch.bfloat16, tensor_key(seed, name), offset,
+                                           drop_threshold(p), scale_of(q))
+    _check_finite(nbad, name)
+    return out, (counts[0], counts[1], counts[2], counts[3])

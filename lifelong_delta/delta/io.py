@@ -21,13 +21,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 import torch
 
@@ -159,8 +161,9 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 class CheckpointReader:
     """Lazy, read-only view of a safetensors checkpoint (a Hugging Face model directory or one file).
 
-    Only the headers are read on construction. :meth:`get` reads one tensor into a fresh CPU tensor; at most one
-    shard file is open at a time.
+    Only the headers are read on construction. :meth:`get` reads one tensor into a fresh CPU tensor. Reads are
+    positional (``preadv``), so threads may read at once (the streaming prune reads the next chunk while the
+    current one is computed); each shard file stays open until :meth:`close`.
 
     Args:
         path: A directory holding ``model.safetensors`` or ``model.safetensors.index.json`` with its shards
@@ -172,8 +175,8 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._open_path: Path | None = None
-        self._open_file: BinaryIO | None = None
+        self._fds: dict[Path, int] = {}  # open shards; reads are positional (pread), so threads may share them
+        self._lock = threading.Lock()
         self.path = Path(path)
         self.files = self._weight_files(self.path)
         self._infos: dict[str, TensorInfo] = {}
@@ -245,16 +248,15 @@ class CheckpointReader:
     def __len__(self) -> int:
         return len(self._infos)
 
-    def _file(self, path: Path) -> BinaryIO:
-        if self._open_path != path:
-            self.close()
-            try:
-                self._open_file = open(path, "rb")  # noqa: SIM115 - kept open across get() calls
-            except OSError as e:
-                raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
-            self._open_path = path
-        assert self._open_file is not None
-        return self._open_file
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
+            return fd
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor. Shape: as stored. A new CPU tensor that owns its memory (no mmap)."""
@@ -269,10 +271,14 @@ class CheckpointReader:
         size = info.dtype.itemsize
         buf = torch.empty(count * size, dtype=torch.uint8)
         if count:
-            f = self._file(info.file)
+            fd, view = self._fd(info.file), memoryview(buf.numpy())
+            pos, got = info.data_start + info.begin + start * size, 0
             try:
-                f.seek(info.data_start + info.begin + start * size)
-                got = f.readinto(memoryview(buf.numpy()))
+                while got < len(view):
+                    n = os.preadv(fd, [view[got:]], pos + got)
+                    if n == 0:
+                        break
+                    got += n
             except OSError as e:
                 raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e.strerror or e}") from None
             if got != count * size:
@@ -285,9 +291,10 @@ class CheckpointReader:
             yield name, self.get(name)
 
     def close(self) -> None:
-        if self._open_file is not None:
-            self._open_file.close()
-        self._open_file, self._open_path = None, None
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -412,6 +419,9 @@ class ShardedWriter:
         self._plan: list[list[tuple[str, str, tuple[int, ...], int, int]]] | None = None
         self._next: list[str] = []  # planned names not added yet, last one first
         self._planned_entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self._thread: threading.Thread | None = None  # writes queued chunks (see _write)
+        self._queue: queue.Queue = queue.Queue()
+        self._write_error: BaseException | None = None
         if layout is not None:
             self._plan = self._plan_shards(layout)
             self._next = [name for shard in self._plan for name, *_ in shard][::-1]
@@ -496,7 +506,7 @@ class ShardedWriter:
                 raise TypeError(f"tensor {name!r}: a chunk has dtype {chunk.dtype}, expected {dtype}")
             c = chunk.detach().cpu().contiguous().view(-1)
             if c.numel():
-                self._body.write(memoryview(c.view(torch.uint8).numpy()))
+                self._write(c)
             written += c.numel() * dtype.itemsize
         if written != nbytes:
             raise ValueError(f"tensor {name!r}: chunks hold {written} bytes, shape {list(shape)} needs {nbytes}")
@@ -507,8 +517,53 @@ class ShardedWriter:
         if self._plan is not None and len(self._entries) == len(self._planned_entries):
             self._finish_shard()
 
+    def _write(self, flat: torch.Tensor) -> None:
+        """Queue ``flat``'s bytes for the open file; a helper thread writes them while the caller computes the
+        next chunk (the queue holds two chunks, so memory stays bounded)."""
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=2)
+            self._thread = threading.Thread(target=self._write_queued, name="lifelong-delta-writer", daemon=True)
+            self._thread.start()
+        self._check_write_error()
+        self._queue.put((self._body, flat))
+
+    def _write_queued(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._write_error is None:
+                    f, flat = item
+                    f.write(memoryview(flat.view(torch.uint8).numpy()))
+            except BaseException as e:  # raised in the caller's thread by _check_write_error
+                self._write_error = e
+            finally:
+                self._queue.task_done()
+
+    def _check_write_error(self) -> None:
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            if isinstance(error, OSError):
+                raise CheckpointError(f"cannot write output in {self.tmp}: {error.strerror or error}") from None
+            raise error
+
+    def _drain(self) -> None:
+        """Wait until every queued chunk is written (and raise a write error)."""
+        if self._thread is not None:
+            self._queue.join()
+        self._check_write_error()
+
+    def _stop_writer(self) -> None:
+        if self._thread is not None:
+            self._queue.join()
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def _finish_shard(self) -> None:
         assert self._body is not None
+        self._drain()
         if self._plan is not None:  # the header went first; the data is in place
             path = Path(self._body.name)
             self._body.close()
@@ -531,6 +586,7 @@ class ShardedWriter:
         """
         if self._done:
             raise RuntimeError("ShardedWriter.commit() called twice")
+        self._drain()
         if self._next:
             raise ValueError(f"{len(self._next)} tensor(s) of the layout were never added, e.g. {self._next[-1]!r}")
         if self._plan is not None and not self._shards:  # an empty layout
@@ -552,12 +608,15 @@ class ShardedWriter:
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if copy_files_from is not None:
             copy_non_weight_files(copy_files_from, self.tmp)
+        self._stop_writer()
         outputs.commit_dir(self.tmp, self.out, overwrite=self.overwrite, command=self.command, inputs=self.inputs)
         self._done = True
         return self.out
 
     def abort(self) -> None:
         """Delete everything written so far; ``out`` is left as it was."""
+        self._write_error = self._write_error or RuntimeError("aborted")  # the helper drops what is queued
+        self._stop_writer()
         if self._body is not None:
             self._body.close()
             self._body = None

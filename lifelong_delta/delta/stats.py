@@ -438,6 +438,15 @@ class PruneStatsAccumulator:
         self.nnz_after += int(torch.count_nonzero(dm if merged.dtype == base.dtype else
                                                   merged.reshape(-1) != base.reshape(-1).to(merged.dtype)))
 
+    def add_counts(self, numel: int, nnz_before: int, nnz_after: int, sq_before: float, sq_after: float) -> None:
+        """Add one chunk's statistics computed elsewhere (the fused kernel of
+        :func:`~lifelong_delta.delta.dare.dare_merge_stats`)."""
+        self.numel += numel
+        self.nnz_before += nnz_before
+        self.nnz_after += nnz_after
+        self.sq_before += sq_before
+        self.sq_after += sq_after
+
     def result(self) -> TensorPruneStats:
         return TensorPruneStats(self.name, self.numel, self.nnz_before, self.nnz_after, math.sqrt(self.sq_before),
                                 math.sqrt(self.sq_after))

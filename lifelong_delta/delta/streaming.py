@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from lifelong_delta import outputs
-from lifelong_delta.delta.dare import dare_merge
+from lifelong_delta.delta.dare import dare_merge, dare_merge_stats
 from lifelong_delta.delta.io import CheckpointReader, ShardedWriter, parse_size
 from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.stats import (
@@ -34,6 +37,8 @@ from lifelong_delta.delta.stats import (
 from lifelong_delta.progress import Progress
 
 __all__ = ["stream_delta_stats", "stream_prune"]
+
+_T = TypeVar("_T")
 
 _ELEMENTWISE = ("dare", "darex-q")  # methods whose output element i depends only on element i (chunkable)
 _CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per operand
@@ -62,22 +67,74 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
     acc = PruneStatsAccumulator(name)
     numel = math.prod(rf.shape(name))
 
-    def chunks() -> Iterator[torch.Tensor]:
+    def reads() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for start in range(0, numel, _CHUNK):
             count = min(_CHUNK, numel - start)
-            b, f = rb.get_flat(base_name, start, count), rf.get_flat(name, start, count)
+            yield start, count, rb.get_flat(base_name, start, count), rf.get_flat(name, start, count)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start, count, b, f in _read_ahead(reads()):
             try:  # the merge kernel counts non-finite deltas itself, so a separate pass is only needed on error
-                merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                    force=spec.force)
+                fused = dare_merge_stats(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
+                                         force=spec.force)
+                if fused is None:
+                    merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
+                                        force=spec.force)
             except ValueError:
                 check_finite(name, b, "base")  # say which model holds the NaN/inf
                 check_finite(name, f, "fine-tuned")
                 raise
-            acc.add(b, f, merged)
+            if fused is None:
+                acc.add(b, f, merged)
+            else:
+                merged = fused[0]
+                acc.add_counts(count, *fused[1])
             yield merged
 
     writer.add_chunks(name, rf.dtype(name), rf.shape(name), chunks())
     return acc.result()
+
+
+def _read_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """``items``, produced one step ahead by a helper thread: the next chunk is read while this one is computed
+    and written (reads, the kernel and writes all release the GIL). An exception in the thread is raised here;
+    closing the generator stops the thread."""
+    done = object()
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as e:  # handed to the consumer
+            box.put((done, e))
+
+    thread = threading.Thread(target=produce, name="lifelong-delta-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 def _mapping_note(match: TensorMatch) -> str | None:

@@ -137,3 +137,37 @@ def test_bad_p_q_shape_dtype():
     with pytest.raises(TypeError, match="'idx'.*floating"):
         dare(torch.arange(4), 0.5, seed=0, name="idx")
     assert resolve_q(0.9, None) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ft_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1000, 70_001])  # serial and parallel kernels
+def test_fused_merge_stats_equals_merge_and_accumulator(base_dtype, ft_dtype, numel):
+    from lifelong_delta.delta.dare import dare_merge_stats
+    from lifelong_delta.delta.stats import PruneStatsAccumulator
+
+    g = torch.Generator().manual_seed(numel)
+    base = torch.randn(numel, generator=g).to(base_dtype)
+    ft = (base.float() + 0.01 * torch.randn(numel, generator=g)).to(ft_dtype)
+    ft[::7] = base[::7].to(ft_dtype)  # unchanged entries: nnz before < numel
+    for q, offset in ((None, 0), (0.35, 12345)):
+        got = dare_merge_stats(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
+        assert got is not None
+        merged, (nnz_b, nnz_a, sq_b, sq_a) = got
+        want = dare_merge(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
+        assert merged.dtype == ft_dtype and torch.equal(merged.view(torch.uint8), want.view(torch.uint8))
+        acc = PruneStatsAccumulator("w")
+        acc.add(base, ft, want)
+        assert (nnz_b, nnz_a) == (acc.nnz_before, acc.nnz_after)
+        assert sq_b == pytest.approx(acc.sq_before, rel=1e-5) and sq_a == pytest.approx(acc.sq_after, rel=1e-5)
+    bad = ft.clone()
+    bad[5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        dare_merge_stats(base, bad, 0.7, seed=3, name="w")
+
+
+def test_fused_merge_stats_declines_what_it_does_not_cover():
+    from lifelong_delta.delta.dare import dare_merge_stats
+
+    x = torch.zeros(10, dtype=torch.float16)
+    assert dare_merge_stats(x, x, 0.5, seed=0, name="w") is None

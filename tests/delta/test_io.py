@@ -237,3 +237,13 @@ def test_planned_layout_is_enforced(tmp_path):
         w.add("a", a)
         w.commit()
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path):
+    with pytest.raises(ValueError, match="closed file"):
+        with ShardedWriter(tmp_path / "out") as w:
+            w.add("a", torch.ones(4))
+            w._body.close()  # the next queued write fails in the helper thread
+            w.add("b", torch.ones(4))
+            w.commit()
+    assert sorted(os.listdir(tmp_path)) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -137,11 +138,41 @@ def test_stream_delta_stats_matches_in_memory(tmp_path, monkeypatch, chunk):
             assert getattr(a, attr) == pytest.approx(getattr(b, attr), rel=1e-6, abs=1e-12), attr
 
 
-def test_reader_is_lazy_and_streaming_holds_one_shard_open(tmp_path):
+def test_reader_reads_from_threads_and_closes_every_shard(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     base, ft = make_pair(tmp_path, shard_size="300B")
     r = CheckpointReader(ft)
     assert len(r.files) > 3
-    r.get(r.names()[-1])
-    r.get(r.names()[0])
-    assert r._open_path == r.files[0]  # switching shards closed the previous one
+    want = {n: r.get(n) for n in r.names()}
+    with ThreadPoolExecutor(4) as pool:
+        got = dict(zip(r.names() * 8, pool.map(r.get, r.names() * 8)))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    fds = list(r._fds.values())
+    assert len(fds) == len(r.files)
     r.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_read_ahead_passes_items_errors_and_stops_early():
+    assert list(streaming._read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise ValueError("broken shard")
+
+    with pytest.raises(ValueError, match="broken shard"):
+        list(streaming._read_ahead(failing()))
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    gen = streaming._read_ahead(endless())
+    assert next(gen) == 0
+    gen.close()  # the helper thread stops instead of reading everything
+    assert len(produced) < 10
