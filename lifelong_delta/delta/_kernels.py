@@ -19,7 +19,10 @@ import torch
 
 try:  # numba is optional: the torch path gives the same bits
     import numba
+    from llvmlite import ir as llvm_ir
     from numba import njit, prange
+    from numba.core import types
+    from numba.extending import intrinsic
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only without numba
@@ -269,14 +272,23 @@ if HAVE_NUMBA:
     _HALF = _U32(0x7FFF)
     _MAG16 = _U32(0x7FFF)
 
+    @intrinsic
+    def _as_f32(typingctx, x):  # pragma: no cover - compiled; reinterpret uint32 bits as float32
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _as_u32(typingctx, x):  # pragma: no cover - compiled; reinterpret float32 as its uint32 bits
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
     @njit(inline="always", cache=True)
-    def _decode(a, start, n, is_bf16, dst_u, dst_f):  # pragma: no cover - compiled; a[start:start+n] as fp32
-        if is_bf16:
-            for j in range(n):
-                dst_u[j] = _U32(a[start + j]) << _U16_SHIFT
-        else:
-            for j in range(n):
-                dst_f[j] = a[start + j]
+    def _load(a, i, is_bf16):  # pragma: no cover - compiled; element i as fp32 (bf16 words decoded)
+        return _as_f32(_U32(a[i]) << _U16_SHIFT) if is_bf16 else np.float32(a[i])
 
     @njit(inline="always", cache=True)
     def _rne16(u):  # pragma: no cover - compiled; fp32 bits -> bf16 bits, rounded to nearest even (as torch)
@@ -287,38 +299,44 @@ if HAVE_NUMBA:
         return x != y and ((x | y) & _MAG16) != _U32(0)
 
     @njit(inline="always", cache=True)
-    def _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
-        # block-local fp32 copies with uint32 views: the bf16 <-> fp32 bit moves vectorise as whole loops
-        n = stop - start
-        bu = np.empty(n, np.uint32)
-        fu = np.empty(n, np.uint32)
-        ru = np.empty(n, np.uint32)
-        bf, ff, rf = bu.view(np.float32), fu.view(np.float32), ru.view(np.float32)
-        _decode(base, start, n, b16, bu, bf)
-        _decode(ft, start, n, f16, fu, ff)
-        nbad = nnz_before = nnz_after = 0
-        sq_before = sq_after = 0.0
-        for j in range(n):
-            b = bf[j]
-            d = ff[j] - b
+    def _merge_words_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        nbad = 0
+        for i in range(start, stop):
+            b = _load(base, i, b16)
+            d = _load(ft, i, f16) - b
             nbad += (d - d) != _ZERO
-            sq_before += np.float64(d) * np.float64(d)
-            rf[j] = b + d * scale if _word(k0, k1, lo0, start + j) >= thresh else b
-        if f16:
-            for j in range(n):
-                rb, bb, fb = _rne16(ru[j]), _rne16(bu[j]), _rne16(fu[j])
-                out[start + j] = np.uint16(rb)
-                nnz_before += _differ16(fb, bb)
-                nnz_after += _differ16(rb, bb)
-                ru[j] = rb << _U16_SHIFT
-        else:
-            for j in range(n):
-                out[start + j] = rf[j]
-                nnz_before += ff[j] != bf[j]
-                nnz_after += rf[j] != bf[j]
-        for j in range(n):
-            dm = np.float64(rf[j] - bf[j])
+            r = b + d * scale if _word(k0, k1, lo0, i) >= thresh else b
+            if f16:
+                out[i] = np.uint16(_rne16(_as_u32(r)))
+            else:
+                out[i] = r
+        return nbad
+
+    @njit(inline="always", cache=True)
+    def _stats_range(base, ft, out, b16, f16, start, stop):  # pragma: no cover - compiled
+        nnz_before = nnz_after = 0
+        sq_before = sq_after = 0.0
+        for i in range(start, stop):
+            b = _load(base, i, b16)
+            f = _load(ft, i, f16)
+            r = _load(out, i, f16)
+            d = np.float64(f - b)
+            dm = np.float64(r - b)
+            sq_before += d * d
             sq_after += dm * dm
+            if f16:  # compared in the output dtype, bf16
+                bb = _U32(base[i]) if b16 else _rne16(_as_u32(b))
+                nnz_before += _differ16(_U32(ft[i]), bb)
+                nnz_after += _differ16(_U32(out[i]), bb)
+            else:
+                nnz_before += f != b
+                nnz_after += r != b
+        return nnz_before, nnz_after, sq_before, sq_after
+
+    @njit(inline="always", cache=True)
+    def _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        nbad = _merge_words_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop)
+        nnz_before, nnz_after, sq_before, sq_after = _stats_range(base, ft, out, b16, f16, start, stop)
         return nbad, nnz_before, nnz_after, sq_before, sq_after
 
     # 'reassoc' lets LLVM vectorise the sums of squares (statistics only); no 'contract', so no fused

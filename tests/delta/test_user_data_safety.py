@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,14 @@ import pytest
 import torch
 
 from lifelong_delta.outputs import MARKER, TEMP_MARKER
-from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state, write_checkpoint
+from tests.delta._checkpoints import (
+    make_pair,
+    perturbed,
+    read_checkpoint,
+    tiny_bert_pair,
+    tiny_state,
+    write_checkpoint,
+)
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 
@@ -349,21 +355,7 @@ def test_every_bad_stats_and_recommend_option_is_one_line(tmp_path, args, messag
 
 def test_calibration_reads_exactly_the_pruned_tensors(tmp_path):
     """A stray ``pytorch_model.bin`` next to the weights that are pruned must not decide q."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(tmp_path / "base")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(tmp_path / "ft")
-    from tests.delta.test_calibration import MINILM
-
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(MINILM / f, tmp_path / "ft" / f)
+    model = tiny_bert_pair(tmp_path)
     (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": f"sentence {i} about cats"}) + "\n"
                                                   for i in range(8)))
     args = ["--method", "darex-q", "--p", "0.9", "--q-mode", "unlabelled", "--calib-data", tmp_path / "calib.jsonl",
