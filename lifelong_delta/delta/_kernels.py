@@ -270,7 +270,6 @@ if HAVE_NUMBA:
     # fp64 sums of squares of the delta before and after (the "after" delta is the rounded output minus base).
     _U16_SHIFT = _U32(16)
     _HALF = _U32(0x7FFF)
-    _MAG16 = _U32(0x7FFF)
 
     @intrinsic
     def _as_f32(typingctx, x):  # pragma: no cover - compiled; reinterpret uint32 bits as float32
@@ -287,78 +286,104 @@ if HAVE_NUMBA:
         return types.uint32(types.float32), codegen
 
     @njit(inline="always", cache=True)
-    def _load(a, i, is_bf16):  # pragma: no cover - compiled; element i as fp32 (bf16 words decoded)
-        return _as_f32(_U32(a[i]) << _U16_SHIFT) if is_bf16 else np.float32(a[i])
-
-    @njit(inline="always", cache=True)
     def _rne16(u):  # pragma: no cover - compiled; fp32 bits -> bf16 bits, rounded to nearest even (as torch)
         return (u + _HALF + ((u >> _U16_SHIFT) & _U32(1))) >> _U16_SHIFT
 
     @njit(inline="always", cache=True)
-    def _differ16(x, y):  # pragma: no cover - compiled; bf16 values differ (+0 and -0 are equal)
-        return x != y and ((x | y) & _MAG16) != _U32(0)
+    def _bf16(u16):  # pragma: no cover - compiled; bf16 word -> fp32
+        return _as_f32(_U32(u16) << _U16_SHIFT)
+
+    # One kernel per storage dtype (base and fine-tune alike): a dtype test inside the loops keeps LLVM from
+    # vectorising them. Per block, one loop merges and one sums the statistics; the statistics functions are not
+    # inlined, so their 'reassoc' (which lets the fp64 sums vectorise) cannot touch the merged bits.
+    # Statistics of one block (PAR_BLOCK elements): sums of squares in fp32 lanes within the block (fp64 across
+    # blocks, finer than one fp32 dot product per 4 M chunk), nnz by comparing words (+0 and -0 are equal).
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _stats_bf16(base, ft, out, start, stop):  # pragma: no cover - compiled
+        base, ft, out = base[start:stop], ft[start:stop], out[start:stop]  # indices from 0 vectorise
+        nnz_before = nnz_after = 0
+        sq_before = sq_after = np.float32(0.0)
+        for i in range(out.size):
+            wb, wf, wo = _U32(base[i]), _U32(ft[i]), _U32(out[i])
+            b = _as_f32(wb << _U16_SHIFT)
+            d = _as_f32(wf << _U16_SHIFT) - b
+            dm = _as_f32(wo << _U16_SHIFT) - b
+            sq_before += d * d
+            sq_after += dm * dm
+            nnz_before += (wf != wb) & (((wf | wb) & _HALF) != _U32(0))
+            nnz_after += (wo != wb) & (((wo | wb) & _HALF) != _U32(0))
+        return nnz_before, nnz_after, np.float64(sq_before), np.float64(sq_after)
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _stats_f32(base, ft, out, start, stop):  # pragma: no cover - compiled
+        base, ft, out = base[start:stop], ft[start:stop], out[start:stop]
+        nnz_before = nnz_after = 0
+        sq_before = sq_after = np.float32(0.0)
+        for i in range(out.size):
+            b = base[i]
+            d = ft[i] - b
+            dm = out[i] - b
+            sq_before += d * d
+            sq_after += dm * dm
+            nnz_before += d != _ZERO
+            nnz_after += dm != _ZERO
+        return nnz_before, nnz_after, np.float64(sq_before), np.float64(sq_after)
 
     @njit(inline="always", cache=True)
-    def _merge_words_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+    def _store(part, row, stats):  # pragma: no cover - compiled
+        part[row, 1] = stats[0]
+        part[row, 2] = stats[1]
+        part[row, 3] = stats[2]
+        part[row, 4] = stats[3]
+
+    @njit(inline="always", cache=True)
+    def _merge_bf16_range(base, ft, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        base, ft, out = base[start:stop], ft[start:stop], out[start:stop]
         nbad = 0
-        for i in range(start, stop):
-            b = _load(base, i, b16)
-            d = _load(ft, i, f16) - b
+        for i in range(out.size):
+            b = _bf16(base[i])
+            d = _bf16(ft[i]) - b
             nbad += (d - d) != _ZERO
-            r = b + d * scale if _word(k0, k1, lo0, i) >= thresh else b
-            if f16:
-                out[i] = np.uint16(_rne16(_as_u32(r)))
-            else:
-                out[i] = r
+            kept = np.uint16(_rne16(_as_u32(b + d * scale)))
+            out[i] = kept if _word(k0, k1, lo0, start + i) >= thresh else base[i]  # dropped: the base word
         return nbad
 
     @njit(inline="always", cache=True)
-    def _stats_range(base, ft, out, b16, f16, start, stop):  # pragma: no cover - compiled
-        nnz_before = nnz_after = 0
-        sq_before = sq_after = 0.0
-        for i in range(start, stop):
-            b = _load(base, i, b16)
-            f = _load(ft, i, f16)
-            r = _load(out, i, f16)
-            d = np.float64(f - b)
-            dm = np.float64(r - b)
-            sq_before += d * d
-            sq_after += dm * dm
-            if f16:  # compared in the output dtype, bf16
-                bb = _U32(base[i]) if b16 else _rne16(_as_u32(b))
-                nnz_before += _differ16(_U32(ft[i]), bb)
-                nnz_after += _differ16(_U32(out[i]), bb)
-            else:
-                nnz_before += f != b
-                nnz_after += r != b
-        return nnz_before, nnz_after, sq_before, sq_after
+    def _merge_f32_range(base, ft, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
+        base, ft, out = base[start:stop], ft[start:stop], out[start:stop]
+        nbad = 0
+        for i in range(out.size):
+            b = base[i]
+            d = ft[i] - b
+            nbad += (d - d) != _ZERO
+            out[i] = b + d * scale if _word(k0, k1, lo0, start + i) >= thresh else b
+        return nbad
 
-    @njit(inline="always", cache=True)
-    def _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
-        nbad = _merge_words_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, start, stop)
-        nnz_before, nnz_after, sq_before, sq_after = _stats_range(base, ft, out, b16, f16, start, stop)
-        return nbad, nnz_before, nnz_after, sq_before, sq_after
-
-    # 'reassoc' lets LLVM vectorise the sums of squares (statistics only); no 'contract', so no fused
-    # multiply-add changes the merged bits
-    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-    def _par_merge_stats(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_merge_stats_bf16(base, ft, out, k0, k1, lo0, thresh, scale, part):  # pragma: no cover - compiled
         n = out.size
-        nbad = nnz_b = nnz_a = 0
-        sq_b = sq_a = 0.0
         for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
-            s = blk * PAR_BLOCK
-            r = _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
-            nbad += r[0]
-            nnz_b += r[1]
-            nnz_a += r[2]
-            sq_b += r[3]
-            sq_a += r[4]
-        return nbad, nnz_b, nnz_a, sq_b, sq_a
+            s, e = blk * PAR_BLOCK, min(n, blk * PAR_BLOCK + PAR_BLOCK)
+            part[blk, 0] = _merge_bf16_range(base, ft, out, k0, k1, lo0, thresh, scale, s, e)
+            _store(part, blk, _stats_bf16(base, ft, out, s, e))
 
-    @njit(cache=True, nogil=True, fastmath={"reassoc"})
-    def _ser_merge_stats(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
-        return _merge_stats_range(base, ft, out, b16, f16, k0, k1, lo0, thresh, scale, 0, out.size)
+    @njit(parallel=True, cache=True, nogil=True)
+    def _par_merge_stats_f32(base, ft, out, k0, k1, lo0, thresh, scale, part):  # pragma: no cover - compiled
+        n = out.size
+        for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
+            s, e = blk * PAR_BLOCK, min(n, blk * PAR_BLOCK + PAR_BLOCK)
+            part[blk, 0] = _merge_f32_range(base, ft, out, k0, k1, lo0, thresh, scale, s, e)
+            _store(part, blk, _stats_f32(base, ft, out, s, e))
+
+    @njit(cache=True, nogil=True)
+    def _ser_merge_stats_bf16(base, ft, out, k0, k1, lo0, thresh, scale, part):  # pragma: no cover - compiled
+        part[0, 0] = _merge_bf16_range(base, ft, out, k0, k1, lo0, thresh, scale, 0, out.size)
+        _store(part, 0, _stats_bf16(base, ft, out, 0, out.size))
+
+    @njit(cache=True, nogil=True)
+    def _ser_merge_stats_f32(base, ft, out, k0, k1, lo0, thresh, scale, part):  # pragma: no cover - compiled
+        part[0, 0] = _merge_f32_range(base, ft, out, k0, k1, lo0, thresh, scale, 0, out.size)
+        _store(part, 0, _stats_f32(base, ft, out, 0, out.size))
 
 
 _POOL_PID: int | None = None  # process that started numba's thread pool
@@ -437,25 +462,27 @@ def nb_merge(
     return nbad
 
 
-def nb_merge_stats(
-    base: np.ndarray, ft: np.ndarray, out: np.ndarray, base_bf16: bool, ft_bf16: bool,
-    key: int, offset: int, thresh: int, scale: float,
-) -> tuple[int, int, int, float, float]:
+def nb_merge_stats(base: np.ndarray, ft: np.ndarray, out: np.ndarray, key: int, offset: int, thresh: int,
+                   scale: float) -> tuple[int, int, int, float, float]:
     """Fused DARE merge of raw words with the prune statistics, for flat CPU arrays of one chunk.
 
-    ``base`` and ``ft`` are ``float32`` arrays or ``uint16`` arrays of bf16 bits (``*_bf16``); ``out`` has the
-    fine-tuned array's dtype and receives the merged words (the same bits as :func:`nb_merge` into that dtype).
+    ``base``, ``ft`` and ``out`` are all ``float32``, or all ``uint16`` holding bf16 bits; ``out`` receives the merged
+    words (the same bits as :func:`nb_merge` into that dtype).
 
     Returns:
-        ``(non-finite deltas, nnz before, nnz after, Σδ² before, Σδ² after)``, compared and summed in the output
-        dtype as :class:`~lifelong_delta.delta.stats.PruneStatsAccumulator` does.
+        ``(non-finite deltas, nnz before, nnz after, Σδ² before, Σδ² after)``, the statistics of
+        :class:`~lifelong_delta.delta.stats.PruneStatsAccumulator` (nnz compared, Σ summed in fp64).
     """
+    bf16 = out.dtype == np.uint16
+    par_kernel, ser_kernel = ((_par_merge_stats_bf16, _ser_merge_stats_bf16) if bf16
+                              else (_par_merge_stats_f32, _ser_merge_stats_f32))
     t, sc = np.uint32(thresh), np.float32(scale)
-    totals = [0, 0, 0, 0.0, 0.0]
+    totals = np.zeros(5, np.float64)
     with _LOCK:
         for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.size):
-            run = _par_merge_stats if _parallel(s1 - s0) else _ser_merge_stats
-            r = run(base[s0:s1], ft[s0:s1], out[s0:s1], base_bf16, ft_bf16, k0, k1, lo0, t, sc)
-            for j in range(5):
-                totals[j] += r[j]
+            n = s1 - s0
+            par = _parallel(n)
+            part = np.zeros(((n + PAR_BLOCK - 1) // PAR_BLOCK if par else 1, 5), np.float64)
+            (par_kernel if par else ser_kernel)(base[s0:s1], ft[s0:s1], out[s0:s1], k0, k1, lo0, t, sc, part)
+            totals += part.sum(axis=0)
     return int(totals[0]), int(totals[1]), int(totals[2]), float(totals[3]), float(totals[4])

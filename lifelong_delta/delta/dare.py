@@ -149,6 +149,7 @@ def dare_merge_stats(
     q: float | None = None,
     offset: int = 0,
     force: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, float, float]] | None:
     """:func:`dare_merge` into ``finetuned.dtype`` and the chunk's prune statistics, in one pass over memory.
 
@@ -156,24 +157,27 @@ def dare_merge_stats(
     output words directly, so no fp32 copy of either input is made. The merged bits equal :func:`dare_merge`'s.
 
     Args:
-        base, finetuned: Flat contiguous CPU tensors of equal length, each float32 or bfloat16.
+        base, finetuned: Flat contiguous CPU tensors of equal length, both float32 or both bfloat16.
         p, seed, name, q, offset, force: As for :func:`dare_merge`.
+        out: Optional flat tensor of ``finetuned``'s dtype and length to write into.
 
     Returns:
         ``(merged, (nnz before, nnz after, Σδ² before, Σδ² after))``, or None when the kernel does not apply
-        (numba missing or switched off, another device or dtype): then call :func:`dare_merge`.
+        (numba missing or switched off, another device, another dtype or two dtypes): then call :func:`dare_merge`.
 
     Raises:
         ValueError: bad ``p``/``q``, or non-finite deltas (naming the tensor).
     """
-    if (base.dtype not in _RAW or finetuned.dtype not in _RAW or not _use_numba(finetuned.device)
+    if (base.dtype != finetuned.dtype or finetuned.dtype not in _RAW or not _use_numba(finetuned.device)
             or base.device != finetuned.device or base.numel() != finetuned.numel()):
         return None
     q = resolve_q(p, q, force=force, name=name)
     b, f = _flat(base), _flat(finetuned)
-    out = torch.empty(f.numel(), dtype=f.dtype)
-    nbad, *counts = _kernels.nb_merge_stats(_raw(b), _raw(f), _raw(out), b.dtype == torch.bfloat16,
-                                           f.dtype == torch.bfloat16, tensor_key(seed, name), offset,
+    if out is None:
+        out = torch.empty(f.numel(), dtype=f.dtype)
+    elif out.dtype != f.dtype or out.numel() != f.numel() or not out.is_contiguous():
+        raise ValueError(f"out for tensor {name!r} must be a contiguous {f.dtype} tensor of {f.numel()} elements")
+    nbad, *counts = _kernels.nb_merge_stats(_raw(b), _raw(f), _raw(out), tensor_key(seed, name), offset,
                                            drop_threshold(p), scale_of(q))
     _check_finite(nbad, name)
     return out, (counts[0], counts[1], counts[2], counts[3])

@@ -263,13 +263,17 @@ class CheckpointReader:
         info = self.info(name)
         return self.get_flat(name, 0, info.numel).reshape(info.shape)
 
-    def get_flat(self, name: str, start: int, count: int) -> torch.Tensor:
-        """Read elements ``start .. start + count - 1`` of the flattened tensor. Shape ``(count,)``."""
+    def get_flat(self, name: str, start: int, count: int, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read elements ``start .. start + count - 1`` of the flattened tensor. Shape ``(count,)``.
+
+        ``buffer``: a contiguous uint8 tensor of at least ``count`` elements' bytes to read into (the streaming
+        prune reuses a few, which saves the page faults of fresh memory); the result is a view of it.
+        """
         info = self.info(name)
         if start < 0 or count < 0 or start + count > info.numel:
             raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
         size = info.dtype.itemsize
-        buf = torch.empty(count * size, dtype=torch.uint8)
+        buf = torch.empty(count * size, dtype=torch.uint8) if buffer is None else buffer[: count * size]
         if count:
             fd, view = self._fd(info.file), memoryview(buf.numpy())
             pos, got = info.data_start + info.begin + start * size, 0
@@ -517,11 +521,15 @@ class ShardedWriter:
         if self._plan is not None and len(self._entries) == len(self._planned_entries):
             self._finish_shard()
 
+    #: Chunks a caller's tensors may still be in use for after add_chunks() returned (queued, or being written):
+    #: a caller reusing output buffers needs ``PENDING + 1`` of them.
+    PENDING = 3
+
     def _write(self, flat: torch.Tensor) -> None:
         """Queue ``flat``'s bytes for the open file; a helper thread writes them while the caller computes the
-        next chunk (the queue holds two chunks, so memory stays bounded)."""
+        next chunk (at most :attr:`PENDING` chunks wait, so memory stays bounded)."""
         if self._thread is None:
-            self._queue = queue.Queue(maxsize=2)
+            self._queue = queue.Queue(maxsize=self.PENDING - 1)
             self._thread = threading.Thread(target=self._write_queued, name="lifelong-delta-writer", daemon=True)
             self._thread.start()
         self._check_write_error()

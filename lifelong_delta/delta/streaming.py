@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,9 +44,38 @@ _ELEMENTWISE = ("dare", "darex-q")  # methods whose output element i depends onl
 _CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per operand
 
 
+class _Ring:
+    """``n`` reusable byte buffers handed out in turn: slot ``k % n`` is reused once ``n`` newer ones were taken, so
+    ``n`` must exceed the number of chunks still in use when a new one is taken."""
+
+    def __init__(self, n: int) -> None:
+        self._bufs: list[torch.Tensor | None] = [None] * n
+        self._next = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        i = self._next
+        self._next = (i + 1) % len(self._bufs)
+        buf = self._bufs[i]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+
+@dataclass
+class _Buffers:
+    """Chunk buffers reused across a whole prune: reads (the chunk in the kernel, the one queued by the read-ahead
+    thread, the one it is reading) and outputs (the writer's pending chunks and the one being computed)."""
+
+    base: _Ring = field(default_factory=lambda: _Ring(3))
+    finetuned: _Ring = field(default_factory=lambda: _Ring(3))
+    out: _Ring = field(default_factory=lambda: _Ring(ShardedWriter.PENDING + 1))
+
+
 def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                 q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
+                 q: float | None, norms: torch.Tensor | None, base_name: str,
+                 buffers: _Buffers | None = None) -> TensorPruneStats:
     """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
+    del buffers
     b, f = rb.get(base_name), rf.get(name)
     check_finite(name, b, "base")
     check_finite(name, f, "fine-tuned")
@@ -56,7 +85,8 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
 
 
 def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                   q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
+                   q: float | None, norms: torch.Tensor | None, base_name: str,
+                   buffers: _Buffers | None = None) -> TensorPruneStats:
     """DARE / DAREx-q chunk by chunk: memory is a few chunks whatever the tensor size.
 
     Masks are a function of the flat element index (``offset``), so the chunks concatenate to exactly
@@ -67,19 +97,24 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
     acc = PruneStatsAccumulator(name)
     numel = math.prod(rf.shape(name))
 
+    bufs = buffers or _Buffers()
+    b_size, f_dtype = rb.dtype(base_name).itemsize, rf.dtype(name)
+
     def reads() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for start in range(0, numel, _CHUNK):
             count = min(_CHUNK, numel - start)
-            yield start, count, rb.get_flat(base_name, start, count), rf.get_flat(name, start, count)
+            yield (start, count, rb.get_flat(base_name, start, count, buffer=bufs.base.take(count * b_size)),
+                   rf.get_flat(name, start, count, buffer=bufs.finetuned.take(count * f_dtype.itemsize)))
 
     def chunks() -> Iterator[torch.Tensor]:
         for start, count, b, f in _read_ahead(reads()):
             try:  # the merge kernel counts non-finite deltas itself, so a separate pass is only needed on error
+                out = bufs.out.take(count * f_dtype.itemsize).view(f_dtype)
                 fused = dare_merge_stats(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                         force=spec.force)
+                                         force=spec.force, out=out)
                 if fused is None:
                     merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                        force=spec.force)
+                                        force=spec.force, out=out)
             except ValueError:
                 check_finite(name, b, "base")  # say which model holds the NaN/inf
                 check_finite(name, f, "fine-tuned")
@@ -208,6 +243,7 @@ def stream_prune(
         names = rf.names()
         nbytes = {name: rf.info(name).nbytes for name in names}
         layout = [(name, rf.dtype(name), rf.shape(name)) for name in names]  # every output keeps its dtype
+        buffers = _Buffers()
         with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs,
                            command="prune", layout=layout) as writer, \
                 Progress("pruning", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
@@ -220,7 +256,8 @@ def stream_prune(
                     q = q_per_tensor.get(name) if q_per_tensor else None
                     norms = input_norms.get(name) if input_norms else None
                     run = _prune_chunked if spec.method in _ELEMENTWISE else _prune_whole
-                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms, match.base_name(name)))
+                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms, match.base_name(name),
+                                               buffers))
                 bar.update(1, nbytes=nbytes[name])
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary

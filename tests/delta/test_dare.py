@@ -139,10 +139,10 @@ def test_bad_p_q_shape_dtype():
     assert resolve_q(0.9, None) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ft_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("numel", [1000, 70_001])  # serial and parallel kernels
-def test_fused_merge_stats_equals_merge_and_accumulator(base_dtype, ft_dtype, numel):
+def test_fused_merge_stats_equals_merge_and_accumulator(dtype, numel):
+    base_dtype = ft_dtype = dtype
     from lifelong_delta.delta.dare import dare_merge_stats
     from lifelong_delta.delta.stats import PruneStatsAccumulator
 
@@ -171,3 +171,4 @@ def test_fused_merge_stats_declines_what_it_does_not_cover():
 
     x = torch.zeros(10, dtype=torch.float16)
     assert dare_merge_stats(x, x, 0.5, seed=0, name="w") is None
+    assert dare_merge_stats(x.float(), x.bfloat16(), 0.5, seed=0, name="w") is None  # mixed dtypes
