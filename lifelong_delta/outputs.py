@@ -35,6 +35,7 @@ __all__ = [
     "MARKER",
     "atomic_dir",
     "atomic_file",
+    "check_can_create",
     "PNG_SOFTWARE",
     "TEMP_MARKER",
     "OutputPathError",
@@ -198,6 +199,22 @@ def check_output_dir(
                                   "give a new path")
     _writable_parent(path, option)
     return path
+
+
+def check_can_create(path: str | os.PathLike[str], *, option: str) -> None:
+    """Check, before long work, that the folder ``path`` exists or can be made, and can be written in.
+
+    Raises:
+        OutputPathError: a file stands where a folder is needed, or permission is missing.
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    for folder in (p, *p.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputPathError(f"{option} {path}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{option} {path}: cannot write in {folder} (permission denied)")
+            return
 
 
 def _png_software(path: Path) -> str | None:

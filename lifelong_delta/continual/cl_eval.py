@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lifelong_delta import outputs
 from lifelong_delta.cli import repro_command
 from lifelong_delta.continual.metrics import _atomic_write_bytes
 
@@ -238,6 +239,7 @@ def cl_eval(
     if missing:
         known = sorted(p.stem for p in root.glob("*.yaml") if p.stem != "base")
         raise ValueError(f"unknown method(s) {missing} for {root}; choose from {known}")
+    outputs.check_can_create(out_dir, option="--out_dir")
     out = Path(out_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,7 @@ def pretrain(
     if img_size % patch_size:
         raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
     out = expand_path(cache_dir) / name
+    outputs.check_can_create(out, option="--cache_dir")
     kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
               "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
     options = {"backbone": backbone, "backbone_kwargs": kwargs, "dataset": dataset, "epochs": epochs,

@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from lifelong_delta import outputs
 from lifelong_delta.cli import repro_command
 from lifelong_delta.delta.analytic_q import Arithmetic
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
@@ -287,6 +288,8 @@ def prune_eval(
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1 or None (one per core), got {jobs}")
+    outputs.check_can_create(out, option="--out")  # before hours of work, not after
+    outputs.check_can_create(cache_dir, option="--cache_dir")
     start = time.perf_counter()
     # with torch's own thread count, as `lifelong-delta finetune` runs them: a fine-tune's weights depend on it
     _ensure_finetunes(args["cache_dir"], args["tasks"], args["finetunes"])

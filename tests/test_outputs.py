@@ -1,0 +1,60 @@
+"""lifelong_delta.outputs: the checks and temporary folders every command's output goes through."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifelong_delta import outputs
+from lifelong_delta.outputs import OutputPathError
+
+CLI = str(Path(sys.executable).parent / "lifelong-delta")
+
+
+def test_check_can_create(tmp_path):
+    outputs.check_can_create(tmp_path / "a" / "b", option="--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="--out .*file is a file, not a folder"):
+        outputs.check_can_create(tmp_path / "file" / "sub", option="--out")
+
+
+def test_stale_temp_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".out.tmp-x"
+    stale.mkdir()
+    (stale / outputs.TEMP_MARKER).write_text(json.dumps({"tool": "lifelong-delta", "pid": int(dead.stdout),
+                                                         "started": None, "host": os.uname().nodename}))
+    user = tmp_path / ".cache"  # a hidden folder of the user's, no marker: never touched
+    user.mkdir()
+    assert outputs.clean_stale_temps(tmp_path) == [stale]
+    assert f"note: removed {stale}" in capsys.readouterr().err
+    mine = outputs.make_temp_dir(tmp_path, ".other.tmp-")  # this process is alive: kept
+    assert outputs.clean_stale_temps(tmp_path) == []
+    assert mine.exists() and user.exists() and not stale.exists()
+
+
+def test_atomic_file_follows_the_umask_and_cleans_up_on_error(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with outputs.atomic_file(tmp_path / "a.txt") as tmp:
+            tmp.write_text("hi")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    with pytest.raises(RuntimeError), outputs.atomic_file(tmp_path / "b.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_pretrain_refuses_a_cache_dir_that_is_a_file_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = subprocess.run([CLI, "pretrain", "--cache_dir", str(tmp_path / "afile"), "--epochs", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --cache_dir")
+    assert "fit:" not in res.stderr  # refused before any training
