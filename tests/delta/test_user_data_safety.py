@@ -161,9 +161,12 @@ def _slow_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 def _start_and_wait_for_temp(base: Path, ft: Path, out: Path) -> tuple[subprocess.Popen, Path]:
     # magnitude holds whole tensors and sorts them: slow enough to be caught mid-run
+    # as at a terminal: a shell starts background jobs (and so, maybe, this test run) with SIGINT ignored, and
+    # Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen([CLI, "prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out),
                              "--method", "magnitude", "--p", "0.5", "--out-shard-size", "4MB"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         temps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
