@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from lifelong_delta.progress import format_bytes
+
 __all__ = [
     "MARKER",
     "atomic_dir",
@@ -307,14 +309,6 @@ def _size(path: Path) -> int:
     return total
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def clean_stale_temps(parent: str | os.PathLike[str], *, report: bool = True) -> list[Path]:
     """Remove the temporary folders this tool left in ``parent`` when a run was killed.
 
@@ -344,7 +338,7 @@ def clean_stale_temps(parent: str | os.PathLike[str], *, report: bool = True) ->
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         if report:
-            print(f"note: removed {path} ({_human(size)}), left by an interrupted {TOOL} run (pid {pid})",
+            print(f"note: removed {path} ({format_bytes(size)}), left by an interrupted {TOOL} run (pid {pid})",
                   file=sys.stderr, flush=True)
     return removed
 

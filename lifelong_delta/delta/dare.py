@@ -131,7 +131,7 @@ def dare_merge(
     return flat_out.view(finetuned.shape)
 
 
-_RAW = {torch.float32: None, torch.bfloat16: torch.int16}  # dtypes the fused kernel reads and writes as raw words
+_RAW = (torch.float32, torch.bfloat16)  # the dtypes the fused kernel reads and writes as raw words
 
 
 def _raw(t: torch.Tensor) -> np.ndarray:
@@ -180,4 +180,4 @@ def dare_merge_stats(
     nbad, *counts = _kernels.nb_merge_stats(_raw(b), _raw(f), _raw(out), tensor_key(seed, name), offset,
                                            drop_threshold(p), scale_of(q))
     _check_finite(nbad, name)
-    return out, (counts[0], counts[1], counts[2], counts[3])
+    return out, tuple(counts)
