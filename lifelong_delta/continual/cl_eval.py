@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
-from lifelong_delta.cli import repro_command
 from lifelong_delta.continual.metrics import _atomic_write_bytes
+from lifelong_delta.repro import repro_command
 
 __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_markdown"]
 

@@ -23,11 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lifelong_delta.continual.sources import HFSplit
-
-__all__ = ["IMAGENET_R_ENV", "ImageFiles", "imagenet_r_split", "is_test_image", "load_imagenet_r", "wnids"]
+__all__ = ["IMAGENET_R_ENV", "ImageFiles", "imagenet_r_split", "is_test_image", "wnids"]
 
 #: Environment variable naming the ImageNet-R directory when ``data_root`` is not given.
 IMAGENET_R_ENV = "IMAGENET_R_ROOT"
@@ -116,12 +112,3 @@ def imagenet_r_split(data_root: str | os.PathLike[str] | None = None) -> dict[st
         for name in names:
             out["test" if is_test_image(wnid, name) else "train"].append((str(root / wnid / name), label))
     return out
-
-
-def load_imagenet_r(data_root: str | os.PathLike[str] | None = None) -> tuple[HFSplit, HFSplit]:
-    """The (train, test) splits of ImageNet-R for ``ClassIncrementalDataModule(dataset="imagenet_r")``."""
-    splits = []
-    for items in imagenet_r_split(data_root).values():
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        splits.append(HFSplit(ImageFiles([path for path, _ in items]), labels, "image"))
-    return splits[0], splits[1]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lifelong_delta.continual.imagenet_r import ImageFiles, imagenet_r_split
+
 __all__ = [
     "BatchTransform",
     "ImageSubset",
@@ -214,6 +216,16 @@ def load_hf(
     return train, test
 
 
+def load_imagenet_r(data_root: str | os.PathLike[str] | None = None) -> tuple[HFSplit, HFSplit]:
+    """ImageNet-R from ``data_root`` or ``$IMAGENET_R_ROOT``, with the fixed 80/20 train/test split of
+    :mod:`lifelong_delta.continual.imagenet_r`; images are decoded lazily, per batch."""
+    splits = []
+    for items in imagenet_r_split(data_root).values():
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        splits.append(HFSplit(ImageFiles([path for path, _ in items]), labels, "image"))
+    return splits[0], splits[1]
+
+
 def load_source(
     dataset: str,
     data_root: str | None = None,
@@ -239,8 +251,6 @@ def load_source(
     if key in ("digits", "sklearn_digits"):
         return load_digits_tensor(), None
     if key in ("imagenet_r", "imagenet-r"):
-        from lifelong_delta.continual.imagenet_r import load_imagenet_r  # the fixed 80/20 split
-
         return load_imagenet_r(data_root)
     return load_hf(dataset, data_root, image_key, label_key, hf_kwargs)
 

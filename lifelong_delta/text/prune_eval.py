@@ -54,8 +54,8 @@ from typing import Any
 import torch
 
 from lifelong_delta import outputs
-from lifelong_delta.cli import repro_command
 from lifelong_delta.delta.analytic_q import Arithmetic
+from lifelong_delta.repro import repro_command
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 from lifelong_delta.text.prune_eval_report import METHOD_ORDER

@@ -97,7 +97,8 @@ def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None
     import shlex
 
     import lifelong_delta.continual.cl_eval as mod
-    from lifelong_delta.cli import main, repro_command
+    from lifelong_delta.cli import main
+    from lifelong_delta.repro import repro_command
 
     defaults = {"methods": None, "skip": None, "seeds": None, "stream": "mnist", "config_dir": None, "out_dir": "results/cl_eval",
                 "override": None}
