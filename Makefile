@@ -26,7 +26,7 @@ help:
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml requirements/lock.txt requirements/offline-data.txt
+$(STAMP): pyproject.toml setup.py lifelong_delta/delta/_words.c requirements/lock.txt requirements/offline-data.txt
 	@test -x $(BIN)/python || { \
 	  avail=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
 	  [ "$$avail" -ge 7000000 ] || { echo "error: .venv needs about 7 GB of free disk, only $$((avail / 1024)) MB free here; free some space and re-run" >&2; exit 1; }; \

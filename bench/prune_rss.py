@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lifelong_delta.delta.io import ShardedWriter
+from lifelong_delta.delta.writer import ShardedWriter
 
 GOAL_GB = 1.5
 

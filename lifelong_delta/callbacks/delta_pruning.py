@@ -21,7 +21,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lifelong_delta.delta.io import CheckpointReader
-from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName, is_excluded, prune_tensor
+from lifelong_delta.delta.matching import is_excluded
+from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName, prune_tensor
 from lifelong_delta.delta.stats import tensor_prune_stats
 
 __all__ = ["DeltaPruning"]

@@ -18,7 +18,8 @@ _HOME = {
     "importance": ("InputStats", "collect_input_stats", "importance_prune"),
     "lora": ("LoraAdapter", "load_lora_adapter", "lora_deltas", "prune_lora_factors", "replaced_tensors"),
     "masks": ("keep_mask", "numba_available", "set_backend", "tensor_key", "uniform"),
-    "methods": ("METHODS", "PruneSpec", "is_excluded", "keep_mask_for", "prune_delta", "prune_tensor"),
+    "matching": ("is_excluded", "match_tensors"),
+    "methods": ("METHODS", "PruneSpec", "keep_mask_for", "prune_delta", "prune_tensor"),
     "structural": ("structural_keep", "structural_prune"),
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}

@@ -6,9 +6,11 @@ The method names are the keys of :data:`lifelong_delta.delta.methods.METHODS` (a
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Literal
 
-__all__ = ["Arithmetic", "LoraPrune", "MethodName", "QMode", "RescaleName", "resolve_q"]
+__all__ = ["Arithmetic", "LoraPrune", "MethodName", "QMode", "RescaleName", "resolve_q", "scale_of"]
 
 MethodName = Literal["dare", "darex-q", "magnitude", "wanda", "structural"]
 RescaleName = Literal["none", "dare", "q"]
@@ -41,3 +43,11 @@ def resolve_q(p: float, q: float | None, *, force: bool = False, name: str | Non
             raise ValueError(f"q={q} is below 1-p={1.0 - p:g} (it over-amplifies the kept delta); "
                              f"pass force=True to allow it{_where(name)}")
     return float(q)
+
+
+def scale_of(q: float) -> float:
+    """The fp32 rescale factor ``float32(1/q)`` used by every DARE/DAREx-q path (as a Python float)."""
+    try:
+        return struct.unpack("f", struct.pack("f", 1.0 / q))[0]
+    except OverflowError:  # beyond fp32's range, as float32() rounds it
+        return math.inf

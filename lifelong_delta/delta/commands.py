@@ -29,7 +29,8 @@ if MYPY:
     from rich.console import Console
 
     from lifelong_delta.delta.recommend import Recommendation
-    from lifelong_delta.delta.stats import DeltaStats, PruneSummary
+    from lifelong_delta.delta.stats import DeltaStats
+    from lifelong_delta.delta.summary import PruneSummary
 
 __all__ = ["prune", "recommend", "stats"]
 
@@ -160,10 +161,9 @@ def _prune(args: dict) -> PruneSummary:
     """The work of :func:`prune` once its options and paths are checked."""
     from dataclasses import replace
 
-    from lifelong_delta.delta.io import CheckpointReader
-    from lifelong_delta.delta.lora_merge import is_adapter_dir, stream_prune_lora
+    from lifelong_delta.delta.io import CheckpointReader, is_adapter_dir
+    from lifelong_delta.delta.matching import match_tensors
     from lifelong_delta.delta.methods import METHODS, PruneSpec
-    from lifelong_delta.delta.stats import match_tensors
     from lifelong_delta.delta.streaming import stream_prune
 
     a = args
@@ -182,6 +182,8 @@ def _prune(args: dict) -> PruneSummary:
     if is_adapter_dir(finetuned):
         if calibrating:
             return _prune_adapter_via_merge(base, finetuned, out, a)
+        from lifelong_delta.delta.lora_merge import stream_prune_lora
+
         summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=a["lora_prune"], overwrite=a["overwrite"],
                                     out_shard_size=a["out_shard_size"], progress=a["progress"])
         _console().print(summary.table())
@@ -227,7 +229,8 @@ def _prune(args: dict) -> PruneSummary:
 def _merged(base: str, finetuned: str, *, near: Path, progress: bool = False) -> Iterator[str]:
     """``finetuned`` itself, or for a PEFT LoRA adapter a temporary full checkpoint ``base + scaling·B·A``
     (unpruned; in a temporary folder of this tool in ``near``), deleted on exit."""
-    from lifelong_delta.delta.lora_merge import is_adapter_dir, stream_prune_lora
+    from lifelong_delta.delta.io import is_adapter_dir
+    from lifelong_delta.delta.lora_merge import stream_prune_lora
     from lifelong_delta.delta.methods import PruneSpec
 
     if not is_adapter_dir(finetuned):
@@ -319,7 +322,7 @@ def recommend(
         raise ValueError(f"--target_p must be in [0, 1), got {target_p}")
     _check_inputs(base=base, finetuned=finetuned)
     _say(f"recommend: reading the delta of {finetuned} against {base}")
-    from lifelong_delta.delta.lora_merge import is_adapter_dir
+    from lifelong_delta.delta.io import is_adapter_dir
     from lifelong_delta.delta.recommend import recommend as choose_method
     from lifelong_delta.delta.streaming import stream_delta_stats
 

@@ -7,19 +7,13 @@ DAREx-q (Deng et al., "DARE the Extreme", arXiv 2410.09344) is the same operatio
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from lifelong_delta.delta import _kernels
-from lifelong_delta.delta.choices import resolve_q
+from lifelong_delta.delta import _torch_kernels
+from lifelong_delta.delta.choices import resolve_q, scale_of
 from lifelong_delta.delta.masks import _use_numba, drop_threshold, tensor_key
 
-__all__ = ["dare", "dare_merge", "dare_merge_stats", "resolve_q", "scale_of"]
-
-
-def scale_of(q: float) -> float:
-    """The fp32 rescale factor ``float32(1/q)`` used by every DARE/DAREx-q path (as a Python float)."""
-    return float(np.float32(1.0 / q))
+__all__ = ["dare", "dare_merge", "resolve_q", "scale_of"]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +60,7 @@ def dare(
     key, thresh, scale = tensor_key(seed, name), drop_threshold(p), scale_of(q)
     src = _flat(delta)
     out = torch.empty(src.numel(), dtype=torch.float32, device=src.device)
-    run = _kernels.nb_merge if _use_numba(src.device) else _kernels.torch_merge
+    run = _torch_kernels.nb_merge if _use_numba(src.device) else _torch_kernels.torch_merge
     _check_finite(run(None, src, out, key, offset, thresh, scale), name)
     return out.view(delta.shape)
 
@@ -126,58 +120,6 @@ def dare_merge(
         raise ValueError(f"out for tensor {name!r} must be a contiguous tensor of {f.numel()} elements on "
                          f"{f.device}, got {tuple(out.shape)} on {out.device}")
     flat_out = out.view(-1)
-    run = _kernels.nb_merge if _use_numba(f.device) else _kernels.torch_merge
+    run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge
     _check_finite(run(b, f, flat_out, key, offset, thresh, scale), name)
     return flat_out.view(finetuned.shape)
-
-
-_RAW = (torch.float32, torch.bfloat16)  # the dtypes the fused kernel reads and writes as raw words
-
-
-def _raw(t: torch.Tensor) -> np.ndarray:
-    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
-
-
-@torch.no_grad()
-def dare_merge_stats(
-    base: torch.Tensor,
-    finetuned: torch.Tensor,
-    p: float,
-    *,
-    seed: int,
-    name: str,
-    q: float | None = None,
-    offset: int = 0,
-    force: bool = False,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[int, int, float, float]] | None:
-    """:func:`dare_merge` into ``finetuned.dtype`` and the chunk's prune statistics, in one pass over memory.
-
-    The streaming prune's fast path: the numba kernel reads bf16 and fp32 words as they are stored and writes the
-    output words directly, so no fp32 copy of either input is made. The merged bits equal :func:`dare_merge`'s.
-
-    Args:
-        base, finetuned: Flat contiguous CPU tensors of equal length, both float32 or both bfloat16.
-        p, seed, name, q, offset, force: As for :func:`dare_merge`.
-        out: Optional flat tensor of ``finetuned``'s dtype and length to write into.
-
-    Returns:
-        ``(merged, (nnz before, nnz after, Σδ² before, Σδ² after))``, or None when the kernel does not apply
-        (numba missing or switched off, another device, another dtype or two dtypes): then call :func:`dare_merge`.
-
-    Raises:
-        ValueError: bad ``p``/``q``, or non-finite deltas (naming the tensor).
-    """
-    if (base.dtype != finetuned.dtype or finetuned.dtype not in _RAW or not _use_numba(finetuned.device)
-            or base.device != finetuned.device or base.numel() != finetuned.numel()):
-        return None
-    q = resolve_q(p, q, force=force, name=name)
-    b, f = _flat(base), _flat(finetuned)
-    if out is None:
-        out = torch.empty(f.numel(), dtype=f.dtype)
-    elif out.dtype != f.dtype or out.numel() != f.numel() or not out.is_contiguous():
-        raise ValueError(f"out for tensor {name!r} must be a contiguous {f.dtype} tensor of {f.numel()} elements")
-    nbad, *counts = _kernels.nb_merge_stats(_raw(b), _raw(f), _raw(out), tensor_key(seed, name), offset,
-                                           drop_threshold(p), scale_of(q))
-    _check_finite(nbad, name)
-    return out, tuple(counts)

@@ -24,7 +24,7 @@ from torch import nn
 
 from lifelong_delta.delta.dare import resolve_q, scale_of
 from lifelong_delta.delta.masks import keep_mask
-from lifelong_delta.delta.methods import is_excluded
+from lifelong_delta.delta.matching import is_excluded
 
 __all__ = [
     "MaskedDelta",

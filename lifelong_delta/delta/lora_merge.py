@@ -24,7 +24,7 @@ import torch
 
 from lifelong_delta import outputs
 from lifelong_delta.delta.choices import LoraPrune
-from lifelong_delta.delta.io import CheckpointReader, ShardedWriter, parse_size
+from lifelong_delta.delta.io import CheckpointReader, parse_size
 from lifelong_delta.delta.lora import (
     _FACTOR,
     LoraAdapter,
@@ -34,17 +34,15 @@ from lifelong_delta.delta.lora import (
     lora_deltas,
     replaced_tensors,
 )
-from lifelong_delta.delta.methods import PruneSpec, is_excluded, prune_delta
-from lifelong_delta.delta.stats import PruneSummary, _listing, _prefix_candidates, check_finite, tensor_prune_stats
+from lifelong_delta.delta.matching import _listing, _prefix_candidates, is_excluded
+from lifelong_delta.delta.methods import PruneSpec, prune_delta
+from lifelong_delta.delta.writer import ShardedWriter
+from lifelong_delta.delta.stats import check_finite, tensor_prune_stats
+from lifelong_delta.delta.summary import PruneSummary
 from lifelong_delta.progress import Progress
 
-__all__ = ["LoraPrune", "is_adapter_dir", "stream_prune_lora"]
+__all__ = ["LoraPrune", "stream_prune_lora"]
 
-
-
-def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a PEFT adapter directory (it holds ``adapter_config.json``)."""
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 def _base_names(adapter_names: list[str], base: CheckpointReader) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 A mask is a pure function of ``(seed, tensor name, flat element index)``: the key
 ``tensor_key(seed, name)`` is a 64-bit BLAKE2b hash, and element ``i`` gets a 32-bit word ``w_i`` from
-two rounds of the "lowbias32" integer hash keyed by the two halves of the key (see ``_kernels``).
+two rounds of the "lowbias32" integer hash keyed by the two halves of the key (defined in ``_kernels``).
 The element is dropped iff ``w_i < floor(p * 2**32)``, so the mask does not depend on the device, on
 chunking (``offset``), on tensor order or on the world size, and two tensors with different names get
 independent masks.
@@ -10,7 +10,7 @@ independent masks.
 Two back ends compute the same bits:
 
 * ``numba`` (if importable): a fused, parallel kernel over the flat tensor; this is the fast CPU path.
-* ``torch``: the same hash in chunked int64 tensor ops; used on GPU tensors, when numba is missing,
+* ``torch``: the same hash in chunked int32 tensor ops; used on GPU tensors, when numba is missing,
   or when ``LIFELONG_DELTA_BACKEND=torch``.
 
 ``set_backend("torch" | "numba" | "auto")`` switches explicitly (tests compare both bit for bit).
@@ -18,16 +18,14 @@ Two back ends compute the same bits:
 
 from __future__ import annotations
 
-import hashlib
-import os
-from typing import Literal
-
 import torch
 
-from lifelong_delta.delta import _kernels
+from lifelong_delta.delta import _kernels, _torch_kernels
+from lifelong_delta.delta._kernels import MASK_BITS, Backend, drop_threshold, get_backend, set_backend, tensor_key
 
 __all__ = [
     "MASK_BITS",
+    "Backend",
     "tensor_key",
     "drop_threshold",
     "keep_mask",
@@ -37,64 +35,14 @@ __all__ = [
     "numba_available",
 ]
 
-MASK_BITS = 32
-"""Number of hash bits compared against the drop threshold."""
-
-Backend = Literal["auto", "numba", "torch"]
-_backend: Backend = "auto"
-
-
-def tensor_key(seed: int, name: str) -> int:
-    """64-bit key of one tensor's mask stream.
-
-    Args:
-        seed: User seed (any Python int; negative values are allowed).
-        name: Tensor name, e.g. ``"model.layers.0.mlp.up_proj.weight"``.
-
-    Returns:
-        An int in ``[0, 2**64)``; a BLAKE2b-64 hash of ``(seed, name)``.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str (the tensor name), got {type(name).__name__}")
-    payload = f"{int(seed)}\x00{name}".encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
-
-
-def drop_threshold(p: float) -> int:
-    """Integer threshold ``floor(p * 2**32)``: an element is dropped iff its 32-bit hash word is below it."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p={p} is outside [0, 1): p is the drop rate")
-    return int(float(p) * float(1 << MASK_BITS))
-
 
 def numba_available() -> bool:
     """Whether the numba kernels can be used."""
     return _kernels.HAVE_NUMBA
 
 
-def set_backend(backend: Backend) -> None:
-    """Choose the mask back end: ``"auto"`` (numba on CPU if importable), ``"numba"`` or ``"torch"``."""
-    global _backend
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend={backend!r} is not one of 'auto', 'numba', 'torch'")
-    if backend == "numba" and not _kernels.HAVE_NUMBA:
-        raise ValueError("backend='numba' needs numba installed (pip install numba); use 'auto' or 'torch'")
-    _backend = backend
-
-
-def get_backend() -> Backend:
-    """The back end chosen by :func:`set_backend` (``"auto"`` by default)."""
-    return _backend
-
-
 def _use_numba(device: torch.device) -> bool:
-    if device.type != "cpu" or not _kernels.HAVE_NUMBA:
-        return False
-    if _backend == "torch":
-        return False
-    if _backend == "auto" and os.environ.get("LIFELONG_DELTA_BACKEND", "auto") == "torch":
-        return False
-    return True
+    return _kernels.use_numba(device.type)
 
 
 def _check_counts(numel: int, offset: int) -> None:
@@ -132,9 +80,11 @@ def keep_mask(
     device = torch.device(device)
     if _use_numba(device):
         out = torch.empty(numel, dtype=torch.bool)
-        _kernels.nb_keep_mask(out.numpy().view("uint8"), key, offset, thresh)
+        from lifelong_delta.delta._nb_kernels import nb_keep_mask
+
+        nb_keep_mask(out.numpy().view("uint8"), key, offset, thresh)
         return out
-    return _kernels.torch_keep_mask(numel, key, offset, thresh, device)
+    return _torch_kernels.torch_keep_mask(numel, key, offset, thresh, device)
 
 
 def uniform(
@@ -158,6 +108,8 @@ def uniform(
     device = torch.device(device)
     if _use_numba(device):
         out = torch.empty(numel, dtype=torch.float32)
-        _kernels.nb_uniform(out.numpy(), key, offset)
+        from lifelong_delta.delta._nb_kernels import nb_uniform
+
+        nb_uniform(out.numpy(), key, offset)
         return out
-    return _kernels.torch_uniform(numel, key, offset, device)
+    return _torch_kernels.torch_uniform(numel, key, offset, device)

@@ -2,23 +2,40 @@
 
 Every method maps ``(name, θ_pre, θ_ft, spec)`` to the merged tensor ``θ_pre + pruned δ`` in the
 fine-tuned dtype. Users pick a method by string (``PruneSpec.method``); variants are settings.
+
+Importing this module loads no torch (the registry and :class:`PruneSpec` are needed before the streaming prune
+knows whether any tensor needs torch); the method functions import their modules when called.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-import torch
+from lifelong_delta.delta.choices import MethodName, RescaleName, resolve_q
+from lifelong_delta.delta.matching import is_excluded
 
-from lifelong_delta.delta.choices import MethodName, RescaleName
-from lifelong_delta.delta.dare import dare_merge, resolve_q
-from lifelong_delta.delta.importance import importance_prune
-from lifelong_delta.delta.structural import structural_prune
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_delta", "prune_tensor", "is_excluded"]
+__all__ = ["METHODS", "Method", "PruneSpec", "keep_mask_for", "prune_delta", "prune_tensor"]
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _no_grad(fn: _F) -> _F:
+    """``torch.no_grad()`` around ``fn``, importing torch only when ``fn`` runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -30,12 +47,16 @@ class Method:
         paper: Where the method comes from.
         default_rescale: Rescale used when ``PruneSpec.rescale`` is None.
         needs_input_norms: The method needs ``‖x_j‖₂`` from calibration activations for 2-D weights.
+        random_mask: DARE's counter-based mask with the rescale 1/q: output element i depends on element i and its
+            flat index only, so whole checkpoints stream chunk by chunk through the fused DARE kernels (on raw
+            bf16/fp32 words, without torch); other methods see one whole tensor at a time.
     """
 
     fn: Callable[..., torch.Tensor]
     paper: str
     default_rescale: RescaleName
     needs_input_norms: bool = False
+    random_mask: bool = False
 
 
 @dataclass
@@ -75,7 +96,7 @@ class PruneSpec:
             self.rescale = "q" if self.q is not None and default == "none" else default
         if self.rescale not in ("none", "dare", "q"):
             raise ValueError(f"rescale={self.rescale!r} is not one of 'none', 'dare', 'q'")
-        if self.method in ("dare", "darex-q") and self.rescale != METHODS[self.method].default_rescale:
+        if METHODS[self.method].random_mask and self.rescale != METHODS[self.method].default_rescale:
             raise ValueError(f"rescale={self.rescale!r} does not apply to method={self.method!r} "
                              f"(it always uses {METHODS[self.method].default_rescale!r}); drop the option")
         if self.method == "dare" and self.q is not None:
@@ -96,12 +117,7 @@ class PruneSpec:
             raise ValueError(f"seed={self.seed!r} must be an int")
 
 
-def is_excluded(name: str, exclude: Sequence[str]) -> bool:
-    """Whether ``name`` matches any ``fnmatch`` glob in ``exclude`` (e.g. ``"lm_head.*"``, ``"*embed*"``)."""
-    return any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
-
-
-@torch.no_grad()
+@_no_grad
 def prune_tensor(
     name: str,
     base: torch.Tensor,
@@ -139,7 +155,7 @@ def prune_tensor(
     return METHODS[spec.method].fn(name, base, finetuned, spec, input_norms, q_eff)
 
 
-@torch.no_grad()
+@_no_grad
 def keep_mask_for(
     name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -158,7 +174,7 @@ def keep_mask_for(
     from lifelong_delta.delta.masks import keep_mask
     from lifelong_delta.delta.structural import _as_matrix, structural_keep
 
-    if spec.method in ("dare", "darex-q"):
+    if METHODS[spec.method].random_mask:
         return keep_mask(delta.numel(), spec.p, seed=spec.seed, name=name, device=delta.device).view(delta.shape)
     if spec.method in ("magnitude", "wanda"):
         norms = input_norms if spec.method == "wanda" else None
@@ -171,6 +187,8 @@ def keep_mask_for(
 
 
 def _delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     b = base.detach().to(device=finetuned.device, dtype=torch.float32)
     return b, finetuned.detach().to(torch.float32) - b
 
@@ -180,10 +198,12 @@ def _dare(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norm
     if spec.method == "darex-q" and q is None:
         raise ValueError(f"method='darex-q' needs q for tensor {name!r}: set q, or choose it with a q search "
                          "and pass prune_tensor(..., q=...)")
+    from lifelong_delta.delta.dare import dare_merge
+
     return dare_merge(base, ft, spec.p, seed=spec.seed, name=name, q=q, force=spec.force)
 
 
-@torch.no_grad()
+@_no_grad
 def prune_delta(
     name: str,
     delta: torch.Tensor,
@@ -205,11 +225,13 @@ def prune_delta(
         q: Per-tensor q overriding ``spec.q``.
     """
     from lifelong_delta.delta.dare import dare
+    from lifelong_delta.delta.importance import importance_prune
+    from lifelong_delta.delta.structural import structural_prune
 
     q_eff = spec.q if q is None else q
     if q is not None:
         resolve_q(spec.p, q, force=spec.force, name=name)
-    if spec.method in ("dare", "darex-q"):
+    if METHODS[spec.method].random_mask:
         if spec.method == "darex-q" and q_eff is None:
             raise ValueError(f"method='darex-q' needs q for tensor {name!r}")
         return dare(delta, spec.p, seed=spec.seed, name=name, q=q_eff if spec.method == "darex-q" else None,
@@ -224,6 +246,8 @@ def prune_delta(
 
 def _importance(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
                 q: float | None) -> torch.Tensor:
+    import torch
+
     b, d = _delta(name, base, ft)
     pruned = prune_delta(name, d, spec, input_norms=norms, q=q)
     return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
@@ -231,6 +255,8 @@ def _importance(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec
 
 def _structural(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
                 q: float | None) -> torch.Tensor:
+    import torch
+
     b, d = _delta(name, base, ft)
     pruned = prune_delta(name, d, spec, input_norms=norms, q=q)
     return torch.where(pruned != 0, b + pruned, b).to(ft.dtype)
@@ -239,9 +265,9 @@ def _structural(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec
 # One explicit registry: users pick a method by string.
 METHODS: dict[str, Method] = {
     # DARE, Yu et al., "Language Models are Super Mario", https://arxiv.org/abs/2311.03099
-    "dare": Method(_dare, "https://arxiv.org/abs/2311.03099", "dare"),
+    "dare": Method(_dare, "https://arxiv.org/abs/2311.03099", "dare", random_mask=True),
     # DAREx-q, Deng et al., "DARE the Extreme", https://arxiv.org/abs/2410.09344 (§4)
-    "darex-q": Method(_dare, "https://arxiv.org/abs/2410.09344", "q"),
+    "darex-q": Method(_dare, "https://arxiv.org/abs/2410.09344", "q", random_mask=True),
     # Magnitude pruning of the delta (importance-based DPP), https://arxiv.org/abs/2410.09344 (§5)
     "magnitude": Method(_importance, "https://arxiv.org/abs/2410.09344", "none"),
     # WANDA (Sun et al.) https://arxiv.org/abs/2306.11695, on the delta as in https://arxiv.org/abs/2410.09344

@@ -1,9 +1,15 @@
 """Whole checkpoints, one tensor at a time: prune the delta into a sharded copy, or measure its statistics.
 
 Layer 2 (no Lightning). Tensors are read with plain reads (no mmap) and written as they are produced (see
-:mod:`lifelong_delta.delta.io`). DARE and DAREx-q, whose masks are a function of the flat element index, run chunk by
-chunk, so memory stays at a few 16 MB chunks whatever the tensor size; the other methods (top-k per row, structural)
-hold one tensor's base, fine-tuned and output values at a time. Statistics are always computed chunk by chunk.
+:mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE and DAREx-q, whose masks are a function
+of the flat element index, run chunk by chunk, so memory stays at a few 16 MB chunks whatever the tensor size; the
+other methods (top-k per row, structural) hold one tensor's base, fine-tuned and output values at a time.
+
+Importing this module loads no torch, and a DARE/DAREx-q prune of bf16 or fp32 checkpoints never does: each chunk's
+raw words go from the reader through the compiled fused kernel (:func:`lifelong_delta.delta._kernels.merge_words`)
+to the writer, and copied tensors are copied as bytes. Any other tensor (fp16, mixed dtypes, another method, the
+torch back end, a build without the C extension) takes the torch path, which gives the same bits where both apply
+(tested).
 """
 
 from __future__ import annotations
@@ -13,35 +19,33 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+import numpy as np
 
 from lifelong_delta import outputs
-from lifelong_delta.delta.dare import dare_merge, dare_merge_stats
-from lifelong_delta.delta.io import CheckpointReader, ShardedWriter, parse_size
-from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
-from lifelong_delta.delta.stats import (
-    DeltaStats,
-    PruneStatsAccumulator,
-    PruneSummary,
-    TensorMatch,
-    TensorPruneStats,
-    check_finite,
-    layer_stats,
-    match_tensors,
-    tensor_prune_stats,
-)
+from lifelong_delta.delta import _kernels
+from lifelong_delta.delta.choices import resolve_q, scale_of
+from lifelong_delta.delta.io import CheckpointReader, itemsize, parse_size
+from lifelong_delta.delta.matching import TensorMatch, match_tensors, non_finite_error
+from lifelong_delta.delta.methods import METHODS, PruneSpec
+from lifelong_delta.delta.summary import PruneStatsAccumulator, PruneSummary, TensorPruneStats
+from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from lifelong_delta.delta.stats import DeltaStats
 
 __all__ = ["stream_delta_stats", "stream_prune"]
 
 _T = TypeVar("_T")
 
-_ELEMENTWISE = ("dare", "darex-q")  # methods whose output element i depends only on element i (chunkable)
 _CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per operand
+_WORDS = {"BF16": np.uint16, "F32": np.float32}  # dtypes the fused kernel reads and writes as raw words
 
 
 class _Ring:
@@ -49,15 +53,15 @@ class _Ring:
     ``n`` must exceed the number of chunks still in use when a new one is taken."""
 
     def __init__(self, n: int) -> None:
-        self._bufs: list[torch.Tensor | None] = [None] * n
+        self._bufs: list[np.ndarray | None] = [None] * n
         self._next = 0
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int) -> np.ndarray:
         i = self._next
         self._next = (i + 1) % len(self._bufs)
         buf = self._bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8)
+        if buf is None or buf.size < nbytes:
+            buf = self._bufs[i] = np.empty(nbytes, dtype=np.uint8)
         return buf[:nbytes]
 
 
@@ -71,11 +75,83 @@ class _Buffers:
     out: _Ring = field(default_factory=lambda: _Ring(ShardedWriter.PENDING + 1))
 
 
+def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, name: str, base_name: str) -> bool:
+    """Whether tensor ``name`` takes the compiled kernel on raw words: a random-mask method, base and fine-tune of
+    one dtype the kernel reads (bf16, fp32), and the kernel built and not switched off."""
+    code = rf.code(name)
+    return (METHODS[spec.method].random_mask and code in _WORDS and rb.code(base_name) == code
+            and _kernels.use_words())
+
+
+def _as_float32(words: np.ndarray) -> np.ndarray:
+    """fp32 values of raw bf16 (uint16) or fp32 words."""
+    return (words.astype(np.uint32) << 16).view(np.float32) if words.dtype == np.uint16 else words
+
+
+def _chunk_reads(name: str, rb: CheckpointReader, rf: CheckpointReader, base_name: str, bufs: _Buffers | None
+                 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(start, count, base bytes, fine-tuned bytes)`` of consecutive chunks of one tensor: read into reused
+    buffers, or with ``bufs=None`` read-only views of the files (no copy; see :meth:`CheckpointReader.view`)."""
+    numel = math.prod(rf.shape(name))
+    b_size, f_size = rb.info(base_name).itemsize, rf.info(name).itemsize
+    for start in range(0, numel, _CHUNK):
+        count = min(_CHUNK, numel - start)
+        if bufs is None:
+            yield start, count, rb.view(base_name, start, count), rf.view(name, start, count)
+            continue
+        b, f = bufs.base.take(count * b_size), bufs.finetuned.take(count * f_size)
+        rb.read_into(base_name, start, count, b)
+        rf.read_into(name, start, count, f)
+        yield start, count, b, f
+
+
+def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+                 q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
+    """DARE / DAREx-q of one bf16 or fp32 tensor, chunk by chunk on raw words, statistics included; no torch.
+
+    The merged words equal ``prune_tensor(name, base, finetuned, spec, q=q)`` cast to the stored dtype (tested).
+    """
+    q_eff = resolve_q(spec.p, spec.q if q is None else q, force=spec.force, name=name)
+    key, thresh, scale = _kernels.tensor_key(spec.seed, name), _kernels.drop_threshold(spec.p), scale_of(q_eff)
+    code = rf.code(name)
+    words, size = _WORDS[code], itemsize(code)
+    acc = PruneStatsAccumulator(name)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start, count, b, f in _read_ahead(_chunk_reads(name, rb, rf, base_name, None)):
+            bw, fw = b.view(words), f.view(words)
+            out = bufs.out.take(count * size).view(words)
+            nbad, *counts = _kernels.merge_words(bw, fw, out, key, start, thresh, scale)
+            if nbad:
+                for which, w in (("base", bw), ("fine-tuned", fw)):  # say which model holds the NaN/inf
+                    bad = int(np.count_nonzero(~np.isfinite(_as_float32(w))))
+                    if bad:
+                        raise non_finite_error(name, which, bad)
+            acc.add_counts(count, *counts)
+            yield out
+
+    writer.add_chunks(name, code, rf.shape(name), chunks())
+    return acc.result()
+
+
+def _copy(name: str, rf: CheckpointReader, writer: ShardedWriter, bufs: _Buffers) -> None:
+    """Copy one tensor's bytes unchanged, chunk by chunk."""
+    info = rf.info(name)
+
+    def chunks() -> Iterator[memoryview]:
+        for start in range(0, info.numel, _CHUNK):
+            count = min(_CHUNK, info.numel - start)
+            yield rf.read_into(name, start, count, bufs.out.take(count * info.itemsize))
+
+    writer.add_chunks(name, info.code, info.shape, chunks())
+
+
 def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                 q: float | None, norms: torch.Tensor | None, base_name: str,
-                 buffers: _Buffers | None = None) -> TensorPruneStats:
+                 q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
     """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
-    del buffers
+    from lifelong_delta.delta.methods import prune_tensor
+    from lifelong_delta.delta.stats import check_finite, tensor_prune_stats
+
     b, f = rb.get(base_name), rf.get(name)
     check_finite(name, b, "base")
     check_finite(name, f, "fine-tuned")
@@ -85,48 +161,34 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
 
 
 def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
-                   q: float | None, norms: torch.Tensor | None, base_name: str,
-                   buffers: _Buffers | None = None) -> TensorPruneStats:
-    """DARE / DAREx-q chunk by chunk: memory is a few chunks whatever the tensor size.
+                   q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
+    """DARE / DAREx-q chunk by chunk with torch, for what :func:`_prune_words` does not take (fp16, mixed dtypes,
+    the torch back end). Masks are a function of the flat element index (``offset``), so the chunks concatenate to
+    exactly ``prune_tensor(name, base, finetuned, spec, q=q)`` (tested against it)."""
+    import torch
 
-    Masks are a function of the flat element index (``offset``), so the chunks concatenate to exactly
-    ``prune_tensor(name, base, finetuned, spec, q=q)`` (tested against it).
-    """
-    del norms
+    from lifelong_delta.delta.dare import dare_merge
+    from lifelong_delta.delta.stats import check_finite
+
     q_eff = spec.q if q is None else q
     acc = PruneStatsAccumulator(name)
-    numel = math.prod(rf.shape(name))
-
-    bufs = buffers or _Buffers()
-    b_size, f_dtype = rb.dtype(base_name).itemsize, rf.dtype(name)
-
-    def reads() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        for start in range(0, numel, _CHUNK):
-            count = min(_CHUNK, numel - start)
-            yield (start, count, rb.get_flat(base_name, start, count, buffer=bufs.base.take(count * b_size)),
-                   rf.get_flat(name, start, count, buffer=bufs.finetuned.take(count * f_dtype.itemsize)))
+    b_dtype, f_dtype = rb.dtype(base_name), rf.dtype(name)
 
     def chunks() -> Iterator[torch.Tensor]:
-        for start, count, b, f in _read_ahead(reads()):
-            try:  # the merge kernel counts non-finite deltas itself, so a separate pass is only needed on error
-                out = bufs.out.take(count * f_dtype.itemsize).view(f_dtype)
-                fused = dare_merge_stats(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                         force=spec.force, out=out)
-                if fused is None:
-                    merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                        force=spec.force, out=out)
+        for start, count, b_bytes, f_bytes in _read_ahead(_chunk_reads(name, rb, rf, base_name, bufs)):
+            b, f = torch.from_numpy(b_bytes).view(b_dtype), torch.from_numpy(f_bytes).view(f_dtype)
+            out = torch.from_numpy(bufs.out.take(count * f_dtype.itemsize)).view(f_dtype)
+            try:
+                merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start, force=spec.force,
+                                    out=out)
             except ValueError:
                 check_finite(name, b, "base")  # say which model holds the NaN/inf
                 check_finite(name, f, "fine-tuned")
                 raise
-            if fused is None:
-                acc.add(b, f, merged)
-            else:
-                merged = fused[0]
-                acc.add_counts(count, *fused[1])
+            acc.add(b, f, merged)
             yield merged
 
-    writer.add_chunks(name, rf.dtype(name), rf.shape(name), chunks())
+    writer.add_chunks(name, f_dtype, rf.shape(name), chunks())
     return acc.result()
 
 
@@ -195,8 +257,8 @@ def stream_prune(
 
     Every check that does not need tensor data runs before anything is written: the spec, the output path, that both
     checkpoints are readable, and that their floating tensors match by name and shape (``spec.exclude`` patterns are
-    copied unchanged from ``finetuned``; so are non-floating tensors). Each pruned tensor is computed in fp32 by
-    :func:`lifelong_delta.delta.methods.prune_tensor` and written in the fine-tuned dtype. Config, tokenizer and
+    copied unchanged from ``finetuned``; so are non-floating tensors). Each pruned tensor is computed in fp32 as
+    :func:`lifelong_delta.delta.methods.prune_tensor` does and written in the fine-tuned dtype. Config, tokenizer and
     other non-weight files of ``finetuned`` are copied. The output appears at ``out`` only when everything succeeded.
 
     Args:
@@ -212,7 +274,7 @@ def stream_prune(
         q_per_tensor: Per-tensor q overriding ``spec.q`` (e.g. DAREx-q's analytic per-layer q).
 
     Returns:
-        A :class:`~lifelong_delta.delta.stats.PruneSummary`.
+        A :class:`~lifelong_delta.delta.summary.PruneSummary`.
 
     Raises:
         CheckpointError: unreadable/corrupt checkpoint, or ``out`` exists without ``overwrite``.
@@ -242,22 +304,25 @@ def stream_prune(
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
         names = rf.names()
         nbytes = {name: rf.info(name).nbytes for name in names}
-        layout = [(name, rf.dtype(name), rf.shape(name)) for name in names]  # every output keeps its dtype
-        buffers = _Buffers()
+        layout = [(name, rf.code(name), rf.shape(name)) for name in names]  # every output keeps its dtype
+        bufs = _Buffers()
         with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs,
                            command="prune", layout=layout) as writer, \
                 Progress("pruning", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
                          enabled=progress) as bar:
             for name in names:
                 bar.update(0, detail=name)
+                base_name = match.base_name(name)
+                q = q_per_tensor.get(name) if q_per_tensor else None
                 if name not in pruned:
-                    writer.add(name, rf.get(name))
+                    _copy(name, rf, writer, bufs)
+                elif _words_apply(spec, rb, rf, name, base_name):
+                    summary.tensors.append(_prune_words(name, rb, rf, writer, spec, q, base_name, bufs))
+                elif METHODS[spec.method].random_mask:
+                    summary.tensors.append(_prune_chunked(name, rb, rf, writer, spec, q, base_name, bufs))
                 else:
-                    q = q_per_tensor.get(name) if q_per_tensor else None
                     norms = input_norms.get(name) if input_norms else None
-                    run = _prune_chunked if spec.method in _ELEMENTWISE else _prune_whole
-                    summary.tensors.append(run(name, rb, rf, writer, spec, q, norms, match.base_name(name),
-                                               buffers))
+                    summary.tensors.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))
                 bar.update(1, nbytes=nbytes[name])
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary
@@ -276,6 +341,12 @@ def stream_delta_stats(
         CheckpointError: unreadable checkpoint.
         ValueError: missing/extra tensors, shape mismatch, non-finite values (naming the tensor).
     """
+    from dataclasses import replace
+
+    import torch
+
+    from lifelong_delta.delta.stats import DeltaStats, check_finite, layer_stats
+
     layers = []
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, exclude)

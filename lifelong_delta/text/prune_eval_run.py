@@ -22,7 +22,7 @@ from lifelong_delta.delta.calibration import input_norms
 from lifelong_delta.delta.darex import select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.lora import load_lora_adapter, lora_deltas
-from lifelong_delta.delta.methods import is_excluded
+from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.recommend import recommend
 from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, last_hidden

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lifelong_delta.delta.io import CheckpointReader, ShardedWriter
+from lifelong_delta.delta.io import CheckpointReader
+from lifelong_delta.delta.writer import ShardedWriter
 
 
 def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lifelong_delta.delta.commands import recommend, stats
-from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader, ShardedWriter
+from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader
+from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
 from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state
 

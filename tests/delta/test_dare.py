@@ -139,36 +139,58 @@ def test_bad_p_q_shape_dtype():
     assert resolve_q(0.9, None) == pytest.approx(0.1)
 
 
+def _words(t: torch.Tensor):
+    """The raw words the fused kernel reads: fp32 as itself, bf16 as its uint16 bits."""
+    import numpy as np
+
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _fused(base: torch.Tensor, ft: torch.Tensor, p: float, seed: int, name: str, q: float | None, offset: int = 0):
+    from lifelong_delta.delta import _kernels
+
+    out = torch.empty_like(ft)
+    counts = _kernels.merge_words(_words(base), _words(ft), _words(out), _kernels.tensor_key(seed, name), offset,
+                                     _kernels.drop_threshold(p), scale_of(q if q is not None else 1 - p))
+    return out, counts
+
+
+def test_the_compiled_kernel_is_built():
+    """``pip install -e .`` builds ``_words.c`` where a C compiler exists (setup.py marks it optional, so a failed
+    build would otherwise go unnoticed and every prune would take the slower torch path)."""
+    from lifelong_delta.delta import _kernels
+
+    assert _kernels.HAVE_WORDS, "lifelong_delta.delta._words is missing: run `make setup` (needs gcc)"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("numel", [1000, 70_001])  # serial and parallel kernels
+@pytest.mark.parametrize("numel", [1000, 70_001, 2 * 16384 + 17])  # partial blocks and lanes
 def test_fused_merge_stats_equals_merge_and_accumulator(dtype, numel):
-    base_dtype = ft_dtype = dtype
-    from lifelong_delta.delta.dare import dare_merge_stats
-    from lifelong_delta.delta.stats import PruneStatsAccumulator
+    from lifelong_delta.delta.summary import PruneStatsAccumulator
 
     g = torch.Generator().manual_seed(numel)
-    base = torch.randn(numel, generator=g).to(base_dtype)
-    ft = (base.float() + 0.01 * torch.randn(numel, generator=g)).to(ft_dtype)
-    ft[::7] = base[::7].to(ft_dtype)  # unchanged entries: nnz before < numel
-    for q, offset in ((None, 0), (0.35, 12345)):
-        got = dare_merge_stats(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
-        assert got is not None
-        merged, (nnz_b, nnz_a, sq_b, sq_a) = got
+    base = torch.randn(numel, generator=g).to(dtype)
+    ft = (base.float() + 0.01 * torch.randn(numel, generator=g)).to(dtype)
+    ft[::7] = base[::7]  # unchanged entries: nnz before < numel
+    for q, offset in ((None, 0), (0.35, 12345), (None, 2**32 - 500)):  # the last crosses a counter segment
+        merged, (nbad, nnz_b, nnz_a, sq_b, sq_a) = _fused(base, ft, 0.7, 3, "w", q, offset)
         want = dare_merge(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
-        assert merged.dtype == ft_dtype and torch.equal(merged.view(torch.uint8), want.view(torch.uint8))
+        assert nbad == 0 and torch.equal(merged.view(torch.uint8), want.view(torch.uint8))
         acc = PruneStatsAccumulator("w")
         acc.add(base, ft, want)
         assert (nnz_b, nnz_a) == (acc.nnz_before, acc.nnz_after)
         assert sq_b == pytest.approx(acc.sq_before, rel=1e-5) and sq_a == pytest.approx(acc.sq_after, rel=1e-5)
-    bad = ft.clone()
-    bad[5] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        dare_merge_stats(base, bad, 0.7, seed=3, name="w")
 
 
-def test_fused_merge_stats_declines_what_it_does_not_cover():
-    from lifelong_delta.delta.dare import dare_merge_stats
-
-    x = torch.zeros(10, dtype=torch.float16)
-    assert dare_merge_stats(x, x, 0.5, seed=0, name="w") is None
-    assert dare_merge_stats(x.float(), x.bfloat16(), 0.5, seed=0, name="w") is None  # mixed dtypes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1000, 70_001])
+def test_fused_merge_stats_counts_non_finite_deltas_exactly(dtype, numel):
+    base = torch.zeros(numel, dtype=dtype)
+    ft = torch.full((numel,), 1e-3, dtype=dtype)
+    ft[[3, numel - 1]] = float("nan")
+    base[10] = float("inf")  # inf - 1e-3 is inf: a third bad delta
+    assert _fused(base, ft, 0.5, 0, "w", None)[1][0] == 3
+    # finite deltas whose squares overflow the fp32 sums are not an error
+    huge = torch.zeros(numel, dtype=dtype)
+    huge[::2] = 3e38
+    assert _fused(torch.zeros(numel, dtype=dtype), huge, 0.5, 0, "w", None)[1][0] == 0

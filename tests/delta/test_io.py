@@ -15,10 +15,10 @@ from lifelong_delta.delta.io import (
     SINGLE_FILE,
     CheckpointError,
     CheckpointReader,
-    ShardedWriter,
     copy_non_weight_files,
     parse_size,
 )
+from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.outputs import MARKER, OutputPathError
 
 

@@ -5,7 +5,8 @@ import torch
 
 from lifelong_delta.delta.dare import dare_merge
 from lifelong_delta.delta.importance import importance_prune
-from lifelong_delta.delta.methods import METHODS, PruneSpec, is_excluded, prune_tensor
+from lifelong_delta.delta.matching import is_excluded
+from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.structural import structural_prune
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader
-from lifelong_delta.delta.methods import PruneSpec, is_excluded, prune_tensor
+from lifelong_delta.delta.matching import is_excluded
+from lifelong_delta.delta.methods import PruneSpec, prune_tensor
 from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.delta import streaming
 from lifelong_delta.delta.streaming import stream_delta_stats, stream_prune
@@ -35,11 +36,18 @@ def _in_memory(base, ft, spec, input_norms=None):
     return out
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-{s.p}")
+# The back end changes DARE's path only: auto takes bf16/fp32 tensors through the compiled kernel on raw words
+# (without torch), torch takes every tensor through torch.
+CASES = [(s, b) for s in SPECS for b in (("auto", "torch") if s.method.startswith("dare") else ("auto",))]
+
+
+@pytest.mark.parametrize(("spec", "backend"), CASES, ids=lambda c: c if isinstance(c, str) else f"{c.method}-{c.p}")
 @pytest.mark.parametrize(("shard", "chunk"), [("1KB", 7), ("1GB", 1 << 22)])
-def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, shard, chunk):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, backend, shard, chunk, dtype):
     monkeypatch.setattr(streaming, "_CHUNK", chunk)  # 7: DARE runs in many ragged chunks per tensor
-    base_sd = tiny_state()
+    monkeypatch.setenv("LIFELONG_DELTA_BACKEND", backend)
+    base_sd = tiny_state(dtype=dtype)
     ft_sd = perturbed(base_sd)
     base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd, shard_size="700B")
     summary = stream_prune(base, ft, tmp_path / "out", spec, out_shard_size=shard, progress=False)
@@ -48,7 +56,8 @@ def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, shard, chunk):
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    assert ((tmp_path / "out" / INDEX_FILE).exists()) == (shard == "1KB")
+    if dtype == torch.float32:  # 2.3 KB: sharded at 1KB (the 2-byte dtypes may fit one shard)
+        assert ((tmp_path / "out" / INDEX_FILE).exists()) == (shard == "1KB")
     # config/tokenizer files copied; the summary counts what was done
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "tiny"
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
@@ -57,7 +66,8 @@ def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, shard, chunk):
     nnz_before = sum(int((ft_sd[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
     nnz_after = sum(int((want[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
     assert summary.kept_fraction == pytest.approx(nnz_after / nnz_before)
-    norm_before = sum(float((ft_sd[k] - base_sd[k]).square().sum()) for k in want if k != "position_ids") ** 0.5
+    norm_before = sum(float((ft_sd[k].float() - base_sd[k].float()).square().sum()) for k in want
+                      if k != "position_ids") ** 0.5
     assert summary.norm_before == pytest.approx(norm_before, rel=1e-5)
     if spec.p == 0.0:
         assert summary.kept_fraction == 1.0 and summary.norm_after == pytest.approx(norm_before, rel=1e-5)
@@ -176,3 +186,37 @@ def test_read_ahead_passes_items_errors_and_stops_early():
     assert next(gen) == 0
     gen.close()  # the helper thread stops instead of reading everything
     assert len(produced) < 10
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dare_prune_of_bf16_and_fp32_checkpoints_never_imports_torch(tmp_path, dtype):
+    """The whole prune, summary included, on numpy and the compiled kernel: a process that never imports torch
+    writes the same bytes as the torch path (``LIFELONG_DELTA_BACKEND=torch``)."""
+    import subprocess
+    import sys
+
+    base_sd = tiny_state(dtype=getattr(torch, dtype))
+    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=perturbed(base_sd), shard_size="700B")
+    script = (
+        "import sys\n"
+        "from lifelong_delta.delta.methods import PruneSpec\n"
+        "from lifelong_delta.delta.streaming import stream_prune\n"
+        "s = stream_prune(sys.argv[1], sys.argv[2], sys.argv[3], PruneSpec('darex-q', 0.7, q=0.4, seed=5),\n"
+        "                 out_shard_size='1KB', progress=False)\n"
+        "print(s.kept_fraction, s.norm_after, 'torch' in sys.modules)\n"
+    )
+    runs = {}
+    for backend in ("auto", "torch"):
+        env = {**os.environ, "LIFELONG_DELTA_BACKEND": backend}
+        out = tmp_path / f"out-{backend}"
+        done = subprocess.run([sys.executable, "-c", script, str(base), str(ft), str(out)], env=env, check=True,
+                              capture_output=True, text=True)
+        kept, norm, torch_loaded = done.stdout.split()
+        runs[backend] = (float(kept), float(norm), torch_loaded, read_checkpoint(out))
+    assert runs["auto"][2] == "False" and runs["torch"][2] == "True"
+    assert runs["auto"][0] == runs["torch"][0]
+    assert runs["auto"][1] == pytest.approx(runs["torch"][1], rel=1e-6)
+    got, want = runs["auto"][3], runs["torch"][3]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
