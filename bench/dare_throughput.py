@@ -1,7 +1,8 @@
 """DARE throughput in elements/s against a plain memory copy of the same tensors, in the same run.
 
 Goal (issue 4): the fused DARE merge reaches >= 0.25 of copy speed (``torch.rand``-based DARE reaches
-about 0.013), and is >= 10x faster than PEFT's ``dare_linear`` and mergekit's DARE.
+about 0.013), and is >= 10x faster than PEFT's ``dare_linear`` and mergekit's DARE. For float32 and bfloat16 the
+compiled kernel of the streaming prune (``_kernels.merge_words``: raw words, statistics included) is measured too.
 
     python bench/dare_throughput.py [--numel 64M] [--tensors 16] [--threads 2] [--reps 3]
                                     [--slow-tensors 4] [--dtype float32] [--mergekit-src DIR]
@@ -23,7 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from lifelong_delta.delta import masks
+import numpy as np
+
+from lifelong_delta.delta import _kernels, masks
+from lifelong_delta.delta.choices import scale_of
 from lifelong_delta.delta.dare import dare_merge
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -104,12 +108,21 @@ def main() -> None:
         finally:
             masks.set_backend("auto")
 
+    def raw(t: torch.Tensor) -> np.ndarray:
+        return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+    def words(b: torch.Tensor, f: torch.Tensor, i: int) -> None:
+        _kernels.merge_words(raw(b), raw(f), raw(dst), _kernels.tensor_key(0, f"t{i}"), 0,
+                             _kernels.drop_threshold(args.p), scale_of(1 - args.p))
+
     variants: dict[str, tuple[Callable[..., None], list[Pair]]] = {
         "copy (dst.copy_(src))": (lambda b, f, i: dst.copy_(f), pairs),
         "lifelong_delta dare_merge (fused, out=)": (fused, pairs),
         "lifelong_delta dare_merge (fused, allocates)": (fused_alloc, pairs),
         "lifelong_delta dare_merge (torch back end)": (torch_backend, slow),
     }
+    if _kernels.HAVE_WORDS and dtype in (torch.float32, torch.bfloat16):
+        variants["lifelong_delta merge_words (compiled, raw words + statistics)"] = (words, pairs)
     notes: dict[str, str] = {}
     for name, fn in baselines(args.p, args.mergekit_src).items():
         if isinstance(fn, str):

@@ -238,8 +238,9 @@ class ShardedWriter:
         next chunk (at most :attr:`PENDING` chunks wait, so memory stays bounded)."""
         if self._thread is None:
             self._queue = queue.Queue(maxsize=self.PENDING - 1)
-            self._thread = threading.Thread(target=self._write_queued, name="lifelong-delta-writer", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._write_queued, name="lifelong-delta-writer", daemon=True)
+            thread.start()  # kept only once started: a signal inside start() leaves no thread for abort() to join
+            self._thread = thread
         self._check_write_error()
         self._queue.put((self._body, data))
 

@@ -69,6 +69,33 @@ def test_roundtrip_sharded_and_single(tmp_path, size):
     assert "nope" not in r
 
 
+def test_raw_reads_and_views_are_the_stored_bytes(tmp_path):
+    """``read_into`` (a copy) and ``view`` (a mapped range) give the bytes of any element range, at any offset in
+    a shard (mappings start at page boundaries, ranges do not)."""
+    import numpy as np
+
+    ts = _tensors()
+    with ShardedWriter(tmp_path / "o", 3000) as w:
+        for k, v in ts.items():
+            w.add(k, v)
+        w.commit()
+    r = CheckpointReader(tmp_path / "o")
+    for k, v in ts.items():
+        raw = v.contiguous().view(-1).view(torch.uint8).numpy()
+        size, n = v.element_size(), v.numel()
+        assert r.code(k) == {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                             torch.float64: "F64", torch.int64: "I64", torch.bool: "BOOL"}[v.dtype]
+        for start, count in ((0, n), (min(3, n), max(n - 5, 0)), (max(n - 1, 0), min(n, 1)), (n, 0)):
+            want = raw[start * size:(start + count) * size]
+            buf = bytearray(count * size)
+            assert bytes(r.read_into(k, start, count, buf)) == want.tobytes()
+            view = r.view(k, start, count)
+            assert np.array_equal(view, want) and (count == 0 or not view.flags.writeable)
+        with pytest.raises(IndexError):
+            r.view(k, 1, n)
+    r.close()
+
+
 def test_shard_limit_respected(tmp_path):
     ts = {f"t{i}": torch.ones(250) for i in range(10)}  # 1000 bytes each
     with ShardedWriter(tmp_path / "o", 2500) as w:
