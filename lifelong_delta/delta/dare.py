@@ -7,9 +7,10 @@ DAREx-q (Deng et al., "DARE the Extreme", arXiv 2410.09344) is the same operatio
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from lifelong_delta.delta import _torch_kernels
+from lifelong_delta.delta import _kernels, _torch_kernels
 from lifelong_delta.delta.choices import resolve_q, scale_of
 from lifelong_delta.delta.masks import _use_numba, drop_threshold, tensor_key
 
@@ -82,7 +83,8 @@ def dare_merge(
     """Fused ``θ_pre + dare(θ_ft − θ_pre)`` in one pass (fp32 compute).
 
     Dropped entries are exactly ``base`` (converted to ``out_dtype``); kept entries are
-    ``base + (ft − base) / q`` computed in fp32.
+    ``base + (ft − base) / q`` computed in fp32. CPU tensors of one dtype, fp32 or bf16, go through the compiled
+    kernel of the streaming prune; others through numba or torch, with the same bits.
 
     Args:
         base: Pretrained tensor ``θ_pre``.
@@ -120,6 +122,18 @@ def dare_merge(
         raise ValueError(f"out for tensor {name!r} must be a contiguous tensor of {f.numel()} elements on "
                          f"{f.device}, got {tuple(out.shape)} on {out.device}")
     flat_out = out.view(-1)
-    run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge
-    _check_finite(run(b, f, flat_out, key, offset, thresh, scale), name)
+    if f.device.type == "cpu" and b.dtype == f.dtype == flat_out.dtype in _WORDS and _kernels.use_words():
+        nbad = _kernels.merge_words(_words(b), _words(f), _words(flat_out), key, offset, thresh, scale)[0]
+    else:
+        run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge
+        nbad = run(b, f, flat_out, key, offset, thresh, scale)
+    _check_finite(nbad, name)
     return flat_out.view(finetuned.shape)
+
+
+_WORDS = (torch.float32, torch.bfloat16)  # the dtypes the compiled kernel reads and writes as raw words
+
+
+def _words(t: torch.Tensor) -> np.ndarray:
+    """The raw words of a contiguous CPU tensor: fp32 as itself, bf16 as its uint16 bits."""
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)

@@ -90,10 +90,12 @@ def test_mixed_dtypes_write_the_finetuned_dtype(backend):
 @pytest.mark.skipif(not masks.numba_available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_numba_and_torch_merge_agree_bit_for_bit(dtype):
+    from lifelong_delta.delta import _kernels, _torch_kernels
+
     base = torch.randn(123_457).to(dtype)
     ft = (base.float() + torch.randn(123_457)).to(dtype)
     res = {}
-    for b in ("numba", "torch"):
+    for b in ("numba", "torch"):  # numba: the compiled kernel for one fp32/bf16 dtype, numba for the others
         masks.set_backend(b)
         try:
             res[b] = (dare_merge(base, ft, 0.85, seed=9, name="x", q=0.4, offset=17),
@@ -101,6 +103,11 @@ def test_numba_and_torch_merge_agree_bit_for_bit(dtype):
         finally:
             masks.set_backend("auto")
     assert torch.equal(res["numba"][0], res["torch"][0]) and torch.equal(res["numba"][1], res["torch"][1])
+    if masks.numba_available():  # the numba merge itself, whichever kernel dare_merge picked
+        out = torch.empty_like(ft)
+        args = (_kernels.tensor_key(9, "x"), 17, _kernels.drop_threshold(0.85), scale_of(0.4))
+        assert _torch_kernels.nb_merge(base, ft, out, *args) == 0
+        assert torch.equal(out, res["torch"][0])
 
 
 def test_non_contiguous_input(backend):
@@ -174,7 +181,11 @@ def test_fused_merge_stats_equals_merge_and_accumulator(dtype, numel):
     ft[::7] = base[::7]  # unchanged entries: nnz before < numel
     for q, offset in ((None, 0), (0.35, 12345), (None, 2**32 - 500)):  # the last crosses a counter segment
         merged, (nbad, nnz_b, nnz_a, sq_b, sq_a) = _fused(base, ft, 0.7, 3, "w", q, offset)
-        want = dare_merge(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
+        masks.set_backend("torch")  # the reference: torch ops (dare_merge itself takes the compiled kernel)
+        try:
+            want = dare_merge(base, ft, 0.7, seed=3, name="w", q=q, offset=offset)
+        finally:
+            masks.set_backend("auto")
         assert nbad == 0 and torch.equal(merged.view(torch.uint8), want.view(torch.uint8))
         acc = PruneStatsAccumulator("w")
         acc.add(base, ft, want)
