@@ -112,7 +112,8 @@ def main() -> None:
         return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
 
     def words(b: torch.Tensor, f: torch.Tensor, i: int) -> None:
-        _kernels.merge_words(raw(b), raw(f), raw(dst), _kernels.tensor_key(0, f"t{i}"), 0,
+        _kernels.merge_words(args.dtype == "float32" and "F32" or "BF16", raw(b), raw(f), raw(dst),
+                             _kernels.tensor_key(0, f"t{i}"), 0,
                              _kernels.drop_threshold(args.p), scale_of(1 - args.p))
 
     variants: dict[str, tuple[Callable[..., None], list[Pair]]] = {

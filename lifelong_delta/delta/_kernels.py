@@ -11,8 +11,8 @@ fused multiply-adds, so results agree bit for bit.
 Three implementations compute the same bits: numba kernels here (masks and merges of torch tensors' data), the
 torch ops of :mod:`._torch_kernels` (any device), and the compiled C kernel ``_words.c`` behind
 :func:`merge_words`, which merges raw bf16/fp32 checkpoint words with the prune statistics. This module imports
-numpy, and numba only when a numba kernel is first used, so the streaming prune of bf16/fp32 checkpoints starts in a
-tenth of a second and never loads torch. :mod:`lifelong_delta.delta.masks` is the public interface.
+nothing heavy (numba's kernels are in ``_nb_kernels``, imported when first used), so the streaming prune of bf16/fp32
+checkpoints starts in a tenth of a second and loads neither torch nor numpy. :mod:`lifelong_delta.delta.masks` is the public interface.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import importlib.util
 import math
 import os
 from typing import Literal
-
-import numpy as np
 
 try:  # the compiled kernel on raw words (setup.py builds it where a C compiler is found)
     from lifelong_delta.delta import _words
@@ -129,12 +127,13 @@ _pool: tuple[int, object] | None = None  # (pid, ThreadPoolExecutor): a forked c
 
 
 def _workers():
-    """Two kernel threads (the compiled kernel releases the GIL), created on first use in each process."""
+    """A kernel thread beside the caller's (the compiled kernel releases the GIL), created on first use in each
+    process."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="lifelong-delta-kernel"))
+        _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lifelong-delta-kernel"))
     return _pool[1]
 
 
@@ -146,17 +145,18 @@ def _halves(n: int) -> list[tuple[int, int]]:
     return [(0, h), (h, n)]
 
 
-def merge_words(base: np.ndarray, ft: np.ndarray, out: np.ndarray, key: int, offset: int, thresh: int,
+def merge_words(code: str, base: object, ft: object, out: object, key: int, offset: int, thresh: int,
                 scale: float) -> tuple[int, int, int, float, float]:
-    """Fused DARE merge of raw words with the prune statistics, for flat CPU arrays of one chunk.
+    """Fused DARE merge of raw words with the prune statistics, for the flat data of one chunk.
 
     The compiled twin (``_words.c``) of the numba and torch merges: the same mask words and the same fp32 arithmetic,
     so the same output bits. A long range is split between two threads (the kernel releases the GIL); the sums
     are then added in a fixed order, so results do not depend on timing.
 
     Args:
-        base, ft, out: Flat C-contiguous arrays, all ``float32`` or all ``uint16`` holding bf16 bits. ``out``
-            receives the merged words (bf16 rounded to nearest even, as torch casts).
+        code: ``"F32"`` or ``"BF16"``, the dtype of all three.
+        base, ft, out: C-contiguous buffers of equal length (numpy arrays, ``memoryview``, ``mmap``, ...); ``out``
+            is writable and receives the merged words (bf16 rounded to nearest even, as torch casts).
         key, offset, thresh, scale: The tensor key, flat index of element 0, drop threshold and rescale.
 
     Returns:
@@ -169,18 +169,21 @@ def merge_words(base: np.ndarray, ft: np.ndarray, out: np.ndarray, key: int, off
     """
     if _words is None:
         raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
-    kind = 1 if out.dtype == np.uint16 else 0
+    kind, size = {"BF16": (1, 2), "F32": (0, 4)}[code]
+    b, f, o = (memoryview(x).cast("B") for x in (base, ft, out))  # type: ignore[arg-type]
     k0, k1 = split_key(key)
-    ranges = [(s0 + a, min(s1, s0 + b), k0, round_key(k1, hi), (lo0 + a) & 0xFFFFFFFF)
-              for s0, s1, lo0, hi in segments(offset, out.size) for a, b in _halves(s1 - s0)]
+    ranges = [(s0 + a, min(s1, s0 + z), k0, round_key(k1, hi), (lo0 + a) & 0xFFFFFFFF)
+              for s0, s1, lo0, hi in segments(offset, len(o) // size) for a, z in _halves(s1 - s0)]
 
     def run(r: tuple[int, int, int, int, int]) -> tuple[int, int, float, float]:
         s, e, k0, k1, lo = r
-        return _words.merge(kind, base[s:e], ft[s:e], out[s:e], k0, k1, lo, thresh, scale)
+        s, e = s * size, e * size
+        return _words.merge(kind, b[s:e], f[s:e], o[s:e], k0, k1, lo, thresh, scale)
 
-    parts = list(_workers().map(run, ranges)) if len(ranges) > 1 else [run(r) for r in ranges]
+    later = [_workers().submit(run, r) for r in ranges[1:]]  # this thread runs the first range itself
+    parts = [run(ranges[0]), *(f.result() for f in later)] if ranges else []
     totals = [sum(p[i] for p in parts) for i in range(4)]
     nbad = 0
     if not math.isfinite(totals[2]):  # a NaN/inf delta, or squares beyond fp32's range: count exactly
-        nbad = _words.count_nonfinite(kind, base, ft)
+        nbad = _words.count_nonfinite(kind, b, f)
     return nbad, int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])

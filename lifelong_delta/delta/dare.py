@@ -123,7 +123,8 @@ def dare_merge(
                          f"{f.device}, got {tuple(out.shape)} on {out.device}")
     flat_out = out.view(-1)
     if f.device.type == "cpu" and b.dtype == f.dtype == flat_out.dtype in _WORDS and _kernels.use_words():
-        nbad = _kernels.merge_words(_words(b), _words(f), _words(flat_out), key, offset, thresh, scale)[0]
+        nbad = _kernels.merge_words(_WORDS[f.dtype], _words(b), _words(f), _words(flat_out), key, offset, thresh,
+                                    scale)[0]
     else:
         run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge
         nbad = run(b, f, flat_out, key, offset, thresh, scale)
@@ -131,7 +132,7 @@ def dare_merge(
     return flat_out.view(finetuned.shape)
 
 
-_WORDS = (torch.float32, torch.bfloat16)  # the dtypes the compiled kernel reads and writes as raw words
+_WORDS = {torch.float32: "F32", torch.bfloat16: "BF16"}  # the dtypes the compiled kernel reads and writes
 
 
 def _words(t: torch.Tensor) -> np.ndarray:

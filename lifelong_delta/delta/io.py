@@ -2,7 +2,7 @@
 
 Layer 2 of the architecture (small stateful objects, no Lightning). Both ends keep memory near one tensor, and
 neither imports torch: dtypes are safetensors codes (``"BF16"``, ``"F32"``, ...) and data moves as raw bytes, so
-the streaming prune of bf16/fp32 checkpoints runs on numpy alone. The torch-facing methods
+the streaming prune of bf16/fp32 checkpoints runs without torch or numpy. The torch-facing methods
 (:meth:`CheckpointReader.get`, :meth:`CheckpointReader.dtype`, ``ShardedWriter.add`` of a tensor) import torch when
 called.
 
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 __all__ = [
@@ -351,7 +350,7 @@ class CheckpointReader:
                 raise CheckpointError(f"{info.file}: tensor {name!r} is truncated ({got} of {count * size} bytes)")
         return view
 
-    def view(self, name: str, start: int, count: int) -> np.ndarray:
+    def view(self, name: str, start: int, count: int) -> memoryview:
         """A read-only view of the raw bytes of elements ``start .. start + count - 1``, without copying them.
 
         The range alone is mapped (its pages populated at once from the page cache) and unmapped when the returned
@@ -360,14 +359,12 @@ class CheckpointReader:
         """
         import mmap
 
-        import numpy as np
-
         info = self.info(name)
         if start < 0 or count < 0 or start + count > info.numel:
             raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
         nbytes = count * info.itemsize
         if nbytes == 0:
-            return np.empty(0, np.uint8)
+            return memoryview(b"")
         pos = info.data_start + info.begin + start * info.itemsize
         aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
         try:
@@ -375,7 +372,7 @@ class CheckpointReader:
                            prot=mmap.PROT_READ, offset=aligned)
         except OSError as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e.strerror or e}") from None
-        return np.frombuffer(mm, np.uint8, nbytes, pos - aligned)
+        return memoryview(mm)[pos - aligned : pos - aligned + nbytes]
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor. Shape: as stored. A new CPU tensor that owns its memory (no mmap)."""

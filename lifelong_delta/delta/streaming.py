@@ -2,7 +2,7 @@
 
 Layer 2 (no Lightning). Tensors are read with plain reads (no mmap) and written as they are produced (see
 :mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE and DAREx-q, whose masks are a function
-of the flat element index, run chunk by chunk, so memory stays at a few 16 MB chunks whatever the tensor size; the
+of the flat element index, run chunk by chunk, so memory stays at a few 8 MB chunks whatever the tensor size; the
 other methods (top-k per row, structural) hold one tensor's base, fine-tuned and output values at a time.
 
 Importing this module loads no torch, and a DARE/DAREx-q prune of bf16 or fp32 checkpoints never does: each chunk's
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-
 from lifelong_delta import outputs
 from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.choices import resolve_q, scale_of
@@ -44,8 +42,14 @@ __all__ = ["stream_delta_stats", "stream_prune"]
 
 _T = TypeVar("_T")
 
-_CHUNK = 1 << 22  # elements per chunk on the chunked path: 16 MB of fp32 per operand
-_WORDS = {"BF16": np.uint16, "F32": np.float32}  # dtypes the fused kernel reads and writes as raw words
+_CHUNK_BYTES = 8 << 20  # bytes of the fine-tuned tensor per chunk (bench/prune_command.py: 8 MB ran fastest and
+# steadiest on 2 cores, for bf16 and fp32 alike; 16 MB chunks often ran 2x slower after the machine had idled)
+
+
+def _chunk(itemsize: int) -> int:
+    """Elements per chunk of a tensor whose fine-tuned elements take ``itemsize`` bytes."""
+    return max(1, _CHUNK_BYTES // itemsize)
+_WORDS = ("BF16", "F32")  # dtypes the compiled kernel reads and writes as raw words
 
 
 class _Ring:
@@ -53,15 +57,15 @@ class _Ring:
     ``n`` must exceed the number of chunks still in use when a new one is taken."""
 
     def __init__(self, n: int) -> None:
-        self._bufs: list[np.ndarray | None] = [None] * n
+        self._bufs: list[memoryview | None] = [None] * n
         self._next = 0
 
-    def take(self, nbytes: int) -> np.ndarray:
+    def take(self, nbytes: int) -> memoryview:
         i = self._next
         self._next = (i + 1) % len(self._bufs)
         buf = self._bufs[i]
-        if buf is None or buf.size < nbytes:
-            buf = self._bufs[i] = np.empty(nbytes, dtype=np.uint8)
+        if buf is None or len(buf) < nbytes:
+            buf = self._bufs[i] = memoryview(bytearray(nbytes))
         return buf[:nbytes]
 
 
@@ -83,19 +87,24 @@ def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, na
             and _kernels.use_words())
 
 
-def _as_float32(words: np.ndarray) -> np.ndarray:
-    """fp32 values of raw bf16 (uint16) or fp32 words."""
-    return (words.astype(np.uint32) << 16).view(np.float32) if words.dtype == np.uint16 else words
+def _count_non_finite(code: str, data: memoryview) -> int:
+    """NaN/inf values among raw bf16 or fp32 words (for the error message only)."""
+    import numpy as np
+
+    words = np.frombuffer(data, np.uint16 if code == "BF16" else np.float32)
+    values = (words.astype(np.uint32) << 16).view(np.float32) if code == "BF16" else words
+    return int(np.count_nonzero(~np.isfinite(values)))
 
 
 def _chunk_reads(name: str, rb: CheckpointReader, rf: CheckpointReader, base_name: str, bufs: _Buffers | None
-                 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+                 ) -> Iterator[tuple[int, int, memoryview, memoryview]]:
     """``(start, count, base bytes, fine-tuned bytes)`` of consecutive chunks of one tensor: read into reused
     buffers, or with ``bufs=None`` read-only views of the files (no copy; see :meth:`CheckpointReader.view`)."""
     numel = math.prod(rf.shape(name))
     b_size, f_size = rb.info(base_name).itemsize, rf.info(name).itemsize
-    for start in range(0, numel, _CHUNK):
-        count = min(_CHUNK, numel - start)
+    step = _chunk(f_size)
+    for start in range(0, numel, step):
+        count = min(step, numel - start)
         if bufs is None:
             yield start, count, rb.view(base_name, start, count), rf.view(name, start, count)
             continue
@@ -114,17 +123,16 @@ def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
     q_eff = resolve_q(spec.p, spec.q if q is None else q, force=spec.force, name=name)
     key, thresh, scale = _kernels.tensor_key(spec.seed, name), _kernels.drop_threshold(spec.p), scale_of(q_eff)
     code = rf.code(name)
-    words, size = _WORDS[code], itemsize(code)
+    size = itemsize(code)
     acc = PruneStatsAccumulator(name)
 
-    def chunks() -> Iterator[np.ndarray]:
+    def chunks() -> Iterator[memoryview]:
         for start, count, b, f in _read_ahead(_chunk_reads(name, rb, rf, base_name, None)):
-            bw, fw = b.view(words), f.view(words)
-            out = bufs.out.take(count * size).view(words)
-            nbad, *counts = _kernels.merge_words(bw, fw, out, key, start, thresh, scale)
+            out = bufs.out.take(count * size)
+            nbad, *counts = _kernels.merge_words(code, b, f, out, key, start, thresh, scale)
             if nbad:
-                for which, w in (("base", bw), ("fine-tuned", fw)):  # say which model holds the NaN/inf
-                    bad = int(np.count_nonzero(~np.isfinite(_as_float32(w))))
+                for which, data in (("base", b), ("fine-tuned", f)):  # say which model holds the NaN/inf
+                    bad = _count_non_finite(code, data)
                     if bad:
                         raise non_finite_error(name, which, bad)
             acc.add_counts(count, *counts)
@@ -139,8 +147,9 @@ def _copy(name: str, rf: CheckpointReader, writer: ShardedWriter, bufs: _Buffers
     info = rf.info(name)
 
     def chunks() -> Iterator[memoryview]:
-        for start in range(0, info.numel, _CHUNK):
-            count = min(_CHUNK, info.numel - start)
+        step = _chunk(info.itemsize)
+        for start in range(0, info.numel, step):
+            count = min(step, info.numel - start)
             yield rf.read_into(name, start, count, bufs.out.take(count * info.itemsize))
 
     writer.add_chunks(name, info.code, info.shape, chunks())
@@ -176,8 +185,9 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
 
     def chunks() -> Iterator[torch.Tensor]:
         for start, count, b_bytes, f_bytes in _read_ahead(_chunk_reads(name, rb, rf, base_name, bufs)):
-            b, f = torch.from_numpy(b_bytes).view(b_dtype), torch.from_numpy(f_bytes).view(f_dtype)
-            out = torch.from_numpy(bufs.out.take(count * f_dtype.itemsize)).view(f_dtype)
+            b = torch.frombuffer(b_bytes, dtype=torch.uint8).view(b_dtype)
+            f = torch.frombuffer(f_bytes, dtype=torch.uint8).view(f_dtype)
+            out = torch.frombuffer(bufs.out.take(count * f_dtype.itemsize), dtype=torch.uint8).view(f_dtype)
             try:
                 merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start, force=spec.force,
                                     out=out)
@@ -356,8 +366,9 @@ def stream_delta_stats(
             for name in match.pruned:
                 bar.update(0, detail=name)
                 numel, parts = math.prod(rf.shape(name)), []
-                for start in range(0, numel, _CHUNK):
-                    count = min(_CHUNK, numel - start)
+                step = _chunk(rf.info(name).itemsize)
+                for start in range(0, numel, step):
+                    count = min(step, numel - start)
                     b, f = rb.get_flat(match.base_name(name), start, count), rf.get_flat(name, start, count)
                     check_finite(name, b, "base")
                     check_finite(name, f, "fine-tuned")

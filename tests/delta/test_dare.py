@@ -157,7 +157,7 @@ def _fused(base: torch.Tensor, ft: torch.Tensor, p: float, seed: int, name: str,
     from lifelong_delta.delta import _kernels
 
     out = torch.empty_like(ft)
-    counts = _kernels.merge_words(_words(base), _words(ft), _words(out), _kernels.tensor_key(seed, name), offset,
+    counts = _kernels.merge_words("F32" if ft.dtype == torch.float32 else "BF16", _words(base), _words(ft), _words(out), _kernels.tensor_key(seed, name), offset,
                                      _kernels.drop_threshold(p), scale_of(q if q is not None else 1 - p))
     return out, counts
 
