@@ -10,6 +10,7 @@ Writes a base and a fine-tuned checkpoint (fp32 by default, sharded, HF layout) 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import torch
 from lifelong_delta.delta.writer import ShardedWriter
 
 GOAL_GB = 1.5
+TIME = "/usr/bin/time"  # GNU time (Debian package time)
 
 
 def make_pair(root: Path, size_gb: float, dtype: torch.dtype, shard: str) -> tuple[Path, Path, int]:
@@ -84,12 +86,20 @@ def main() -> None:
             kw = dict(zip([a.lstrip("-") for a in prune_args[::2]], prune_args[1::2]))
             kw["p"], kw["progress"] = float(kw["p"]), False
             cmd = [sys.executable, "-c", f"from lifelong_delta.delta.commands import prune; prune(**{kw!r})"]
+        # The child's own peak, from GNU time: a child forked from this process (which built the pair with torch)
+        # starts with this process's high-water mark, so getrusage(RUSAGE_CHILDREN) would report that instead.
+        rss_file = root / "rss"
+        timed = os.access(TIME, os.X_OK)
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run([TIME, "-f", "%M", "-o", str(rss_file), *cmd] if timed else cmd,
+                             capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
             sys.exit(f"error: prune failed ({res.returncode}):\n{res.stderr[-3000:]}")
-        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+        if timed:
+            peak_gb = int(rss_file.read_text().split()[-1]) * 1024 / 1e9
+        else:  # an upper bound: see above
+            peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # KiB on Linux
         out_size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
         print(f"(made the pair in {t_make:.0f} s; output {out_size:.2f} GB in "
               f"{len(list(out.glob('*.safetensors')))} shard(s))", file=sys.stderr)
