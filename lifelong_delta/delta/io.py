@@ -33,20 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lifelong_delta.delta.dtypes import itemsize, torch_dtype, valid_code
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "FLOAT_CODES",
     "CheckpointError",
     "CheckpointReader",
     "TensorInfo",
     "copy_non_weight_files",
-    "dtype_code",
-    "dtype_name",
     "is_adapter_dir",
     "parse_size",
-    "torch_dtype",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -54,62 +52,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100_000_000
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _WEIGHT_INDEXES = (INDEX_FILE, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
-
-#: safetensors dtype code -> (bytes per element, torch dtype name)
-_CODES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"),
-    "F32": (4, "float32"),
-    "F16": (2, "float16"),
-    "BF16": (2, "bfloat16"),
-    "F8_E4M3": (1, "float8_e4m3fn"),
-    "F8_E5M2": (1, "float8_e5m2"),
-    "I64": (8, "int64"),
-    "I32": (4, "int32"),
-    "I16": (2, "int16"),
-    "I8": (1, "int8"),
-    "U64": (8, "uint64"),
-    "U32": (4, "uint32"),
-    "U16": (2, "uint16"),
-    "U8": (1, "uint8"),
-    "BOOL": (1, "bool"),
-}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-"""The floating dtypes: tensors of these are deltas; the others are copied."""
-
-
-def itemsize(code: str) -> int:
-    """Bytes per element of safetensors dtype ``code``."""
-    return _CODES[code][0]
-
-
-def dtype_name(code: str) -> str:
-    """The torch name of safetensors dtype ``code`` (``"BF16"`` -> ``"bfloat16"``), for messages."""
-    return _CODES[code][1]
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of safetensors dtype ``code`` (imports torch)."""
-    import torch
-
-    return getattr(torch, _CODES[code][1])
-
-
-def dtype_code(dtype: object) -> str:
-    """The safetensors code of a torch dtype, or ``dtype`` itself if it is already a code.
-
-    Raises:
-        TypeError: a dtype safetensors cannot store.
-    """
-    if isinstance(dtype, str):
-        if dtype in _CODES:
-            return dtype
-    else:
-        name = str(dtype).removeprefix("torch.")
-        for code, (_, torch_name) in _CODES.items():
-            if torch_name == name:
-                return code
-    raise TypeError(f"dtype {dtype} cannot be stored in safetensors")
-
 
 def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a PEFT adapter directory (it holds ``adapter_config.json``)."""
@@ -198,7 +140,8 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         try:
             code = str(entry["dtype"])
-            _CODES[code]  # noqa: B018 - a KeyError for a dtype safetensors does not define
+            if not valid_code(code):
+                raise KeyError(code)
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):

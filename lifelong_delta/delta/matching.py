@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lifelong_delta.delta.io import FLOAT_CODES, dtype_name
+from lifelong_delta.delta.dtypes import FLOAT_CODES, dtype_name
 
 __all__ = ["TensorMatch", "is_excluded", "match_tensors", "non_finite_error"]
 

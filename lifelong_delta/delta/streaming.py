@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, TypeVar
 from lifelong_delta import outputs
 from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.choices import resolve_q, scale_of
-from lifelong_delta.delta.io import CheckpointReader, itemsize, parse_size
+from lifelong_delta.delta.dtypes import itemsize
+from lifelong_delta.delta.io import CheckpointReader, parse_size
 from lifelong_delta.delta.matching import TensorMatch, match_tensors, non_finite_error
 from lifelong_delta.delta.methods import METHODS, PruneSpec
 from lifelong_delta.delta.summary import PruneStatsAccumulator, PruneSummary, TensorPruneStats

@@ -23,15 +23,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from lifelong_delta import outputs
-from lifelong_delta.delta.io import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    CheckpointError,
-    copy_non_weight_files,
-    dtype_code,
-    itemsize,
-    parse_size,
-)
+from lifelong_delta.delta.dtypes import dtype_code, itemsize
+from lifelong_delta.delta.io import INDEX_FILE, SINGLE_FILE, CheckpointError, copy_non_weight_files, parse_size
 
 if TYPE_CHECKING:
     import torch
