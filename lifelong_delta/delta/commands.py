@@ -77,11 +77,13 @@ def prune(
     """Prune the delta between a fine-tuned model and its base, and write the merged model to a new directory.
 
     Args:
-        base: Pretrained model (HF directory with safetensors weights, or one .safetensors file).
-        finetuned: Fine-tuned model of the same architecture, or a PEFT LoRA adapter directory (adapter_config.json
-            + adapter_model.safetensors): its delta scaling·B·A is pruned and merged into --base, and the output is
-            a full checkpoint. With --q_mode or --method wanda the adapter is first merged unpruned into a
-            temporary checkpoint next to --out (the calibration needs the fine-tuned model loaded).
+        base: Pretrained model: an HF directory with safetensors weights, one .safetensors file, or a Hub id
+            org/name[@revision] (from the local Hugging Face cache; downloaded first when online).
+        finetuned: Fine-tuned model of the same architecture (path or Hub id), or a PEFT LoRA adapter directory
+            (adapter_config.json + adapter_model.safetensors): its delta scaling·B·A is pruned and merged into
+            --base, and the output is a full checkpoint. With --q_mode or --method wanda the adapter is first
+            merged unpruned into a temporary checkpoint next to --out (the calibration needs the fine-tuned model
+            loaded).
         out: Output directory (must not exist unless --overwrite).
         method: dare | darex-q | magnitude | wanda | structural.
         p: Drop rate in [0, 1).
@@ -134,7 +136,11 @@ def prune(
             raise ValueError(f"--{option} must be >= 1, got {value}")
     if q_mode is not None and calib_data is None:
         raise ValueError(f"--q_mode {q_mode} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
-    _check_inputs(base=base, finetuned=finetuned, calib_data=calib_data)
+    _check_inputs(calib_data=calib_data)
+    given = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
+    outputs.check_output_dir(out, overwrite=overwrite,  # before a hub id is downloaded
+                             inputs={k: v for k, v in given.items() if v is not None and os.path.exists(v)})
+    base, finetuned = _checkpoints(base, finetuned)
     inputs = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
     _say(f"prune: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
@@ -145,6 +151,14 @@ def prune(
 def _say(line: str) -> None:
     """One status line on stderr, at once (before the heavy imports of a command)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def _checkpoints(base: str, finetuned: str) -> tuple[str, str]:
+    """``--base`` and ``--finetuned`` as local paths: as given, or the cached snapshot of a hub id
+    (:mod:`lifelong_delta.delta.hub`); a one-line error when neither."""
+    from lifelong_delta.delta.hub import resolve_checkpoint
+
+    return resolve_checkpoint(base, option="--base"), resolve_checkpoint(finetuned, option="--finetuned")
 
 
 def _check_inputs(**paths: str | None) -> None:
@@ -269,9 +283,9 @@ def stats(
     """Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, ‖δ‖/‖θ_pre‖.
 
     Args:
-        base: Pretrained model (HF directory or .safetensors file).
-        finetuned: Fine-tuned model, or a PEFT LoRA adapter directory (merged into a temporary checkpoint first:
-            its delta is scaling·B·A, and zero for the tensors it does not adapt).
+        base: Pretrained model (HF directory, .safetensors file, or Hub id org/name[@revision]).
+        finetuned: Fine-tuned model (path or Hub id), or a PEFT LoRA adapter directory (merged into a temporary
+            checkpoint first: its delta is scaling·B·A, and zero for the tensors it does not adapt).
         exclude: Glob patterns of tensors to skip.
         png: Also save a plot of the per-tensor statistics to this PNG file.
         top: Only list the TOP tensors with the largest ‖δ‖/‖θ_pre‖ (the pooled row covers all).
@@ -279,7 +293,7 @@ def stats(
     """
     if top is not None and top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    _check_inputs(base=base, finetuned=finetuned)
+    base, finetuned = _checkpoints(base, finetuned)
     if png is not None:
         outputs.check_output_file(png, option="--png", inputs={"--base": base, "--finetuned": finetuned})
     _say(f"stats: delta of {finetuned} against {base}")
@@ -308,9 +322,9 @@ def recommend(
     """Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why.
 
     Args:
-        base: Pretrained model.
-        finetuned: Fine-tuned model, or a PEFT LoRA adapter directory (its delta B·A is low-rank, which rules out
-            importance pruning).
+        base: Pretrained model (HF directory, .safetensors file, or Hub id org/name[@revision]).
+        finetuned: Fine-tuned model (path or Hub id), or a PEFT LoRA adapter directory (its delta B·A is low-rank,
+            which rules out importance pruning).
         target_p: Drop rate you want, in [0, 1).
         has_labelled_data: You have a labelled validation set.
         has_unlabelled_data: You have unlabelled inputs (a batch is enough).
@@ -320,7 +334,7 @@ def recommend(
     """
     if not 0.0 <= target_p < 1.0:
         raise ValueError(f"--target_p must be in [0, 1), got {target_p}")
-    _check_inputs(base=base, finetuned=finetuned)
+    base, finetuned = _checkpoints(base, finetuned)
     _say(f"recommend: reading the delta of {finetuned} against {base}")
     from lifelong_delta.delta.io import is_adapter_dir
     from lifelong_delta.delta.recommend import recommend as choose_method
