@@ -1,8 +1,9 @@
 """Calibration for the data-driven prune options: DAREx-q's ``q_mode`` and WANDA's input norms.
 
 Loads the fine-tuned Hugging Face model (the class named in its ``config.json``) and a small text file, and
-computes what the streaming prune needs: one global q (grid on labelled accuracy, or the unlabelled last-layer
-output change), per-tensor q (analytic), or per-tensor input norms ‖x_j‖₂. The math lives in
+computes what the streaming prune needs: one global q (grid on labelled accuracy for a classifier, or on the
+perplexity of the text for a causal LM; or the unlabelled last-layer output change), per-tensor q (analytic), or
+per-tensor input norms ‖x_j‖₂. The math lives in
 :mod:`lifelong_delta.delta.darex`, :mod:`lifelong_delta.delta.analytic_q` and :mod:`lifelong_delta.delta.importance`;
 this module only wires data to it.
 Tensor names are the model's ``state_dict`` names, which equal the checkpoint's for the class it was saved from.
@@ -26,7 +27,8 @@ from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
 
-__all__ = ["analytic_q", "grid_q", "input_norms", "load", "masked_delta", "read_text_data", "unlabelled_q"]
+__all__ = ["analytic_q", "causal_lm_perplexity", "grid_q", "input_norms", "is_causal_lm", "load", "masked_delta",
+           "read_text_data", "unlabelled_q"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -81,13 +83,23 @@ def read_text_data(path: str | os.PathLike[str], *, need_labels: bool, limit: in
 
 
 
+def is_causal_lm(arch: str) -> bool:
+    """Whether a ``config.json`` architecture name is a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)."""
+    return arch.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def load(
     finetuned: str, calib_data: str, *, need_labels: bool, samples: int, batch_size: int, max_length: int
 ) -> tuple[nn.Module, list[Batch], list[torch.Tensor] | None]:
     """Load the fine-tuned model (fp32, eval mode), its tokenizer and tokenized calibration batches.
 
+    Args:
+        need_labels: The caller scores q on labelled data (``--q_mode grid``): a sequence classifier then needs a
+            ``label`` column; a causal LM is scored on the text itself (perplexity), so it needs none.
+
     Returns:
-        ``(model, batches, labels)``; ``labels`` is one ``LongTensor[batch]`` per batch, or None.
+        ``(model, batches, labels)``; ``labels`` is one ``LongTensor[batch]`` per batch, or None (no labels asked
+        for, or a causal LM).
     """
     import transformers
 
@@ -97,15 +109,22 @@ def load(
     config = transformers.AutoConfig.from_pretrained(finetuned)
     arch = (config.architectures or [""])[0]
     cls = getattr(transformers, arch, None) or transformers.AutoModel
-    if need_labels and not arch.endswith("ForSequenceClassification"):
-        raise ValueError(f"--q_mode grid measures classification accuracy, but {finetuned} is a {arch or 'model'} "
-                         "without a sequence-classification head; use --q_mode unlabelled or analytic")
+    if is_causal_lm(arch):
+        need_labels = False
+    elif need_labels and not arch.endswith("ForSequenceClassification"):
+        raise ValueError(f"--q_mode grid scores a classifier's accuracy or a causal LM's perplexity, but {finetuned} "
+                         f"is a {arch or 'model'} with neither head; use --q_mode unlabelled or analytic")
     texts, labels = read_text_data(calib_data, need_labels=need_labels, limit=samples,
                                    label2id=getattr(config, "label2id", None))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(finetuned)
     except (OSError, ValueError) as e:
         raise ValueError(f"--finetuned {finetuned}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
+                         "pad calibration batches with; use --batch_size 1")
     model = _model_from_checkpoint(cls, config, finetuned)
     batches = [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt")) for i in range(0, len(texts), batch_size)]
@@ -200,20 +219,46 @@ def analytic_q(
                                 tie_rtol=tie_rtol)
 
 
-def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], labels: Sequence[torch.Tensor],
-           p: float) -> QSearchResult:
-    """Global q maximising accuracy on the labelled calibration set (coarse then fine grid)."""
+def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch],
+           labels: Sequence[torch.Tensor] | None, p: float) -> QSearchResult:
+    """Global q by a coarse then fine grid: the highest accuracy on the labelled calibration set for a classifier,
+    the lowest perplexity of the calibration text for a causal LM (``labels`` None)."""
 
     @torch.no_grad()
     def accuracy(q: float) -> float:
         masked.apply_(model, q)
         correct = total = 0
-        for batch, y in zip(batches, labels):
+        for batch, y in zip(batches, labels or ()):
             correct += int((model(**batch).logits.argmax(-1) == y).sum())
             total += len(y)
         return correct / total
 
+    @torch.no_grad()
+    def perplexity(q: float) -> float:
+        masked.apply_(model, q)
+        return causal_lm_perplexity(model, batches)
+
+    if labels is None:
+        if not is_causal_lm(type(model).__name__):
+            raise ValueError(f"--q_mode grid needs labels to score a {type(model).__name__}")
+        return select_q_grid(perplexity, p, mode="min")
     return select_q_grid(accuracy, p, mode="max")
+
+
+@torch.no_grad()
+def causal_lm_perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """exp(mean next-token cross-entropy) over every real (unpadded) token of ``batches``."""
+    total = count = 0.0
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        logits = model(**batch).logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    if not count:
+        raise ValueError("--calib_data: no text to score (every row is at most one token long)")
+    return float(torch.exp(torch.tensor(total / count)))
 
 
 def unlabelled_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], p: float) -> QSearchResult:

