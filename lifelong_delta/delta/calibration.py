@@ -182,7 +182,19 @@ def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]
 
 
 def _linear_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The weights among ``names`` whose inputs are measured: those of ``nn.Linear`` modules.
+
+    Raises:
+        ValueError: a weight among ``names`` belongs to a GPT-2-style ``Conv1D`` (stored ``[in, out]``), whose
+            input statistics would pair with the wrong axis; rather than fall back to magnitude silently, say so.
+    """
     wanted = set(names)
+    transposed = [f"{m}.weight" for m, mod in model.named_modules()
+                  if type(mod).__name__ == "Conv1D" and f"{m}.weight" in wanted]
+    if transposed:
+        raise ValueError(f"{type(model).__name__} stores {len(transposed)} weights input-major (GPT-2's Conv1D, e.g. "
+                         f"{transposed[0]!r}), which --method wanda and --q_mode analytic do not measure yet; "
+                         "use --q_mode grid or unlabelled, or --exclude them")
     found = [f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     return [n for n in found if n in wanted]
 

