@@ -23,7 +23,7 @@ from torch import nn
 
 from lifelong_delta.delta.analytic_q import Arithmetic, analytic_q_per_layer
 from lifelong_delta.delta.darex import MaskedDelta, QSearchResult, select_q_grid, select_q_unlabelled
-from lifelong_delta.delta.importance import collect_input_stats
+from lifelong_delta.delta.importance import collect_input_stats, is_input_major
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
 
@@ -168,12 +168,13 @@ def _last_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
 def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{weight name: [in] ‖x_j‖₂}`` for the 2-D tensors among ``names``.
 
-    ``nn.Linear`` weights get their measured input norms. Other matrices (embeddings, tied heads) have no
-    per-column input, so they get all-ones norms: WANDA then ranks by |δ| within each row (magnitude).
+    ``nn.Linear`` weights get their measured input norms. GPT-2's ``Conv1D`` weights, stored ``[in, out]``, get
+    them as ``[in, 1]``, which tells WANDA to rank within output columns. Other matrices (embeddings, tied heads)
+    have no per-column input, so they get all-ones norms: WANDA then ranks by |δ| within each row (magnitude).
     """
-    linear = _linear_weights(model, names)
-    stats = collect_input_stats(model, batches, _forward, names=linear)
-    norms = {n: s.norm for n, s in stats.items()}
+    measured = _measured_weights(model, names)
+    stats = collect_input_stats(model, batches, _forward, names=list(measured))
+    norms = {n: s.norm[:, None] if measured[n] else s.norm for n, s in stats.items()}  # [in, 1]: input-major
     sd = model.state_dict()
     for n in names:
         if n in sd and sd[n].ndim == 2 and n not in norms:
@@ -181,22 +182,12 @@ def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]
     return norms
 
 
-def _linear_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """The weights among ``names`` whose inputs are measured: those of ``nn.Linear`` modules.
-
-    Raises:
-        ValueError: a weight among ``names`` belongs to a GPT-2-style ``Conv1D`` (stored ``[in, out]``), whose
-            input statistics would pair with the wrong axis; rather than fall back to magnitude silently, say so.
-    """
+def _measured_weights(model: nn.Module, names: Sequence[str]) -> dict[str, bool]:
+    """``{weight name: stored input-major}`` for the weights among ``names`` whose inputs are measured: those of
+    ``nn.Linear`` (``[out, in]``) and of GPT-2's ``Conv1D`` (``[in, out]``)."""
     wanted = set(names)
-    transposed = [f"{m}.weight" for m, mod in model.named_modules()
-                  if type(mod).__name__ == "Conv1D" and f"{m}.weight" in wanted]
-    if transposed:
-        raise ValueError(f"{type(model).__name__} stores {len(transposed)} weights input-major (GPT-2's Conv1D, e.g. "
-                         f"{transposed[0]!r}), which --method wanda and --q_mode analytic do not measure yet; "
-                         "use --q_mode grid or unlabelled, or --exclude them")
-    found = [f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    return [n for n in found if n in wanted]
+    return {f"{m}.weight": is_input_major(mod) for m, mod in model.named_modules()
+            if (isinstance(mod, nn.Linear) or is_input_major(mod)) and f"{m}.weight" in wanted}
 
 
 @torch.no_grad()
@@ -226,7 +217,13 @@ def analytic_q(
     arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0,
 ) -> dict[str, float]:
     """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
-    stats = collect_input_stats(model, batches, _forward, names=_linear_weights(model, masked.names))
+    measured = _measured_weights(model, masked.names)
+    input_major = [n for n, flag in measured.items() if flag]
+    if input_major:
+        raise ValueError(f"{type(model).__name__} stores {len(input_major)} weights input-major (GPT-2's Conv1D, e.g. "
+                         f"{input_major[0]!r}), which --q_mode analytic does not handle yet; use --q_mode grid or "
+                         "unlabelled, or --exclude them")
+    stats = collect_input_stats(model, batches, _forward, names=list(measured))
     return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta, arithmetic=arithmetic,
                                 tie_rtol=tie_rtol)
 

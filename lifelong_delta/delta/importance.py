@@ -40,13 +40,18 @@ class InputStats:
         return self.sq_norm.sqrt()
 
 
+def is_input_major(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear map that stores its weight ``[in, out]`` (transformers' GPT-2 ``Conv1D``)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
 def collect_input_stats(
     model: nn.Module,
     batches: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, InputStats]:
-    """Mean and squared norm of every ``nn.Linear``'s inputs, via forward hooks.
+    """Mean and squared norm of every ``nn.Linear``'s (and GPT-2 ``Conv1D``'s) inputs, via forward hooks.
 
     Args:
         model: Model holding the weights whose inputs are measured (hooks are removed afterwards).
@@ -61,7 +66,7 @@ def collect_input_stats(
         ValueError: a requested name is not the weight of an ``nn.Linear``, or no batch was seen.
     """
     linears = {f"{path}.weight" if path else "weight": m for path, m in model.named_modules()
-               if isinstance(m, nn.Linear)}
+               if isinstance(m, nn.Linear) or is_input_major(m)}
     wanted = list(linears) if names is None else list(names)
     missing = [n for n in wanted if n not in linears]
     if missing:
@@ -182,6 +187,9 @@ def importance_keep(
 ) -> torch.Tensor:
     """Bool keep-mask of :func:`importance_prune`: the top ``round((1-p)·n)`` entries of each output row.
 
+    ``input_norms`` of shape ``[in, 1]`` (instead of ``[in]``) says the weight is stored input-major, ``[in, out]``
+    (GPT-2's ``Conv1D``): WANDA then ranks within each output column.
+
     Returns:
         ``BoolTensor`` of shape ``[shape[0], numel / shape[0]]`` (``[1, numel]`` for 0/1-D tensors); reshape it to
         ``delta.shape`` to use it element-wise.
@@ -195,6 +203,13 @@ def importance_keep(
     d = delta.detach().to(torch.float32)
     if not torch.isfinite(d).all():
         raise ValueError(f"tensor {name!r} has non-finite delta entries (NaN/inf in base or fine-tuned)")
+    if score == "wanda" and input_norms is not None and input_norms.dim() == 2:
+        # norms of shape [in, 1] mark a weight stored input-major ([in, out], GPT-2's Conv1D): rank within each
+        # output column, as WANDA ranks within each output row of an [out, in] weight
+        if d.dim() != 2 or input_norms.shape != (d.shape[0], 1):
+            raise ValueError(f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}; an input-major "
+                             f"weight [in, out] of shape {tuple(d.shape)} needs norms of shape [{d.shape[0]}, 1]")
+        return importance_keep(d.T, p, score="wanda", input_norms=input_norms[:, 0], name=name).T.contiguous()
     if d.dim() < 2:
         flat = d.reshape(1, -1)
         scores = importance_scores(flat, "magnitude")

@@ -87,9 +87,10 @@ def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
     assert torch.equal(norms["model.embed_tokens.weight"], torch.ones(32))  # no per-column input: magnitude
 
 
-def test_gpt2_conv1d_weights_are_refused_by_the_input_measuring_methods_not_silently_pruned(tmp_path):
-    """GPT-2 stores its projections input-major (``Conv1D``): wanda and the analytic q say so in one line; the
-    grid q (perplexity) prunes it."""
+def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
+    """GPT-2 stores its projections input-major (``Conv1D``, ``[in, out]``): WANDA measures their inputs and ranks
+    |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q says
+    in one line that it does not handle them; the perplexity grid prunes GPT-2."""
     import importlib.resources
     import shutil
 
@@ -107,13 +108,29 @@ def test_gpt2_conv1d_weights_are_refused_by_the_input_measuring_methods_not_sile
         shutil.copy(minilm / f, tmp_path / "ft" / f)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data]
-    for extra in (["--method", "wanda"], ["--method", "darex-q", "--q_mode", "analytic"]):
-        res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "o"), *extra],
-                             capture_output=True, text=True, timeout=300)
-        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-        assert res.returncode != 0 and len(errors) == 1 and "Conv1D" in errors[0], res.stderr
-        assert not (tmp_path / "o").exists()
+    common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data,
+              "--batch_size", "2"]
+
+    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "w"), "--method", "wanda"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    loaded, batches, _ = cal.load(str(tmp_path / "ft"), str(data), need_labels=False, samples=5, batch_size=2,
+                                  max_length=128)
+    name = "transformer.h.0.attn.c_attn.weight"  # [in 32, out 96]
+    norms = cal.input_norms(loaded, batches, [name])[name]
+    assert norms.shape == (32, 1)
+    base, ft, out = (read_checkpoint(p)[name] for p in (tmp_path / "base", tmp_path / "ft", tmp_path / "w"))
+    delta = ft.float() - base.float()
+    want = torch.zeros_like(delta, dtype=torch.bool)
+    for j in range(delta.shape[1]):  # brute force: the top half of each output column by |δ_ij|·‖x_i‖
+        want[(delta[:, j].abs() * norms[:, 0]).topk(16).indices, j] = True
+    assert torch.equal(out != base, want)
+
+    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q",
+                          "--q_mode", "analytic"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 1 and "Conv1D" in errors[0], res.stderr
+    assert not (tmp_path / "a").exists()
     res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q",
                           "--q_mode", "grid"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "chose q" in res.stdout, res.stderr
