@@ -52,14 +52,26 @@ def _layer_contributions(
 ) -> torch.Tensor:
     """``c [out, in(+1)]``: ``Δw_ij · mean(x_j)``, with the layer's bias delta appended as a column (input 1).
 
-    Computed in ``dtype`` (the authors multiply in float32 and then round c to float16).
+    Computed in ``dtype`` (the authors multiply in float32 and then round c to float16). ``xbar`` of shape
+    ``[in, 1]`` marks a weight stored input-major (``[in, out]``, GPT-2's ``Conv1D``), which is read transposed.
     """
-    d = masked.delta[name]
+    d, xbar = _output_major(masked.delta[name], xbar)
     c = d.to(dtype) * xbar.to(device=d.device, dtype=dtype)[None, :]
     bias = name[: -len("weight")] + "bias" if name.endswith("weight") else None
     if bias is not None and bias in masked.delta and masked.delta[bias].shape == (d.shape[0],):
         c = torch.cat([c, masked.delta[bias].to(dtype)[:, None]], dim=1)
     return c
+
+
+def _output_major(d: torch.Tensor, xbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Δw [out, in], mean(x) [in])``: an input-major weight (``xbar`` of shape ``[in, 1]``) transposed."""
+    return (d.T, xbar[:, 0]) if xbar.dim() == 2 else (d, xbar)
+
+
+def _check_mean_inputs(name: str, d: torch.Tensor, xbar: torch.Tensor) -> None:
+    want = (d.shape[0], 1) if xbar.dim() == 2 else (d.shape[1],)
+    if xbar.shape != want:
+        raise ValueError(f"mean_inputs[{name!r}] has shape {tuple(xbar.shape)}, expected {list(want)}")
 
 
 _Q_BLOCK = 64  # q values per block of :func:`analytic_row_q`'s scan
@@ -256,7 +268,8 @@ def analytic_q_per_layer(
     Args:
         masked: The masked delta (supplies p and Δw).
         mean_inputs: ``{weight name: [in] mean(x_j)}`` e.g. from
-            :func:`lifelong_delta.delta.importance.collect_input_stats`.
+            :func:`lifelong_delta.delta.importance.collect_input_stats`; ``[in, 1]`` for a weight stored
+            input-major (``[in, out]``, GPT-2's ``Conv1D``).
         eta: The bound's free parameter η (see :func:`analytic_row_q`).
         gamma: Confidence of the bound.
         stop_fraction: Early-stop fraction of the q scan.
@@ -275,8 +288,7 @@ def analytic_q_per_layer(
         d, xbar = masked.delta[name], mean_inputs.get(name)
         if xbar is None or d.dim() != 2:
             continue
-        if xbar.shape != (d.shape[1],):
-            raise ValueError(f"mean_inputs[{name!r}] has shape {tuple(xbar.shape)}, expected [{d.shape[1]}]")
+        _check_mean_inputs(name, d, xbar)
         if p == 0.0:
             layer_q[name] = 1.0
             continue
@@ -333,8 +345,8 @@ def min_mse_q_per_layer(
         if xbar is None or d.dim() != 2:
             out[name] = 1.0 - p
             continue
-        if xbar.shape != (d.shape[1],):
-            raise ValueError(f"mean_inputs[{name!r}] has shape {tuple(xbar.shape)}, expected [{d.shape[1]}]")
+        _check_mean_inputs(name, d, xbar)
+        d, xbar = _output_major(d, xbar)
         c = d * xbar.to(device=d.device, dtype=torch.float32)[None, :]  # c_ij = Δw_ij · mean(x_j)
         s1sq = c.sum(1).double().pow(2).sum().item()  # Σ_i S1_i²
         s2 = c.double().pow(2).sum().item()  # Σ_i S2_i

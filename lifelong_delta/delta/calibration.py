@@ -218,14 +218,9 @@ def analytic_q(
 ) -> dict[str, float]:
     """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
     measured = _measured_weights(model, masked.names)
-    input_major = [n for n, flag in measured.items() if flag]
-    if input_major:
-        raise ValueError(f"{type(model).__name__} stores {len(input_major)} weights input-major (GPT-2's Conv1D, e.g. "
-                         f"{input_major[0]!r}), which --q_mode analytic does not handle yet; use --q_mode grid or "
-                         "unlabelled, or --exclude them")
     stats = collect_input_stats(model, batches, _forward, names=list(measured))
-    return analytic_q_per_layer(masked, {n: s.mean for n, s in stats.items()}, eta=eta, arithmetic=arithmetic,
-                                tie_rtol=tie_rtol)
+    means = {n: s.mean[:, None] if measured[n] else s.mean for n, s in stats.items()}  # [in, 1]: input-major
+    return analytic_q_per_layer(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol)
 
 
 def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch],

@@ -147,6 +147,27 @@ def test_analytic_q_per_layer_wires_rows_bias_and_fallback():
         analytic_q_per_layer(masked, {"l.weight": torch.ones(3)})
 
 
+def test_input_major_weights_are_read_transposed():
+    """A weight stored [in, out] (GPT-2's Conv1D) with mean inputs of shape [in, 1] gets the q of the same weight
+    stored [out, in] with mean inputs [in], its bias included, for both per-layer rules."""
+    torch.manual_seed(5)
+    p = 0.7
+    w, b = torch.randn(3, 4), torch.randn(3)  # out 3, in 4
+    xbar = torch.rand(4) + 0.5
+    out_major = MaskedDelta.build({"l.weight": torch.zeros(3, 4), "l.bias": torch.zeros(3)},
+                                  {"l.weight": w, "l.bias": b}, p)
+    in_major = MaskedDelta.build({"l.weight": torch.zeros(4, 3), "l.bias": torch.zeros(3)},
+                                 {"l.weight": w.T.contiguous(), "l.bias": b}, p)
+    for arithmetic in ("float16", "float64"):
+        want = analytic_q_per_layer(out_major, {"l.weight": xbar}, arithmetic=arithmetic)
+        got = analytic_q_per_layer(in_major, {"l.weight": xbar[:, None]}, arithmetic=arithmetic)
+        assert got == want
+    assert min_mse_q_per_layer(in_major, {"l.weight": xbar[:, None]}) == min_mse_q_per_layer(out_major,
+                                                                                              {"l.weight": xbar})
+    with pytest.raises(ValueError, match=r"expected \[4, 1\]"):
+        analytic_q_per_layer(in_major, {"l.weight": xbar[:3, None]})
+
+
 def _authors_float16_scan(c, p, eta, gamma=0.95, stop_iter=0.8):
     """The authors' ``analytical_resolve_new`` transcribed as written (float16 c, float16 running best, keepdim
     sums recomputed at every q), except that the grid starts at 1 − p rounded up, as ours does."""

@@ -13,6 +13,10 @@ import pytest
 import torch
 
 from lifelong_delta.delta import calibration as cal
+from lifelong_delta.delta.analytic_q import analytic_q_per_layer
+from lifelong_delta.delta.darex import MaskedDelta
+from lifelong_delta.delta.importance import collect_input_stats
+from lifelong_delta.delta.methods import PruneSpec
 from tests.delta._checkpoints import read_checkpoint, tiny_llama_pair
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
@@ -89,8 +93,8 @@ def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
 
 def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     """GPT-2 stores its projections input-major (``Conv1D``, ``[in, out]``): WANDA measures their inputs and ranks
-    |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q says
-    in one line that it does not handle them; the perplexity grid prunes GPT-2."""
+    |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q reads
+    them transposed (equal to the q of the transposed weight); the perplexity grid prunes GPT-2."""
     import importlib.resources
     import shutil
 
@@ -128,9 +132,27 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
 
     res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q",
                           "--q_mode", "analytic"], capture_output=True, text=True, timeout=300)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert res.returncode != 0 and len(errors) == 1 and "Conv1D" in errors[0], res.stderr
-    assert not (tmp_path / "a").exists()
+    assert res.returncode == 0, res.stderr
+    means = {n: s.mean for n, s in collect_input_stats(loaded, batches, lambda m, b: m(**b), names=[name]).items()}
+    bias = name[: -len("weight")] + "bias"
+    got = cal.analytic_q(loaded, cal.masked_delta(loaded, str(tmp_path / "base"), [name, bias],
+                                                  PruneSpec("darex-q", 0.5, q=0.5)), batches,
+                         arithmetic="float64")[name]  # float16 keeps a small delta's q at 1 - p: no contrast
+    want = analytic_q_per_layer(_transposed_masked(tmp_path, name), {name: means[name]}, arithmetic="float64")[name]
+    transposed_wrongly = analytic_q_per_layer(_transposed_masked(tmp_path, name, transpose=False),
+                                              {name: means[name].repeat(3)[:96]}, arithmetic="float64")[name]
+    assert got == want and want != transposed_wrongly
     res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q",
                           "--q_mode", "grid"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "chose q" in res.stdout, res.stderr
+
+
+def _transposed_masked(root: Path, name: str, transpose: bool = True) -> MaskedDelta:
+    """The masked delta of ``name`` stored output-major, ``[out, in]``: the reference for an input-major weight
+    (``transpose=False``: as stored, the mistake the reference must differ from)."""
+    base, ft = (read_checkpoint(root / d)[name].float() for d in ("base", "ft"))
+    if transpose:
+        base, ft = base.T.contiguous(), ft.T.contiguous()
+    bias = name[: -len("weight")] + "bias"
+    b_base, b_ft = (read_checkpoint(root / d)[bias].float() for d in ("base", "ft"))
+    return MaskedDelta.build({name: base, bias: b_base}, {name: ft, bias: b_ft}, 0.5)
