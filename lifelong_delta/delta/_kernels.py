@@ -37,7 +37,7 @@ MIX1 = 0x7FEB352D  # "lowbias32" constants (C. Wellons, hash-prospector)
 MIX2 = 0x846CA68B
 SEGMENT = 1 << 32  # the hash counter is 32-bit; longer ranges are split into segments with their own key
 
-Backend = Literal["auto", "numba", "torch"]
+Backend = Literal["auto", "numba", "torch", "compile"]
 _backend: Backend = "auto"
 
 
@@ -65,10 +65,11 @@ def drop_threshold(p: float) -> int:
 
 
 def set_backend(backend: Backend) -> None:
-    """Choose the mask back end: ``"auto"`` (numba on CPU if importable), ``"numba"`` or ``"torch"``."""
+    """Choose the mask back end: ``"auto"`` (the compiled C kernel or numba on CPU where available, else torch),
+    ``"numba"``, ``"torch"`` (eager tensor ops) or ``"compile"`` (the torch ops through ``torch.compile``)."""
     global _backend
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend={backend!r} is not one of 'auto', 'numba', 'torch'")
+    if backend not in ("auto", "numba", "torch", "compile"):
+        raise ValueError(f"backend={backend!r} is not one of 'auto', 'numba', 'torch', 'compile'")
     if backend == "numba" and not HAVE_NUMBA:
         raise ValueError("backend='numba' needs numba installed (pip install numba); use 'auto' or 'torch'")
     _backend = backend
@@ -82,7 +83,7 @@ def get_backend() -> Backend:
 def use_numba(device_type: str = "cpu") -> bool:
     """Whether the numba kernels serve tensors on ``device_type``: CPU only, numba installed, and neither
     :func:`set_backend` nor ``LIFELONG_DELTA_BACKEND=torch`` chose torch."""
-    if device_type != "cpu" or not HAVE_NUMBA or _backend == "torch":
+    if device_type != "cpu" or not HAVE_NUMBA or _backend in ("torch", "compile"):
         return False
     return _backend == "numba" or os.environ.get("LIFELONG_DELTA_BACKEND", "auto") != "torch"
 
@@ -117,7 +118,7 @@ def round_key(k1: int, hi: int) -> int:
 def use_words() -> bool:
     """Whether raw bf16/fp32 words go through the compiled kernel :func:`merge_words`: it was built, and neither
     :func:`set_backend` nor ``LIFELONG_DELTA_BACKEND=torch`` chose torch."""
-    if _words is None or _backend == "torch":
+    if _words is None or _backend in ("torch", "compile"):
         return False
     return _backend == "numba" or os.environ.get("LIFELONG_DELTA_BACKEND", "auto") != "torch"
 

@@ -2,6 +2,10 @@
 
 ``torch_*`` compute the mask words with int32 tensor ops on any device; :func:`nb_merge` adapts torch tensors of any
 floating dtype to the numba kernels. Both give the bits of :mod:`._kernels`.
+
+:func:`hash_words` is the hash as a pure function of tensors (the keys and the first counter are 0-dim tensors, so
+one compiled graph serves every tensor name and chunk): ``set_backend("compile")`` runs it through
+``torch.compile`` (a Triton kernel on GPU, C++ on CPU), with the same bits.
 """
 
 from __future__ import annotations
@@ -24,16 +28,6 @@ def _s32(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _lb32_(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int32 words in place (logical shifts emulated with masks)."""
-    x ^= (x >> 16) & 0xFFFF
-    x.mul_(_s32(MIX1))
-    x ^= (x >> 15) & 0x1FFFF
-    x.mul_(_s32(MIX2))
-    x ^= (x >> 16) & 0xFFFF
-    return x
-
-
 _ARANGE: dict[torch.device, torch.Tensor] = {}
 
 
@@ -44,13 +38,41 @@ def _arange32(n: int, device: torch.device) -> torch.Tensor:
     return a[:n]
 
 
+def _lb32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 words (logical shifts emulated with masks); no in-place ops, so it compiles."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _s32(MIX1)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _s32(MIX2)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hash_words(counter: torch.Tensor, lo0: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """int32 words (bit patterns of the uint32 hash) of counters ``lo0 + counter`` (int32 tensors; the sums wrap
+    like uint32), keyed by the round keys ``k0, k1`` (0-dim int32 tensors)."""
+    return _lb32(_lb32((counter + lo0) ^ k0) ^ k1)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _hash_fn():
+    """:func:`hash_words`, compiled when the back end is ``"compile"`` (built on first use)."""
+    from lifelong_delta.delta import _kernels
+
+    if _kernels.get_backend() != "compile":
+        return hash_words
+    if "hash" not in _compiled:
+        _compiled["hash"] = torch.compile(hash_words, dynamic=True)
+    return _compiled["hash"]
+
+
 def _torch_words(k0: int, k1: int, lo0: int, n: int, device: torch.device) -> torch.Tensor:
-    """int32 words (bit patterns of the uint32 hash) of counters ``lo0 .. lo0 + n - 1`` (same segment)."""
-    x = _arange32(n, device).add(_s32(lo0))  # int32 add wraps like uint32
-    x ^= _s32(k0)
-    x = _lb32_(x)
-    x ^= _s32(k1)
-    return _lb32_(x)
+    """int32 words of counters ``lo0 .. lo0 + n - 1`` (same segment)."""
+    def scalar(v: int) -> torch.Tensor:
+        return torch.tensor(_s32(v), dtype=torch.int32, device=device)
+
+    return _hash_fn()(_arange32(n, device), scalar(lo0), scalar(k0), scalar(k1))
 
 
 def _torch_blocks(key: int, offset: int, numel: int, device: torch.device):

@@ -119,6 +119,30 @@ def test_numba_and_torch_agree_bit_for_bit():
     assert torch.equal(a, b) and torch.equal(ua, ub)
 
 
+@pytest.mark.skipif(not masks.numba_available(), reason="numba not installed")
+def test_the_compiled_torch_path_gives_the_numba_bits():
+    """``set_backend("compile")``: the hash as one ``torch.compile`` graph (C++ here, Triton on a GPU), for masks,
+    uniforms and merges, across a 2**32 counter segment, equals numba bit for bit; one graph serves every key."""
+    from lifelong_delta.delta import _torch_kernels
+    from lifelong_delta.delta.dare import dare_merge
+
+    base, ft = torch.randn(40_001), torch.randn(40_001)
+    cases = [(40_001, 3, "x"), (10, 2**32 - 5, "big"), (999, 0, "another name")]
+    results = {}
+    for b in ("numba", "compile"):
+        masks.set_backend(b)
+        try:
+            results[b] = [(keep_mask(n, 0.77, seed=11, name=nm, offset=off), uniform(n, seed=11, name=nm, offset=off))
+                          for n, off, nm in cases]
+            results[b].append((dare_merge(base, ft, 0.6, seed=2, name="w", q=0.5), dare_merge(base.bfloat16(),
+                               ft.bfloat16(), 0.6, seed=2, name="w")))
+        finally:
+            masks.set_backend("auto")
+    for (a, ua), (c, uc) in zip(results["numba"], results["compile"], strict=True):
+        assert torch.equal(a, c) and torch.equal(ua, uc)
+    assert "hash" in _torch_kernels._compiled  # the compiled graph ran, not the eager ops
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="p=1.2 is outside"):
         keep_mask(10, 1.2, seed=0, name="a")
