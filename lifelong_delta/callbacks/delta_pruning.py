@@ -6,7 +6,9 @@ Lightning glue only: the hook calls a private runner, which calls
 
 Under DDP the ranks share the work: tensor ``i`` (in state-dict order) is pruned by rank ``i % world_size`` and
 then broadcast from that rank. Pruning runs on CPU in fp32 and the masks are a pure function of
-``(seed, tensor name, element index)``, so the result is bit-identical to a single-process run.
+``(seed, tensor name, element index)``, so the result is bit-identical to a single-process run. Under FSDP2
+(``fully_shard``: DTensor parameters) every rank prunes its own shard where it lives, with the global element index
+(:mod:`lifelong_delta.delta.sharded`; DARE and DAREx-q only), and nothing is gathered or broadcast.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName, prune_tensor
+from lifelong_delta.delta.sharded import is_sharded, local_range, prune_local_shard_
 from lifelong_delta.delta.stats import tensor_prune_stats
 
 __all__ = ["DeltaPruning"]
@@ -148,7 +151,8 @@ class DeltaPruning(pl.Callback):
             close()
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             for i, name in enumerate(names):
-                torch.distributed.broadcast(targets[name], src=i % trainer.world_size)
+                if not is_sharded(targets[name]):  # a sharded parameter was pruned in place on every rank
+                    torch.distributed.broadcast(targets[name], src=i % trainer.world_size)
             counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         before, after = float(counts[0]), float(counts[1])
         self.kept_fraction = after / before if before else 1.0
@@ -159,13 +163,20 @@ class DeltaPruning(pl.Callback):
 
     def _prune_share(self, names: list[str], targets: dict[str, torch.Tensor], load: Callable[[str], torch.Tensor],
                      world: int, rank: int) -> torch.Tensor:
-        """Prune this rank's share (tensor ``i`` belongs to rank ``i % world``) IN PLACE, on CPU in fp32.
+        """Prune this rank's share (tensor ``i`` belongs to rank ``i % world``; every rank prunes its shard of a
+        sharded parameter) IN PLACE, in fp32.
 
         Returns:
-            ``[nnz before, nnz after]`` of the delta over this rank's tensors (float64).
+            ``[nnz before, nnz after]`` of the delta over this rank's tensors and shards (float64).
         """
         counts = torch.zeros(2, dtype=torch.float64)
         for i, name in enumerate(names):
+            param = targets[name]
+            if is_sharded(param):
+                stats = prune_local_shard_(name, param, load(name), self.spec)
+                if rank == 0 or local_range(param)[1] < param.numel():  # a replicated one is counted once
+                    counts += torch.tensor([stats.nnz_before, stats.nnz_after], dtype=torch.float64)
+                continue
             if i % world != rank:
                 continue
             param, ref = targets[name], load(name)
