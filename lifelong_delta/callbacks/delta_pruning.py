@@ -5,7 +5,8 @@ Lightning glue only: the hook calls a private runner, which calls
 :func:`lifelong_delta.delta.methods.prune_tensor` once per tensor.
 
 Under DDP the ranks share the work: tensor ``i`` (in state-dict order) is pruned by rank ``i % world_size`` and
-then broadcast from that rank. Pruning runs on CPU in fp32 and the masks are a pure function of
+then broadcast from that rank. Each tensor is pruned on its own device (in fp32 temporaries of one tensor, or of
+one block for DARE) and the masks are a pure function of
 ``(seed, tensor name, element index)``, so the result is bit-identical to a single-process run. Under FSDP2
 (``fully_shard``: DTensor parameters) every rank prunes its own shard where it lives, with the global element index
 (:mod:`lifelong_delta.delta.sharded`; DARE and DAREx-q only), and nothing is gathered or broadcast.
@@ -164,7 +165,7 @@ class DeltaPruning(pl.Callback):
     def _prune_share(self, names: list[str], targets: dict[str, torch.Tensor], load: Callable[[str], torch.Tensor],
                      world: int, rank: int) -> torch.Tensor:
         """Prune this rank's share (tensor ``i`` belongs to rank ``i % world``; every rank prunes its shard of a
-        sharded parameter) IN PLACE, in fp32.
+        sharded parameter) IN PLACE, on the tensor's device.
 
         Returns:
             ``[nnz before, nnz after]`` of the delta over this rank's tensors and shards (float64).
@@ -179,10 +180,10 @@ class DeltaPruning(pl.Callback):
                 continue
             if i % world != rank:
                 continue
-            param, ref = targets[name], load(name)
-            current = param.detach().cpu()
+            current = param.detach()  # pruned where it lives (a GPU tensor stays there), one tensor at a time
+            ref = load(name).to(current.device)
             merged = prune_tensor(name, ref, current, self.spec)
             stats = tensor_prune_stats(name, ref, current, merged)
             counts += torch.tensor([stats.nnz_before, stats.nnz_after], dtype=torch.float64)
-            param.copy_(merged.to(param.device))
+            param.copy_(merged)
         return counts
