@@ -122,12 +122,18 @@ def load(
         raise ValueError(f"--finetuned {finetuned}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and batch_size > 1:
         raise ValueError(f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
                          "pad calibration batches with; use --batch_size 1")
     model = _model_from_checkpoint(cls, config, finetuned)
-    batches = [dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    pad_id = tokenizer.pad_token_id
+    if vocab is not None and batch_size > 1 and pad_id is not None and pad_id >= vocab:
+        raise ValueError(f"--finetuned {finetuned}: its tokenizer pads with token id {pad_id}, outside the model's "
+                         f"{vocab} embeddings; use --batch_size 1")
+    batches = [dict(tokenizer(texts[i : i + batch_size], padding=batch_size > 1, truncation=True,
+                              max_length=max_length, return_tensors="pt"))
+               for i in range(0, len(texts), batch_size)]
     label_batches = None
     if labels is not None:
         label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]

