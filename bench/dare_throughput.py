@@ -24,11 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-import numpy as np
-
 from lifelong_delta.delta import _kernels, masks
 from lifelong_delta.delta.choices import scale_of
-from lifelong_delta.delta.dare import dare_merge
+from lifelong_delta.delta.dare import _words, dare_merge
+from lifelong_delta.delta.dtypes import dtype_code
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -108,12 +107,8 @@ def main() -> None:
         finally:
             masks.set_backend("auto")
 
-    def raw(t: torch.Tensor) -> np.ndarray:
-        return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
-
     def words(b: torch.Tensor, f: torch.Tensor, i: int) -> None:
-        _kernels.merge_words(args.dtype == "float32" and "F32" or "BF16", raw(b), raw(f), raw(dst),
-                             _kernels.tensor_key(0, f"t{i}"), 0,
+        _kernels.merge_words(dtype_code(dtype), _words(b), _words(f), _words(dst), _kernels.tensor_key(0, f"t{i}"), 0,
                              _kernels.drop_threshold(args.p), scale_of(1 - args.p))
 
     variants: dict[str, tuple[Callable[..., None], list[Pair]]] = {

@@ -1,18 +1,17 @@
-"""The DARE mask stream and its numba kernels; no torch (the torch back end is :mod:`._torch_kernels`).
+"""The DARE mask stream: its definition, the back-end choice, and the compiled merge of raw words; no torch.
 
 A mask is a pure function of ``(seed, tensor name, flat element index)``. The tensor key ``tensor_key(seed, name)``
 is a 64-bit BLAKE2b hash, split into two 32-bit round keys ``k0, k1``. Element ``i`` gets the 32-bit word
 ``w_i = lb32(lb32(lo ^ k0) ^ k1')`` with ``lo = i mod 2**32``, ``k1' = k1 + (i >> 32) * 0x9E3779B9`` and ``lb32`` the
 "lowbias32" integer hash; 32-bit lanes vectorise well (AVX2 ``vpmulld``). An element is dropped iff
-``w_i < floor(p * 2**32)``; its uniform is ``(w_i >> 8) * 2**-24``. Both back ends compute the same bits; fp32
-arithmetic is done in the same order (``d = ft - base``; ``out = base + d * scale`` if kept else ``base``), without
-fused multiply-adds, so results agree bit for bit.
+``w_i < floor(p * 2**32)``; its uniform is ``(w_i >> 8) * 2**-24``. fp32 arithmetic is done in the same order
+(``d = ft - base``; ``out = base + d * scale`` if kept else ``base``), without fused multiply-adds.
 
-Three implementations compute the same bits: numba kernels here (masks and merges of torch tensors' data), the
-torch ops of :mod:`._torch_kernels` (any device), and the compiled C kernel ``_words.c`` behind
-:func:`merge_words`, which merges raw bf16/fp32 checkpoint words with the prune statistics. This module imports
-nothing heavy (numba's kernels are in ``_nb_kernels``, imported when first used), so the streaming prune of bf16/fp32
-checkpoints starts in a tenth of a second and loads neither torch nor numpy. :mod:`lifelong_delta.delta.masks` is the public interface.
+Three implementations compute the same bits: the numba kernels of ``_nb_kernels`` (masks and merges of torch
+tensors' data, imported when first used), the torch ops of ``_torch_kernels`` (any device), and the compiled C
+kernel ``_words.c`` behind :func:`merge_words`, which merges raw bf16/fp32 checkpoint words with the prune
+statistics. This module imports nothing heavy, so the streaming prune of bf16/fp32 checkpoints starts in a tenth of
+a second and loads neither torch nor numpy. :mod:`lifelong_delta.delta.masks` is the public interface.
 """
 
 from __future__ import annotations
@@ -80,12 +79,17 @@ def get_backend() -> Backend:
     return _backend
 
 
+def _torch_chosen() -> bool:
+    """Whether :func:`set_backend` (``"torch"``, ``"compile"``) or, under ``"auto"``, ``LIFELONG_DELTA_BACKEND=torch``
+    chose the torch ops over the CPU kernels."""
+    if _backend in ("torch", "compile"):
+        return True
+    return _backend == "auto" and os.environ.get("LIFELONG_DELTA_BACKEND", "auto") == "torch"
+
+
 def use_numba(device_type: str = "cpu") -> bool:
-    """Whether the numba kernels serve tensors on ``device_type``: CPU only, numba installed, and neither
-    :func:`set_backend` nor ``LIFELONG_DELTA_BACKEND=torch`` chose torch."""
-    if device_type != "cpu" or not HAVE_NUMBA or _backend in ("torch", "compile"):
-        return False
-    return _backend == "numba" or os.environ.get("LIFELONG_DELTA_BACKEND", "auto") != "torch"
+    """Whether the numba kernels serve tensors on ``device_type``: CPU only, numba installed, torch not chosen."""
+    return device_type == "cpu" and HAVE_NUMBA and not _torch_chosen()
 
 
 def split_key(key: int) -> tuple[int, int]:
@@ -114,13 +118,14 @@ def round_key(k1: int, hi: int) -> int:
     return (k1 + hi * GOLDEN32) & 0xFFFFFFFF
 
 
-# ----------------------------------------------------------------------------------------------- numba
+# -------------------------------------------------------------------------------------- compiled raw words
+WORD_CODES = {"BF16": 1, "F32": 0}  # the dtypes merge_words reads and writes as raw words -> the kernel's kind
+
+
 def use_words() -> bool:
-    """Whether raw bf16/fp32 words go through the compiled kernel :func:`merge_words`: it was built, and neither
-    :func:`set_backend` nor ``LIFELONG_DELTA_BACKEND=torch`` chose torch."""
-    if _words is None or _backend in ("torch", "compile"):
-        return False
-    return _backend == "numba" or os.environ.get("LIFELONG_DELTA_BACKEND", "auto") != "torch"
+    """Whether raw bf16/fp32 words go through the compiled kernel :func:`merge_words`: it was built, and torch was
+    not chosen."""
+    return _words is not None and not _torch_chosen()
 
 
 _SPLIT_FROM = 1 << 18  # ranges this long are split between two threads
@@ -142,7 +147,7 @@ def _halves(n: int) -> list[tuple[int, int]]:
     """``[0, n)`` as one range, or two split at a multiple of the kernel's block when there are CPUs for both."""
     if n < _SPLIT_FROM or len(os.sched_getaffinity(0)) < 2:
         return [(0, n)]
-    h = n // 2 // 16384 * 16384
+    h = n // 2 // _words.BLOCK * _words.BLOCK
     return [(0, h), (h, n)]
 
 
@@ -170,7 +175,8 @@ def merge_words(code: str, base: object, ft: object, out: object, key: int, offs
     """
     if _words is None:
         raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
-    kind, size = {"BF16": (1, 2), "F32": (0, 4)}[code]
+    kind = WORD_CODES[code]
+    size = 2 if kind else 4
     b, f, o = (memoryview(x).cast("B") for x in (base, ft, out))  # type: ignore[arg-type]
     k0, k1 = split_key(key)
     ranges = [(s0 + a, min(s1, s0 + z), k0, round_key(k1, hi), (lo0 + a) & 0xFFFFFFFF)

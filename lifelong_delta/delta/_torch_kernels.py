@@ -135,8 +135,6 @@ def torch_merge(
     return int(nbad)
 
 
-
-
 def nb_merge(
     base: torch.Tensor | None,
     src: torch.Tensor,

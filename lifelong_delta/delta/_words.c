@@ -207,4 +207,11 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_words", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__words(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__words(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0) { /* the block the statistics are summed by */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

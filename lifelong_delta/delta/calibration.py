@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -178,9 +178,7 @@ def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]
     them as ``[in, 1]``, which tells WANDA to rank within output columns. Other matrices (embeddings, tied heads)
     have no per-column input, so they get all-ones norms: WANDA then ranks by |δ| within each row (magnitude).
     """
-    measured = _measured_weights(model, names)
-    stats = collect_input_stats(model, batches, _forward, names=list(measured))
-    norms = {n: s.norm[:, None] if measured[n] else s.norm for n, s in stats.items()}  # [in, 1]: input-major
+    norms = _input_vectors(model, batches, names, "norm")
     sd = model.state_dict()
     for n in names:
         if n in sd and sd[n].ndim == 2 and n not in norms:
@@ -194,6 +192,16 @@ def _measured_weights(model: nn.Module, names: Sequence[str]) -> dict[str, bool]
     wanted = set(names)
     return {f"{m}.weight": is_input_major(mod) for m, mod in model.named_modules()
             if (isinstance(mod, nn.Linear) or is_input_major(mod)) and f"{m}.weight" in wanted}
+
+
+def _input_vectors(model: nn.Module, batches: Sequence[Batch], names: Sequence[str],
+                   which: Literal["norm", "mean"]) -> dict[str, torch.Tensor]:
+    """``{weight name: ‖x‖ or mean(x)}`` of the measured weights among ``names``: ``[in]`` for an output-major
+    weight, ``[in, 1]`` for an input-major one (which WANDA and the analytic q read transposed)."""
+    measured = _measured_weights(model, names)
+    stats = collect_input_stats(model, batches, _forward, names=list(measured))
+    vectors = {n: getattr(s, which) for n, s in stats.items()}
+    return {n: v[:, None] if measured[n] else v for n, v in vectors.items()}
 
 
 @torch.no_grad()
@@ -223,9 +231,7 @@ def analytic_q(
     arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0,
 ) -> dict[str, float]:
     """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
-    measured = _measured_weights(model, masked.names)
-    stats = collect_input_stats(model, batches, _forward, names=list(measured))
-    means = {n: s.mean[:, None] if measured[n] else s.mean for n, s in stats.items()}  # [in, 1]: input-major
+    means = _input_vectors(model, batches, masked.names, "mean")
     return analytic_q_per_layer(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol)
 
 

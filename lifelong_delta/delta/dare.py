@@ -12,6 +12,7 @@ import torch
 
 from lifelong_delta.delta import _kernels, _torch_kernels
 from lifelong_delta.delta.choices import resolve_q, scale_of
+from lifelong_delta.delta.dtypes import dtype_code
 from lifelong_delta.delta.masks import _use_numba, drop_threshold, tensor_key
 
 __all__ = ["dare", "dare_merge", "resolve_q", "scale_of"]
@@ -122,17 +123,15 @@ def dare_merge(
         raise ValueError(f"out for tensor {name!r} must be a contiguous tensor of {f.numel()} elements on "
                          f"{f.device}, got {tuple(out.shape)} on {out.device}")
     flat_out = out.view(-1)
-    if f.device.type == "cpu" and b.dtype == f.dtype == flat_out.dtype in _WORDS and _kernels.use_words():
-        nbad = _kernels.merge_words(_WORDS[f.dtype], _words(b), _words(f), _words(flat_out), key, offset, thresh,
-                                    scale)[0]
+    code = dtype_code(f.dtype)
+    if f.device.type == "cpu" and b.dtype == f.dtype == flat_out.dtype and code in _kernels.WORD_CODES \
+            and _kernels.use_words():
+        nbad = _kernels.merge_words(code, _words(b), _words(f), _words(flat_out), key, offset, thresh, scale)[0]
     else:
         run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge
         nbad = run(b, f, flat_out, key, offset, thresh, scale)
     _check_finite(nbad, name)
     return flat_out.view(finetuned.shape)
-
-
-_WORDS = {torch.float32: "F32", torch.bfloat16: "BF16"}  # the dtypes the compiled kernel reads and writes
 
 
 def _words(t: torch.Tensor) -> np.ndarray:

@@ -260,6 +260,13 @@ class CheckpointReader:
                     raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
             return fd
 
+    def _range(self, name: str, start: int, count: int) -> tuple[TensorInfo, int, int]:
+        """``(info, file position, byte count)`` of elements ``start .. start + count - 1`` of tensor ``name``."""
+        info = self.info(name)
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
+        return info, info.data_start + info.begin + start * info.itemsize, count * info.itemsize
+
     def read_into(self, name: str, start: int, count: int, buffer: object) -> memoryview:
         """Read the raw bytes of elements ``start .. start + count - 1`` of the flattened tensor into ``buffer``.
 
@@ -271,16 +278,12 @@ class CheckpointReader:
         Returns:
             A byte view of the part of ``buffer`` that was filled.
         """
-        info = self.info(name)
-        if start < 0 or count < 0 or start + count > info.numel:
-            raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
-        size = info.itemsize
-        view = memoryview(buffer).cast("B")[: count * size]  # type: ignore[arg-type]
-        if len(view) != count * size:
+        info, pos, nbytes = self._range(name, start, count)
+        view = memoryview(buffer).cast("B")[:nbytes]  # type: ignore[arg-type]
+        if len(view) != nbytes:
             raise ValueError(f"buffer of {len(view)} bytes is too small for {count} elements of {name!r}")
         if count:
-            fd = self._fd(info.file)
-            pos, got = info.data_start + info.begin + start * size, 0
+            fd, got = self._fd(info.file), 0
             try:
                 while got < len(view):
                     n = os.preadv(fd, [view[got:]], pos + got)
@@ -289,26 +292,22 @@ class CheckpointReader:
                     got += n
             except OSError as e:
                 raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e.strerror or e}") from None
-            if got != count * size:
-                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated ({got} of {count * size} bytes)")
+            if got != nbytes:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
         return view
 
     def view(self, name: str, start: int, count: int) -> memoryview:
         """A read-only view of the raw bytes of elements ``start .. start + count - 1``, without copying them.
 
         The range alone is mapped (its pages populated at once from the page cache) and unmapped when the returned
-        array is freed, so the resident set holds only the chunks in use. The file must not be truncated while a
+        view is freed, so the resident set holds only the chunks in use. The file must not be truncated while a
         view of it is alive (reading a vanished page kills the process, as with any memory map).
         """
         import mmap
 
-        info = self.info(name)
-        if start < 0 or count < 0 or start + count > info.numel:
-            raise IndexError(f"elements {start}..{start + count} are outside tensor {name!r} of {info.numel}")
-        nbytes = count * info.itemsize
+        info, pos, nbytes = self._range(name, start, count)
         if nbytes == 0:
             return memoryview(b"")
-        pos = info.data_start + info.begin + start * info.itemsize
         aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fd(info.file), pos - aligned + nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
@@ -364,7 +363,8 @@ def _is_weight_file(name: str) -> bool:
 def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
     """Copy config, tokenizer and other non-weight files (and sub-directories) of a model directory.
 
-    Copies are new files whose mode follows the umask (not the source's mode). Weight files (``*.safetensors``, ``*.bin``, their indexes, …) and hidden entries are skipped.
+    Copies are new files whose mode follows the umask (not the source's mode). Weight files (``*.safetensors``,
+    ``*.bin``, their indexes, …) and hidden entries are skipped.
 
     Returns:
         The relative paths copied.

@@ -1,9 +1,10 @@
 """Whole checkpoints, one tensor at a time: prune the delta into a sharded copy, or measure its statistics.
 
-Layer 2 (no Lightning). Tensors are read with plain reads (no mmap) and written as they are produced (see
-:mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE and DAREx-q, whose masks are a function
-of the flat element index, run chunk by chunk, so memory stays at a few 8 MB chunks whatever the tensor size; the
-other methods (top-k per row, structural) hold one tensor's base, fine-tuned and output values at a time.
+Layer 2 (no Lightning). Tensors are read a chunk at a time (a mapped range, or a plain read into a reused buffer)
+and written as they are produced (see :mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE
+and DAREx-q, whose masks are a function of the flat element index, run chunk by chunk, so memory stays at a few 8 MB
+chunks whatever the tensor size; the other methods (top-k per row, structural) hold one tensor's base, fine-tuned
+and output values at a time.
 
 Importing this module loads no torch, and a DARE/DAREx-q prune of bf16 or fp32 checkpoints never does: each chunk's
 raw words go from the reader through the compiled fused kernel (:func:`lifelong_delta.delta._kernels.merge_words`)
@@ -50,7 +51,6 @@ _CHUNK_BYTES = 8 << 20  # bytes of the fine-tuned tensor per chunk (bench/prune_
 def _chunk(itemsize: int) -> int:
     """Elements per chunk of a tensor whose fine-tuned elements take ``itemsize`` bytes."""
     return max(1, _CHUNK_BYTES // itemsize)
-_WORDS = ("BF16", "F32")  # dtypes the compiled kernel reads and writes as raw words
 
 
 class _Ring:
@@ -84,7 +84,7 @@ def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, na
     """Whether tensor ``name`` takes the compiled kernel on raw words: a random-mask method, base and fine-tune of
     one dtype the kernel reads (bf16, fp32), and the kernel built and not switched off."""
     code = rf.code(name)
-    return (METHODS[spec.method].random_mask and code in _WORDS and rb.code(base_name) == code
+    return (METHODS[spec.method].random_mask and code in _kernels.WORD_CODES and rb.code(base_name) == code
             and _kernels.use_words())
 
 

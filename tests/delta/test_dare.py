@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lifelong_delta.delta import masks
-from lifelong_delta.delta.dare import dare, dare_merge, resolve_q, scale_of
+from lifelong_delta.delta.dare import _words, dare, dare_merge, resolve_q, scale_of
+from lifelong_delta.delta.dtypes import dtype_code
 from lifelong_delta.delta.masks import keep_mask
 
 BACKENDS = ["torch"] + (["numba"] if masks.numba_available() else [])
@@ -146,19 +147,13 @@ def test_bad_p_q_shape_dtype():
     assert resolve_q(0.9, None) == pytest.approx(0.1)
 
 
-def _words(t: torch.Tensor):
-    """The raw words the fused kernel reads: fp32 as itself, bf16 as its uint16 bits."""
-    import numpy as np
-
-    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
-
-
 def _fused(base: torch.Tensor, ft: torch.Tensor, p: float, seed: int, name: str, q: float | None, offset: int = 0):
     from lifelong_delta.delta import _kernels
 
     out = torch.empty_like(ft)
-    counts = _kernels.merge_words("F32" if ft.dtype == torch.float32 else "BF16", _words(base), _words(ft), _words(out), _kernels.tensor_key(seed, name), offset,
-                                     _kernels.drop_threshold(p), scale_of(q if q is not None else 1 - p))
+    counts = _kernels.merge_words(dtype_code(ft.dtype), _words(base), _words(ft), _words(out),
+                                  _kernels.tensor_key(seed, name), offset, _kernels.drop_threshold(p),
+                                  scale_of(q if q is not None else 1 - p))
     return out, counts
 
 
