@@ -17,7 +17,7 @@ from ``c``:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -30,8 +30,10 @@ __all__ = [
     "analytic_q_per_layer",
     "analytic_row_q",
     "analytic_row_q_sequential",
+    "analytic_weight_q",
     "bernoulli_subgaussian_phi",
     "min_mse_q_per_layer",
+    "spread_weight_q",
 ]
 
 
@@ -282,6 +284,23 @@ def analytic_q_per_layer(
     Raises:
         ValueError: a mean-input vector whose length is not the weight's ``in`` dimension, or bad eta/gamma.
     """
+    layer_q = analytic_weight_q(masked, mean_inputs, eta=eta, gamma=gamma, stop_fraction=stop_fraction,
+                                arithmetic=arithmetic, tie_rtol=tie_rtol)
+    return spread_weight_q(masked.names, layer_q, masked.p)
+
+
+def analytic_weight_q(
+    masked: MaskedDelta,
+    mean_inputs: Mapping[str, torch.Tensor],
+    *,
+    eta: float = 0.37,
+    gamma: float = 0.95,
+    stop_fraction: float | None = 0.8,
+    arithmetic: Arithmetic = "float16",
+    tie_rtol: float = 0.0,
+) -> dict[str, float]:
+    """The q of each weight matrix of ``masked`` that has a ``mean_inputs`` entry (see
+    :func:`analytic_q_per_layer`, which gives the other tensors theirs with :func:`spread_weight_q`)."""
     p = masked.p
     layer_q: dict[str, float] = {}
     for name in masked.names:
@@ -296,11 +315,18 @@ def analytic_q_per_layer(
         rows = analytic_row_q(_layer_contributions(masked, name, xbar, dtype), p, eta=eta, gamma=gamma,
                               stop_fraction=stop_fraction, arithmetic=arithmetic, tie_rtol=tie_rtol)
         layer_q[name] = min(max(float(rows.mean()), 1.0 - p), 1.0)
-    fallback = sum(layer_q.values()) / len(layer_q) if layer_q else 1.0 - p
+    return layer_q
+
+
+def spread_weight_q(names: Sequence[str], weight_q: Mapping[str, float], p: float) -> dict[str, float]:
+    """``{name: q}`` for every tensor of ``names``: a weight's own q, a bias its weight's, any other tensor the
+    mean of the weights' qs (summed in the order of ``names``), or ``1 − p`` when no weight has one."""
+    qs = [weight_q[n] for n in names if n in weight_q]
+    fallback = sum(qs) / len(qs) if qs else 1.0 - p
     out: dict[str, float] = {}
-    for name in masked.names:
+    for name in names:
         weight = name[: -len("bias")] + "weight" if name.endswith("bias") else None
-        out[name] = layer_q.get(name, layer_q.get(weight, fallback) if weight else fallback)
+        out[name] = weight_q.get(name, weight_q.get(weight, fallback) if weight else fallback)
     return out
 
 

@@ -1,11 +1,16 @@
 """Calibration for the data-driven prune options: DAREx-q's ``q_mode`` and WANDA's input norms.
 
-Loads the fine-tuned Hugging Face model (the class named in its ``config.json``) and a small text file, and
+:func:`load` opens the fine-tuned Hugging Face checkpoint (the class named in its ``config.json``) as a
+:class:`~lifelong_delta.delta.layered.LayeredModel` and tokenizes a small text file. :class:`Calibration` then
 computes what the streaming prune needs: one global q (grid on labelled accuracy for a classifier, or on the
 perplexity of the text for a causal LM; or the unlabelled last-layer output change), per-tensor q (analytic), or
-per-tensor input norms ‖x_j‖₂. The math lives in
-:mod:`lifelong_delta.delta.darex`, :mod:`lifelong_delta.delta.analytic_q` and :mod:`lifelong_delta.delta.importance`;
-this module only wires data to it.
+per-tensor input norms ‖x_j‖₂. Every forward pass runs one layer at a time, so memory holds one layer's weights in
+fp32 and the batches' activations, whatever the model's size, and the results equal those of the model loaded whole
+in fp32.
+
+The math lives in :mod:`lifelong_delta.delta.darex`, :mod:`lifelong_delta.delta.analytic_q` and
+:mod:`lifelong_delta.delta.importance`; this module only wires data to it. :func:`input_norms` and
+:func:`causal_lm_perplexity` also take a model already in memory (the studies' small models).
 Tensor names are the model's ``state_dict`` names, which equal the checkpoint's for the class it was saved from.
 """
 
@@ -14,21 +19,21 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from lifelong_delta.delta.analytic_q import Arithmetic, analytic_q_per_layer
-from lifelong_delta.delta.darex import MaskedDelta, QSearchResult, select_q_grid, select_q_unlabelled
-from lifelong_delta.delta.importance import collect_input_stats, is_input_major
+from lifelong_delta.delta.analytic_q import Arithmetic, analytic_weight_q, spread_weight_q
+from lifelong_delta.delta.darex import QSearchResult, select_q_grid
+from lifelong_delta.delta.importance import InputStats, collect_input_stats, is_input_major
 from lifelong_delta.delta.io import CheckpointReader
+from lifelong_delta.delta.layered import Candidate, LayeredModel, Pruning
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
 
-__all__ = ["analytic_q", "causal_lm_perplexity", "grid_q", "input_norms", "is_causal_lm", "load", "masked_delta",
-           "read_text_data", "unlabelled_q"]
+__all__ = ["Calibration", "causal_lm_perplexity", "input_norms", "is_causal_lm", "load", "read_text_data"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -81,8 +86,6 @@ def read_text_data(path: str | os.PathLike[str], *, need_labels: bool, limit: in
     return texts, labels
 
 
-
-
 def is_causal_lm(arch: str) -> bool:
     """Whether a ``config.json`` architecture name is a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)."""
     return arch.endswith(("ForCausalLM", "LMHeadModel"))
@@ -90,16 +93,15 @@ def is_causal_lm(arch: str) -> bool:
 
 def load(
     finetuned: str, calib_data: str, *, need_labels: bool, samples: int, batch_size: int, max_length: int
-) -> tuple[nn.Module, list[Batch], list[torch.Tensor] | None]:
-    """Load the fine-tuned model (fp32, eval mode), its tokenizer and tokenized calibration batches.
+) -> Calibration:
+    """Open the fine-tuned model layer by layer, with its tokenizer and tokenized calibration batches.
 
     Args:
         need_labels: The caller scores q on labelled data (``--q_mode grid``): a sequence classifier then needs a
             ``label`` column; a causal LM is scored on the text itself (perplexity), so it needs none.
 
     Returns:
-        ``(model, batches, labels)``; ``labels`` is one ``LongTensor[batch]`` per batch, or None (no labels asked
-        for, or a causal LM).
+        A :class:`Calibration`; close it (or use it as a context manager) to close the checkpoint.
     """
     import transformers
 
@@ -125,10 +127,17 @@ def load(
     if tokenizer.pad_token is None and batch_size > 1:
         raise ValueError(f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
                          "pad calibration batches with; use --batch_size 1")
-    model = _model_from_checkpoint(cls, config, finetuned)
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    reader = CheckpointReader(finetuned)
+    try:
+        model = LayeredModel(cls, config, reader, what=f"--finetuned {finetuned}")
+        vocab = model.model.get_input_embeddings().num_embeddings if hasattr(model.model, "get_input_embeddings") \
+            else None
+    except BaseException:
+        reader.close()
+        raise
     pad_id = tokenizer.pad_token_id
     if vocab is not None and batch_size > 1 and pad_id is not None and pad_id >= vocab:
+        reader.close()
         raise ValueError(f"--finetuned {finetuned}: its tokenizer pads with token id {pad_id}, outside the model's "
                          f"{vocab} embeddings; use --batch_size 1")
     batches = [dict(tokenizer(texts[i : i + batch_size], padding=batch_size > 1, truncation=True,
@@ -137,48 +146,175 @@ def load(
     label_batches = None
     if labels is not None:
         label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
-    return model, batches, label_batches
+    return Calibration(model, batches, label_batches, causal=is_causal_lm(arch))
 
 
-def _model_from_checkpoint(cls: type, config: Any, finetuned: str) -> nn.Module:
-    """``cls`` with exactly the tensors :class:`CheckpointReader` reads from ``finetuned`` (fp32, eval mode).
+class Calibration:
+    """A fine-tuned model on disk, run one layer at a time over tokenized calibration batches.
 
-    ``from_pretrained(finetuned)`` would pick its own weight file (a ``pytorch_model.bin`` next to an oddly named
-    ``*.safetensors``, say), so the model that decides q could differ from the one pruned.
+    Attributes:
+        model: The :class:`~lifelong_delta.delta.layered.LayeredModel`.
+        batches: Tokenized batches.
+        labels: One ``LongTensor[batch]`` per batch, or None (no labels asked for, or a causal LM).
+        causal: The model is a causal LM (the grid q scores perplexity).
     """
-    with CheckpointReader(finetuned) as reader:
-        state = {name: tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-                 for name, tensor in reader}
-    try:
-        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32,
-                                          output_loading_info=True)
-    except (OSError, RuntimeError, KeyError) as e:
-        raise ValueError(f"--finetuned {finetuned}: cannot build a {cls.__name__} from its weights "
-                         f"({str(e).splitlines()[0]})") from None
-    missing = sorted(info.get("missing_keys", ()))
-    if missing:
-        raise ValueError(f"--finetuned {finetuned}: its weights lack {len(missing)} tensor(s) that a "
-                         f"{cls.__name__} needs, e.g. {missing[0]!r}; calibration needs the complete model")
-    return model.eval()
+
+    def __init__(self, model: LayeredModel, batches: list[Batch], labels: list[torch.Tensor] | None, *,
+                 causal: bool) -> None:
+        self.model, self.batches, self.labels, self.causal = model, batches, labels, causal
+
+    def close(self) -> None:
+        self.model.ft.close()
+
+    def __enter__(self) -> Calibration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pruning(self, spec: PruneSpec, base: CheckpointReader, base_names: Mapping[str, str] | None = None,
+                input_norms: Mapping[str, torch.Tensor] | None = None) -> Pruning:
+        """How ``spec``'s method prunes, for the q candidates: its keep-mask (DARE's random mask, the
+        magnitude/WANDA top-k or the structural rows/columns), so a q found on it is the q of the streamed prune."""
+        norms = dict(input_norms or {})
+        return Pruning(spec.p, spec.seed, lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)), base,
+                       dict(base_names or {}))
+
+    def _stats(self, names: Sequence[str]) -> tuple[dict[str, InputStats], dict[str, bool]]:
+        """Input statistics of the measured weights among ``names`` on the fine-tuned model, and whether each
+        is stored input-major."""
+        measured = _measured_weights(self.model.model, names)
+        stats = self.model.run(self.batches, [None], lambda *_: None, measure=list(measured))
+        return stats, measured
+
+    def input_norms(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{weight name: ‖x_j‖₂}`` as :func:`input_norms` gives for the whole model."""
+        stats, measured = self._stats(names)
+        norms = _oriented({n: s.norm for n, s in stats.items()}, measured)
+        known = set(self.model.names())
+        for n in names:
+            shape = self.model.ft.shape(n) if n in self.model.ft else ()
+            if n in known and len(shape) == 2 and n not in norms:
+                norms[n] = torch.ones(shape[1])
+        return norms
+
+    def analytic_q(self, pruning: Pruning, names: Sequence[str], eta: float = 0.37,
+                   arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0) -> dict[str, float]:
+        """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η).
+
+        One pass measures mean(x_j) on the fine-tuned model; then each stage's deltas are read in turn.
+        """
+        stats, measured = self._stats(names)
+        means = _oriented({n: s.mean for n, s in stats.items()}, measured)
+        biases = {n[: -len("weight")] + "bias" for n in means}
+        wanted = [n for n in names if n in means or n in biases]
+        no_mask = Pruning(pruning.p, pruning.seed, _no_mask, pruning.base, pruning.base_names)
+        weight_q: dict[str, float] = {}
+        for stage in range(len(self.model.stages)):
+            masked = self.model.masked(stage, no_mask, wanted)
+            if masked is not None and masked.names:
+                weight_q.update(analytic_weight_q(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol))
+        return spread_weight_q([n for n in names if n in set(self.model.names())], weight_q, pruning.p)
+
+    def grid_q(self, pruning: Pruning, names: Sequence[str]) -> QSearchResult:
+        """Global q by a coarse then fine grid: the highest accuracy on the labelled calibration set for a
+        classifier, the lowest perplexity of the calibration text for a causal LM."""
+        if self.causal:
+            return select_q_grid(lambda qs: self._evaluate(qs, pruning, names, _TokenLoss), pruning.p, mode="min",
+                                 batched=True)
+        if self.labels is None:
+            raise ValueError(f"--q_mode grid needs labels to score a {type(self.model.model).__name__}")
+        labels = self.labels
+        return select_q_grid(lambda qs: self._evaluate(qs, pruning, names, lambda: _Accuracy(labels)), pruning.p,
+                             mode="max", batched=True)
+
+    def _evaluate(self, qs: list[float], pruning: Pruning, names: Sequence[str], metric: Callable[[], Any]
+                  ) -> list[float]:
+        scores = [metric() for _ in qs]
+        self.model.run(self.batches, qs, lambda c, b, out: scores[c].add(b, self.batches[b], out), pruning=pruning,
+                       pruned=names)
+        return [s.value() for s in scores]
+
+    def unlabelled_q(self, pruning: Pruning, names: Sequence[str]) -> QSearchResult:
+        """Global q minimising the mean last-layer output change ``mean |h_last(ft) − h_last(pruned)|``."""
+        ref: dict[int, torch.Tensor] = {}
+
+        def distances(qs: list[float]) -> list[float]:
+            candidates: list[Candidate] = ([] if ref else [None]) + list(qs)
+            diffs: list[list[torch.Tensor]] = [[] for _ in candidates]
+
+            def finish(c: int, b: int, out: Any) -> None:
+                h = out.hidden_states[-1].to(torch.float32)
+                if candidates[c] is None:
+                    ref[b] = h
+                else:
+                    diffs[c].append((h - ref[b]).abs().mean())
+
+            self.model.run(self.batches, candidates, finish, pruning=pruning, pruned=names,
+                           output_hidden_states=True)
+            return [float(torch.stack(d).mean()) for c, d in zip(candidates, diffs) if c is not None]
+
+        return select_q_grid(distances, pruning.p, mode="min", batched=True)
 
 
-def _forward(model: nn.Module, batch: Batch) -> Any:
-    return model(**batch)
+def _no_mask(name: str, delta: torch.Tensor) -> torch.Tensor:
+    """A keep-all mask that costs no memory: the analytic q reads only the deltas."""
+    return torch.ones((), dtype=torch.bool).expand(delta.shape)
 
 
-def _last_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(**batch, output_hidden_states=True).hidden_states[-1]
+class _Accuracy:
+    def __init__(self, labels: Sequence[torch.Tensor]) -> None:
+        self.labels, self.correct, self.total = labels, 0, 0
+
+    def add(self, b: int, batch: Batch, out: Any) -> None:
+        y = self.labels[b]
+        self.correct += int((out.logits.argmax(-1) == y).sum())
+        self.total += len(y)
+
+    def value(self) -> float:
+        return self.correct / self.total
+
+
+class _TokenLoss:
+    """Summed next-token cross-entropy over the real (unpadded) tokens; its value is the perplexity."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, b: int, batch: Batch, out: Any) -> None:
+        ids, mask = batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        logits = out.logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        self.total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                        ignore_index=-100, reduction="sum"))
+        self.count += int((target != -100).sum())
+
+    def value(self) -> float:
+        if not self.count:
+            raise ValueError("--calib_data: no text to score (every row is at most one token long)")
+        return float(torch.exp(torch.tensor(self.total / self.count)))
+
+
+@torch.no_grad()
+def causal_lm_perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """exp(mean next-token cross-entropy) over every real (unpadded) token of ``batches``, for a model in memory."""
+    loss = _TokenLoss()
+    for b, batch in enumerate(batches):
+        loss.add(b, batch, model(**batch))
+    return loss.value()
 
 
 @torch.no_grad()
 def input_norms(model: nn.Module, batches: Sequence[Batch], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{weight name: [in] ‖x_j‖₂}`` for the 2-D tensors among ``names``.
+    """``{weight name: [in] ‖x_j‖₂}`` for the 2-D tensors among ``names``, for a model in memory.
 
     ``nn.Linear`` weights get their measured input norms. GPT-2's ``Conv1D`` weights, stored ``[in, out]``, get
     them as ``[in, 1]``, which tells WANDA to rank within output columns. Other matrices (embeddings, tied heads)
     have no per-column input, so they get all-ones norms: WANDA then ranks by |δ| within each row (magnitude).
     """
-    norms = _input_vectors(model, batches, names, "norm")
+    measured = _measured_weights(model, names)
+    stats = collect_input_stats(model, batches, lambda m, b: m(**b), names=list(measured))
+    norms = _oriented({n: s.norm for n, s in stats.items()}, measured)
     sd = model.state_dict()
     for n in names:
         if n in sd and sd[n].ndim == 2 and n not in norms:
@@ -194,89 +330,7 @@ def _measured_weights(model: nn.Module, names: Sequence[str]) -> dict[str, bool]
             if (isinstance(mod, nn.Linear) or is_input_major(mod)) and f"{m}.weight" in wanted}
 
 
-def _input_vectors(model: nn.Module, batches: Sequence[Batch], names: Sequence[str],
-                   which: Literal["norm", "mean"]) -> dict[str, torch.Tensor]:
-    """``{weight name: ‖x‖ or mean(x)}`` of the measured weights among ``names``: ``[in]`` for an output-major
-    weight, ``[in, 1]`` for an input-major one (which WANDA and the analytic q read transposed)."""
-    measured = _measured_weights(model, names)
-    stats = collect_input_stats(model, batches, _forward, names=list(measured))
-    vectors = {n: getattr(s, which) for n, s in stats.items()}
-    return {n: v[:, None] if measured[n] else v for n, v in vectors.items()}
-
-
-@torch.no_grad()
-def masked_delta(model: nn.Module, base: str, names: Sequence[str], spec: PruneSpec,
-                 input_norms: Mapping[str, torch.Tensor] | None = None,
-                 base_names: Mapping[str, str] | None = None) -> MaskedDelta:
-    """The masked delta of ``model`` (fine-tuned weights) against the ``base`` checkpoint, over ``names``.
-
-    The mask is the one ``spec``'s method applies (:func:`~lifelong_delta.delta.methods.keep_mask_for`: DARE's
-    random mask, the magnitude/WANDA top-k or the structural rows/columns), so a q found on it is the q of the
-    streamed prune. ``base_names`` maps a fine-tuned tensor name to its base name when they differ by a prefix.
-    """
-    sd = model.state_dict()
-    names = [n for n in names if n in sd]
-    if not names:
-        raise ValueError(f"none of the checkpoint's tensor names is a parameter of the loaded "
-                         f"{type(model).__name__}; q_mode needs the model class the checkpoint was saved from")
-    with CheckpointReader(base) as rb:
-        base_sd = {n: rb.get((base_names or {}).get(n, n)) for n in names}
-    norms = input_norms or {}
-    return MaskedDelta.build(base_sd, {n: sd[n] for n in names}, spec.p, seed=spec.seed,
-                             keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)))
-
-
-def analytic_q(
-    model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], eta: float = 0.37,
-    arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0,
-) -> dict[str, float]:
-    """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η)."""
-    means = _input_vectors(model, batches, masked.names, "mean")
-    return analytic_q_per_layer(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol)
-
-
-def grid_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch],
-           labels: Sequence[torch.Tensor] | None, p: float) -> QSearchResult:
-    """Global q by a coarse then fine grid: the highest accuracy on the labelled calibration set for a classifier,
-    the lowest perplexity of the calibration text for a causal LM (``labels`` None)."""
-
-    @torch.no_grad()
-    def accuracy(q: float) -> float:
-        masked.apply_(model, q)
-        correct = total = 0
-        for batch, y in zip(batches, labels or ()):
-            correct += int((model(**batch).logits.argmax(-1) == y).sum())
-            total += len(y)
-        return correct / total
-
-    @torch.no_grad()
-    def perplexity(q: float) -> float:
-        masked.apply_(model, q)
-        return causal_lm_perplexity(model, batches)
-
-    if labels is None:
-        if not is_causal_lm(type(model).__name__):
-            raise ValueError(f"--q_mode grid needs labels to score a {type(model).__name__}")
-        return select_q_grid(perplexity, p, mode="min")
-    return select_q_grid(accuracy, p, mode="max")
-
-
-@torch.no_grad()
-def causal_lm_perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """exp(mean next-token cross-entropy) over every real (unpadded) token of ``batches``."""
-    total = count = 0.0
-    for batch in batches:
-        ids, mask = batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        logits = model(**batch).logits[:, :-1].float()
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                   ignore_index=-100, reduction="sum"))
-        count += int((target != -100).sum())
-    if not count:
-        raise ValueError("--calib_data: no text to score (every row is at most one token long)")
-    return float(torch.exp(torch.tensor(total / count)))
-
-
-def unlabelled_q(model: nn.Module, masked: MaskedDelta, batches: Sequence[Batch], p: float) -> QSearchResult:
-    """Global q minimising the mean last-layer output change (no labels)."""
-    return select_q_unlabelled(model, masked, list(batches), _last_hidden, p)
+def _oriented(vectors: Mapping[str, torch.Tensor], input_major: Mapping[str, bool]) -> dict[str, torch.Tensor]:
+    """``[in]`` vectors of output-major weights, ``[in, 1]`` of input-major ones (which WANDA and the analytic q
+    read transposed)."""
+    return {n: v[:, None] if input_major[n] else v for n, v in vectors.items()}

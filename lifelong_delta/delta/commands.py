@@ -215,23 +215,21 @@ def _prune(args: dict) -> PruneSummary:
     if calibrating:
         from lifelong_delta.delta import calibration as cal
 
-        model, batches, labels = cal.load(finetuned, a["calib_data"], need_labels=q_mode == "grid",
-                                          samples=a["calib_samples"], batch_size=a["batch_size"],
-                                          max_length=a["max_length"])
-        if METHODS[method].needs_input_norms:
-            input_norms = cal.input_norms(model, batches, pruned)
-        if q_mode is not None:
-            masked = cal.masked_delta(model, base, pruned, spec, input_norms, base_names=match.base_names)
-            if q_mode == "analytic":
-                q_per_tensor = cal.analytic_q(model, masked, batches, eta=a["eta"],
-                                              arithmetic=a["analytic_arithmetic"], tie_rtol=a["analytic_tie_rtol"])
-            else:
-                result = (cal.grid_q(model, masked, batches, labels, spec.p) if q_mode == "grid"
-                          else cal.unlabelled_q(model, masked, batches, spec.p))
-                _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
-                                 + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
-                spec = replace(spec, q=result.q)
-        del model
+        with cal.load(finetuned, a["calib_data"], need_labels=q_mode == "grid", samples=a["calib_samples"],
+                      batch_size=a["batch_size"], max_length=a["max_length"]) as calib, CheckpointReader(base) as rb:
+            if METHODS[method].needs_input_norms:
+                input_norms = calib.input_norms(pruned)
+            if q_mode is not None:
+                pruning = calib.pruning(spec, rb, match.base_names, input_norms)
+                if q_mode == "analytic":
+                    q_per_tensor = calib.analytic_q(pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"],
+                                                    tie_rtol=a["analytic_tie_rtol"])
+                else:
+                    result = (calib.grid_q(pruning, pruned) if q_mode == "grid"
+                              else calib.unlabelled_q(pruning, pruned))
+                    _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
+                                     + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
+                    spec = replace(spec, q=result.q)
 
     summary = stream_prune(base, finetuned, out, spec, overwrite=a["overwrite"], out_shard_size=a["out_shard_size"],
                            progress=a["progress"], input_norms=input_norms, q_per_tensor=q_per_tensor)

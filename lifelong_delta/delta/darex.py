@@ -178,22 +178,26 @@ def default_coarse_grid(p: float, n: int = 6) -> list[float]:
 
 
 def select_q_grid(
-    evaluate: Callable[[float], float],
+    evaluate: Callable[[float], float] | Callable[[list[float]], Sequence[float]],
     p: float,
     coarse: Sequence[float] | None = None,
     fine_steps: int = 5,
     *,
     mode: Literal["max", "min"] = "max",
+    batched: bool = False,
 ) -> QSearchResult:
     """Global q by a coarse grid over ``[1 - p, 1]`` and then a fine grid around the best coarse q.
 
     Args:
-        evaluate: ``evaluate(q)`` returns the validation metric with the model rescaled by 1/q.
+        evaluate: ``evaluate(q)`` returns the validation metric with the model rescaled by 1/q; with
+            ``batched``, ``evaluate([q, ...])`` returns the metrics of several q's at once (a layer-by-layer pass
+            runs them side by side).
         p: Drop rate.
         coarse: Coarse candidates (default :func:`default_coarse_grid`).
         fine_steps: Number of fine candidates evenly spaced strictly between the best coarse q's
             neighbours (0: none); a candidate equal to an evaluated q is not evaluated again.
         mode: Maximise (accuracy) or minimise (loss, distance) the metric.
+        batched: ``evaluate`` takes a list of q's (the coarse grid, then the fine grid).
 
     Returns:
         :class:`QSearchResult` with the best q and the full table.
@@ -212,23 +216,25 @@ def select_q_grid(
     table: list[tuple[float, float]] = []
     seen: dict[float, float] = {}
 
-    def run(q: float) -> float:
-        q = round(q, 12)  # candidates that coincide up to rounding are evaluated once
-        if q not in seen:
-            v = float(evaluate(q))
+    def run(qs: list[float]) -> None:
+        new = [q for q in dict.fromkeys(round(q, 12) for q in qs) if q not in seen]  # each q once
+        values = list(evaluate(new)) if batched and new else [evaluate(q) for q in new]  # type: ignore[arg-type]
+        for q, v in zip(new, values, strict=True):
+            v = float(v)
             if not math.isfinite(v):
                 raise ValueError(f"evaluate({q:g}) returned {v}; the metric must be a finite number")
             seen[q] = v
             table.append((q, v))
-        return seen[q]
 
-    best = max(grid, key=lambda q: sign * run(q))
+    run(grid)
+    best = max(grid, key=lambda q: sign * seen[q])
     i = grid.index(best)
     lo = grid[i - 1] if i > 0 else best
     hi = grid[i + 1] if i + 1 < len(grid) else best
     if fine_steps and hi > lo:
-        fine = [lo + (hi - lo) * k / (fine_steps + 1) for k in range(1, fine_steps + 1)]
-        best = max([best, *(round(q, 12) for q in fine)], key=lambda q: sign * run(q))
+        fine = [round(lo + (hi - lo) * k / (fine_steps + 1), 12) for k in range(1, fine_steps + 1)]
+        run(fine)
+        best = max([best, *fine], key=lambda q: sign * seen[q])
     return QSearchResult(q=best, table=table)
 
 

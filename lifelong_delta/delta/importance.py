@@ -7,14 +7,16 @@ WANDA on the delta follows Sun et al., arXiv 2306.11695. Input norms come from :
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["InputStats", "collect_input_stats", "importance_keep", "importance_prune", "n_keep", "importance_scores"]
+__all__ = ["InputRecorder", "InputStats", "collect_input_stats", "importance_keep", "importance_prune",
+           "importance_scores", "linear_modules", "n_keep"]
 
 Score = Literal["magnitude", "wanda"]
 Rescale = Literal["none", "dare", "q"]
@@ -45,6 +47,58 @@ def is_input_major(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
+class InputRecorder:
+    """Forward hooks that add up the input statistics of linear modules, over as many forward passes as it sees.
+
+    ``with recorder.attached({name: module, ...}):`` hooks the given modules for the calls inside the block; sums
+    of one name accumulate across blocks, so a model run in parts (one layer at a time) gives the sums of one
+    whole pass. Tokens are all leading dims of the input flattened; sums are fp32, in call order.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[Any]] = {}
+
+    @contextmanager
+    def attached(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        acc = self._sums.setdefault(name, [None, None, 0])
+
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            s1, s2 = x.sum(0), (x * x).sum(0)
+            acc[0] = s1 if acc[0] is None else acc[0] + s1
+            acc[1] = s2 if acc[1] is None else acc[1] + s2
+            acc[2] += x.shape[0]
+        return fn
+
+    def stats(self, names: Iterable[str]) -> dict[str, InputStats]:
+        """``{name: InputStats}`` of ``names``.
+
+        Raises:
+            ValueError: no input reached one of them.
+        """
+        out: dict[str, InputStats] = {}
+        for n in names:
+            s1, s2, count = self._sums.get(n, (None, None, 0))
+            if count == 0:
+                raise ValueError(f"batches: no calibration input reached {n!r}; pass at least one batch")
+            out[n] = InputStats(mean=(s1 / count).cpu(), sq_norm=s2.cpu(), count=count)
+        return out
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<module path>.weight": module}`` of every ``nn.Linear`` (and GPT-2 ``Conv1D``) of ``model``."""
+    return {f"{path}.weight" if path else "weight": m for path, m in model.named_modules()
+            if isinstance(m, nn.Linear) or is_input_major(m)}
+
+
 def collect_input_stats(
     model: nn.Module,
     batches: Iterable[Any],
@@ -65,40 +119,18 @@ def collect_input_stats(
     Raises:
         ValueError: a requested name is not the weight of an ``nn.Linear``, or no batch was seen.
     """
-    linears = {f"{path}.weight" if path else "weight": m for path, m in model.named_modules()
-               if isinstance(m, nn.Linear) or is_input_major(m)}
+    linears = linear_modules(model)
     wanted = list(linears) if names is None else list(names)
     missing = [n for n in wanted if n not in linears]
     if missing:
         raise ValueError(f"names: {missing[0]!r} is not the weight of an nn.Linear in the model "
                          f"({len(missing)} such names)")
-    sums: dict[str, list[Any]] = {n: [None, None, 0] for n in wanted}
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            acc = sums[name]
-            s1, s2 = x.sum(0), (x * x).sum(0)
-            acc[0] = s1 if acc[0] is None else acc[0] + s1
-            acc[1] = s2 if acc[1] is None else acc[1] + s2
-            acc[2] += x.shape[0]
-        return fn
-
-    handles = [linears[n].register_forward_hook(hook(n)) for n in wanted]
+    recorder = InputRecorder()
     run = forward_fn or (lambda m, b: m(b))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    out: dict[str, InputStats] = {}
-    for n, (s1, s2, count) in sums.items():
-        if count == 0:
-            raise ValueError(f"batches: no calibration input reached {n!r}; pass at least one batch")
-        out[n] = InputStats(mean=(s1 / count).cpu(), sq_norm=s2.cpu(), count=count)
-    return out
+    with recorder.attached({n: linears[n] for n in wanted}), torch.no_grad():
+        for batch in batches:
+            run(model, batch)
+    return recorder.stats(wanted)
 
 
 def n_keep(n: int, p: float) -> int:

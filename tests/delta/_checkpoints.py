@@ -135,3 +135,17 @@ def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False, arch: str 
     tokenizer_json["padding"] = None
     (root / "ft" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     return model
+
+
+def whole_model(directory: Path) -> torch.nn.Module:
+    """The model of a Hugging Face directory loaded whole in fp32 (eval mode), from exactly the tensors the
+    :class:`~lifelong_delta.delta.io.CheckpointReader` reads: the reference for layer-by-layer calibration."""
+    import transformers
+
+    from lifelong_delta.delta.io import CheckpointReader
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = getattr(transformers, config.architectures[0])
+    with CheckpointReader(directory) as reader:
+        state = {n: t.float() if t.is_floating_point() else t for n, t in reader}
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32).eval()

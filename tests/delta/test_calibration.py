@@ -126,8 +126,8 @@ def test_q_modes_for_importance_and_structural(tiny_bert, tmp_path, method, q_mo
     if method == "wanda":
         from lifelong_delta.delta import calibration as cal
 
-        model, batches, _ = cal.load(str(ft), str(data), need_labels=False, samples=8, batch_size=4, max_length=128)
-        norms = cal.input_norms(model, batches, [name])[name]
+        with cal.load(str(ft), str(data), need_labels=False, samples=8, batch_size=4, max_length=128) as calib:
+            norms = calib.input_norms([name])[name]
         with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(tmp_path / "out") as ro:
             want = prune_tensor(name, rb.get(name), rf.get(name), spec, input_norms=norms)
             assert torch.equal(ro.get(name), want)

@@ -16,8 +16,9 @@ from lifelong_delta.delta import calibration as cal
 from lifelong_delta.delta.analytic_q import analytic_q_per_layer
 from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import collect_input_stats
+from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec
-from tests.delta._checkpoints import read_checkpoint, tiny_llama_pair
+from tests.delta._checkpoints import read_checkpoint, tiny_llama_pair, whole_model
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
@@ -63,9 +64,9 @@ def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_m
 def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
     """Brute force: each text alone (no padding), HF's own shifted loss, weighted by its token count."""
     root, data = llama
-    model, batches, labels = cal.load(str(root / "ft"), str(data), need_labels=True, samples=5, batch_size=2,
-                                      max_length=64)
-    assert labels is None  # a causal LM is scored on its text, so grid needs no label column
+    with cal.load(str(root / "ft"), str(data), need_labels=True, samples=5, batch_size=2, max_length=64) as calib:
+        assert calib.labels is None  # a causal LM is scored on its text, so grid needs no label column
+    model = whole_model(root / "ft")
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(root / "ft")
@@ -76,15 +77,14 @@ def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
             n = ids.shape[1] - 1
             total += float(model(input_ids=ids, labels=ids).loss) * n
             count += n
-    assert cal.causal_lm_perplexity(model, batches) == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert cal.causal_lm_perplexity(model, calib.batches) == pytest.approx(math.exp(total / count), rel=1e-4)
 
 
 def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
     root, data = llama
-    model, batches, _ = cal.load(str(root / "ft"), str(data), need_labels=False, samples=5, batch_size=2,
-                                 max_length=64)
-    names = [n for n, p in model.state_dict().items() if p.dim() == 2]
-    norms = cal.input_norms(model, batches, names)
+    names = [n for n, p in read_checkpoint(root / "ft").items() if p.dim() == 2]
+    with cal.load(str(root / "ft"), str(data), need_labels=False, samples=5, batch_size=2, max_length=64) as calib:
+        norms = calib.input_norms(names)
     for layer in range(2):
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
@@ -120,10 +120,9 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "w"), "--method", "wanda"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    loaded, batches, _ = cal.load(str(tmp_path / "ft"), str(data), need_labels=False, samples=5, batch_size=2,
-                                  max_length=128)
+    calib = cal.load(str(tmp_path / "ft"), str(data), need_labels=False, samples=5, batch_size=2, max_length=128)
     name = "transformer.h.0.attn.c_attn.weight"  # [in 32, out 96]
-    norms = cal.input_norms(loaded, batches, [name])[name]
+    norms = calib.input_norms([name])[name]
     assert norms.shape == (32, 1)
     base, ft, out = (read_checkpoint(p)[name] for p in (tmp_path / "base", tmp_path / "ft", tmp_path / "w"))
     delta = ft.float() - base.float()
@@ -135,11 +134,13 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q",
                           "--q_mode", "analytic"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    means = {n: s.mean for n, s in collect_input_stats(loaded, batches, lambda m, b: m(**b), names=[name]).items()}
+    loaded = whole_model(tmp_path / "ft")
+    means = {n: s.mean for n, s in collect_input_stats(loaded, calib.batches, lambda m, b: m(**b),
+                                                       names=[name]).items()}
     bias = name[: -len("weight")] + "bias"
-    got = cal.analytic_q(loaded, cal.masked_delta(loaded, str(tmp_path / "base"), [name, bias],
-                                                  PruneSpec("darex-q", 0.5, q=0.5)), batches,
-                         arithmetic="float64")[name]  # float16 keeps a small delta's q at 1 - p: no contrast
+    with calib, CheckpointReader(tmp_path / "base") as rb:
+        got = calib.analytic_q(calib.pruning(PruneSpec("darex-q", 0.5, q=0.5), rb), [name, bias],
+                               arithmetic="float64")[name]  # float16 keeps a small delta's q at 1 - p: no contrast
     want = analytic_q_per_layer(_transposed_masked(tmp_path, name), {name: means[name]}, arithmetic="float64")[name]
     transposed_wrongly = analytic_q_per_layer(_transposed_masked(tmp_path, name, transpose=False),
                                               {name: means[name].repeat(3)[:96]}, arithmetic="float64")[name]

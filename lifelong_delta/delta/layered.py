@@ -1,0 +1,321 @@
+"""Forward passes of a Hugging Face model whose weights stay on disk, one stage at a time.
+
+Calibration (WANDA's input norms, DAREx-q's q) needs forward passes of the fine-tuned model and of pruned versions
+of it. :class:`LayeredModel` runs them in bounded memory, the way the reference code of WANDA and SparseGPT does. The
+model is built with empty (meta) parameters, and its weights are read from the checkpoints one *stage* at a time:
+
+* the *outer* parameters (embeddings, final norm, heads), read once to embed the batches, before the blocks;
+* each repeated block (a decoder or encoder layer) in turn;
+* the outer parameters again, to finish the pass (final norm, head, logits).
+
+Every calibration batch goes through a stage before the next stage is read, so memory holds one stage's weights in
+fp32 plus the batches' activations, never the model.
+
+A pass runs *candidates* side by side through each stage: the fine-tuned weights (``None``), and pruned models
+``θ_pre + kept / q`` for float q's, with the keep-mask of the prune's method
+(:class:`~lifelong_delta.delta.darex.MaskedDelta`, built once per stage and pass). The modules and operations are the
+whole model's, in fp32 and in the same order, so every result equals that of the model loaded whole in fp32, bit for
+bit; the tests check it on Llama, Qwen2, Mistral, GPT-2, BERT and MPNet.
+
+How a stage sees its inputs without the model's own loop: while the outer weights are loaded, each block's
+``forward`` is replaced by a stub that records its arguments (hidden states, attention mask, rotary or relative
+position tensors) and passes the hidden states on. The first block's hidden states are the embeddings; the other
+blocks' recorded arguments are reused with the real hidden states of the block before. To finish, the last block's
+stub returns the final hidden states, and the model's own code applies its final norm and head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lifelong_delta.delta.darex import MaskedDelta
+from lifelong_delta.delta.importance import InputRecorder, InputStats, linear_modules
+from lifelong_delta.delta.io import CheckpointReader
+
+__all__ = ["Candidate", "LayeredModel", "Pruning"]
+
+#: ``None``: the fine-tuned weights; a float q: ``θ_pre + kept / q``.
+Candidate = float | None
+Batch = dict[str, torch.Tensor]
+#: ``finish(candidate index, batch index, model output)``, called once per candidate and batch.
+Finish = Callable[[int, int, Any], None]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """How the float candidates are pruned: the drop rate, the seed and the method's keep-mask.
+
+    Attributes:
+        p: Drop rate.
+        seed: Mask seed.
+        keep_fn: ``keep_fn(name, fp32 delta) -> bool mask`` (:func:`~lifelong_delta.delta.methods.keep_mask_for`).
+        base: The pretrained checkpoint θ_pre.
+        base_names: Fine-tuned tensor name → base tensor name, where they differ.
+    """
+
+    p: float
+    seed: int
+    keep_fn: Callable[[str, torch.Tensor], torch.Tensor]
+    base: CheckpointReader
+    base_names: Mapping[str, str]
+
+
+class _Stop(Exception):
+    """Raised by the last block's recording stub: the embedding pass has what it needs."""
+
+
+@dataclass
+class _Call:
+    """The arguments one block was called with; the hidden states are its first argument (or a keyword)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        if self.args:
+            return block(hidden, *self.args[1:], **self.kwargs)
+        return block(**{**self.kwargs, "hidden_states": hidden})
+
+
+class LayeredModel:
+    """A Hugging Face model whose parameters are read from safetensors checkpoints one stage at a time.
+
+    Args:
+        cls: The model class (from the checkpoint's ``config.json``).
+        config: Its config.
+        finetuned: Reader of the fine-tuned checkpoint; tensor names are the model's ``state_dict`` names.
+        what: How error messages name the checkpoint (``--finetuned DIR``).
+
+    Raises:
+        ValueError: the checkpoint lacks a parameter of the model, or the model has no repeated blocks.
+    """
+
+    def __init__(self, cls: type, config: Any, finetuned: CheckpointReader, *, what: str) -> None:
+        from accelerate import init_empty_weights
+
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+        with init_empty_weights(include_buffers=False):
+            model = cls._from_config(config, dtype=torch.float32)
+        model.tie_weights()  # outside the context, which would give the tied head a new parameter of its own
+        self.model = model.eval()
+        self.ft = finetuned
+        self.blocks, self._prefix = _blocks(model, what)
+        # tied parameters (a tied lm_head) are one group: one tensor, set on every alias
+        groups: dict[int, list[str]] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+            self._shapes[name] = param.shape
+        self.source: dict[str, str] = {}  # first alias -> the name the checkpoint stores it under
+        missing = []
+        for names in groups.values():
+            src = next((n for n in names if n in finetuned), None)
+            if src is None:
+                missing.append(names[0])
+            else:
+                self.source[names[0]] = src
+        if missing:
+            raise ValueError(f"{what}: its weights lack {len(missing)} tensor(s) that a {cls.__name__} needs, e.g. "
+                             f"{missing[0]!r}; calibration needs the complete model")
+        self._aliases = {names[0]: names for names in groups.values()}
+        self.stages: list[list[str]] = [[] for _ in range(len(self.blocks) + 1)]  # [outer, block 0, block 1, ...]
+        for first in self._aliases:
+            self.stages[self._stage_of(first)].append(first)
+        self._tuple_out: int | None = None  # a block returns (hidden, ...) of this length, or a tensor (0)
+
+    def _stage_of(self, name: str) -> int:
+        """0 for an outer parameter, ``i + 1`` for one of block ``i``."""
+        head = f"{self._prefix}."
+        if not name.startswith(head):
+            return 0
+        index = name[len(head):].split(".", 1)[0]
+        return int(index) + 1 if index.isdigit() and int(index) < len(self.blocks) else 0
+
+    def names(self) -> list[str]:
+        """Every checkpoint tensor name the model reads."""
+        return list(self.source.values())
+
+    # parameters -------------------------------------------------------------------------------------------------
+
+    def _set(self, first: str, tensor: torch.Tensor | None) -> None:
+        """Give a parameter (and its tied aliases) ``tensor``, or an empty meta tensor again (``None``)."""
+        value = torch.empty(self._shapes[first], device="meta") if tensor is None else tensor
+        param = nn.Parameter(value, requires_grad=False)
+        for name in self._aliases[first]:
+            path, _, attr = name.rpartition(".")
+            self.model.get_submodule(path)._parameters[attr] = param
+
+    def _ft(self, name: str) -> torch.Tensor:
+        t = self.ft.get(name)
+        return t.to(torch.float32) if t.is_floating_point() else t
+
+    def masked(self, stage: int, pruning: Pruning | None, pruned: Collection[str]) -> MaskedDelta | None:
+        """The masked delta of the stage's pruned tensors (θ_pre read from the base checkpoint)."""
+        if pruning is None:
+            return None
+        wanted = set(pruned)
+        names = [self.source[f] for f in self.stages[stage] if self.source[f] in wanted]
+        base = {n: pruning.base.get(pruning.base_names.get(n, n)) for n in names}
+        return MaskedDelta.build(base, {n: self._ft(n) for n in names}, pruning.p, seed=pruning.seed,
+                                 keep_fn=pruning.keep_fn)
+
+    def _load(self, stage: int, candidate: Candidate, masked: MaskedDelta | None) -> None:
+        for first in self.stages[stage]:
+            src = self.source[first]
+            if candidate is not None and masked is not None and src in masked.keep:
+                self._set(first, masked.merged(src, candidate))
+            else:
+                self._set(first, self._ft(src))
+
+    def _unload(self, stage: int) -> None:
+        for first in self.stages[stage]:
+            self._set(first, None)
+
+    # the pass ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(
+        self,
+        batches: Sequence[Batch],
+        candidates: Sequence[Candidate],
+        finish: Finish,
+        *,
+        pruning: Pruning | None = None,
+        pruned: Sequence[str] = (),
+        measure: Sequence[str] = (),
+        output_hidden_states: bool = False,
+    ) -> dict[str, InputStats]:
+        """One forward pass of every candidate over every batch, stage by stage.
+
+        Args:
+            batches: Tokenized calibration batches (``model(**batch)``'s keyword arguments).
+            candidates: ``None`` (fine-tuned) and/or float q's; float q's need ``pruning``.
+            finish: Receives each candidate's model output on each batch, batch by batch.
+            pruning: How float candidates are pruned.
+            pruned: Checkpoint names of the tensors the prune changes (the others keep their fine-tuned values).
+            measure: Weight names of linear modules whose inputs are measured on the fine-tuned candidate.
+            output_hidden_states: Passed to the model when finishing (the unlabelled q reads the last one).
+
+        Returns:
+            ``{weight name: InputStats}`` of ``measure`` (empty when nothing is measured).
+        """
+        if any(c is not None for c in candidates) and pruning is None:
+            raise ValueError("pruned candidates need pruning= (p, seed, mask and base)")
+        if measure and None not in candidates:
+            raise ValueError("input statistics are measured on the fine-tuned candidate (None); add it")
+        pruned_set = set(pruned)
+        recorder = InputRecorder()
+        linears = {n: m for n, m in linear_modules(self.model).items() if n in set(measure)}
+        outer_linears = {n: m for n, m in linears.items() if self._stage_of(n) == 0}
+
+        def hooks(c: Candidate, modules: Mapping[str, nn.Module]) -> Any:
+            return recorder.attached(modules if c is None else {})
+
+        if all(c is None for c in candidates):
+            pruning = None
+        masked = self.masked(0, pruning, pruned_set)
+        calls: list[list[list[_Call]]] = []  # [candidate][batch][block]
+        for c in candidates:
+            self._load(0, c, masked)
+            with hooks(c, outer_linears):
+                calls.append([self._record(batch) for batch in batches])
+        self._unload(0)
+        del masked
+        hidden = [[b[0].hidden for b in per_c] for per_c in calls]
+        for i, block in enumerate(self.blocks):
+            stage = i + 1
+            masked = self.masked(stage, pruning, pruned_set)
+            mine = {n: m for n, m in linears.items() if self._stage_of(n) == stage}
+            for ci, c in enumerate(candidates):
+                self._load(stage, c, masked)
+                with hooks(c, mine):
+                    for bi in range(len(batches)):
+                        out = calls[ci][bi][i].run(block, hidden[ci][bi])
+                        if self._tuple_out is None:
+                            self._tuple_out = len(out) if isinstance(out, tuple) else 0
+                        hidden[ci][bi] = out[0] if isinstance(out, tuple) else out
+            self._unload(stage)
+            del masked
+        masked = self.masked(0, pruning, pruned_set)
+        for ci, c in enumerate(candidates):
+            self._load(0, c, masked)
+            with hooks(c, outer_linears):
+                for bi, batch in enumerate(batches):
+                    with self._stubbed(self._finish_stub(hidden[ci][bi])):
+                        out = self.model(**batch, output_hidden_states=output_hidden_states)
+                    finish(ci, bi, out)
+        self._unload(0)
+        return recorder.stats(measure) if measure else {}
+
+    def _record(self, batch: Batch) -> list[_Call]:
+        """Run the embedding part on one batch and return the arguments each block was called with."""
+        calls: list[_Call] = []
+        last = len(self.blocks) - 1
+
+        def stub(i: int) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                calls.append(_Call(args, kwargs))
+                if i == last:
+                    raise _Stop
+                return calls[-1].hidden
+            return forward
+
+        with self._stubbed(stub):
+            try:
+                self.model(**batch)
+            except _Stop:
+                pass
+        if len(calls) != len(self.blocks):
+            raise ValueError(f"{type(self.model).__name__} called {len(calls)} of its {len(self.blocks)} blocks; "
+                             "layer-by-layer calibration needs every block called once, in order")
+        return calls
+
+    def _finish_stub(self, final: torch.Tensor) -> Callable[[int], Callable[..., Any]]:
+        """Stubs for the finishing pass: every block passes its input on, the last returns ``final``."""
+        last = len(self.blocks) - 1
+        width = self._tuple_out or 0
+
+        def stub(i: int) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if i < last:
+                    return _Call(args, kwargs).hidden
+                return (final, *([None] * (width - 1))) if width else final
+            return forward
+        return stub
+
+    @contextmanager
+    def _stubbed(self, stub: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+        for i, block in enumerate(self.blocks):
+            block.forward = stub(i)
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.__dict__.pop("forward", None)
+
+
+def _blocks(model: nn.Module, what: str) -> tuple[nn.ModuleList, str]:
+    """The model's repeated blocks: the ``nn.ModuleList`` of one module class holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, path, module)
+    if best is None:
+        raise ValueError(f"{what}: a {type(model).__name__} has no list of repeated layers to calibrate one at a "
+                         "time")
+    return best[2], best[1]
+
+
