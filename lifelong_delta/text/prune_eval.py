@@ -1,9 +1,10 @@
-"""``make prune-eval``: prune MiniLM fine-tunes every way DARE the Extreme does; measure test accuracy.
+"""``make prune-eval``: prune encoder fine-tunes every way DARE the Extreme does; measure test accuracy.
 
 Deng et al., "DARE the Extreme: Revisiting Delta-Parameter Pruning for Fine-Tuned Models", arXiv 2410.09344.
 
 For each task (TREC, VADER) and cached fine-tune (AdamW, AdamR-L2, AdamR-L1, large-delta AdamW, LoRA; see
-:mod:`lifelong_delta.text.finetune`) it evaluates the test accuracy of the unpruned model and of its delta
+:mod:`lifelong_delta.text.finetune`) of one encoder (``backbone``: MiniLM by default, MPNet-base for
+``make prune-eval-base``) it evaluates the test accuracy of the unpruned model and of its delta
 ``δ = θ_ft − θ_pre`` pruned by
 
 * ``dare``: drop with probability p, rescale by 1/(1−p) (Yu et al., arXiv 2311.03099);
@@ -168,19 +169,20 @@ def _check(
         )
 
 
-def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[str]) -> None:
+def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[str], backbone: str) -> None:
     from lifelong_delta.text.finetune import all_finetunes, finetune_dir
 
     missing = [
         (t, f)
         for t in tasks
         for f in finetunes
-        if not (finetune_dir(t, f, cache_dir) / "finetune.json").is_file()
+        if not (finetune_dir(t, f, cache_dir, backbone=backbone) / "finetune.json").is_file()
     ]
     if not missing:
         return
+    where = finetune_dir(missing[0][0], "base", cache_dir, backbone=backbone).parent.parent
     print(
-        f"{len(missing)} fine-tune(s) not cached in {cache_dir}: "
+        f"{len(missing)} fine-tune(s) not cached in {where}: "
         f"{', '.join(f'{t}/{f}' for t, f in missing)}; fine-tuning them first",
         flush=True,
     )
@@ -188,6 +190,7 @@ def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[
         cache_dir,
         tasks=sorted({t for t, _ in missing}),
         recipes=[f for f in finetunes if f in {m for _, m in missing}],
+        backbone=backbone,
     )
 
 
@@ -215,6 +218,7 @@ def prune_eval(
     threads: int | None = 1,
     jobs: int | None = None,
     progress: bool = True,
+    backbone: str = "minilm",
 ) -> dict[str, str]:
     """Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.
 
@@ -225,7 +229,8 @@ def prune_eval(
     ``summary.md`` and ``accuracy_vs_p.png``.
 
     Args:
-        cache_dir: root of the fine-tune cache (``<cache_dir>/<task>/<recipe>``, ``<task>/base``).
+        cache_dir: root of the fine-tune cache (``<cache_dir>/<task>/<recipe>``, ``<task>/base``; a backbone's
+            ``cache_subdir`` goes between, MPNet's ``<cache_dir>/mpnet/<task>/<recipe>``).
         out: output directory.
         tasks: ``trec`` and/or ``vader``.
         finetunes: recipes to evaluate (``adamw``, ``adamr-l2``, ``adamr-l1``, ``adamw-large``, ``lora``).
@@ -255,6 +260,9 @@ def prune_eval(
             at most one per fine-tune). The rows do not depend on it: every fine-tune's evaluation is
             deterministic and independent of the others.
         progress: show progress (a bar on a terminal, a line every 10 s elsewhere).
+        backbone: the encoder whose fine-tunes are pruned, ``minilm`` or ``mpnet`` (MPNet-base, 110 M
+            parameters: fine-tunes ~5x and evaluations ~8x MiniLM's time), a key of
+            :data:`~lifelong_delta.text.backbones.BACKBONES`.
 
     Returns:
         ``{"results": path, "summary": path, "plot": path, "q_choices": path, "recommend": path}``.
@@ -288,11 +296,14 @@ def prune_eval(
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1 or None (one per core), got {jobs}")
+    from lifelong_delta.text.backbones import get_backbone
+
+    get_backbone(backbone)
     outputs.check_can_create(out, option="--out")  # before hours of work, not after
     outputs.check_can_create(cache_dir, option="--cache_dir")
     start = time.perf_counter()
     # with torch's own thread count, as `lifelong-delta finetune` runs them: a fine-tune's weights depend on it
-    _ensure_finetunes(args["cache_dir"], args["tasks"], args["finetunes"])
+    _ensure_finetunes(args["cache_dir"], args["tasks"], args["finetunes"], backbone)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads)
     try:
@@ -308,8 +319,9 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     from lifelong_delta.text.prune_eval_report import write_outputs
 
     tasks, finetunes, ps, seeds = args["tasks"], args["finetunes"], args["ps"], args["seeds"]
-    cache_dir, low_p_seeds = args["cache_dir"], args["low_p_seeds"]
-    dirs = {(t, f): finetune_dir(t, f, cache_dir) for t in tasks for f in finetunes}
+    cache_dir, low_p_seeds, backbone = args["cache_dir"], args["low_p_seeds"], args["backbone"]
+    dirs = {(t, f): finetune_dir(t, f, cache_dir, backbone=backbone) for t in tasks for f in finetunes}
+    base_dirs = {t: finetune_dir(t, "base", cache_dir, backbone=backbone) for t in tasks}
     splits = {
         k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)
         for k, d in dirs.items()
@@ -329,7 +341,7 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     unit_cost: dict[tuple[str, str], float] = {}
 
     def load(u: tuple[str, str]) -> FinetuneRun:
-        return FinetuneRun(*u, dirs[u], finetune_dir(u[0], "base", cache_dir), splits[u], s)
+        return FinetuneRun(*u, dirs[u], base_dirs[u[0]], splits[u], s)
 
     per_token, per_rewrite = load(units[0]).probe_speed()  # the probe's model is freed right after
     for u in units:
@@ -350,7 +362,7 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
         if jobs == 1:  # one fine-tune in memory at a time
             results = {u: _unit_outputs(load(u), unit_cells[u], ps, bar) for u in units}
         else:
-            results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, cache_dir, jobs, bar)
+            results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, base_dirs, jobs, bar)
     rows = [r for u in units for r in results[u][0]]
     qrows = [r for u in units for r in results[u][1]]
     recs = [r for u in units for r in results[u][2]]
@@ -371,6 +383,7 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
                 "lora_methods",
                 "extreme_methods",
                 "cache_dir",
+                "backbone",
             )
         },
         "settings": s.as_dict(),
@@ -431,7 +444,7 @@ def _worker(
 
 def _run_parallel(
     units: list[tuple[str, str]], unit_cells: dict, unit_cost: dict, dirs: dict, splits: dict, s: Settings,
-    ps: list[float], cache_dir: str, jobs: int, bar: Any,
+    ps: list[float], base_dirs: dict, jobs: int, bar: Any,
 ) -> dict[tuple[str, str], tuple]:
     """The fine-tunes spread over ``jobs`` spawned processes, longest first; results keyed by fine-tune.
 
@@ -442,14 +455,12 @@ def _run_parallel(
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from lifelong_delta.text.finetune import finetune_dir
-
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         q = manager.Queue()
         futures = {
             pool.submit(
-                _worker, u, unit_cells[u], dirs[u], finetune_dir(u[0], "base", cache_dir), splits[u], s, ps,
+                _worker, u, unit_cells[u], dirs[u], base_dirs[u[0]], splits[u], s, ps,
                 torch.get_num_threads(), q,
             ): u
             for u in sorted(units, key=lambda u: -unit_cost[u])

@@ -106,21 +106,19 @@ def task_splits(
     """Test / validation / calibration sets of ``hparams["task"]`` with the fine-tune's split (memoised).
 
     Args:
-        hparams: a fine-tune's hparams (``task``, ``split_seed``, ``max_length``, caps).
+        hparams: a fine-tune's hparams (``task``, ``split_seed``, ``max_length``, caps, ``backbone``: whose
+            tokenizer; ``minilm`` when absent).
         max_test: stratified cap on the test split (None: all of it).
         max_val: stratified cap on the validation split (for the q grid).
         n_calib: number of unlabelled training inputs for calibration.
         batch_size: examples per forward pass.
     """
-    from lifelong_delta.text.data import (
-        TextClassificationDataModule,
-        load_task,
-        minilm_dir,
-        stratified_take,
-        tokenize,
-    )
+    from lifelong_delta.text.backbones import get_backbone
+    from lifelong_delta.text.data import TextClassificationDataModule, load_task, stratified_take, tokenize
 
+    backbone = hparams.get("backbone", "minilm")
     key = (
+        backbone,
         hparams["task"],
         hparams.get("split_seed", 0),
         hparams["max_length"],
@@ -141,7 +139,7 @@ def task_splits(
         max_eval_examples=hparams.get("max_eval_examples"),
     )
     data = load_task(hparams["task"])
-    tokens = tokenize(data.texts, minilm_dir(), hparams["max_length"])
+    tokens = tokenize(data.texts, get_backbone(backbone).locate(), hparams["max_length"])
     idx = dm.split_indices()
     chosen = {
         "test": stratified_take(idx["test"], data.labels, max_test),

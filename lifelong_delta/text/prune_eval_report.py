@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
+from lifelong_delta.text.backbones import BACKBONES
 
 __all__ = [
     "METHOD_STYLE",
@@ -160,7 +161,8 @@ def summary_markdown(
     """The readable report: set-up, accuracy (mean ± std over seeds), chosen q, and recommend's picks."""
     agg = aggregate(rows)
     s = meta.get("settings", {})
-    lines = ["# Delta-pruning study: MiniLM fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
+    label = BACKBONES[meta["backbone"]].label if meta.get("backbone") in BACKBONES else "MiniLM"
+    lines = [f"# Delta-pruning study: {label} fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
     lines += [
         (
             f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min with {meta.get('jobs', 1)} "
