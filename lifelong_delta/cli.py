@@ -210,6 +210,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune-eval": ("lifelong_delta.text.prune_eval:prune_eval",
                    "Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and "
                    "a plot."),
+    "prune-eval-decoder": ("lifelong_delta.studies.prune_eval_decoder:prune_eval_decoder",
+                           "Pretrain a small Llama offline, fine-tune it two ways, prune every way, and write the "
+                           "held-out perplexities, a summary and a plot."),
 }
 
 

@@ -1,0 +1,8 @@
+"""Studies: recipes that compose the library's components into one experiment and its report.
+
+A study imports the library (``delta``, ``optim``, ``text``, ...); nothing in the library imports a study, and no
+study imports ``lifelong_delta.cli`` (which lists them as subcommands).
+
+* :mod:`lifelong_delta.studies.prune_eval_decoder`: ``make prune-eval-decoder``, delta pruning of a small Llama
+  pretrained and fine-tuned offline (DARE the Extreme, arXiv 2410.09344).
+"""
