@@ -49,7 +49,11 @@ class Method:
         needs_input_norms: The method needs ``‖x_j‖₂`` from calibration activations for 2-D weights.
         random_mask: DARE's counter-based mask with the rescale 1/q: output element i depends on element i and its
             flat index only, so whole checkpoints stream chunk by chunk through the fused DARE kernels (on raw
-            bf16/fp32 words, without torch); other methods see one whole tensor at a time.
+            bf16/fp32 words, without torch).
+        row_local: The mask of each output row of a weight (``shape[0]`` slices of a tensor of 2 or more dims)
+            depends on that row alone (top-k per row), so such tensors stream a block of rows at a time. A weight
+            stored input-major (GPT-2's ``Conv1D``, WANDA norms of shape ``[in, 1]``), 0/1-D tensors, and methods
+            with neither property see one whole tensor at a time.
     """
 
     fn: Callable[..., torch.Tensor]
@@ -57,6 +61,7 @@ class Method:
     default_rescale: RescaleName
     needs_input_norms: bool = False
     random_mask: bool = False
+    row_local: bool = False
 
 
 @dataclass
@@ -269,9 +274,10 @@ METHODS: dict[str, Method] = {
     # DAREx-q, Deng et al., "DARE the Extreme", https://arxiv.org/abs/2410.09344 (§4)
     "darex-q": Method(_dare, "https://arxiv.org/abs/2410.09344", "q", random_mask=True),
     # Magnitude pruning of the delta (importance-based DPP), https://arxiv.org/abs/2410.09344 (§5)
-    "magnitude": Method(_importance, "https://arxiv.org/abs/2410.09344", "none"),
+    "magnitude": Method(_importance, "https://arxiv.org/abs/2410.09344", "none", row_local=True),
     # WANDA (Sun et al.) https://arxiv.org/abs/2306.11695, on the delta as in https://arxiv.org/abs/2410.09344
-    "wanda": Method(_importance, "https://arxiv.org/abs/2306.11695", "none", needs_input_norms=True),
+    "wanda": Method(_importance, "https://arxiv.org/abs/2306.11695", "none", needs_input_norms=True,
+                    row_local=True),
     # Structural (row/column) delta pruning with DAREx-q rescale, https://arxiv.org/abs/2410.09344 (§5)
     "structural": Method(_structural, "https://arxiv.org/abs/2410.09344", "q"),
 }

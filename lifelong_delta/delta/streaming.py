@@ -2,8 +2,9 @@
 
 Layer 2 (no Lightning). Tensors are read a chunk at a time (a mapped range, or a plain read into a reused buffer)
 and written as they are produced (see :mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE
-and DAREx-q, whose masks are a function of the flat element index, run chunk by chunk, so memory stays at a few 8 MB
-chunks whatever the tensor size; the other methods (top-k per row, structural) hold one tensor's base, fine-tuned
+and DAREx-q, whose masks are a function of the flat element index, run chunk by chunk, and magnitude and WANDA,
+whose masks are a top-k within each output row, a block of rows at a time, so memory stays at a few 8 MB chunks
+whatever the tensor size; structural pruning (and 0/1-D or input-major tensors) holds one tensor's base, fine-tuned
 and output values at a time.
 
 Importing this module loads no torch, and a DARE/DAREx-q prune of bf16 or fp32 checkpoints never does: each chunk's
@@ -170,6 +171,34 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
     return tensor_prune_stats(name, b, f, merged)
 
 
+def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+                q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
+    """A row-local method (top-k within each output row) a block of rows at a time, about one chunk each: the
+    blocks concatenate to exactly ``prune_tensor(name, base, finetuned, spec, ...)`` of the whole tensor (tested),
+    and memory holds one block's base, fine-tuned and output values, not the tensor's."""
+    from lifelong_delta.delta.methods import prune_tensor
+    from lifelong_delta.delta.stats import check_finite
+
+    shape = rf.shape(name)
+    cols = math.prod(shape[1:])
+    step = max(1, _chunk(rf.info(name).itemsize) // max(cols, 1))
+    acc = PruneStatsAccumulator(name)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for row in range(0, shape[0], step):
+            rows = min(step, shape[0] - row)
+            b = rb.get_flat(base_name, row * cols, rows * cols).view(rows, *shape[1:])
+            f = rf.get_flat(name, row * cols, rows * cols).view(rows, *shape[1:])
+            check_finite(name, b, "base")
+            check_finite(name, f, "fine-tuned")
+            merged = prune_tensor(name, b, f, spec, input_norms=norms, q=q)
+            acc.add(b, f, merged)
+            yield merged
+
+    writer.add_chunks(name, rf.dtype(name), shape, chunks())
+    return acc.result()
+
+
 def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
                    q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
     """DARE / DAREx-q chunk by chunk with torch, for what :func:`_prune_words` does not take (fp16, mixed dtypes,
@@ -333,7 +362,11 @@ def stream_prune(
                     summary.tensors.append(_prune_chunked(name, rb, rf, writer, spec, q, base_name, bufs))
                 else:
                     norms = input_norms.get(name) if input_norms else None
-                    summary.tensors.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))
+                    if METHODS[spec.method].row_local and len(rf.shape(name)) >= 2 and (norms is None
+                                                                                         or norms.dim() == 1):
+                        summary.tensors.append(_prune_rows(name, rb, rf, writer, spec, q, norms, base_name))
+                    else:
+                        summary.tensors.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))
                 bar.update(1, nbytes=nbytes[name])
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary

@@ -73,7 +73,10 @@ def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, backend, shard,
         assert summary.kept_fraction == 1.0 and summary.norm_after == pytest.approx(norm_before, rel=1e-5)
 
 
-def test_wanda_streaming_uses_input_norms(tmp_path):
+@pytest.mark.parametrize("chunk", [28, 200, 8 << 20])
+def test_wanda_streaming_uses_input_norms(tmp_path, monkeypatch, chunk):
+    """Top-k within rows streams a block of rows at a time (one row, several with a ragged last block, all)."""
+    monkeypatch.setattr(streaming, "_CHUNK_BYTES", chunk)
     base_sd = tiny_state()
     ft_sd = perturbed(base_sd)
     base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
