@@ -210,7 +210,7 @@ class Calibration:
         wanted = [n for n in names if n in means or n in biases]
         no_mask = Pruning(pruning.p, pruning.seed, _no_mask, pruning.base, pruning.base_names)
         weight_q: dict[str, float] = {}
-        for stage in range(len(self.model.stages)):
+        for stage in self.model.stages:
             masked = self.model.masked(stage, no_mask, wanted)
             if masked is not None and masked.names:
                 weight_q.update(analytic_weight_q(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol))

@@ -214,7 +214,9 @@ def _prune(args: dict) -> PruneSummary:
     input_norms = q_per_tensor = None
     if calibrating:
         from lifelong_delta.delta import calibration as cal
+        from lifelong_delta.delta.layered import free_large_allocations
 
+        free_large_allocations()
         with cal.load(finetuned, a["calib_data"], need_labels=q_mode == "grid", samples=a["calib_samples"],
                       batch_size=a["batch_size"], max_length=a["max_length"]) as calib, CheckpointReader(base) as rb:
             if METHODS[method].needs_input_norms:

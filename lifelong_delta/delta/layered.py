@@ -38,7 +38,7 @@ from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import InputRecorder, InputStats, linear_modules
 from lifelong_delta.delta.io import CheckpointReader
 
-__all__ = ["Candidate", "LayeredModel", "Pruning"]
+__all__ = ["Candidate", "LayeredModel", "Pruning", "free_large_allocations"]
 
 #: ``None``: the fine-tuned weights; a float q: ``θ_pre + kept / q``.
 Candidate = float | None
@@ -64,6 +64,24 @@ class Pruning:
     keep_fn: Callable[[str, torch.Tensor], torch.Tensor]
     base: CheckpointReader
     base_names: Mapping[str, str]
+
+
+def free_large_allocations(threshold: int = 1 << 20) -> None:
+    """Make glibc serve allocations of ``threshold`` bytes or more from their own memory maps, from now on, so that
+    a freed stage's weights go back to the system.
+
+    glibc's default threshold rises to the size of the first large block freed, after which blocks of that size come
+    from the heap, which keeps freed memory: on the 1 GB Llama pair of ``bench/calibrated_rss.py`` the grid q then
+    peaked at 2.6 GB instead of 2.2 GB. A no-op where ``mallopt`` is missing (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD; a fixed value also stops the dynamic adjustment
+    except (OSError, AttributeError):
+        pass
 
 
 class _Stop(Exception):
@@ -160,27 +178,65 @@ class LayeredModel:
         t = self.ft.get(name)
         return t.to(torch.float32) if t.is_floating_point() else t
 
-    def masked(self, stage: int, pruning: Pruning | None, pruned: Collection[str]) -> MaskedDelta | None:
-        """The masked delta of the stage's pruned tensors (θ_pre read from the base checkpoint)."""
+    def masked(self, firsts: Sequence[str], pruning: Pruning | None, pruned: Collection[str]) -> MaskedDelta | None:
+        """The masked delta of the pruned tensors among the parameters ``firsts`` (θ_pre read from the base)."""
         if pruning is None:
             return None
         wanted = set(pruned)
-        names = [self.source[f] for f in self.stages[stage] if self.source[f] in wanted]
+        names = [self.source[f] for f in firsts if self.source[f] in wanted]
         base = {n: pruning.base.get(pruning.base_names.get(n, n)) for n in names}
         return MaskedDelta.build(base, {n: self._ft(n) for n in names}, pruning.p, seed=pruning.seed,
                                  keep_fn=pruning.keep_fn)
 
-    def _load(self, stage: int, candidate: Candidate, masked: MaskedDelta | None) -> None:
-        for first in self.stages[stage]:
+    def _load(self, firsts: Sequence[str], candidate: Candidate, masked: MaskedDelta | None) -> None:
+        for first in firsts:
             src = self.source[first]
             if candidate is not None and masked is not None and src in masked.keep:
                 self._set(first, masked.merged(src, candidate))
             else:
                 self._set(first, self._ft(src))
 
-    def _unload(self, stage: int) -> None:
-        for first in self.stages[stage]:
+    def _unload(self, firsts: Sequence[str]) -> None:
+        for first in firsts:
             self._set(first, None)
+
+    @contextmanager
+    def _outer(self, pruning: Pruning | None, pruned: Collection[str]) -> Iterator[Callable[[Candidate], None]]:
+        """Outer parameters loaded when their module is first called, for the candidate last passed to the yielded
+        ``use(candidate)``; unloaded on the next ``use`` and on exit. So the embedding pass reads the embeddings
+        but not the head, and the finishing pass (given ``inputs_embeds``) the head but not the embeddings."""
+        alias_of = {a: first for first, names in self._aliases.items() for a in names}
+        owned: dict[nn.Module, list[str]] = {}
+        for path, module in self.model.named_modules():
+            firsts = [alias_of[f"{path}.{attr}" if path else attr] for attr, p in module._parameters.items()
+                      if p is not None]
+            firsts = [f for f in dict.fromkeys(firsts) if self._stage_of(f) == 0]
+            if firsts:
+                owned[module] = firsts
+        masks: dict[str, MaskedDelta | None] = {}
+        loaded: list[str] = []
+        current: list[Candidate] = [None]
+
+        def load(module: nn.Module, args: Any) -> None:
+            for first in owned[module]:
+                if first not in loaded:
+                    if first not in masks:
+                        masks[first] = self.masked([first], pruning, pruned)
+                    self._load([first], current[0], masks[first])
+                    loaded.append(first)
+
+        def use(candidate: Candidate) -> None:
+            self._unload(loaded)
+            loaded.clear()
+            current[0] = candidate
+
+        handles = [m.register_forward_pre_hook(load) for m in owned]
+        try:
+            yield use
+        finally:
+            for h in handles:
+                h.remove()
+            use(None)
 
     # the pass ---------------------------------------------------------------------------------------------------
 
@@ -214,32 +270,29 @@ class LayeredModel:
             raise ValueError("pruned candidates need pruning= (p, seed, mask and base)")
         if measure and None not in candidates:
             raise ValueError("input statistics are measured on the fine-tuned candidate (None); add it")
+        if all(c is None for c in candidates):
+            pruning = None
         pruned_set = set(pruned)
         recorder = InputRecorder()
         linears = {n: m for n, m in linear_modules(self.model).items() if n in set(measure)}
-        outer_linears = {n: m for n, m in linears.items() if self._stage_of(n) == 0}
 
-        def hooks(c: Candidate, modules: Mapping[str, nn.Module]) -> Any:
-            return recorder.attached(modules if c is None else {})
+        def measured(c: Candidate, stage: int) -> Any:
+            mine = {n: m for n, m in linears.items() if self._stage_of(n) == stage} if c is None else {}
+            return recorder.attached(mine)
 
-        if all(c is None for c in candidates):
-            pruning = None
-        masked = self.masked(0, pruning, pruned_set)
         calls: list[list[list[_Call]]] = []  # [candidate][batch][block]
-        for c in candidates:
-            self._load(0, c, masked)
-            with hooks(c, outer_linears):
-                calls.append([self._record(batch) for batch in batches])
-        self._unload(0)
-        del masked
+        with self._outer(pruning, pruned_set) as use:
+            for c in candidates:
+                use(c)
+                with measured(c, 0):
+                    calls.append([self._record(batch) for batch in batches])
         hidden = [[b[0].hidden for b in per_c] for per_c in calls]
         for i, block in enumerate(self.blocks):
-            stage = i + 1
+            stage = self.stages[i + 1]
             masked = self.masked(stage, pruning, pruned_set)
-            mine = {n: m for n, m in linears.items() if self._stage_of(n) == stage}
             for ci, c in enumerate(candidates):
                 self._load(stage, c, masked)
-                with hooks(c, mine):
+                with measured(c, i + 1):
                     for bi in range(len(batches)):
                         out = calls[ci][bi][i].run(block, hidden[ci][bi])
                         if self._tuple_out is None:
@@ -247,16 +300,25 @@ class LayeredModel:
                         hidden[ci][bi] = out[0] if isinstance(out, tuple) else out
             self._unload(stage)
             del masked
-        masked = self.masked(0, pruning, pruned_set)
-        for ci, c in enumerate(candidates):
-            self._load(0, c, masked)
-            with hooks(c, outer_linears):
-                for bi, batch in enumerate(batches):
-                    with self._stubbed(self._finish_stub(hidden[ci][bi])):
-                        out = self.model(**batch, output_hidden_states=output_hidden_states)
-                    finish(ci, bi, out)
-        self._unload(0)
+        embeds = self._takes_embeds()
+        with self._outer(pruning, pruned_set) as use:
+            for ci, c in enumerate(candidates):
+                use(c)
+                with measured(c, 0):
+                    for bi, batch in enumerate(batches):
+                        final = hidden[ci][bi]
+                        if embeds:  # the blocks' input is replaced anyway: spare reading the embeddings
+                            batch = {**{k: v for k, v in batch.items() if k != "input_ids"},
+                                     "inputs_embeds": torch.zeros_like(final)}
+                        with self._stubbed(self._finish_stub(final)):
+                            out = self.model(**batch, output_hidden_states=output_hidden_states)
+                        finish(ci, bi, out)
         return recorder.stats(measure) if measure else {}
+
+    def _takes_embeds(self) -> bool:
+        import inspect
+
+        return "inputs_embeds" in inspect.signature(self.model.forward).parameters
 
     def _record(self, batch: Batch) -> list[_Call]:
         """Run the embedding part on one batch and return the arguments each block was called with."""
