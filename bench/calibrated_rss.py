@@ -5,10 +5,10 @@ Issue 13's goal: peak RSS at most 1.3 x the bf16 checkpoint size + 1 GB for ``--
 the commands stand; it does not assert the goal.
 
     .venv/bin/python bench/calibrated_rss.py [--size-gb 1] [--samples 8] [--max-length 32]
-        [--cache-dir ~/.cache/lifelong_delta/bench] [--only wanda,grid,...]
+        [--cache-dir ~/.cache/lifelong_delta/bench] [--only wanda,grid,...] [--tied]
 
-The pair is ``bench/prune_command.py``'s (``LlamaConfig`` random init, untied embeddings, vocab 32000, 200 MB
-shards; built once and cached). Calibration needs a tokenizer, which the pair lacks: a folder next to the cached
+The pair is ``bench/prune_command.py``'s (``LlamaConfig`` random init, GQA, untied embeddings or with ``--tied``
+tied ones, vocab 32000, 200 MB shards; built once and cached). Calibration needs a tokenizer, which the pair lacks: a folder next to the cached
 fine-tune links its files and adds all-MiniLM-L6-v2's WordPiece tokenizer (ids < 30522, inside the vocabulary), so
 the cached pair is never modified. The calibration text is a fixed set of English sentences. Each command runs as
 a user runs it, in a subprocess; its peak RSS comes from GNU ``time``.
@@ -69,9 +69,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=32, help="calibration tokens per row")
     ap.add_argument("--p", type=float, default=0.9)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (default: untied)")
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     args = ap.parse_args()
-    pair = build_pair(args.cache_dir, args.size_gb, "bfloat16", "200MB")
+    pair = build_pair(args.cache_dir, args.size_gb, "bfloat16", "200MB", tied=args.tied)
     size_gb = pair.nbytes / 1e9
     goal_gb = 1.3 * size_gb + 1.0
     work = Path(tempfile.mkdtemp(prefix="calibrated_rss-", dir=args.cache_dir))
@@ -79,7 +80,8 @@ def main() -> None:
         ft = with_tokenizer(pair.ft, work)
         data = work / "calib.jsonl"
         data.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
-        print(f"bf16 Llama pair {size_gb:.2f} GB x 2 ({pair.params / 1e6:.0f} M params); goal: peak RSS <= "
+        print(f"bf16 Llama pair {size_gb:.2f} GB x 2 ({pair.params / 1e6:.0f} M params, "
+              f"{'tied' if args.tied else 'untied'} embeddings, {pair.shape}); goal: peak RSS <= "
               f"{goal_gb:.2f} GB; {args.samples} calibration rows of <= {args.max_length} tokens\n")
         print("| run | wall s | peak RSS GB | x goal | exit |")
         print("|---|---:|---:|---:|---|")

@@ -75,7 +75,7 @@ VOCAB = 32000
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def llama_shape(size_gb: float, itemsize: int) -> dict[str, int]:
+def llama_shape(size_gb: float, itemsize: int, tied: bool = False) -> dict[str, int]:
     """A Llama shape whose parameters take about ``size_gb`` GB at ``itemsize`` bytes each.
 
     hidden 2048 (16 heads, 4 KV heads, intermediate 5504) from 300 M parameters on, else hidden 1024 (8 heads,
@@ -86,7 +86,7 @@ def llama_shape(size_gb: float, itemsize: int) -> dict[str, int]:
     head_dim = hidden // heads
     per_layer = (2 * hidden * hidden + 2 * hidden * kv * head_dim  # q, o; k, v
                  + 3 * hidden * inter + 2 * hidden)  # gate, up, down; two RMSNorms
-    fixed = 2 * VOCAB * hidden + hidden  # untied embed_tokens, lm_head; final norm
+    fixed = (1 if tied else 2) * VOCAB * hidden + hidden  # embed_tokens (and an untied lm_head); final norm
     layers = max(1, round((size_gb * 1e9 / itemsize - fixed) / per_layer))
     return {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
             "num_key_value_heads": kv, "num_hidden_layers": layers, "vocab_size": VOCAB}
@@ -111,16 +111,16 @@ def _weights_bytes(d: Path) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str) -> Pair:
+def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tied: bool = False) -> Pair:
     """Base (random init) and fine-tune (base + noise) checkpoints, built once and cached.
 
     The model is created directly in ``dtype`` (transformers' ``from_config(dtype=...)``) and perturbed one
     tensor at a time in fp32, so peak memory is about one checkpoint plus one tensor's fp32 temporaries.
     """
     dtype = getattr(torch, dtype_name)
-    shape = llama_shape(size_gb, dtype.itemsize)
+    shape = llama_shape(size_gb, dtype.itemsize, tied)
     key = (f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-v{VOCAB}-{dtype_name}"
-           f"-shard{shard}-noise{NOISE_REL:g}")
+           f"-shard{shard}-noise{NOISE_REL:g}{'-tied' if tied else ''}")
     root = cache_dir / key
     if (root / "pair.json").is_file():
         meta = json.loads((root / "pair.json").read_text())
@@ -137,7 +137,7 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
     try:
         torch.manual_seed(0)
-        config = LlamaConfig(**shape, tie_word_embeddings=False, max_position_embeddings=4096)
+        config = LlamaConfig(**shape, tie_word_embeddings=tied, max_position_embeddings=4096)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp / "base", max_shard_size=shard)
