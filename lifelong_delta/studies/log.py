@@ -24,10 +24,12 @@ class StudyLog:
     Args:
         path: the log file; its folder is created.
         enabled: False prints nothing on the terminal (the log file is still written).
+        live: draw live bars on a terminal; False prints lines there too (for worker processes, whose bars would
+            overwrite each other).
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, *, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, path: str | os.PathLike[str] | None, *, enabled: bool = True, live: bool = True) -> None:
+        self.enabled, self.live = enabled, live
         self._file: IO[str] | None = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,7 @@ class StudyLog:
 
     def bar(self, label: str, total: float | None, *, unit: str = "") -> _PairedProgress:
         """A progress reporter for the terminal and the log (use it as a context manager)."""
-        bars = [Progress(label, total, unit=unit, enabled=self.enabled)]
+        bars = [Progress(label, total, unit=unit, enabled=self.enabled, live=self.live)]
         if self._file is not None:
             bars.append(Progress(label, total, unit=unit, stream=_Stamped(self._file)))
         return _PairedProgress(bars)

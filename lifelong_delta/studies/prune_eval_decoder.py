@@ -13,8 +13,8 @@ this machine can make from scratch:
    ``run.log`` (:mod:`.prune_eval_decoder_report`); the summary sets the gains beside those of the MiniLM encoder
    study (``results/prune_eval/results.csv``).
 
-Budget: about 25 minutes on 2 cores the first time (pretraining about 8, each fine-tune about 2.5, the 142
-evaluations about 10), about 10 with the models cached.
+Budget (2 cores): the pretraining runs in this process, then each fine-tune is trained and pruned in a worker process
+of its own, with one torch thread each (see ``threads``). docs/reproduction.md records the measured wall times.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from lifelong_delta.repro import repro_command
 from lifelong_delta.studies.decoder_data import FORTUNES_DIR, batches, pack, read_dialogue, read_fortunes, \
     split_documents
 from lifelong_delta.studies.decoder_models import RECIPES, finetuned, pretrained_base
-from lifelong_delta.studies.decoder_run import METHODS, DecoderRun, EvalSets, Settings, plan_cells
+from lifelong_delta.studies.decoder_run import METHODS, Cell, DecoderRun, EvalSets, RunResult, Settings, plan_cells
 from lifelong_delta.studies.decoder_train import LMSpec, TrainSpec, cache_root, read_info
 from lifelong_delta.studies.log import StudyLog
 
@@ -81,23 +81,24 @@ def prune_eval_decoder(
     pretrain_corpus: str = FORTUNES_DIR,
     finetune_corpus: str | None = None,
     model: LMSpec = LMSpec(),
-    pretrain_steps: int = 300,
+    pretrain_steps: int = 160,
     pretrain_lr: float = 1e-3,
-    finetune_steps: int = 100,
+    finetune_steps: int = 60,
     finetune_lr: float = 3e-4,
     batch_size: int = 32,
     finetunes: Sequence[str] = tuple(RECIPES),
     methods: Sequence[str] = METHODS,
     ps: Sequence[float] = (0.5, 0.9, 0.95, 0.99, 0.999),
     seeds: Sequence[int] = (0, 1, 2),
-    test_blocks: int = 192,
-    val_blocks: int = 32,
+    test_blocks: int = 96,
+    val_blocks: int = 16,
     calib_blocks: int = 16,
     q_grid_size: int = 4,
     q_fine_steps: int = 1,
     etas: Sequence[float] = ETA_GRID,
     encoder_results: str = "results/prune_eval/results.csv",
-    threads: int | None = None,
+    threads: int | None = 1,
+    jobs: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, str]:
@@ -128,7 +129,11 @@ def prune_eval_decoder(
         q_fine_steps: fine q candidates around the best coarse one.
         etas: candidates of the analytic q's η, chosen on the validation perplexity.
         encoder_results: the MiniLM study's ``results.csv`` to compare the gains with (skipped if missing).
-        threads: torch threads (None: torch's default, one per core).
+        threads: torch threads of each process (None: torch's default, one per core). Default 1: on a 2-core
+            machine that other jobs keep busy a training step of this model took 3.5 s with one thread and 8-10 s
+            with two (OpenMP waits for the thread that is descheduled).
+        jobs: processes that fine-tune and prune (one fine-tune each; None: one per fine-tune, at most one per
+            core). The pretraining runs before them, in this process. Rows and weights do not depend on it.
         force: retrain the cached models.
         progress: show progress bars on the terminal (the log file gets lines either way).
 
@@ -144,6 +149,9 @@ def prune_eval_decoder(
         raise ValueError(f"q_fine_steps must be >= 0, got {q_fine_steps}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1 or None (one per fine-tune), got {jobs}")
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(finetunes)))
     outputs.check_can_create(out, option="--out")
     root = Path(os.path.expanduser(cache_dir)) if cache_dir else cache_root()
     outputs.check_can_create(root, option="--cache_dir")
@@ -153,13 +161,13 @@ def prune_eval_decoder(
     try:
         with StudyLog(out_dir / "run.log", enabled=progress) as log:
             log.say(f"prune-eval-decoder: cache {root}, results {out_dir}")
-            return _run(args, root, out_dir, log)
+            return _run(args, root, out_dir, log, jobs)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _models(args: dict[str, Any], root: Path, log: StudyLog) -> tuple[Path, dict[str, Path], dict[str, Any]]:
-    """The pretrained base and the fine-tunes (cached or trained now), and the fine-tune corpus's blocks."""
+def _base_and_data(args: dict[str, Any], root: Path, log: StudyLog) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The pretrained base (cached or trained now), the fine-tune corpus's blocks and facts about that corpus."""
     model: LMSpec = args["model"]
     fortunes = read_fortunes(args["pretrain_corpus"])
     pre_docs = split_documents(fortunes, PRETRAIN_SPLITS, seed=0)
@@ -183,10 +191,54 @@ def _models(args: dict[str, Any], root: Path, log: StudyLog) -> tuple[Path, dict
                              f"{len(blocks[name])} blocks of {seq} tokens")
     log.say(f"fine-tune corpus: {len(dialogue)} dialogue pairs; train {blocks['train'].numel() / 1e6:.2f} M tokens, "
             f"validation {blocks['val'].numel()} and test {blocks['test'].numel()} held-out tokens")
-    ft_spec = TrainSpec(steps=args["finetune_steps"], lr=args["finetune_lr"], batch_size=args["batch_size"])
-    fts = {r: finetuned(root / r, base, r, blocks["train"], blocks["val"], ft_facts, ft_spec, log,
-                        force=args["force"]) for r in args["finetunes"]}
-    return base, fts, blocks
+    return base, blocks, ft_facts
+
+
+@dataclass
+class _Unit:
+    """What one fine-tune needs: it is trained (or loaded) and then pruned every way, in one process."""
+
+    recipe: str
+    path: Path
+    base: Path
+    blocks: dict[str, torch.Tensor]
+    facts: dict[str, Any]
+    spec: TrainSpec
+    sets: EvalSets
+    settings: Settings
+    cells: list[Cell]
+    force: bool
+
+
+def _unit(u: _Unit, log: StudyLog) -> RunResult:
+    d = finetuned(u.path, u.base, u.recipe, u.blocks["train"], u.blocks["val"], u.facts, u.spec, log, force=u.force)
+    with log.bar(f"pruning {u.recipe}", len(u.cells), unit="evals") as bar:
+        res = DecoderRun(u.recipe, d, u.base, u.sets, u.settings).evaluate(u.cells, bar)
+    _say_rows(log, res.rows)
+    return res
+
+
+def _worker(u: _Unit, log_path: Path, progress: bool, threads: int) -> RunResult:
+    """:func:`_unit` in a worker process with ``threads`` torch threads; it appends to the same log."""
+    torch.set_num_threads(threads)
+    with StudyLog(log_path, enabled=progress, live=False) as log:
+        return _unit(u, log)
+
+
+def _units(units: list[_Unit], jobs: int, log: StudyLog, log_path: Path, progress: bool) -> list[RunResult]:
+    """Every unit, in ``jobs`` spawned processes (in this process when ``jobs`` is 1), results in unit order.
+
+    A unit's weights and rows depend only on its inputs and the thread count, not on the other units.
+    """
+    if jobs == 1:
+        return [_unit(u, log) for u in units]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = torch.get_num_threads()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker, u, log_path, progress, threads) for u in units]
+        return [f.result() for f in futures]
 
 
 def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
@@ -200,7 +252,8 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
         f"- **base** (`{base}`): a Llama of {info.get('parameters', 0) / 1e6:.1f} M parameters ({m.get('layers')} "
         f"layers, width {m.get('hidden_size')}, {m.get('heads')} heads / {m.get('kv_heads')} key-value heads, SwiGLU "
         f"{m.get('intermediate_size')}, vocabulary {m.get('vocab_size')}, "
-        f"{'tied' if m.get('tie_embeddings') else 'untied'} input and output embeddings), pretrained from scratch on {c.get('package')} (`{c.get('path')}`: "
+        f"{'tied' if m.get('tie_embeddings') else 'untied'} input and output embeddings), "
+        f"pretrained from scratch on {c.get('package')} (`{c.get('path')}`: "
         f"{c.get('documents')} fortunes, {c.get('characters', 0) / 1e6:.1f} M characters; "
         f"{info.get('train_tokens', 0) / 1e6:.2f} M training tokens) for {t.get('steps')} steps of "
         f"{t.get('batch_size')} × {m.get('seq_len')} tokens ({tokens / 1e6:.2f} M tokens), AdamW lr {t.get('lr')} "
@@ -222,35 +275,35 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
     return lines
 
 
-def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog) -> dict[str, str]:
+def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog, jobs: int) -> dict[str, str]:
     start = time.perf_counter()
-    trained_before = {d: (d / "train.json").is_file() for d in [root / "base", *(root / r for r in args["finetunes"])]}
-    base, fts, blocks = _models(args, root, log)
-    train_time = time.perf_counter() - start
+    trained_before = all((d / "train.json").is_file() for d in [root / "base", *(root / r for r in args["finetunes"])])
+    base, blocks, facts = _base_and_data(args, root, log)
     bs = 32
     sets = EvalSets(test=batches(blocks["test"], bs), val=batches(blocks["val"], bs),
                     calib=batches(blocks["train"][: args["calib_blocks"]], bs))
     settings = Settings(q_grid_size=args["q_grid_size"], q_fine_steps=args["q_fine_steps"],
                         etas=tuple(float(e) for e in args["etas"]))
     cells = plan_cells(args["finetunes"], args["methods"], [float(p) for p in args["ps"]], args["seeds"])
-    log.say(f"pruning: {len(cells)} evaluations of {len(fts)} fine-tunes on {EvalSets.tokens(sets.test)} test tokens")
-    rows, q_rows, infos = [], [], []
-    with log.bar("prune-eval-decoder", len(cells), unit="evals") as bar:
-        for name, d in fts.items():
-            run = DecoderRun(name, d, base, sets, settings)
-            res = run.evaluate([c for c in cells if c.finetune == name], bar)
-            rows += res.rows
-            q_rows += res.q_rows
-            infos.append(res.info)
-            _say_rows(log, res.rows)
+    spec = TrainSpec(steps=args["finetune_steps"], lr=args["finetune_lr"], batch_size=args["batch_size"])
+    units = [_Unit(r, root / r, base, blocks, facts, spec, sets, settings, [c for c in cells if c.finetune == r],
+                   args["force"]) for r in args["finetunes"]]
+    log.say(f"fine-tunes {', '.join(args['finetunes'])} (trained if not cached), then {len(cells)} evaluations on "
+            f"{EvalSets.tokens(sets.test)} test tokens, in {jobs} process(es) of {torch.get_num_threads()} "
+            "torch thread(s)")
+    results = _units(units, jobs, log, out_dir / "run.log", args["progress"])
+    rows = [r for res in results for r in res.rows]
+    q_rows = [r for res in results for r in res.q_rows]
+    infos = [res.info for res in results]
+    fts = {u.recipe: u.path for u in units}
     wall = time.perf_counter() - start
     model = args["model"]
     meta = {
         "command": _command(args),
         "wall_time_s": round(wall, 1),
-        "train_time_s": round(train_time, 1),
-        "trained": not all(trained_before.values()),
+        "trained": not trained_before,
         "threads": torch.get_num_threads(),
+        "jobs": jobs,
         "cache_dir": str(root),
         "model": asdict(model),
         "finetunes": args["finetunes"], "methods": args["methods"], "ps": [float(p) for p in args["ps"]],
@@ -267,7 +320,7 @@ def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog) -> dict
 
     paths = write_outputs(out_dir, rows, q_rows, meta)
     paths["log"] = str(out_dir / "run.log")
-    log.say(f"prune-eval-decoder finished in {wall / 60:.1f} min (models {train_time / 60:.1f} min): "
+    log.say(f"prune-eval-decoder finished in {wall / 60:.1f} min: "
             + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return paths
 
@@ -286,7 +339,7 @@ def _say_rows(log: StudyLog, rows: Sequence[dict[str, Any]]) -> None:
 def _command(args: dict[str, Any]) -> str:
     """The command line that repeats this run (the model's shape as one JSON value when not the default)."""
     cmd = repro_command("lifelong-delta prune-eval-decoder", prune_eval_decoder, args,
-                        skip=("progress", "force", "model"), default="make prune-eval-decoder")
+                        skip=("progress", "force", "model", "jobs"), default="make prune-eval-decoder")
     changed = {k: v for k, v in asdict(args["model"]).items() if v != getattr(LMSpec(), k)}
     if changed:
         if cmd == "make prune-eval-decoder":

@@ -6,8 +6,8 @@ comparison with the encoder study reads ``results/prune_eval/results.csv`` (accu
 How a gain is measured on both: the share of DARE's damage that DAREx-q undoes at the same p. On the decoder the
 damage is in mean log-perplexity over seeds (``L``): ``(L_dare − L_darex) / (L_dare − L_unpruned)``; on the
 encoder it is in mean accuracy: ``(A_darex − A_dare) / (A_unpruned − A_dare)``. 1 is a full recovery, 0 none,
-negative worse than DARE; with no damage to undo (DARE within 1 % of the unpruned loss, or 1 accuracy point) the
-share is not defined.
+negative worse than DARE; with no damage to undo (DARE within 1 % of the unpruned perplexity, or 3 accuracy points:
+three test examples) the share is not defined.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ METHOD_STYLE = {
 }
 REFERENCE = ("unpruned", "pretrained")
 GAIN_MODES = ("darex-q-grid", "darex-q-analytic", "darex-q-unlabelled")
+#: below these losses of DARE there is nothing for DAREx-q to undo: 1 % of the perplexity on the decoder (its
+#: cells are paired on one test text), 3 accuracy points on the encoder (3 of its 96 test examples; one cell's
+#: binomial standard error is about 3.6 points)
+DECODER_MIN_DAMAGE = math.log(1.01)
+ENCODER_MIN_DAMAGE = 0.03
 Key = tuple[str, str, float]
 
 
@@ -113,13 +118,13 @@ def decoder_gains(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     continue
                 x, base = _log_mean(g[(ft, mode, p)]), _log_mean(un)
                 damage = dare - base
-                share = (dare - x) / damage if math.isfinite(dare) and damage > math.log(1.01) else None
+                share = (dare - x) / damage if math.isfinite(dare) and damage > DECODER_MIN_DAMAGE else None
                 out.append({"finetune": ft, "p": p, "mode": mode, "dare": math.exp(dare), "darex": math.exp(x),
                             "unpruned": math.exp(base), "share": share})
     return out
 
 
-def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("adamw", "adamr-l2")
+def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("adamw", "adamr-l2", "adamw-large")
                   ) -> list[dict[str, Any]]:
     """The same shares on the MiniLM encoder study's ``results.csv`` (accuracy), for its tasks and ``finetunes``.
 
@@ -132,13 +137,14 @@ def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("ada
 
     agg = aggregate(read_encoder(path))
     out = []
-    for (task, ft, m, p), a in sorted(agg.items()):
-        if m not in GAIN_MODES or ft not in finetunes or (task, ft, "dare", p) not in agg:
-            continue
+    keys = sorted((k for k in agg if k[1] in finetunes and k[2] in GAIN_MODES and (k[0], k[1], "dare", k[3]) in agg),
+                  key=lambda k: (list(finetunes).index(k[1]), k[0], k[3], GAIN_MODES.index(k[2])))
+    for task, ft, m, p in keys:
+        a = agg[(task, ft, m, p)]
         dare, un = agg[(task, ft, "dare", p)].mean, agg[(task, ft, "unpruned", 0.0)].mean
         damage = un - dare
         out.append({"task": task, "finetune": ft, "p": p, "mode": m, "dare": dare, "darex": a.mean,
-                    "unpruned": un, "share": (a.mean - dare) / damage if damage > 0.01 else None})
+                    "unpruned": un, "share": (a.mean - dare) / damage if damage > ENCODER_MIN_DAMAGE else None})
     return out
 
 
@@ -147,22 +153,37 @@ def _share(x: float | None) -> str:
 
 
 def _gain_table(dec: Sequence[Mapping[str, Any]], enc: Sequence[Mapping[str, Any]]) -> list[str]:
-    ps = sorted({r["p"] for r in dec} & ({r["p"] for r in enc} or {r["p"] for r in dec}))
-    lines = ["| p | model / fine-tune | DARE | DAREx-q grid | share recovered (grid) | DAREx-q analytic "
-             "| share recovered (analytic) |", "|---|---|---|---|---|---|---|"]
-    for p in ps:
-        for name, rows, fmt in (("decoder", dec, _num), ("MiniLM", enc, lambda a: f"{100 * a:.1f} %")):
-            by = {(r.get("task", ""), r["finetune"], r["mode"]): r for r in rows if r["p"] == p}
-            for task, ft in dict.fromkeys(k[:2] for k in by):
-                grid, ana = by.get((task, ft, "darex-q-grid")), by.get((task, ft, "darex-q-analytic"))
-                ref = grid or ana
-                if ref is None:
-                    continue
-                label = f"{name} {task + '/' if task else ''}{ft}"
-                lines.append(
-                    f"| {p:g} | {label} | {fmt(ref['dare'])} | {fmt(grid['darex']) if grid else '–'} | "
-                    f"{_share(grid['share']) if grid else '–'} | {fmt(ana['darex']) if ana else '–'} | "
-                    f"{_share(ana['share']) if ana else '–'} |")
+    """The headline: per p and DAREx-q mode, the share recovered on each decoder fine-tune and each encoder one."""
+    enc_fts = list(dict.fromkeys(r["finetune"] for r in enc))
+    head = "| p | DAREx-q mode | decoder: " + ", ".join(dict.fromkeys(r["finetune"] for r in dec)) + " |"
+    head += "".join(f" MiniLM {ft}: " + ", ".join(dict.fromkeys(r["task"] for r in enc if r["finetune"] == ft)) + " |"
+                    for ft in enc_fts)
+    lines = [head, "|---|---|---|" + "---|" * len(enc_fts)]
+    for p in sorted({r["p"] for r in dec if r["p"] > 0}):
+        for mode in GAIN_MODES:
+            mine = [r for r in dec if r["p"] == p and r["mode"] == mode]
+            if not mine:
+                continue
+            cells = [", ".join(_share(r["share"]) for r in mine)]
+            for ft in enc_fts:
+                theirs = [r for r in enc if r["p"] == p and r["mode"] == mode and r["finetune"] == ft]
+                cells.append(", ".join(_share(r["share"]) for r in theirs) or "not run")
+            lines.append(f"| {p:g} | {mode.removeprefix('darex-q-')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _detail_table(rows: Sequence[Mapping[str, Any]], decoder: bool) -> list[str]:
+    """DARE against each DAREx-q mode: perplexity (geometric mean over seeds) or accuracy (mean), per fine-tune and p."""
+    fmt = _num if decoder else (lambda a: f"{100 * a:.1f}")
+    lines = ["| " + ("fine-tune" if decoder else "task / fine-tune") + " | p | unpruned | DARE | grid | analytic "
+             "| unlabelled |", "|---|---|---|---|---|---|---|"]
+    keys = dict.fromkeys((r.get("task", ""), r["finetune"], r["p"]) for r in rows)
+    for task, ft, p in keys:
+        by = {r["mode"]: r for r in rows if (r.get("task", ""), r["finetune"], r["p"]) == (task, ft, p)}
+        ref = next(iter(by.values()))
+        cells = [fmt(by[m]["darex"]) if m in by else "–" for m in GAIN_MODES]
+        lines.append(f"| {task + ' / ' if task else ''}{ft} | {p:g} | {fmt(ref['unpruned'])} | {fmt(ref['dare'])} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -191,7 +212,8 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
               "- Cells: test perplexity, mean ± sample std over seeds; the best (lowest) mean of each column is bold. "
               "`pretrained` is the base model on the same text: the whole delta dropped.", ""]
     lines += ["## Fine-tunes", "",
-              "| fine-tune | unpruned | pretrained (p = 1) | ‖δ‖/‖θ_pre‖ (matrices) | mean abs δ |", "|---|---|---|---|---|"]
+              "| fine-tune | unpruned | pretrained (p = 1) | ‖δ‖/‖θ_pre‖ (matrices) "
+              "| mean abs δ |", "|---|---|---|---|---|"]
     for info in meta.get("finetunes_info", []):
         ft = info["finetune"]
         un, pre = g.get((ft, "unpruned", 0.0)), g.get((ft, "pretrained", 1.0))
@@ -230,12 +252,18 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
             lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     dec = decoder_gains(rows)
     if dec:
+        where = meta.get("encoder_results", "results/prune_eval/results.csv")
         lines += ["", "## DAREx-q against DARE, here and on the MiniLM encoder", "",
-                  "Share of DARE's damage that DAREx-q undoes at the same p: in mean log-perplexity over seeds on the "
-                  "decoder (perplexities below are geometric means), in mean accuracy on the encoder "
-                  f"(`{meta.get('encoder_results', 'results/prune_eval/results.csv')}`"
-                  f"{'' if encoder else ', not found'}). – : DARE lost under 1 % (1 point), nothing to undo.", ""]
+                  "The share of DARE's damage that DAREx-q undoes at the same p: in mean log-perplexity over seeds on "
+                  "this decoder, in mean accuracy on the MiniLM encoder (`" + where + "`"
+                  + ("" if encoder else ", not found") + "). 100 % is a full recovery, 0 % none, below 0 worse than "
+                  "DARE; – : DARE lost under 1 % of the perplexity (3 accuracy points), so there is nothing to undo. "
+                  "The encoder study does not run DARE at p = 0.999.", ""]
         lines += _gain_table(dec, encoder)
+        lines += ["", "Perplexity of the decoder (geometric mean over seeds):", ""] + _detail_table(dec, True)
+        if encoder:
+            high = [r for r in encoder if r["p"] >= 0.9]
+            lines += ["", "Test accuracy (%) of the encoder (mean over seeds):", ""] + _detail_table(high, False)
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +271,8 @@ def _xpos(p: float) -> float:
     return -math.log10(1.0 - p)  # 0.5 → 0.3, 0.9 → 1, 0.99 → 2, 0.999 → 3
 
 
-def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None) -> Any:
+def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None,
+                         model: str = "a small Llama") -> Any:
     """Test perplexity against p, one panel per fine-tune, one line per method (log scale).
 
     Points are geometric means over seeds, bars the range over seeds; methods are shifted a little sideways so
@@ -303,7 +332,7 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         if j == 0:
             ax.set_ylabel("held-out perplexity (log scale)")
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=9, frameon=False)
-    fig.suptitle("Delta pruning of a 10 M-parameter Llama fine-tune (geometric mean, range over mask seeds)",
+    fig.suptitle(f"Delta pruning of {model}: held-out perplexity (geometric mean, range over mask seeds)",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     if path is not None:
@@ -324,5 +353,6 @@ def write_outputs(out: Path, rows: Sequence[Mapping[str, Any]], q_rows: Sequence
     _atomic_write(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
     _atomic_write(paths["summary"], summary_markdown(rows, q_rows, meta, encoder).encode())
     _atomic_write(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
-    plot_perplexity_vs_p(rows, paths["plot"])
+    params = ((meta.get("models") or {}).get("base") or {}).get("parameters")
+    plot_perplexity_vs_p(rows, paths["plot"], f"a {params / 1e6:.1f} M-parameter Llama" if params else "a small Llama")
     return {k: str(v) for k, v in paths.items()}

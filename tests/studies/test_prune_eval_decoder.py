@@ -56,7 +56,7 @@ def _run(corpora, tmp_path, out="out", **kw):
     args = dict(out=str(tmp_path / out), cache_dir=str(tmp_path / "cache"), pretrain_corpus=str(fortunes),
                 finetune_corpus=str(dialogue), model=TINY, pretrain_steps=12, finetune_steps=8, batch_size=4,
                 ps=[0.0, 0.9, 0.999], seeds=[0, 1], test_blocks=4, val_blocks=2, calib_blocks=2, q_grid_size=3,
-                etas=[0.27, 1.0], encoder_results=str(tmp_path / "no_encoder.csv"), progress=False)
+                etas=[0.27, 1.0], encoder_results=str(tmp_path / "no_encoder.csv"), jobs=1, progress=False)
     args.update(kw)
     return prune_eval_decoder(**args)
 
