@@ -43,7 +43,8 @@ class Method:
     """One registry entry.
 
     Attributes:
-        fn: ``fn(name, base, finetuned, spec, input_norms, q) -> merged tensor``.
+        fn: ``fn(name, base, finetuned, spec, input_norms, q) -> merged tensor``; a random-mask method's also takes
+            ``offset=`` (where a shard starts in the flattened tensor).
         paper: Where the method comes from.
         default_rescale: Rescale used when ``PruneSpec.rescale`` is None.
         needs_input_norms: The method needs ``‖x_j‖₂`` from calibration activations for 2-D weights.
@@ -199,13 +200,14 @@ def _delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torc
 
 
 def _dare(name: str, base: torch.Tensor, ft: torch.Tensor, spec: PruneSpec, norms: torch.Tensor | None,
-          q: float | None) -> torch.Tensor:
+          q: float | None, offset: int = 0) -> torch.Tensor:
+    """``offset``: where ``base`` and ``ft`` start in the flattened tensor (a shard of it), which keys the mask."""
     if spec.method == "darex-q" and q is None:
         raise ValueError(f"method='darex-q' needs q for tensor {name!r}: set q, or choose it with a q search "
                          "and pass prune_tensor(..., q=...)")
     from lifelong_delta.delta.dare import dare_merge
 
-    return dare_merge(base, ft, spec.p, seed=spec.seed, name=name, q=q, force=spec.force)
+    return dare_merge(base, ft, spec.p, seed=spec.seed, name=name, q=q, offset=offset, force=spec.force)
 
 
 @_no_grad

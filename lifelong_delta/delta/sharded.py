@@ -75,8 +75,6 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     Raises:
         ValueError: another method, a placement that is not one contiguous range, or mismatched shapes.
     """
-    from lifelong_delta.delta.dare import dare_merge
-
     if not METHODS[spec.method].random_mask:
         raise ValueError(f"method {spec.method!r} ranks whole rows or tensors, so it cannot prune the shard of "
                          f"{name!r} alone; use dare or darex-q on sharded parameters, or prune the saved model")
@@ -89,11 +87,8 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     else:
         ref = reference.detach().reshape(-1)[offset: offset + numel].view(local.shape)
     current = local.detach()
-    q_eff = spec.q if q is None else q
-    if spec.method == "darex-q" and q_eff is None:
-        raise ValueError(f"method='darex-q' needs q for tensor {name!r}")
-    merged = dare_merge(ref.to(current.device), current, spec.p, seed=spec.seed, name=name, q=q_eff, offset=offset,
-                        force=spec.force)
+    merged = METHODS[spec.method].fn(name, ref.to(current.device), current, spec, None, spec.q if q is None else q,
+                                     offset=offset)
     stats = tensor_prune_stats(name, ref, current, merged)
     local.copy_(merged)
     return stats
