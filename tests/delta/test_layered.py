@@ -122,8 +122,8 @@ def _reference_masked(model: torch.nn.Module, root: Path, names: list[str], spec
 def test_grid_q_table_equals_the_whole_models(pair, method):
     """Perplexity for a causal LM, accuracy for a classifier, every candidate q equal."""
     arch, root, data = pair
-    if arch in ("llama-untied", "mistral") and method == "wanda":
-        pytest.skip("the other decoders cover it")
+    if method == "wanda" and arch not in ("llama-tied", "gpt2", "mpnet"):
+        pytest.skip("a tied decoder, an input-major decoder and an encoder cover WANDA's masks")
     names = _pruned(root)
     spec = PruneSpec(method, 0.7, seed=3)
     model = whole_model(root / "ft")
@@ -171,6 +171,8 @@ def test_unlabelled_q_table_equals_the_whole_models(pair):
 @pytest.mark.parametrize("arithmetic", ["float16", "float64"])
 def test_analytic_q_equals_the_whole_models(pair, arithmetic):
     arch, root, data = pair
+    if arithmetic == "float64" and arch not in ("llama-untied", "gpt2", "bert"):
+        pytest.skip("an untied decoder, an input-major decoder and an encoder cover float64")
     names = _pruned(root)
     spec = PruneSpec("darex-q", 0.9, q=0.5)
     model = whole_model(root / "ft")
