@@ -3,11 +3,12 @@
 Pure functions over result rows (``{"finetune", "method", "p", "seed", "perplexity"}``), written atomically. The
 comparison with the encoder study reads ``results/prune_eval/results.csv`` (accuracy) when it is there.
 
-How a gain is measured on both: the share of DARE's damage that DAREx-q undoes at the same p. On the decoder the
-damage is in mean log-perplexity over seeds (``L``): ``(L_dare − L_darex) / (L_dare − L_unpruned)``; on the
-encoder it is in mean accuracy: ``(A_darex − A_dare) / (A_unpruned − A_dare)``. 1 is a full recovery, 0 none,
-negative worse than DARE; with no damage to undo (DARE within 1 % of the unpruned perplexity, or 3 accuracy points:
-three test examples) the share is not defined.
+How a gain is measured on both: the share of the fine-tune's gain that a pruned model keeps, for DARE and for
+DAREx-q at the same p. The gain is over a floor, what is left with no delta at all: the pretrained base on the
+decoder (in mean log-perplexity over seeds, ``L``: ``(L_base − L_pruned) / (L_base − L_finetuned)``), the majority
+class on the encoder (in mean accuracy: ``(A_pruned − A_chance) / (A_finetuned − A_chance)``). Shares are clipped at
+0: a model at or below its floor is no better than dropping the whole delta. DAREx-q's gain over DARE is the
+difference of the two shares.
 """
 
 from __future__ import annotations
@@ -36,11 +37,6 @@ METHOD_STYLE = {
 }
 REFERENCE = ("unpruned", "pretrained")
 GAIN_MODES = ("darex-q-grid", "darex-q-analytic", "darex-q-unlabelled")
-#: below these losses of DARE there is nothing for DAREx-q to undo: 1 % of the perplexity on the decoder (its
-#: cells are paired on one test text), 3 accuracy points on the encoder (3 of its 96 test examples; one cell's
-#: binomial standard error is about 3.6 points)
-DECODER_MIN_DAMAGE = math.log(1.01)
-ENCODER_MIN_DAMAGE = 0.03
 Key = tuple[str, str, float]
 
 
@@ -104,56 +100,67 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
+def _kept(value: float, tuned: float, floor: float) -> float:
+    """Share of the fine-tune's gain over ``floor`` that a pruned model keeps, clipped at 0 (at or below the floor:
+    no better than dropping the whole delta, or than chance)."""
+    return max(0.0, (value - floor) / (tuned - floor)) if math.isfinite(value) else 0.0
+
+
 def decoder_gains(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (fine-tune, p, DAREx-q mode): DARE's and the mode's perplexity (geometric mean over seeds) and the share of
-    DARE's excess log-perplexity the mode recovers (None where DARE lost less than 1 %)."""
+    """Per (fine-tune, p, DAREx-q mode): perplexities (geometric means over seeds) of the fine-tune, the base, DARE
+    and the mode, and the share of the fine-tune's gain over the base that DARE and the mode keep (in log-perplexity).
+    """
     g = _groups(rows)
     out = []
     for ft in dict.fromkeys(r["finetune"] for r in rows):
-        un = g.get((ft, "unpruned", 0.0))
+        un, pre = g.get((ft, "unpruned", 0.0)), g.get((ft, "pretrained", 1.0))
+        if un is None or pre is None:
+            continue
+        tuned, floor = -_log_mean(un), -_log_mean(pre)
         for p in sorted({k[2] for k in g if k[0] == ft and k[1] == "dare"}):
-            dare = _log_mean(g[(ft, "dare", p)])
-            for mode in GAIN_MODES:
-                if (ft, mode, p) not in g or un is None:
-                    continue
-                x, base = _log_mean(g[(ft, mode, p)]), _log_mean(un)
-                damage = dare - base
-                share = (dare - x) / damage if math.isfinite(dare) and damage > DECODER_MIN_DAMAGE else None
-                out.append({"finetune": ft, "p": p, "mode": mode, "dare": math.exp(dare), "darex": math.exp(x),
-                            "unpruned": math.exp(base), "share": share})
+            dare = -_log_mean(g[(ft, "dare", p)])
+            for mode in (m for m in GAIN_MODES if (ft, m, p) in g):
+                x = -_log_mean(g[(ft, mode, p)])
+                out.append({"finetune": ft, "p": p, "mode": mode, "unpruned": math.exp(-tuned),
+                            "floor": math.exp(-floor), "dare": math.exp(-dare), "darex": math.exp(-x),
+                            "kept_dare": _kept(dare, tuned, floor), "kept_darex": _kept(x, tuned, floor)})
     return out
 
 
 def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("adamw", "adamr-l2", "adamw-large")
                   ) -> list[dict[str, Any]]:
-    """The same shares on the MiniLM encoder study's ``results.csv`` (accuracy), for its tasks and ``finetunes``.
+    """The same on the MiniLM encoder study's ``results.csv`` (mean accuracy over seeds; the floor is the majority
+    class of each task's test set, read from the ``meta.json`` beside it), for its tasks and ``finetunes``.
 
-    Returns ``[]`` when the file is missing.
+    Returns ``[]`` when either file is missing.
     """
-    if not Path(path).is_file():
+    meta = Path(path).with_name("meta.json")
+    if not Path(path).is_file() or not meta.is_file():
         return []
     from lifelong_delta.text.prune_eval_report import aggregate
     from lifelong_delta.text.prune_eval_report import read_results as read_encoder
 
+    chance = {t: sp["majority"] for t, sp in json.loads(meta.read_text()).get("splits", {}).items()}
     agg = aggregate(read_encoder(path))
-    out = []
-    keys = sorted((k for k in agg if k[1] in finetunes and k[2] in GAIN_MODES and (k[0], k[1], "dare", k[3]) in agg),
+    keys = sorted((k for k in agg if k[1] in finetunes and k[2] in GAIN_MODES and k[0] in chance
+                   and (k[0], k[1], "dare", k[3]) in agg),
                   key=lambda k: (list(finetunes).index(k[1]), k[0], k[3], GAIN_MODES.index(k[2])))
+    out = []
     for task, ft, m, p in keys:
-        a = agg[(task, ft, m, p)]
-        dare, un = agg[(task, ft, "dare", p)].mean, agg[(task, ft, "unpruned", 0.0)].mean
-        damage = un - dare
-        out.append({"task": task, "finetune": ft, "p": p, "mode": m, "dare": dare, "darex": a.mean,
-                    "unpruned": un, "share": (a.mean - dare) / damage if damage > ENCODER_MIN_DAMAGE else None})
+        x, dare, un = agg[(task, ft, m, p)].mean, agg[(task, ft, "dare", p)].mean, agg[(task, ft, "unpruned", 0.0)].mean
+        out.append({"task": task, "finetune": ft, "p": p, "mode": m, "unpruned": un, "floor": chance[task],
+                    "dare": dare, "darex": x, "kept_dare": _kept(dare, un, chance[task]),
+                    "kept_darex": _kept(x, un, chance[task])})
     return out
 
 
-def _share(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f} %"
+def _kept_cell(r: Mapping[str, Any]) -> str:
+    """``"31 → 56"``: percent of the fine-tune's gain kept by DARE, then by the DAREx-q mode."""
+    return f"{100 * r['kept_dare']:.0f} → {100 * r['kept_darex']:.0f}"
 
 
 def _gain_table(dec: Sequence[Mapping[str, Any]], enc: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The headline: per p and DAREx-q mode, the share recovered on each decoder fine-tune and each encoder one."""
+    """The headline: per p and DAREx-q mode, the share kept by DARE → by the mode, on each fine-tune of both."""
     enc_fts = list(dict.fromkeys(r["finetune"] for r in enc))
     head = "| p | DAREx-q mode | decoder: " + ", ".join(dict.fromkeys(r["finetune"] for r in dec)) + " |"
     head += "".join(f" MiniLM {ft}: " + ", ".join(dict.fromkeys(r["task"] for r in enc if r["finetune"] == ft)) + " |"
@@ -164,26 +171,27 @@ def _gain_table(dec: Sequence[Mapping[str, Any]], enc: Sequence[Mapping[str, Any
             mine = [r for r in dec if r["p"] == p and r["mode"] == mode]
             if not mine:
                 continue
-            cells = [", ".join(_share(r["share"]) for r in mine)]
+            cells = [", ".join(_kept_cell(r) for r in mine)]
             for ft in enc_fts:
                 theirs = [r for r in enc if r["p"] == p and r["mode"] == mode and r["finetune"] == ft]
-                cells.append(", ".join(_share(r["share"]) for r in theirs) or "not run")
+                cells.append(", ".join(_kept_cell(r) for r in theirs) or "not run")
             lines.append(f"| {p:g} | {mode.removeprefix('darex-q-')} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _detail_table(rows: Sequence[Mapping[str, Any]], decoder: bool) -> list[str]:
-    """DARE against each DAREx-q mode: perplexity (geometric mean over seeds) or accuracy (mean), per fine-tune and p."""
+    """DARE against each DAREx-q mode: perplexity (geometric mean over seeds) or accuracy (mean) per fine-tune, p."""
     fmt = _num if decoder else (lambda a: f"{100 * a:.1f}")
-    lines = ["| " + ("fine-tune" if decoder else "task / fine-tune") + " | p | unpruned | DARE | grid | analytic "
-             "| unlabelled |", "|---|---|---|---|---|---|---|"]
+    lines = ["| " + ("fine-tune" if decoder else "task / fine-tune") + " | p | unpruned | "
+             + ("pretrained" if decoder else "chance") + " | DARE | grid | analytic | unlabelled |",
+             "|---|---|---|---|---|---|---|---|"]
     keys = dict.fromkeys((r.get("task", ""), r["finetune"], r["p"]) for r in rows)
     for task, ft, p in keys:
         by = {r["mode"]: r for r in rows if (r.get("task", ""), r["finetune"], r["p"]) == (task, ft, p)}
         ref = next(iter(by.values()))
         cells = [fmt(by[m]["darex"]) if m in by else "–" for m in GAIN_MODES]
-        lines.append(f"| {task + ' / ' if task else ''}{ft} | {p:g} | {fmt(ref['unpruned'])} | {fmt(ref['dare'])} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {task + ' / ' if task else ''}{ft} | {p:g} | {fmt(ref['unpruned'])} | {fmt(ref['floor'])} | "
+                     f"{fmt(ref['dare'])} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -254,10 +262,10 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
     if dec:
         where = meta.get("encoder_results", "results/prune_eval/results.csv")
         lines += ["", "## DAREx-q against DARE, here and on the MiniLM encoder", "",
-                  "The share of DARE's damage that DAREx-q undoes at the same p: in mean log-perplexity over seeds on "
-                  "this decoder, in mean accuracy on the MiniLM encoder (`" + where + "`"
-                  + ("" if encoder else ", not found") + "). 100 % is a full recovery, 0 % none, below 0 worse than "
-                  "DARE; – : DARE lost under 1 % of the perplexity (3 accuracy points), so there is nothing to undo. "
+                  "Each cell: the percentage of the fine-tune's gain kept by DARE → by DAREx-q at the same p. The gain "
+                  "is over the pretrained base on this decoder (in log-perplexity, geometric means over seeds) and "
+                  "over chance (the majority class) on the MiniLM encoder (mean accuracy, `" + where + "`"
+                  + ("" if encoder else ", not found") + "); shares are clipped at 0 (no better than no delta). "
                   "The encoder study does not run DARE at p = 0.999.", ""]
         lines += _gain_table(dec, encoder)
         lines += ["", "Perplexity of the decoder (geometric mean over seeds):", ""] + _detail_table(dec, True)
@@ -277,7 +285,8 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
 
     Points are geometric means over seeds, bars the range over seeds; methods are shifted a little sideways so
     that equal results stay visible. The dashed line is the unpruned fine-tune, the dotted one the pretrained base.
-    Values above the panel's top (10 × the base's perplexity) are drawn at the top, as open markers.
+    Values above the panel's top (twice the base's perplexity) are drawn at the top as open markers, labelled with
+    their value.
 
     Returns:
         The matplotlib figure (also written atomically to ``path`` as PNG if given).
@@ -295,7 +304,7 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     handles: dict[str, Any] = {}
     finite = [v for vs in g.values() for v in vs if math.isfinite(v)]
     pre = [v for k, vs in g.items() if k[1] == "pretrained" for v in vs]
-    top = 10 * max(pre) if pre else max(finite, default=10.0)
+    top = 2 * max(pre) if pre else max(finite, default=10.0)
     bottom = 0.8 * min(finite, default=1.0)
     for j, ft in enumerate(fts):
         ax = axes[0][j]
@@ -322,6 +331,11 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
             h = ax.errorbar(xs, ys, yerr=[lo, hi], color=color, marker=marker, ms=5, lw=1.4, capsize=2, label=m)
             ax.scatter([x for x, o in zip(xs, over) if o], [top] * sum(over), s=60, facecolors="white",
                        edgecolors=color, marker=marker, zorder=5)
+            for x, o, p in zip(xs, over, [p for p in ps if (ft, m, p) in g]):
+                if o:
+                    mid = math.exp(_log_mean(g[(ft, m, p)]))
+                    ax.annotate(f"{m}: {_num(mid)}", (x, top), xytext=(-6, -4), textcoords="offset points",
+                                ha="right", va="top", fontsize=8, color=color)
             handles.setdefault(m, h)
         ax.set_yscale("log")
         ax.set_ylim(bottom, top * 1.15)
