@@ -241,6 +241,10 @@ def _units(units: list[_Unit], jobs: int, log: StudyLog, log_path: Path, progres
         return [f.result() for f in futures]
 
 
+def _threads(n: Any) -> str:
+    return f"{n} torch thread" + ("" if n == 1 else "s")
+
+
 def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
     """How each model was made, for the summary (from the ``train.json`` files)."""
     lines = []
@@ -260,7 +264,7 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
         f"(warm-up {t.get('warmup_fraction')}, linear decay), weight decay {t.get('weight_decay')}; byte-level BPE "
         f"tokenizer trained on the same text. Held-out fortune perplexity "
         f"{info.get('val_perplexity', float('nan')):.1f}. "
-        f"{info.get('wall_time_s', 0) / 60:.1f} min with {info.get('torch_threads')} threads.")
+        f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}.")
     for name, d in fts.items():
         info = read_info(d) or {}
         h = info.get("hparams", {})
@@ -271,7 +275,7 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
             f"{c.get('documents')} statement/reply pairs, 85 % for training) for {t.get('steps')} steps of "
             f"{t.get('batch_size')} blocks, {opt}, lr {t.get('lr')} (warm-up {t.get('warmup_fraction')}, linear "
             f"decay), no weight decay. Validation perplexity {info.get('val_perplexity', float('nan')):.2f}. "
-            f"{info.get('wall_time_s', 0) / 60:.1f} min with {info.get('torch_threads')} threads.")
+            f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}.")
     return lines
 
 

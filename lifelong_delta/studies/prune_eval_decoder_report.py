@@ -202,8 +202,9 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
     s = meta.get("settings", {})
     ev = meta.get("eval", {})
     lines = ["# Delta pruning of a small pretrained Llama (DARE the Extreme, arXiv 2410.09344)", "",
-             f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min ({meta.get('threads', '?')} torch "
-             f"threads; models {'trained in this run' if meta.get('trained') else 'loaded from the cache'}). "
+             f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min ({meta.get('jobs', 1)} process(es) of "
+             f"{meta.get('threads', '?')} torch thread(s); models "
+             f"{'trained in this run' if meta.get('trained') else 'loaded from the cache'}). "
              f"Reproduce: `{meta.get('command', 'make prune-eval-decoder')}`.", ""]
     lines += ["## Models", ""] + list(meta.get("model_lines", [])) + [""]
     lines += ["## Set-up", "",
