@@ -159,7 +159,7 @@ BACKBONES: dict[str, Backbone] = {
                        lora_targets=("query", "value"), cache_subdir="", step_cost=1.0),
     # One epoch on 2 000 training examples per task (63 steps at batch 32), a quarter (TREC) or half (VADER) of
     # MiniLM's steps at ~5x its cost per step: 16-29 min per fine-tune on 2 cores shared with other jobs, test
-    # accuracy 89-91 % (docs/reproduction.md).
+    # accuracy 89-92 % where training converged (VADER at adamw-large's lr 4e-4 diverged; docs/reproduction.md).
     "mpnet": Backbone("mpnet", "MPNet", "sentence-transformers/all-mpnet-base-v2", mpnet_dir,
                       lora_targets=("q", "v"), cache_subdir="mpnet", step_cost=5.0,
                       epochs={"trec": 1, "vader": 1}, train_cap={"trec": 2000, "vader": 2000}),
