@@ -49,6 +49,7 @@ __all__ = [
     "file_mode",
     "make_temp_dir",
     "remove_temp_dir",
+    "write_file",
 ]
 
 TOOL = "lifelong-delta"
@@ -410,3 +411,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

@@ -119,12 +119,6 @@ def backward_transfer(R: Matrix) -> float:
     return float(np.mean([arr[T - 1, j] - arr[j, j] for j in range(T - 1)]))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with outputs.atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def plot_accuracy_matrix(R: Matrix, path: str | os.PathLike[str], title: str | None = None) -> Path:
     """Write a heat map of R with its numbers to ``path`` (PNG), atomically.
 
@@ -210,5 +204,5 @@ def write_cl_metrics(
     json_path = out_dir / "cl_metrics.json"
     text = json.dumps(metrics, indent=2, allow_nan=False)
     plot_accuracy_matrix(arr, out_dir / "accuracy_matrix.png")
-    _atomic_write_bytes(json_path, (text + "\n").encode())
+    outputs.write_file(json_path, (text + "\n").encode())
     return json_path

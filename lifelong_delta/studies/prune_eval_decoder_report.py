@@ -55,12 +55,6 @@ def _csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> byt
     return buf.getvalue().encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with outputs.atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a decoder ``results.csv`` with typed values."""
     with open(path, newline="") as f:
@@ -353,7 +347,7 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        _atomic_write(Path(path), buf.getvalue())
+        outputs.write_file(Path(path), buf.getvalue())
         plt.close(fig)
     return fig
 
@@ -364,10 +358,10 @@ def write_outputs(out: Path, rows: Sequence[Mapping[str, Any]], q_rows: Sequence
     paths = {"results": out / "results.csv", "q_choices": out / "q_choices.csv", "summary": out / "summary.md",
              "plot": out / "perplexity_vs_p.png", "meta": out / "meta.json"}
     encoder = encoder_gains(meta.get("encoder_results", "")) if meta.get("encoder_results") else []
-    _atomic_write(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
-    _atomic_write(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
-    _atomic_write(paths["summary"], summary_markdown(rows, q_rows, meta, encoder).encode())
-    _atomic_write(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    outputs.write_file(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
+    outputs.write_file(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
+    outputs.write_file(paths["summary"], summary_markdown(rows, q_rows, meta, encoder).encode())
+    outputs.write_file(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
     params = ((meta.get("models") or {}).get("base") or {}).get("parameters")
     plot_perplexity_vs_p(rows, paths["plot"], f"a {params / 1e6:.1f} M-parameter Llama" if params else "a small Llama")
     return {k: str(v) for k, v in paths.items()}

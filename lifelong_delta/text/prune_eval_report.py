@@ -68,12 +68,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with outputs.atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -376,7 +370,7 @@ def plot_accuracy_vs_p(
     if path is not None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        _atomic_write(Path(path), buf.getvalue())
+        outputs.write_file(Path(path), buf.getvalue())
         plt.close(fig)
     return fig
 
@@ -397,11 +391,11 @@ def write_outputs(
         "plot": out / "accuracy_vs_p.png",
         "meta": out / "meta.json",
     }
-    _atomic_write(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
-    _atomic_write(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
-    _atomic_write(paths["recommend"], _csv_bytes(REC_COLUMNS, recs))
-    _atomic_write(paths["summary"], summary_markdown(rows, q_rows, recs, meta).encode())
-    _atomic_write(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    outputs.write_file(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
+    outputs.write_file(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))
+    outputs.write_file(paths["recommend"], _csv_bytes(REC_COLUMNS, recs))
+    outputs.write_file(paths["summary"], summary_markdown(rows, q_rows, recs, meta).encode())
+    outputs.write_file(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())
     chance = {t: sp["majority"] for t, sp in meta.get("splits", {}).items()}
     plot_accuracy_vs_p(rows, paths["plot"], chance)
     return {k: str(v) for k, v in paths.items()}

@@ -22,12 +22,7 @@ WORDS = ("the cat dog man woman house tree runs sees eats likes big small red ol
          "a one very never always here there today night day").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sentence(rng: random.Random) -> str:

@@ -16,12 +16,7 @@ TINY = {"epochs": 1, "max_train_examples": 16, "max_eval_examples": 12, "max_len
         "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

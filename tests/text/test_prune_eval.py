@@ -16,13 +16,7 @@ from lifelong_delta.text.prune_eval_report import RESULT_COLUMNS, read_results
 from lifelong_delta.text.prune_eval_run import q_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """MiniLM on a dozen short texts: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- tiny tensors
