@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
-from lifelong_delta.continual.metrics import _atomic_write_bytes
 from lifelong_delta.repro import repro_command
 
 __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_markdown"]
@@ -165,7 +164,7 @@ def _plot(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    _atomic_write_bytes(out / "accuracy.png", buf.getvalue())
+    outputs.write_file(out / "accuracy.png", buf.getvalue())
 
     shown = [m for m in methods if m in matrices and m != "joint"]
     if not shown:
@@ -192,7 +191,7 @@ def _plot(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _atomic_write_bytes(out / "accuracy_matrices.png", buf.getvalue())
+    outputs.write_file(out / "accuracy_matrices.png", buf.getvalue())
 
 
 def cl_eval(
@@ -268,11 +267,11 @@ def cl_eval(
     writer.writerow(RESULT_COLUMNS)
     for r in rows:
         writer.writerow([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])])
-    _atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    outputs.write_file(out / "results.csv", buf.getvalue().encode())
     meta = {"stream": stream if config_dir is None else str(root), "seeds": seeds, "wall_time_s": wall,
             "trained_runs": trained,
             "command": repro_command("lifelong-delta cl-eval", cl_eval, given, default="make cl-eval")}
-    _atomic_write_bytes(out / "summary.md", summary_markdown(rows, meta).encode())
+    outputs.write_file(out / "summary.md", summary_markdown(rows, meta).encode())
     _plot(rows, matrices, out, meta["stream"])
     print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "
           f"{out / 'accuracy_matrices.png'} ({wall / 60:.1f} min)", flush=True)
