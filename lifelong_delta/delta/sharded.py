@@ -87,8 +87,8 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     else:
         ref = reference.detach().reshape(-1)[offset: offset + numel].view(local.shape)
     current = local.detach()
-    merged = METHODS[spec.method].fn(name, ref.to(current.device), current, spec, None, spec.q if q is None else q,
-                                     offset=offset)
+    ref = ref.to(current.device)  # a CPU reference next to a GPU shard: the statistics below compare the two too
+    merged = METHODS[spec.method].fn(name, ref, current, spec, None, spec.q if q is None else q, offset=offset)
     stats = tensor_prune_stats(name, ref, current, merged)
     local.copy_(merged)
     return stats
