@@ -194,6 +194,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("lifelong_delta.delta.commands:prune",
               "Prune the delta between a fine-tuned model and its base, and write the merged model to a new "
               "directory."),
+    "pack": ("lifelong_delta.delta.commands:pack",
+             "Prune like prune, but write only what the method keeps: a packed delta (safetensors + manifest)."),
+    "unpack": ("lifelong_delta.delta.commands:unpack",
+               "Rebuild a pruned model from its base and a packed delta, bit for bit as prune writes it."),
     "stats": ("lifelong_delta.delta.commands:stats",
               "Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, "
               "‖δ‖/‖θ_pre‖."),
@@ -218,7 +222,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands that hold nothing at exit (their files are closed and renamed into place when they return): they leave
 # at once, skipping the second or so that tearing down torch's and numba's modules costs.
-FAST_EXIT = ("prune", "stats", "recommend")
+FAST_EXIT = ("prune", "pack", "unpack", "stats", "recommend")
 
 
 def _exit_now(code: int) -> None:

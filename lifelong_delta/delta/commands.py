@@ -32,7 +32,7 @@ if MYPY:
     from lifelong_delta.delta.stats import DeltaStats
     from lifelong_delta.delta.summary import PruneSummary
 
-__all__ = ["prune", "recommend", "stats"]
+__all__ = ["pack", "prune", "recommend", "stats", "unpack"]
 
 
 def _patterns(exclude: list[str] | str | None) -> tuple[str, ...]:
@@ -114,6 +114,113 @@ def prune(
         max_length: Calibration token length.
         progress: Show a progress bar.
     """
+    return _checked(locals(), "prune")
+
+
+def pack(
+    base: str,
+    finetuned: str,
+    out: str,
+    method: MethodName = "dare",
+    p: float = 0.9,
+    q: float | None = None,
+    q_mode: QMode | None = None,
+    eta: float = 0.37,
+    analytic_arithmetic: Arithmetic = "float16",
+    analytic_tie_rtol: float = 0.0,
+    rescale: RescaleName | None = None,
+    structural_axis: Literal["rows", "columns"] = "rows",
+    structural_select: Literal["random", "importance"] = "random",
+    exclude: list[str] | str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    force: bool = False,
+    calib_data: str | None = None,
+    calib_samples: int = 128,
+    batch_size: int = 16,
+    max_length: int = 128,
+    progress: bool = True,
+) -> PruneSummary:
+    """Prune like prune, but write only what the method keeps: a packed delta directory (safetensors + manifest).
+
+    A seeded random mask (dare, darex-q) is not stored: it is regenerated from (seed, name, index), so the pack
+    holds only the kept values. Other methods store the kept entries' indices compactly. `lifelong-delta unpack`
+    rebuilds prune's output from the base and the pack, bit for bit; the base's fingerprint in the manifest makes a
+    wrong base a clear error.
+
+    Args:
+        base: Pretrained model: an HF directory with safetensors weights, one .safetensors file, or a Hub id.
+        finetuned: Fine-tuned model of the same architecture (path or Hub id), or a PEFT LoRA adapter directory
+            (its pruned product scaling·B·A is packed).
+        out: The pack directory to write, e.g. trec.delta (must not exist unless --overwrite).
+        method: dare | darex-q | magnitude | wanda | structural.
+        p: Drop rate in [0, 1).
+        q: DAREx-q rescale (kept entries ×1/q), 1-p <= q <= 1 unless --force.
+        q_mode: Choose q from data: grid | unlabelled | analytic (see prune --help).
+        eta: The analytic q bound's free parameter (--q_mode analytic).
+        analytic_arithmetic: float16 | float64 (--q_mode analytic).
+        analytic_tie_rtol: Relative tie tolerance of the analytic q scan.
+        rescale: none | dare | q (default per method).
+        structural_axis: rows | columns (structural only).
+        structural_select: random | importance (structural only).
+        exclude: Glob patterns of tensors kept whole, e.g. 'classifier.*' (a task head travels with its delta).
+        seed: Mask seed.
+        overwrite: Replace an existing --out that lifelong-delta wrote.
+        force: Allow q outside [1-p, 1].
+        calib_data: CSV/TSV/JSONL file with a 'text' column (and 'label' for --q_mode grid).
+        calib_samples: Rows of calib_data to use.
+        batch_size: Calibration batch size.
+        max_length: Calibration token length.
+        progress: Show a progress bar.
+    """
+    return _checked({**locals(), "lora_prune": "product", "out_shard_size": "2GB"}, "pack")
+
+
+def unpack(
+    base: str,
+    delta: str,
+    out: str,
+    out_shard_size: str = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Rebuild a pruned model from its base and a packed delta: the same files prune writes, bit for bit.
+
+    Args:
+        base: The pretrained model the delta was packed against (HF directory, .safetensors file, or Hub id).
+        delta: A packed delta directory written by lifelong-delta pack.
+        out: Output directory (must not exist unless --overwrite).
+        out_shard_size: Output shard size, e.g. 2GB or 500MB (prune's default gives prune's files).
+        overwrite: Replace an existing --out that lifelong-delta wrote.
+        progress: Show a progress bar.
+    """
+    from lifelong_delta.delta.io import parse_size
+    from lifelong_delta.delta.pack import read_manifest
+
+    _check_inputs(delta=delta)
+    read_manifest(delta)
+    parse_size(out_shard_size)
+    outputs.check_output_dir(out, overwrite=overwrite,
+                             inputs={k: v for k, v in (("--base", base), ("--delta", delta)) if os.path.exists(v)})
+    from lifelong_delta.delta.hub import resolve_checkpoint
+
+    base = resolve_checkpoint(base, option="--base")
+    _say(f"unpack: {delta} onto {base} -> {out}")
+    from lifelong_delta.delta.pack import stream_unpack
+
+    result = stream_unpack(base, delta, out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
+    _console().print(f"unpacked {delta} onto {base} -> {result}", highlight=False)
+    return result
+
+
+def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
+    """Check the options of ``prune`` or ``pack`` and that no output touches an input, then run the command."""
+    a = dict(args)
+    base, finetuned, out, method, p, q, q_mode = (a[k] for k in ("base", "finetuned", "out", "method", "p", "q",
+                                                                 "q_mode"))
+    rescale, force, eta, analytic_tie_rtol, calib_data, overwrite, seed = (
+        a[k] for k in ("rescale", "force", "eta", "analytic_tie_rtol", "calib_data", "overwrite", "seed"))
+    calib_samples, batch_size, max_length = a["calib_samples"], a["batch_size"], a["max_length"]
     if q is not None and q_mode is not None:
         raise ValueError("pass either --q or --q_mode, not both")
     if q_mode is not None and method == "dare":
@@ -143,9 +250,9 @@ def prune(
     base, finetuned = _checkpoints(base, finetuned)
     inputs = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    _say(f"prune: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
+    _say(f"{command}: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
          f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}")
-    return _prune(locals())
+    return _prune({**a, "base": base, "finetuned": finetuned, "command": command})
 
 
 def _say(line: str) -> None:
@@ -199,8 +306,9 @@ def _prune(args: dict) -> PruneSummary:
         from lifelong_delta.delta.lora_merge import stream_prune_lora
 
         summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=a["lora_prune"], overwrite=a["overwrite"],
-                                    out_shard_size=a["out_shard_size"], progress=a["progress"])
-        _console().print(summary.table())
+                                    out_shard_size=a["out_shard_size"], progress=a["progress"],
+                                    pack=a["command"] == "pack")
+        _report(summary, a, base)
         return summary
     if a["lora_prune"] != "product":
         raise ValueError(f"--lora_prune {a['lora_prune']} needs a PEFT adapter directory as --finetuned "
@@ -233,10 +341,28 @@ def _prune(args: dict) -> PruneSummary:
                                      + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
                     spec = replace(spec, q=result.q)
 
-    summary = stream_prune(base, finetuned, out, spec, overwrite=a["overwrite"], out_shard_size=a["out_shard_size"],
-                           progress=a["progress"], input_norms=input_norms, q_per_tensor=q_per_tensor)
-    _console().print(summary.table())
+    if a["command"] == "pack":
+        from lifelong_delta.delta.pack import stream_pack
+
+        summary = stream_pack(base, finetuned, out, spec, overwrite=a["overwrite"], progress=a["progress"],
+                              input_norms=input_norms, q_per_tensor=q_per_tensor)
+    else:
+        summary = stream_prune(base, finetuned, out, spec, overwrite=a["overwrite"],
+                               out_shard_size=a["out_shard_size"], progress=a["progress"], input_norms=input_norms,
+                               q_per_tensor=q_per_tensor)
+    _report(summary, a, finetuned)
     return summary
+
+
+def _report(summary: PruneSummary, args: dict, dense: str) -> None:
+    """The prune's table; for a pack also its size against the dense tensors of ``dense``."""
+    _console().print(summary.table())
+    if args["command"] == "pack":
+        from lifelong_delta.delta.pack import pack_size, read_manifest
+
+        full, size = read_manifest(args["out"]).finetuned_bytes, pack_size(args["out"])
+        _console().print(f"packed {size / 2**20:.2f} MiB = {size / max(full, 1):.2%} of the "
+                         f"{full / 2**20:.1f} MiB of tensors of {dense} -> {args['out']}", highlight=False)
 
 
 @contextmanager

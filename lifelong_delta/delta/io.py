@@ -360,6 +360,20 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES
 
 
+def non_weight_files(src: str | os.PathLike[str]) -> list[str]:
+    """Relative paths of the config, tokenizer and other non-weight files of a model directory (sub-directories
+    included; weight files, their indexes and hidden entries left out), sorted; empty for a single file."""
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    found = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(root).relative_to(src)
+        found += [str(rel / f) for f in sorted(files) if not f.startswith(".") and not _is_weight_file(f)]
+    return found
+
+
 def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
     """Copy config, tokenizer and other non-weight files (and sub-directories) of a model directory.
 
@@ -370,18 +384,8 @@ def copy_non_weight_files(src: str | os.PathLike[str], dst: str | os.PathLike[st
         The relative paths copied.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        return []
-    copied = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(root).relative_to(src)
-        for fname in sorted(files):
-            if fname.startswith(".") or _is_weight_file(fname):
-                continue
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(root) / fname, dst / rel / fname)  # a new file: the umask sets its mode
-            copied.append(str(rel / fname))
+    copied = non_weight_files(src)
+    for rel in copied:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)  # a new file: the umask sets its mode
     return copied
-
-

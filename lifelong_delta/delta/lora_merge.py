@@ -82,6 +82,7 @@ def stream_prune_lora(
     overwrite: bool = False,
     out_shard_size: str | int = "2GB",
     progress: bool = True,
+    pack: bool = False,
 ) -> PruneSummary:
     """Prune a PEFT LoRA adapter's delta against ``base`` and write ``base + pruned delta`` as a full checkpoint.
 
@@ -101,6 +102,8 @@ def stream_prune_lora(
         out_shard_size: Output shard size limit, e.g. ``"2GB"``.
         progress: Show progress on stderr (a bar on a terminal, a line every 10 s elsewhere, see
             :class:`lifelong_delta.progress.Progress`).
+        pack: Write a pack of what the prune changed (:mod:`lifelong_delta.delta.pack`) instead of the checkpoint;
+            ``lora_prune="product"`` only.
 
     Returns:
         A :class:`~lifelong_delta.delta.stats.PruneSummary` over the adapted tensors (δ before = the adapter's
@@ -117,6 +120,8 @@ def stream_prune_lora(
                          "--finetuned does not support; use --method magnitude")
     if spec.method == "darex-q" and spec.q is None:
         raise ValueError("method 'darex-q' needs q: pass --q Q")
+    if pack and lora_prune != "product":
+        raise ValueError("pack stores the pruned LoRA product B·A; drop --lora_prune factors")
     out = Path(out)
     inputs = {"--base": base, "--finetuned": adapter_dir}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
@@ -142,8 +147,17 @@ def stream_prune_lora(
             pruned_adapter = _prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
         names = rb.names()
         nbytes = {name: rb.info(name).nbytes for name in names}
-        with ShardedWriter(out, out_shard_size, overwrite=overwrite, inputs=inputs,
-                           command="prune") as writer, \
+        if pack:
+            from lifelong_delta.delta.matching import TensorMatch
+            from lifelong_delta.delta.pack import PackWriter, manifest_for
+
+            adapted = [n for n in names if n in from_base]
+            sink: ShardedWriter | PackWriter = PackWriter(
+                out, rb, TensorMatch(pruned=adapted, copied=[]), spec, overwrite=overwrite, inputs=inputs,
+                copies_base=True, unmasked=[n for n in adapted if is_excluded(n, spec.exclude)])
+        else:
+            sink = ShardedWriter(out, out_shard_size, overwrite=overwrite, inputs=inputs, command="prune")
+        with sink as writer, \
                 Progress("merging", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
                          enabled=progress) as bar:
             for name in names:
@@ -182,5 +196,9 @@ def stream_prune_lora(
                 writer.add(name, merged)
                 summary.tensors.append(tensor_prune_stats(name, b32, b32 + delta, merged))
                 bar.update(1, nbytes=nbytes[name])
-            writer.commit(copy_files_from=base if Path(base).is_dir() else None)
+            base_dir = base if Path(base).is_dir() else None
+            if pack:
+                writer.commit(manifest_for(spec, rb, None), files_from=base_dir, base_dir=base_dir)
+            else:
+                writer.commit(copy_files_from=base_dir)
     return summary

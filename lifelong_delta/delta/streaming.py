@@ -20,10 +20,10 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from lifelong_delta import outputs
 from lifelong_delta.delta import _kernels
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from lifelong_delta.delta.stats import DeltaStats
 
-__all__ = ["stream_delta_stats", "stream_prune"]
+__all__ = ["match_for_prune", "prune_into", "prune_summary", "stream_delta_stats", "stream_prune"]
 
 _T = TypeVar("_T")
 
@@ -81,6 +81,16 @@ class _Buffers:
     out: _Ring = field(default_factory=lambda: _Ring(ShardedWriter.PENDING + 1))
 
 
+class TensorSink(Protocol):
+    """Where :func:`prune_into` puts each output tensor: a :class:`ShardedWriter`, or a writer that keeps only part
+    of it (:class:`lifelong_delta.delta.pack.PackWriter`)."""
+
+    def add(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None,
+                   chunks: Iterable[object]) -> None: ...
+
+
 def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, name: str, base_name: str) -> bool:
     """Whether tensor ``name`` takes the compiled kernel on raw words: a random-mask method, base and fine-tune of
     one dtype the kernel reads (bf16, fp32), and the kernel built and not switched off."""
@@ -116,7 +126,7 @@ def _chunk_reads(name: str, rb: CheckpointReader, rf: CheckpointReader, base_nam
         yield start, count, b, f
 
 
-def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
                  q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
     """DARE / DAREx-q of one bf16 or fp32 tensor, chunk by chunk on raw words, statistics included; no torch.
 
@@ -144,7 +154,7 @@ def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
     return acc.result()
 
 
-def _copy(name: str, rf: CheckpointReader, writer: ShardedWriter, bufs: _Buffers) -> None:
+def _copy(name: str, rf: CheckpointReader, writer: TensorSink, bufs: _Buffers) -> None:
     """Copy one tensor's bytes unchanged, chunk by chunk."""
     info = rf.info(name)
 
@@ -157,7 +167,7 @@ def _copy(name: str, rf: CheckpointReader, writer: ShardedWriter, bufs: _Buffers
     writer.add_chunks(name, info.code, info.shape, chunks())
 
 
-def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
                  q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
     """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
     from lifelong_delta.delta.methods import prune_tensor
@@ -171,7 +181,7 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
     return tensor_prune_stats(name, b, f, merged)
 
 
-def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
                 q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
     """A row-local method (top-k within each output row) a block of rows at a time, about one chunk each: the
     blocks concatenate to exactly ``prune_tensor(name, base, finetuned, spec, ...)`` of the whole tensor (tested),
@@ -199,7 +209,7 @@ def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: S
     return acc.result()
 
 
-def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: ShardedWriter, spec: PruneSpec,
+def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
                    q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
     """DARE / DAREx-q chunk by chunk with torch, for what :func:`_prune_words` does not take (fp16, mixed dtypes,
     the torch back end). Masks are a function of the flat element index (``offset``), so the chunks concatenate to
@@ -281,6 +291,37 @@ def _mapping_note(match: TensorMatch) -> str | None:
     return f"base '{pb}X' = fine-tuned '{pf}X'"
 
 
+def prune_summary(spec: PruneSpec, match: TensorMatch, out: str | os.PathLike[str],
+                  q_per_tensor: Mapping[str, float] | None = None) -> PruneSummary:
+    """An empty :class:`PruneSummary` of a prune (its per-tensor statistics are added as tensors are pruned)."""
+    q_shown = "per tensor" if q_per_tensor else spec.q
+    return PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out),
+                        finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match),
+                        q_per_tensor=dict(q_per_tensor) if q_per_tensor else None)
+
+
+def match_for_prune(rb: CheckpointReader, rf: CheckpointReader, spec: PruneSpec, *,
+                    input_norms: Mapping[str, torch.Tensor] | None = None,
+                    q_per_tensor: Mapping[str, float] | None = None) -> TensorMatch:
+    """The tensors to prune, checked against everything ``spec``'s method needs, before any tensor is read.
+
+    Raises:
+        ValueError: missing/extra tensors, shape mismatch, missing input norms or q.
+    """
+    match = match_tensors(rb, rf, spec.exclude)
+    if METHODS[spec.method].needs_input_norms:
+        missing = [n for n in match.pruned if len(rf.shape(n)) == 2 and n not in (input_norms or {})]
+        if missing:
+            raise ValueError(f"--method {spec.method} needs calibration input norms, which are missing for "
+                             f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
+                             "them with --exclude, or use --method magnitude")
+    if spec.method == "darex-q" and spec.q is None and not q_per_tensor:
+        raise ValueError("method 'darex-q' needs q: pass --q Q or --q_mode")
+    if spec.method in ("magnitude", "wanda") and spec.rescale == "q" and spec.q is None and not q_per_tensor:
+        raise ValueError(f"--method {spec.method} with --rescale q needs q: pass --q Q or --q_mode")
+    return match
+
+
 def stream_prune(
     base: str | os.PathLike[str],
     finetuned: str | os.PathLike[str],
@@ -325,51 +366,61 @@ def stream_prune(
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
     parse_size(out_shard_size)
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
-        match = match_tensors(rb, rf, spec.exclude)
-        if METHODS[spec.method].needs_input_norms:
-            missing = [n for n in match.pruned if len(rf.shape(n)) == 2 and n not in (input_norms or {})]
-            if missing:
-                raise ValueError(f"--method {spec.method} needs calibration input norms, which are missing for "
-                                 f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
-                                 "them with --exclude, or use --method magnitude")
-        if spec.method == "darex-q" and spec.q is None and not q_per_tensor:
-            raise ValueError("method 'darex-q' needs q: pass --q Q or --q_mode")
-        if spec.method in ("magnitude", "wanda") and spec.rescale == "q" and spec.q is None and not q_per_tensor:
-            raise ValueError(f"--method {spec.method} with --rescale q needs q: pass --q Q or --q_mode")
-        pruned = set(match.pruned)
-        q_shown = "per tensor" if q_per_tensor else spec.q
-        summary = PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out),
-                               finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match),
-                               q_per_tensor=dict(q_per_tensor) if q_per_tensor else None)
+        match = match_for_prune(rb, rf, spec, input_norms=input_norms, q_per_tensor=q_per_tensor)
+        summary = prune_summary(spec, match, out, q_per_tensor)
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
-        names = rf.names()
-        nbytes = {name: rf.info(name).nbytes for name in names}
-        layout = [(name, rf.code(name), rf.shape(name)) for name in names]  # every output keeps its dtype
-        bufs = _Buffers()
+        layout = [(name, rf.code(name), rf.shape(name)) for name in rf.names()]  # every output keeps its dtype
         with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs,
-                           command="prune", layout=layout) as writer, \
-                Progress("pruning", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
-                         enabled=progress) as bar:
-            for name in names:
-                bar.update(0, detail=name)
-                base_name = match.base_name(name)
-                q = q_per_tensor.get(name) if q_per_tensor else None
-                if name not in pruned:
-                    _copy(name, rf, writer, bufs)
-                elif _words_apply(spec, rb, rf, name, base_name):
-                    summary.tensors.append(_prune_words(name, rb, rf, writer, spec, q, base_name, bufs))
-                elif METHODS[spec.method].random_mask:
-                    summary.tensors.append(_prune_chunked(name, rb, rf, writer, spec, q, base_name, bufs))
-                else:
-                    norms = input_norms.get(name) if input_norms else None
-                    if METHODS[spec.method].row_local and len(rf.shape(name)) >= 2 and (norms is None
-                                                                                         or norms.dim() == 1):
-                        summary.tensors.append(_prune_rows(name, rb, rf, writer, spec, q, norms, base_name))
-                    else:
-                        summary.tensors.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))
-                bar.update(1, nbytes=nbytes[name])
+                           command="prune", layout=layout) as writer:
+            summary.tensors.extend(prune_into(writer, rb, rf, match, spec, progress=progress,
+                                              input_norms=input_norms, q_per_tensor=q_per_tensor))
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary
+
+
+def prune_into(
+    writer: TensorSink,
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    match: TensorMatch,
+    spec: PruneSpec,
+    *,
+    progress: bool = True,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
+    q_per_tensor: Mapping[str, float] | None = None,
+) -> list[TensorPruneStats]:
+    """Add every tensor of ``rf`` to ``writer`` in file order, pruned (the tensors of ``match.pruned``) or copied.
+
+    The engine of :func:`stream_prune`, for callers that checked the inputs and own the writer; each output chunk is
+    handed to ``writer`` as it is produced, in flat order.
+
+    Returns:
+        The statistics of each pruned tensor.
+    """
+    pruned = set(match.pruned)
+    names = rf.names()
+    nbytes = {name: rf.info(name).nbytes for name in names}
+    bufs = _Buffers()
+    stats = []
+    with Progress("pruning", len(names), unit="tensors", total_bytes=sum(nbytes.values()), enabled=progress) as bar:
+        for name in names:
+            bar.update(0, detail=name)
+            base_name = match.base_name(name)
+            q = q_per_tensor.get(name) if q_per_tensor else None
+            if name not in pruned:
+                _copy(name, rf, writer, bufs)
+            elif _words_apply(spec, rb, rf, name, base_name):
+                stats.append(_prune_words(name, rb, rf, writer, spec, q, base_name, bufs))
+            elif METHODS[spec.method].random_mask:
+                stats.append(_prune_chunked(name, rb, rf, writer, spec, q, base_name, bufs))
+            else:
+                norms = input_norms.get(name) if input_norms else None
+                if METHODS[spec.method].row_local and len(rf.shape(name)) >= 2 and (norms is None or norms.dim() == 1):
+                    stats.append(_prune_rows(name, rb, rf, writer, spec, q, norms, base_name))
+                else:
+                    stats.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))
+            bar.update(1, nbytes=nbytes[name])
+    return stats
 
 
 def stream_delta_stats(

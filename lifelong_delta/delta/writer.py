@@ -90,6 +90,7 @@ class ShardedWriter:
             front and each tensor's bytes go straight into its final file (written once); the tensors must then be
             added in exactly this order. Without it each shard's data is staged in a body file and copied behind
             its header when the shard is full.
+        file_name: Name of the file when everything fits one shard.
 
     Raises:
         OutputPathError: ``out_dir`` overlaps an input, exists without ``overwrite``, or is not this tool's output.
@@ -106,6 +107,7 @@ class ShardedWriter:
         inputs: outputs.Inputs = {},
         command: str = "write",
         layout: Sequence[tuple[str, str | torch.dtype, Sequence[int]]] | None = None,
+        file_name: str = SINGLE_FILE,
     ) -> None:
         self.out = Path(out_dir)
         self.max_shard_bytes = parse_size(max_shard_size)
@@ -113,6 +115,7 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.inputs = dict(inputs)
         self.command = command
+        self.file_name = file_name
         outputs.check_output_dir(self.out, overwrite=overwrite, inputs=self.inputs)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,13 +178,15 @@ class ShardedWriter:
         """Append one torch tensor (its bytes are queued for writing; the caller may free it afterwards)."""
         self.add_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
-    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int], chunks: Iterable[object]) -> None:
+    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None,
+                   chunks: Iterable[object]) -> None:
         """Append one tensor given as consecutive pieces of its flattened data (each written as it arrives).
 
         Args:
             name: Tensor name.
             dtype: Its dtype, a safetensors code (``"BF16"``) or a torch dtype; torch chunks must have it.
-            shape: Its shape; the chunks must add up to ``prod(shape)`` elements.
+            shape: Its shape; the chunks must add up to ``prod(shape)`` elements. None (only without a layout): a
+                1-D tensor of whatever length the chunks add up to.
             chunks: The pieces, in order: torch tensors (any shapes) or C-contiguous buffers of raw values (numpy
                 arrays, ``memoryview``). The writer keeps up to :attr:`PENDING` of them after this returns.
         """
@@ -190,8 +195,10 @@ class ShardedWriter:
         if name in self._names:
             raise ValueError(f"tensor {name!r} was added twice")
         code = _code(name, dtype)
-        shape = tuple(int(s) for s in shape)
-        nbytes = math.prod(shape) * itemsize(code)
+        if shape is None and self._plan is not None:
+            raise ValueError(f"tensor {name!r}: a planned layout needs its shape")
+        shape = None if shape is None else tuple(int(s) for s in shape)
+        nbytes = None if shape is None else math.prod(shape) * itemsize(code)
         if self._plan is not None:
             if not self._next or self._next[-1] != name:
                 expected = f"{self._next[-1]!r}" if self._next else "no more tensors"
@@ -203,7 +210,7 @@ class ShardedWriter:
                                  f"{self._planned_entries[name][0]} {list(self._planned_entries[name][1])}")
             self._next.pop()
         else:
-            if self._entries and self._body_bytes + nbytes > self.max_shard_bytes:
+            if self._entries and self._body_bytes + (nbytes or 0) > self.max_shard_bytes:
                 self._finish_shard()
             if self._body is None:
                 self._body = open(self.tmp / f"body-{len(self._shards):05d}.bin", "w+b")  # noqa: SIM115
@@ -213,6 +220,10 @@ class ShardedWriter:
             if len(data):
                 self._write(data)
             written += len(data)
+        if shape is None:
+            if written % itemsize(code):
+                raise ValueError(f"tensor {name!r}: chunks hold {written} bytes, not whole {code} values")
+            shape, nbytes = (written // itemsize(code),), written
         if written != nbytes:
             raise ValueError(f"tensor {name!r}: chunks hold {written} bytes, shape {list(shape)} needs {nbytes}")
         self._entries[name] = (code, shape, self._body_bytes, self._body_bytes + nbytes)
@@ -307,7 +318,7 @@ class ShardedWriter:
             self._finish_shard()
         n = len(self._shards)
         if n == 1:
-            self._shards[0][0].rename(self.tmp / SINGLE_FILE)
+            self._shards[0][0].rename(self.tmp / self.file_name)
         else:
             weight_map = {}
             for i, (path, names) in enumerate(self._shards, start=1):
