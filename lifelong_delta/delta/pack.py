@@ -467,7 +467,7 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
 
 def _check_crc(entry: TensorEntry, crc: int) -> None:
     if crc != entry.base_crc32:
-        raise ValueError(f"the base is not the one the delta was packed against: tensor {entry.base_name!r} has "
+        raise ValueError(f"--base is not the base the delta was packed against: tensor {entry.base_name!r} has "
                          "other values (nothing was written)")
 
 
