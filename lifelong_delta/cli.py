@@ -203,6 +203,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "‖δ‖/‖θ_pre‖."),
     "recommend": ("lifelong_delta.delta.commands:recommend",
                   "Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why."),
+    "merge": ("lifelong_delta.delta.merge_command:merge",
+              "Merge fine-tunes of one base model (task arithmetic, TIES, DARE, DAREx-q) into a new model directory."),
     "pretrain": ("lifelong_delta.continual.pretrain:pretrain",
                  "Pretrain a small timm ViT on all classes of dataset and cache it under <cache_dir>/<name>."),
     "probe": ("lifelong_delta.continual.probe:probe",
@@ -222,7 +224,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands that hold nothing at exit (their files are closed and renamed into place when they return): they leave
 # at once, skipping the second or so that tearing down torch's and numba's modules costs.
-FAST_EXIT = ("prune", "pack", "unpack", "stats", "recommend")
+FAST_EXIT = ("prune", "pack", "unpack", "stats", "recommend", "merge")
 
 
 def _exit_now(code: int) -> None:
