@@ -162,28 +162,39 @@ def _normalise_flags(argv: list[str], command: Callable[..., Any] | None = None)
 
     * ``--q-mode`` is accepted as well as ``--q_mode`` (jsonargparse derives flags from snake_case parameter names);
     * a bare boolean flag (``--overwrite``) means ``--overwrite=true``;
-    * a repeated list flag (``--exclude A --exclude B``) collects every value, not just the last.
+    * a repeated list flag (``--exclude A --exclude B``) collects every value, not just the last, and so does one
+      list flag followed by several values (``--models F1 F2``);
+    * a parameter named after a Python keyword (``lambda_``) is also ``--lambda``.
     """
     bools: set[str] = set()
     lists: set[str] = set()
+    params: set[str] = set()
     if command is not None:
         for name, param in inspect.signature(command).parameters.items():
+            params.add(name)
             annotation = str(param.annotation)
             if annotation in ("bool", "<class 'bool'>"):
                 bools.add(name)
             elif "list[" in annotation.lower() or "sequence[" in annotation.lower():
                 lists.add(name)
     out: list[str] = []
+    in_list: str | None = None  # the list flag whose values are being read
     for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
+            in_list = None
             flag, sep, value = arg[2:].partition("=")
             flag = flag.replace("-", "_")
+            if flag not in params and f"{flag}_" in params:
+                flag += "_"
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if flag in bools and not sep and (nxt is None or nxt.startswith("--")):
                 sep, value = "=", "true"
             if flag in lists:
+                in_list = None if sep else flag
                 flag += "+"
             arg = "--" + flag + sep + value
+        elif in_list is not None and out and not out[-1].startswith("--"):
+            out.append(f"--{in_list}+")  # a further value of the same list flag
         out.append(arg)
     return out
 

@@ -111,7 +111,7 @@ def merge(
         out: Output directory (must not exist unless --overwrite).
         base: Pretrained model: an HF directory with safetensors weights, one .safetensors file, or a Hub id
             org/name[@revision].
-        models: The fine-tuned models, in order (repeat --models for each).
+        models: The fine-tuned models, in order: --models F1 F2 ... (or --models F1 --models F2).
         method: task-arithmetic | ties | dare-linear | dare-ties | darex-q.
         weights: w_i, one per model (default 1 each); repeat --weights for each.
         density: Kept fraction of each delta in (0, 1]: one for all models or one per model (ties and the DARE
@@ -119,7 +119,7 @@ def merge(
         p: Drop rate in [0, 1) instead of --density (density = 1 - p).
         q: darex-q's rescale 1/q, q in [density, 1], one for all or one per model (default sqrt(density), which keeps
             the delta's expected squared norm).
-        lambda_: λ, the scale of the merged delta (default 1).
+        lambda_: λ, the scale of the merged delta (default 1); --lambda works too.
         normalize: Divide by the sum of the (agreeing) weights (default: true for ties and dare-ties, else false).
         mergekit_config: A mergekit YAML config (merge_method, base_model, models with weight/density, parameters,
             dtype) instead of the merge flags above.
@@ -136,7 +136,7 @@ def merge(
     from lifelong_delta.delta.io import parse_size
 
     given = {"--base": base, "--models": models, "--method": method, "--weights": weights, "--density": density,
-             "--p": p, "--q": q, "--lambda_": lambda_, "--normalize": normalize, "--dtype": dtype}
+             "--p": p, "--q": q, "--lambda": lambda_, "--normalize": normalize, "--dtype": dtype}
     if mergekit_config is not None:
         request = _from_config(mergekit_config, seed, {k: v for k, v in given.items() if v is not None}, files_from)
     else:
@@ -184,7 +184,7 @@ def _from_flags(base: str | None, models: list[str] | None, method: str | None, 
     if base is None:
         raise ValueError("--base is required (or --mergekit_config FILE, a mergekit YAML config)")
     if not models:
-        raise ValueError("--models is required: the fine-tuned models to merge (repeat --models for each)")
+        raise ValueError("--models is required: the fine-tuned models to merge (--models F1 F2 ...)")
     if method is None:
         raise ValueError(f"--method is required: one of {', '.join(MERGE_METHODS)}")
     if density is not None and p is not None:

@@ -32,6 +32,7 @@ Standard library and PyYAML only: the command reads the config before any heavy 
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,13 +81,13 @@ class MergekitConfig:
 
     def flags(self) -> str:
         """The equivalent ``lifelong-delta merge`` flags (without ``--out``)."""
-        parts = [f"--base {self.base}", *(f"--models {m}" for m in self.models), f"--method {self.method}",
-                 *(f"--weights {w:g}" for w in self.weights)]
-        parts += [f"--density {d:g}" for d in self.density or ()]
-        parts += [f"--lambda_ {self.lambda_:g}", f"--normalize {str(self.normalize).lower()}"]
-        parts += [f"--dtype {self.dtype}"] if self.dtype else []
-        parts += ["--files_from base"] if self.files_from == "base" else []
-        return " ".join(parts)
+        parts = ["--base", str(self.base), "--models", *map(str, self.models), "--method", self.method,
+                 "--weights", *(f"{w:g}" for w in self.weights)]
+        parts += ["--density", *(f"{d:g}" for d in self.density)] if self.density else []
+        parts += ["--lambda", f"{self.lambda_:g}", "--normalize", str(self.normalize).lower()]
+        parts += ["--dtype", self.dtype] if self.dtype else []
+        parts += ["--files_from", "base"] if self.files_from == "base" else []
+        return shlex.join(parts)
 
 
 def _number(where: str, value: Any) -> float:

@@ -56,7 +56,7 @@ def _models(root: Path, base_sd: dict[str, torch.Tensor] | None = None, fts: lis
 
 
 def _flags(base: Path, models: list[Path]) -> list[str]:
-    return ["--base", str(base), *[a for m in models for a in ("--models", str(m))]]
+    return ["--base", str(base), "--models", *map(str, models)]
 
 
 def _reference(base: Path, models: list[Path], spec: MergeSpec) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def test_every_method_streams_the_formula(tmp_path, capsys, monkeypatch, method)
     base, models = _models(tmp_path)
     out = tmp_path / "out"
     args = [*_flags(base, models), "--method", method, "--weights", "1", "--weights", "0.5", "--weights", "2",
-            "--lambda_", "0.8", "--seed", "5", "--out", out, "--out-shard-size", "1KB"]
+            "--lambda", "0.8", "--seed", "5", "--out", out, "--out-shard-size", "1KB"]
     density = None if method == "task-arithmetic" else (0.3, 0.6, 0.9)
     args += [a for d in density or () for a in ("--density", str(d))]
     q = (0.5, 0.7, 0.95) if method == "darex-q" else None
@@ -166,8 +166,8 @@ tokenizer_source: base
     assert "note: models[0] is the base model; skipped" in err
     line = next(x for x in err.splitlines() if x.startswith(f"merge: --mergekit_config {config} = "))
     flags = shlex.split(line.split(" = ", 1)[1])
-    assert flags == [*_flags(base, models), "--method", "ties", "--weights", "1", "--weights", "0.5", "--weights", "2",
-                     "--density", "0.3", "--density", "0.6", "--density", "0.9", "--lambda_", "0.5", "--normalize",
+    assert flags == ["--base", str(base), "--models", *map(str, models), "--method", "ties",
+                     "--weights", "1", "0.5", "2", "--density", "0.3", "0.6", "0.9", "--lambda", "0.5", "--normalize",
                      "false", "--dtype", "bfloat16", "--files_from", "base"]
     code, _, err = _run(capsys, *flags, "--seed", "3", "--out", tmp_path / "from-flags")
     assert code == 0, err
@@ -352,3 +352,15 @@ def test_help_and_option_errors_answer_before_torch(tmp_path):
     assert res.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "False"], res.stdout + res.stderr
     assert "--lambda_" in res.stdout and "mergekit YAML" in res.stdout
     assert "error: density 0 is outside (0, 1]" in res.stderr
+
+
+def test_list_flags_take_several_values_and_lambda_its_keyword_name():
+    from lifelong_delta.cli import _normalise_flags
+    from lifelong_delta.delta.commands import prune
+
+    argv = ["merge", "--models", "F1", "F2", "--lambda", "0.5", "--weights", "1", "-2", "--models=F3", "--overwrite"]
+    assert _normalise_flags(argv, merge_command.merge) == ["merge", "--models+", "F1", "--models+", "F2", "--lambda_", "0.5",
+                                             "--weights+", "1", "--weights+", "-2", "--models+=F3",
+                                             "--overwrite=true"]
+    assert _normalise_flags(["prune", "--exclude", "a.*", "--exclude", "b.*", "--p", "0.9"], prune) == \
+        ["prune", "--exclude+", "a.*", "--exclude+", "b.*", "--p", "0.9"]
