@@ -13,6 +13,7 @@ from typing import Any
 
 _HOME = {
     "analytic_q": ("analytic_q_per_layer", "analytic_row_q", "min_mse_q_per_layer"),
+    "bank": ("DeltaBank",),
     "dare": ("dare", "dare_merge", "resolve_q"),
     "darex": ("MaskedDelta", "QSearchResult", "default_coarse_grid", "select_q_grid", "select_q_unlabelled"),
     "importance": ("InputStats", "collect_input_stats", "importance_prune"),

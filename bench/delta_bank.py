@@ -1,0 +1,212 @@
+"""Switching ten MiniLM fine-tunes with ``DeltaBank`` against loading each with ``from_pretrained`` (goal: >= 20x).
+
+Makes a base (the offline all-MiniLM-L6-v2 with a seeded 2-class head) and ten synthetic fine-tunes of it: every
+weight plus seeded Gaussian noise of std 1e-3 x its tensor's mean |θ|, and a fresh head of 6 or 2 classes. Each is
+saved with ``save_pretrained`` and packed twice with ``lifelong-delta pack --method dare --p 0.99 --exclude
+'classifier.*'``: with the default ``--seed 0`` (the ten packs keep the same entries, so the bank holds their
+positions once and a switch writes only the new values), and with ``--seed i`` (ten different masks: a switch
+reverts the old entries, stashes the base under the new ones and writes them). Then, in this one process:
+
+* ``DeltaBank``, per seed setting: ``bank.add`` of each pack; ``bank.activate(name)`` cycling through the ten
+  (each switch leaves the previous fine-tune), median after a warm-up pass, back to back and with an (untimed)
+  forward pass of 8 x 64 tokens before each switch, which evicts the touched cache lines as serving would; the
+  values touched per switch; the resident set (VmRSS after ``malloc_trim``) before and after the ten ``add``;
+  the base bit for bit at the end;
+* ``from_pretrained``: ``AutoModelForSequenceClassification.from_pretrained(dir)`` of each fine-tune, page cache
+  warm (each loaded once before timing), median over rounds; and the same followed by one read of every weight
+  (transformers maps the safetensors file, so a weight's page is read when first used).
+
+Prints a markdown table. The temporary directory is removed unless ``--keep DIR`` is given (then reused).
+
+    python bench/delta_bank.py [--rounds 5] [--threads 1] [--p 0.99] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import io
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = 10
+GOAL = 20.0
+SEEDS = {"one seed (default)": lambda i: 0, "ten seeds": lambda i: i}
+
+
+def rss_mib() -> float:
+    """Resident set of this process, MiB (after returning freed heap to the system)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def finetune_dirs(root: Path) -> dict[str, Path]:
+    return {f"task{i}": root / f"task{i}" for i in range(TASKS)}
+
+
+def pack_dirs(root: Path, setting: str) -> dict[str, Path]:
+    tag = "seed0" if SEEDS[setting](1) == 0 else "seedi"
+    return {task: root / f"{task}.{tag}.delta" for task in finetune_dirs(root)}
+
+
+def make_models(root: Path, p: float) -> None:
+    """Save the base and the ten fine-tunes under ``root`` and pack each (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lifelong_delta.cli import main
+    from lifelong_delta.text.data import minilm_dir
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
+    base.save_pretrained(root / "base")
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+    for i, (task, directory) in enumerate(finetune_dirs(root).items()):
+        g = torch.Generator().manual_seed(1 + i)
+        config = AutoConfig.from_pretrained(root / "base", num_labels=6 if i % 2 == 0 else 2)
+        torch.manual_seed(100 + i)  # the fresh head
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        noisy = {k: v + 1e-3 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                 for k, v in state.items()}
+        model.load_state_dict(noisy, strict=False)
+        model.save_pretrained(directory)
+        for setting, seed in SEEDS.items():
+            with contextlib.redirect_stdout(io.StringIO()):
+                main(["pack", "--base", str(root / "base"), "--finetuned", str(directory), "--out",
+                      str(pack_dirs(root, setting)[task]), "--method", "dare", "--p", str(p), "--seed", str(seed(i)),
+                      "--exclude", "classifier.*", "--progress", "false"])
+
+
+def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool) -> dict[str, float]:
+    """Times, bytes and RSS of a bank of ``packs`` on ``model`` (left at the base); ``shared``: the packs keep
+    the same entries."""
+    ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
+    from lifelong_delta.delta.bank import DeltaBank
+    from lifelong_delta.delta.pack import pack_size, read_manifest
+
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    itemsize = {k: v.element_size() for k, v in original.items()}
+    values = {task: sum(e.kept * itemsize[e.base_name] for e in read_manifest(pack).tensors
+                        if e.kind == "mask" and e.base_name is not None) for task, pack in packs.items()}
+    rss = rss_mib()
+    bank = DeltaBank(model)
+    adds = []
+    for task, pack in packs.items():
+        t = time.perf_counter()
+        bank.add(task, pack)
+        adds.append(time.perf_counter() - t)
+    rss_added = rss_mib()
+    names, switches, cold, written = list(packs), [], [], []
+    for round_ in range(2 * rounds + 1):
+        for i, task in enumerate(names):
+            if round_ > rounds:
+                with torch.no_grad():
+                    model(ids)
+            t = time.perf_counter()
+            bank.activate(task)
+            dt = time.perf_counter() - t
+            if round_ > rounds:
+                cold.append(dt)
+            elif round_:  # the first pass warms up
+                switches.append(dt)
+                # shared positions: the new values written over the old; else the old entries written back, then
+                # the base under the new ones read and the new values written
+                written.append(values[task] + (0 if shared else values[names[i - 1]] + values[task]))
+    t = time.perf_counter()
+    bank.deactivate()
+    revert = time.perf_counter() - t
+    identical = all(torch.equal(v.reshape(-1).view(torch.uint8), original[k].reshape(-1).view(torch.uint8))
+                    for k, v in model.state_dict().items())
+    return {"switch": statistics.median(switches), "cold": statistics.median(cold), "revert": revert,
+            "add": statistics.median(adds), "touched": statistics.mean(written), "held": bank.nbytes(), "rss": rss,
+            "rss_added": rss_added,
+            "on_disk": sum(pack_size(pack) for pack in packs.values()), "identical": float(identical),
+            "switches": len(switches) + len(cold) + TASKS}
+
+
+def time_from_pretrained(finetunes: dict[str, Path], rounds: int, touch: bool) -> float:
+    """Median seconds of one ``from_pretrained`` of a fine-tune, page cache warm (``touch``: and a read of every
+    weight)."""
+    from transformers import AutoModelForSequenceClassification
+
+    for path in finetunes.values():  # warm the page cache
+        AutoModelForSequenceClassification.from_pretrained(path)
+    times = []
+    for _ in range(rounds):
+        for path in finetunes.values():
+            t = time.perf_counter()
+            model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+            if touch:
+                with torch.no_grad():
+                    sum(float(v.sum()) for v in model.state_dict().values() if v.is_floating_point())
+            times.append(time.perf_counter() - t)
+            del model
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5, help="passes over the ten fine-tunes per timing")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy 2-core machine)")
+    ap.add_argument("--p", type=float, default=0.99, help="DARE drop rate of the packs")
+    ap.add_argument("--keep", type=Path, default=None, help="make the models here and keep them (reused if there)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from lifelong_delta.delta.masks import keep_mask
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="delta_bank-"))
+    try:
+        t = time.perf_counter()
+        if not all(pack.is_dir() for setting in SEEDS for pack in pack_dirs(root, setting).values()):
+            make_models(root, args.p)
+        print(f"(made or found the base, ten fine-tunes and their packs in {time.perf_counter() - t:.0f} s)")
+
+        keep_mask(1 << 20, args.p, seed=0, name="warm-up")  # numba's compile and thread pool, before any RSS
+        torch.set_num_threads(args.threads)
+        model = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+        with torch.no_grad():
+            model(torch.tensor([[101, 2054, 2003, 102]]))  # every weight resident
+        params = sum(v.numel() for v in model.state_dict().values())
+        banks = {setting: measure_bank(model, pack_dirs(root, setting), args.rounds, shared=SEEDS[setting](1) == 0)
+                 for setting in SEEDS}
+        load = time_from_pretrained(finetune_dirs(root), args.rounds, touch=False)
+        load_read = time_from_pretrained(finetune_dirs(root), args.rounds, touch=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    mib = 2**20
+    print(f"\nMiniLM-L6 ({params / 1e6:.1f} M parameters, fp32, {params * 4 / mib:.0f} MiB), ten fine-tunes, "
+          f"dare p={args.p:g}, {args.threads} torch thread(s)\n")
+    print(f"`from_pretrained` of a fine-tune, median, page cache warm: **{load * 1e3:.1f} ms** "
+          f"({load_read * 1e3:.1f} ms with one read of every weight)\n")
+    print("| packs | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
+          "values touched per switch | `deactivate` | `add` per pack | packs on disk | held by the bank | "
+          "RSS base → + ten packs | base bit-identical |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for setting, b in banks.items():
+        print(f"| {setting} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
+              f"| {b['cold'] * 1e3:.2f} ms | {load / b['cold']:.0f}× | {b['touched'] / mib:.2f} MiB "
+              f"({b['touched'] / (params * 4):.1%}) | {b['revert'] * 1e3:.2f} ms | {b['add'] * 1e3:.0f} ms | "
+              f"{b['on_disk'] / mib:.1f} MiB | {b['held'] / mib:.1f} MiB | {b['rss']:.0f} → {b['rss_added']:.0f} MiB "
+              f"(+{b['rss_added'] - b['rss']:.1f}) | {'yes' if b['identical'] else 'NO'} after "
+              f"{b['switches']:.0f} switches |")
+
+
+if __name__ == "__main__":
+    main()
