@@ -194,3 +194,40 @@ def merge_words(code: str, base: object, ft: object, out: object, key: int, offs
     if not math.isfinite(totals[2]):  # a NaN/inf delta, or squares beyond fp32's range: count exactly
         nbad = _words.count_nonfinite(kind, b, f)
     return nbad, int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])
+
+
+def select_words(size: int, src: object, dst: object, values: object | None, key: int, offset: int,
+                 thresh: int) -> int:
+    """The DARE mask over raw words of ``size`` bytes, without computing anything else (compiled).
+
+    Gather (``values`` None): the kept words of ``src`` go, in order, to the front of ``dst``. Scatter: ``dst``
+    becomes ``src`` with the kept words replaced, in order, by those of ``values``.
+
+    Args:
+        size: Bytes per word (1, 2, 4 or 8).
+        src: The range's words (any C-contiguous buffer).
+        dst: A writable buffer of at least ``src``'s bytes.
+        values: For a scatter, the kept words.
+        key, offset, thresh: The tensor key, flat index of element 0 and drop threshold.
+
+    Returns:
+        How many words the mask keeps in the range.
+
+    Raises:
+        RuntimeError: the extension was not built (see :func:`use_words`).
+    """
+    if _words is None:
+        raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
+    s, d = memoryview(src).cast("B"), memoryview(dst).cast("B")  # type: ignore[arg-type]
+    v = None if values is None else memoryview(values).cast("B")  # type: ignore[arg-type]
+    k0, k1 = split_key(key)
+    kept = 0
+    for a, z, lo0, hi in segments(offset, len(s) // size):
+        src_part = s[a * size : z * size]
+        if v is None:
+            got = _words.select(size, src_part, d[kept * size :], None, k0, round_key(k1, hi), lo0, thresh)
+        else:
+            got = _words.select(size, src_part, d[a * size : z * size], v[kept * size :], k0, round_key(k1, hi), lo0,
+                                thresh)
+        kept += got
+    return kept

@@ -10,6 +10,11 @@
  *   lanes per block of 16384 elements, fp64 across blocks. A NaN/inf delta makes the first sum non-finite; the caller then counts with
  *   count_nonfinite(kind, base, ft).
  *
+ * select(size, src, dst, values, k0, k1, lo0, thresh) -> count: the same mask over one range of raw words of `size`
+ * bytes (1, 2, 4 or 8). With `values` None it gathers: the kept words of `src` go, in order, to the front of `dst`.
+ * Otherwise it scatters: dst[i] = kept ? the next word of `values` : src[i]. Either way it returns how many were kept.
+ * Packed deltas (lifelong_delta/delta/pack.py) store and restore the kept words with it.
+ *
  * The GIL is released while a range is processed, so Python threads can run ranges in parallel.
  */
 #define PY_SSIZE_T_CLEAN
@@ -197,7 +202,74 @@ static PyObject *count_nonfinite(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromUnsignedLongLong(bad);
 }
 
+#define SELECT_LOOP(T)                                                                                       \
+    {                                                                                                        \
+        const T *src = (const T *)sv; T *dst = (T *)dv; const T *val = (const T *)vv;                        \
+        if (val == NULL) {                                                                                   \
+            for (size_t i = 0; i < n; i++) {                                                                 \
+                dst[c] = src[i];                                                                             \
+                c += lb32(lb32((lo0 + (uint32_t)i) ^ k0) ^ k1) >= thresh;                                    \
+            }                                                                                                \
+        } else {                                                                                             \
+            for (size_t i = 0; i < n; i++) {                                                                 \
+                int keep = lb32(lb32((lo0 + (uint32_t)i) ^ k0) ^ k1) >= thresh;                              \
+                dst[i] = keep && c < nv ? val[c] : src[i];                                                   \
+                c += keep;                                                                                   \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+CLONES static size_t select_words(int size, const void *sv, void *dv, const void *vv, size_t nv, size_t n,
+                                  uint32_t k0, uint32_t k1, uint32_t lo0, uint32_t thresh) {
+    size_t c = 0;
+    switch (size) {
+    case 1: SELECT_LOOP(uint8_t) break;
+    case 2: SELECT_LOOP(uint16_t) break;
+    case 4: SELECT_LOOP(uint32_t) break;
+    default: SELECT_LOOP(uint64_t) break;
+    }
+    return c;
+}
+
+static PyObject *select_kept(PyObject *Py_UNUSED(self), PyObject *args) {
+    int size;
+    PyObject *src, *dst, *values;
+    unsigned long k0, k1, lo0, thresh;
+    if (!PyArg_ParseTuple(args, "iOOOkkkk", &size, &src, &dst, &values, &k0, &k1, &lo0, &thresh)) return NULL;
+    if (size != 1 && size != 2 && size != 4 && size != 8) {
+        PyErr_SetString(PyExc_ValueError, "size must be 1, 2, 4 or 8 bytes");
+        return NULL;
+    }
+    Py_buffer v[3];
+    int nviews = values == Py_None ? 2 : 3;
+    if (PyObject_GetBuffer(src, &v[0], PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(dst, &v[1], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&v[0]);
+        return NULL;
+    }
+    if (nviews == 3 && PyObject_GetBuffer(values, &v[2], PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&v[0]);
+        PyBuffer_Release(&v[1]);
+        return NULL;
+    }
+    size_t n = (size_t)v[0].len / size, nv = nviews == 3 ? (size_t)v[2].len / size : 0;
+    if (v[0].len % size || (size_t)v[1].len < v[0].len || (nviews == 3 && v[2].len % size)) {
+        for (int k = 0; k < nviews; k++) PyBuffer_Release(&v[k]);
+        PyErr_SetString(PyExc_ValueError, "src must hold whole words and dst at least as many bytes");
+        return NULL;
+    }
+    size_t c;
+    Py_BEGIN_ALLOW_THREADS
+    c = select_words(size, v[0].buf, v[1].buf, nviews == 3 ? v[2].buf : NULL, nv, n, (uint32_t)k0, (uint32_t)k1,
+                     (uint32_t)lo0, (uint32_t)thresh);
+    Py_END_ALLOW_THREADS
+    for (int k = 0; k < nviews; k++) PyBuffer_Release(&v[k]);
+    return PyLong_FromSize_t(c);
+}
+
 static PyMethodDef methods[] = {
+    {"select", select_kept, METH_VARARGS, "select(size, src, dst, values, k0, k1, lo0, thresh) -> kept count: "
+     "gather (values None) or scatter the kept words of one range (see the module source)."},
     {"merge", merge, METH_VARARGS, "merge(kind, base, ft, out, k0, k1, lo0, thresh, scale) -> (nnz_before, "
      "nnz_after, sq_before, sq_after): the fused DARE merge of one range of raw words (see the module source)."},
     {"count_nonfinite", count_nonfinite, METH_VARARGS,

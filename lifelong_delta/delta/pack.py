@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from lifelong_delta import outputs
+from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.dtypes import itemsize
 from lifelong_delta.delta.io import CheckpointReader, non_weight_files
 from lifelong_delta.delta.matching import TensorMatch
@@ -287,9 +288,16 @@ class PackWriter:
         return _as_code(self.rb.view(entry.base_name, start, count), entry.base_dtype, entry.dtype)
 
     def _add_masked(self, entry: TensorEntry, chunks: Iterable[object]) -> None:
+        compiled = _kernels.use_words()
+        key, thresh = _kernels.tensor_key(self.spec.seed, entry.name), _kernels.drop_threshold(self.spec.p)
+
         def kept() -> Iterator[np.ndarray]:
             for start, words in self._chunks(entry, chunks):
-                values = words[_keep(len(words), self.spec, entry.name, start)]
+                if compiled:
+                    values = np.empty_like(words)
+                    values = values[: _kernels.select_words(words.itemsize, words, values, None, key, start, thresh)]
+                else:
+                    values = words[_keep(len(words), self.spec, entry.name, start)]
                 entry.kept += len(values)
                 yield values
 
@@ -449,7 +457,14 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
         count = min(_CHUNK, numel - start)
         raw = rb.view(entry.base_name, start, count)
         crc = zlib.crc32(raw, crc)
-        out = _as_code(raw, entry.base_dtype, entry.dtype).copy()
+        base = _as_code(raw, entry.base_dtype, entry.dtype)
+        if positions is None and _kernels.use_words():
+            out = np.empty_like(base)
+            n = _scatter(base, out, rd, values_key, used, entry, spec, start)
+            yield out
+            used += n
+            continue
+        out = base.copy()
         if positions is None:
             keep = _keep(count, spec, entry.name, start)
             n = int(np.count_nonzero(keep))
@@ -463,6 +478,22 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
     if used != entry.kept:
         raise ValueError(f"tensor {entry.name!r}: the pack holds {entry.kept} values, its mask keeps {used}")
     _check_crc(entry, crc)
+
+
+def _scatter(base: np.ndarray, out: np.ndarray, rd: CheckpointReader, key: str, used: int, entry: TensorEntry,
+             spec: PruneSpec, start: int) -> int:
+    """``out`` = the words ``base`` of a ``mask`` chunk with the stored values at the kept entries (compiled);
+    returns how many values it used. The values are read for the mask's expected count plus a margin, and again in
+    the rare chunk that keeps more."""
+    k, thresh = _kernels.tensor_key(spec.seed, entry.name), _kernels.drop_threshold(spec.p)
+    left = entry.kept - used
+    want = min(left, int(len(out) * (1 - spec.p) * 1.05) + 4096)
+    values = _read(rd, key, used, want)
+    n = _kernels.select_words(out.itemsize, base, out, values, k, start, thresh)
+    if n > want:
+        values = _read(rd, key, used, min(n, left))
+        n = _kernels.select_words(out.itemsize, base, out, values, k, start, thresh)
+    return n
 
 
 def _check_crc(entry: TensorEntry, crc: int) -> None:
