@@ -17,7 +17,33 @@ NUMBA_CHUNK = 1 << 20  # elements per block when dtypes must be converted around
 PAR_BLOCK = 1 << 14  # elements per parallel work item
 SERIAL_BELOW = 1 << 16  # smaller ranges run single-threaded (thread wake-ups cost more than they save)
 
-_LOCK = threading.Lock()  # the numba thread pool must not be entered by two Python threads at once
+
+
+class _PoolGuard:
+    """``with _LOCK:`` around numba's parallel kernels: one Python thread at a time in numba's thread pool, and
+    torch's thread count as it was. Starting numba's OpenMP pool resets the OpenMP thread count that torch shares
+    (1 becomes the CPU count), which would make every later torch op of a one-thread process run threaded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._torch_threads: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        torch = sys.modules.get("torch")
+        self._torch_threads = torch.get_num_threads() if torch is not None else None
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            torch = sys.modules.get("torch")
+            if torch is not None and self._torch_threads is not None and \
+                    torch.get_num_threads() != self._torch_threads:
+                torch.set_num_threads(self._torch_threads)
+        finally:
+            self._lock.release()
+
+
+_LOCK = _PoolGuard()
 
 _U32 = np.uint32
 _MIX1, _MIX2 = _U32(MIX1), _U32(MIX2)

@@ -144,12 +144,8 @@ class DeltaBank:
         if name in self._packs:
             raise ValueError(f"the bank already has a pack named {name!r}; remove it first or add under another name")
         manifest = read_manifest(path)
-        threads = torch.get_num_threads()
-        try:
-            with self._base_state():
-                pack = _load(Path(path), manifest, self.model.state_dict(keep_vars=True), self._base_crc)
-        finally:
-            torch.set_num_threads(threads)  # starting numba's OpenMP pool (the masks) resets torch's thread count
+        with self._base_state():
+            pack = _load(Path(path), manifest, self.model.state_dict(keep_vars=True), self._base_crc)
         for write in pack.writes.values():
             write.index = self._shared_index(write)
         self._packs[name] = pack

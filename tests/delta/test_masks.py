@@ -180,3 +180,16 @@ def test_forked_child_gets_the_same_bits_without_aborting():
     finally:
         masks.set_backend("auto")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_parallel_mask_leaves_torchs_thread_count_alone():
+    """numba's OpenMP pool shares torch's thread count; a one-thread process must stay one-thread."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from lifelong_delta.delta.masks import keep_mask\n"
+            "keep_mask(1 << 20, 0.9, seed=0, name='w'); keep_mask(1 << 20, 0.5, seed=1, name='w')\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "1"
