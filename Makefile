@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder cl-eval cl-eval-2x5 bench clean help
+.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 bench clean help
 
 help:
 	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
@@ -21,6 +21,7 @@ help:
 	@echo "make prune-eval  fine-tune MiniLM offline (cached), prune every way, write results/prune_eval/"
 	@echo "make prune-eval-large  AdamR-L2 vs AdamW at the large lr on TREC and VADER (finding 3), results/prune_eval_large/"
 	@echo "make prune-eval-decoder  pretrain a 10 M Llama on Debian fortunes, fine-tune, prune every way, results/prune_eval_decoder/"
+	@echo "make merge-eval  merge the TREC and VADER MiniLM fine-tunes every way (cached), results/merge_eval/"
 	@echo "make prune-eval-base  the study with MPNet-base (110 M, opt-in), results/prune_eval_base/; the committed"
 	@echo "                      reduced run (docs/reproduction.md): 126 min cold, 16 min cached on 2 shared cores"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
@@ -90,6 +91,11 @@ $(FORTUNES):
 
 prune-eval-decoder: setup $(FORTUNES)
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta prune-eval-decoder
+
+# merging the TREC and VADER fine-tunes (docs/reproduction.md): every merge method x density x seed, each task with its
+# own head; bench/merge_vs_mergekit.py compares whole merge commands with mergekit-yaml
+merge-eval: setup finetune
+	$(BIN)/lifelong-delta merge-eval
 
 cl-eval: setup pretrain
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta cl-eval

@@ -230,6 +230,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune-eval-decoder": ("lifelong_delta.studies.prune_eval_decoder:prune_eval_decoder",
                            "Pretrain a small Llama offline, fine-tune it two ways, prune every way, and write the "
                            "held-out perplexities, a summary and a plot."),
+    "merge-eval": ("lifelong_delta.studies.merge_eval:merge_eval",
+                   "Merge the tasks' fine-tunes every way, evaluate each task with its own head, and write a CSV, a "
+                   "summary and a plot."),
 }
 
 
