@@ -121,33 +121,40 @@ def encoder_names(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, T
     return names
 
 
-def encoder_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
+def encoder_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], head_from: str | os.PathLike[str],
                        exclude: Sequence[str] = HEAD) -> Path:
-    """Copy an HF classifier directory without its head: the input ``lifelong-delta merge`` and ``mergekit-yaml``
-    take when the fine-tunes' heads differ in shape (TREC has 6 classes, VADER 2).
+    """Copy an HF classifier directory with its head replaced by ``head_from``'s: the inputs ``lifelong-delta
+    merge`` and ``mergekit-yaml`` take when the fine-tunes' heads differ in shape (TREC has 6 classes, VADER 2).
 
-    The tensors keep their names (``bert.*``; the DARE masks are keyed by them) and the config says ``BertModel``,
-    whose mergekit architecture accepts the ``bert.`` names as aliases. Config and tokenizer files are copied.
+    With one shared head in the base and in every fine-tune, the heads' deltas are zero, so a merge leaves the head
+    as it is and merges exactly the encoders. (mergekit 0.1.5 cannot read a head-less ``BertModel`` folder: its
+    alias lookup of the optional ``position_ids`` fails, so the inputs keep the ``BertForSequenceClassification``
+    layout.) Tensor names are kept: the DARE masks are keyed by them.
+
+    Args:
+        src: the fine-tune (or base) directory whose encoder is copied, with its tokenizer files.
+        out: the new directory.
+        head_from: the directory whose ``exclude`` tensors (the head) and ``config.json`` are used.
+        exclude: glob patterns of the head's tensors.
 
     Returns:
         ``out``.
     """
-    import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    src, out = Path(src), Path(out)
+    src, out, head_from = Path(src), Path(out), Path(head_from)
     out.mkdir(parents=True, exist_ok=True)
-    sd = load_file(str(src / "model.safetensors"))
-    save_file({n: t.contiguous() for n, t in sd.items() if not is_excluded(n, exclude)},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {n: t for n, t in load_file(str(src / "model.safetensors")).items() if not is_excluded(n, exclude)}
+    tensors.update({n: t for n, t in load_file(str(head_from / "model.safetensors")).items()
+                    if is_excluded(n, exclude)})
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     for f in src.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt") and f.name != "finetune.json":
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("finetune.json", "config.json"):
             shutil.copy(f, out / f.name)
-    config = json.loads((src / "config.json").read_text())
-    config["architectures"] = ["BertModel"]
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copy(head_from / "config.json", out / "config.json")
     return out
 
 

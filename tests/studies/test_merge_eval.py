@@ -114,7 +114,8 @@ def test_task_arithmetic_of_one_model_reproduces_its_finetune(cache, tmp_path):
 
 @pytest.mark.parametrize("method", ["dare-ties", "ties"])
 def test_in_memory_merge_equals_the_cli_files(cache, tmp_path, method):
-    dirs = {k: encoder_checkpoint(finetune_dir(t, r, cache), tmp_path / f"{t}-{r}")
+    head = finetune_dir("trec", "base", cache)
+    dirs = {k: encoder_checkpoint(finetune_dir(t, r, cache), tmp_path / f"{t}-{r}", head)
             for k, (t, r) in {"base": ("trec", "base"), "trec": ("trec", "adamw"), "vader": ("vader", "adamw")}.items()}
     cell = MergeCell("adamw", method, 0.1, 3)
     out = tmp_path / "out"
@@ -124,11 +125,12 @@ def test_in_memory_merge_equals_the_cli_files(cache, tmp_path, method):
     base = load_file(str(finetune_dir("trec", "base", cache) / "model.safetensors"))
     fts = [load_file(str(finetune_dir(t, "adamw", cache) / "model.safetensors")) for t in LABELS]
     names = encoder_names(base, fts)
-    assert sorted(cli) == sorted(names)
+    assert sorted(cli) == sorted([*names, "classifier.bias", "classifier.weight"])
     merged = merge_encoder(base, fts, spec_of(cell, 2), names)
     for n in names:
         assert torch.equal(merged[n], cli[n]), n
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    for n in ("classifier.weight", "classifier.bias"):  # the shared head's deltas are zero: it stays the base's
+        assert torch.equal(cli[n], base[n])
 
 
 def test_bad_options_are_value_errors_naming_the_option(cache, tmp_path):
