@@ -157,7 +157,8 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
                              chance: Mapping[str, float] | None = None) -> Any:
     """Accuracy against density: one panel per (recipe, task), one line per method (error bars: std over seeds).
 
-    Dashed: the task's own fine-tune; dash-dotted: the base encoder with the task's head; dotted: the majority class.
+    Dashed: the task's own fine-tune; dash-dotted: the base encoder with the task's head; dotted: the majority class;
+    solid grey: task arithmetic (density 1 only).
 
     Returns:
         The matplotlib figure (also written atomically to ``path`` as PNG if given).
@@ -187,6 +188,9 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
             methods = _ordered(k[1] for k in agg if k[0] == rc and k[2] is not None and k[3] == t)
             for m in methods:
                 pts = sorted((k[2], a) for k, a in agg.items() if k[:2] == (rc, m) and k[3] == t and k[2] is not None)
+                if m == "task-arithmetic" and len(pts) == 1:  # density 1 only: a level to compare the others with
+                    handles.setdefault(m, ax.axhline(100 * pts[0][1].mean, color="k", lw=1, alpha=0.6))
+                    continue
                 color, marker = METHOD_STYLE.get(m, (None, "."))
                 h = ax.errorbar([d for d, _ in pts], [100 * a.mean for _, a in pts], yerr=[100 * a.std for _, a in pts],
                                 color=color, marker=marker, ms=4, lw=1.2, capsize=2, label=m)
