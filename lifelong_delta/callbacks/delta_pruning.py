@@ -25,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.matching import is_excluded
-from lifelong_delta.delta.methods import METHODS, MethodName, PruneSpec, RescaleName, prune_tensor
+from lifelong_delta.delta.choices import RescaleName
+from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.sharded import is_sharded, local_range, prune_local_shard_
 from lifelong_delta.delta.stats import tensor_prune_stats
 
@@ -39,8 +40,9 @@ class DeltaPruning(pl.Callback):
 
     Args:
         p: Drop rate in [0, 1).
-        method: ``dare`` | ``darex-q`` | ``magnitude`` | ``structural`` (``wanda`` needs calibration activations;
-            use ``lifelong-delta prune --method wanda`` on the saved model).
+        method: ``dare`` | ``darex-q`` | ``magnitude`` | ``structural``, or a method added with
+            :func:`~lifelong_delta.delta.methods.register_method` (not one that needs calibration activations, such
+            as ``wanda``: use ``lifelong-delta prune --method wanda`` on the saved model).
         q: DAREx-q rescale (kept entries ×1/q); required by ``darex-q``.
         seed: Mask seed.
         exclude: ``fnmatch`` globs over ``state_dict`` names left unchanged (e.g. ``"head.*"``).
@@ -61,7 +63,7 @@ class DeltaPruning(pl.Callback):
     def __init__(
         self,
         p: float,
-        method: MethodName = "dare",
+        method: str = "dare",
         q: float | None = None,
         seed: int = 0,
         exclude: Sequence[str] = (),
@@ -79,8 +81,6 @@ class DeltaPruning(pl.Callback):
             raise ValueError(f"DeltaPruning(method={method!r}) needs calibration activations, which a callback does "
                              "not collect; use method='magnitude', or prune the saved model with "
                              f"`lifelong-delta prune --method {method} --calib_data FILE`")
-        if method == "darex-q" and q is None:
-            raise ValueError("DeltaPruning(method='darex-q') needs q (1-p <= q <= 1), e.g. q=0.2 for p=0.9")
         if on not in ("fit_end", "validate", "test"):
             raise ValueError(f"DeltaPruning(on={on!r}): choose 'fit_end', 'validate' or 'test'")
         if isinstance(exclude, str):
@@ -90,6 +90,8 @@ class DeltaPruning(pl.Callback):
                              "directory or .safetensors file, or None to snapshot the weights at fit start")
         self.spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis, seed=seed,
                               exclude=tuple(exclude), force=force)
+        if self.spec.lacks_q:
+            raise ValueError(f"DeltaPruning(method={method!r}) needs q (1-p <= q <= 1), e.g. q=0.2 for p=0.9")
         self.reference = reference
         self.reference_prefix = reference_prefix
         self.on = on

@@ -1,7 +1,9 @@
 """The option vocabularies of delta pruning, as ``Literal`` types, and the range rule of ``p`` and ``q``.
 
 Pure Python (no torch): the ``lifelong-delta`` commands build their parsers from these before any heavy import.
-The method names are the keys of :data:`lifelong_delta.delta.methods.METHODS` (a test holds them equal).
+:data:`MethodName` names the built-in rows of :data:`lifelong_delta.delta.methods.METHODS` (a test holds them
+equal), for type hints; ``--method`` itself is a string checked against the registry when the command runs, so a
+method added with :func:`~lifelong_delta.delta.methods.register_method` is accepted too.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from lifelong_delta import outputs
-from lifelong_delta.delta.choices import Arithmetic, LoraPrune, MethodName, QMode, RescaleName, resolve_q
+from lifelong_delta.delta.choices import Arithmetic, LoraPrune, QMode, RescaleName, resolve_q
+from lifelong_delta.delta.methods import METHODS, RESCALE_TEXT, Method, PruneSpec, q_alternatives
 
 # Types for readers and type checkers only (mypy honours the MYPY constant). Not a typing.TYPE_CHECKING block:
 # jsonargparse executes those when it builds a parser, which would import torch before --help answers.
@@ -52,7 +53,7 @@ def prune(
     base: str,
     finetuned: str,
     out: str,
-    method: MethodName = "dare",
+    method: str = "dare",
     p: float = 0.9,
     q: float | None = None,
     q_mode: QMode | None = None,
@@ -85,7 +86,8 @@ def prune(
             merged unpruned into a temporary checkpoint next to --out (the calibration needs the fine-tuned model
             loaded).
         out: Output directory (must not exist unless --overwrite).
-        method: dare | darex-q | magnitude | wanda | structural.
+        method: dare | darex-q | magnitude | wanda | structural, or a method added with
+            lifelong_delta.delta.methods.register_method.
         p: Drop rate in [0, 1).
         q: DAREx-q rescale: kept entries are multiplied by 1/q, with 1-p <= q <= 1 unless --force
             (darex-q, magnitude, wanda, structural).
@@ -121,7 +123,7 @@ def pack(
     base: str,
     finetuned: str,
     out: str,
-    method: MethodName = "dare",
+    method: str = "dare",
     p: float = 0.9,
     q: float | None = None,
     q_mode: QMode | None = None,
@@ -153,7 +155,8 @@ def pack(
         finetuned: Fine-tuned model of the same architecture (path or Hub id), or a PEFT LoRA adapter directory
             (its pruned product scaling·B·A is packed).
         out: The pack directory to write, e.g. trec.delta (must not exist unless --overwrite).
-        method: dare | darex-q | magnitude | wanda | structural.
+        method: dare | darex-q | magnitude | wanda | structural, or a method added with
+            lifelong_delta.delta.methods.register_method.
         p: Drop rate in [0, 1).
         q: DAREx-q rescale (kept entries ×1/q), 1-p <= q <= 1 unless --force.
         q_mode: Choose q from data: grid | unlabelled | analytic (see prune --help).
@@ -221,18 +224,23 @@ def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
     rescale, force, eta, analytic_tie_rtol, calib_data, overwrite, seed = (
         a[k] for k in ("rescale", "force", "eta", "analytic_tie_rtol", "calib_data", "overwrite", "seed"))
     calib_samples, batch_size, max_length = a["calib_samples"], a["batch_size"], a["max_length"]
+    row = _method_row(method)
     if q is not None and q_mode is not None:
         raise ValueError("pass either --q or --q_mode, not both")
-    if q_mode is not None and method == "dare":
-        raise ValueError("--q_mode chooses the rescale 1/q, but --method dare always rescales by 1/(1-p); "
-                         "use --method darex-q")
-    if q_mode == "analytic" and method != "darex-q":
-        raise ValueError(f"--q_mode analytic assumes DARE's independent random mask; use it with --method darex-q "
+    if q_mode is not None and not row.takes_q:
+        raise ValueError(f"--q_mode chooses the rescale 1/q, but --method {method} always rescales by "
+                         f"{RESCALE_TEXT[row.default_rescale]}; use --method {' or '.join(q_alternatives(method))}")
+    if q_mode == "analytic" and not row.random_mask:
+        analytic = " or ".join(m for m, r in METHODS.items() if r.random_mask and r.takes_q)
+        raise ValueError(f"--q_mode analytic assumes DARE's independent random mask; use it with --method {analytic} "
                          f"(got --method {method}), or --q_mode grid/unlabelled")
     if q_mode is not None and rescale not in (None, "q"):
         raise ValueError(f"--q_mode chooses q for --rescale q, but --rescale is {rescale}; drop --rescale")
-    if method == "darex-q" and q is None and q_mode is None:
-        raise ValueError("--method darex-q needs --q Q (1-p <= Q <= 1) or --q_mode {grid,analytic,unlabelled}")
+    if (rescale or row.default_rescale) == "q" and row.needs_q and q is None and q_mode is None:
+        modes = "grid,analytic,unlabelled" if row.random_mask else "grid,unlabelled"
+        if row.rescales == ("q",):
+            raise ValueError(f"--method {method} needs --q Q (1-p <= Q <= 1) or --q_mode {{{modes}}}")
+        raise ValueError(f"--method {method} with --rescale q needs q: pass --q Q or --q_mode")
     resolve_q(p, q, force=force)
     if not eta > 0:
         raise ValueError(f"--eta must be > 0, got {eta}")
@@ -253,6 +261,14 @@ def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
     _say(f"{command}: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
          f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}")
     return _prune({**a, "base": base, "finetuned": finetuned, "command": command})
+
+
+def _method_row(method: str) -> Method:
+    """The registry row of ``--method`` (a one-line error listing the methods otherwise)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {method!r} (a method of your own: "
+                         "lifelong_delta.delta.methods.register_method)")
+    return METHODS[method]
 
 
 def _say(line: str) -> None:
@@ -284,7 +300,6 @@ def _prune(args: dict) -> PruneSummary:
 
     from lifelong_delta.delta.io import CheckpointReader, is_adapter_dir
     from lifelong_delta.delta.matching import match_tensors
-    from lifelong_delta.delta.methods import METHODS, PruneSpec
     from lifelong_delta.delta.streaming import stream_prune
 
     a = args
@@ -371,7 +386,6 @@ def _merged(base: str, finetuned: str, *, near: Path, progress: bool = False) ->
     (unpruned; in a temporary folder of this tool in ``near``), deleted on exit."""
     from lifelong_delta.delta.io import is_adapter_dir
     from lifelong_delta.delta.lora_merge import stream_prune_lora
-    from lifelong_delta.delta.methods import PruneSpec
 
     if not is_adapter_dir(finetuned):
         yield finetuned
@@ -479,7 +493,7 @@ def recommend(
     console.print("numbers: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.numbers.items()), highlight=False)
     if rec.method != "refinetune-adamr":
         cmd = f"lifelong-delta prune --base {base} --finetuned {finetuned} --method {rec.method} --p {target_p:g}"
-        if rec.q_mode or rec.method == "wanda":
+        if rec.q_mode or (rec.method in METHODS and METHODS[rec.method].needs_input_norms):
             cmd += (f" --q_mode {rec.q_mode}" if rec.q_mode else "") + " --calib_data FILE"
         console.print(f"command: {cmd} --out OUT", highlight=False, soft_wrap=True)
     return rec

@@ -96,7 +96,8 @@ def stream_prune_lora(
         base: Pretrained checkpoint (HF model directory or ``.safetensors`` file).
         adapter_dir: PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
         out: Output directory.
-        spec: Method and settings. WANDA is not supported (it needs calibration activations of a loaded model).
+        spec: Method and settings. A method that needs input norms (WANDA) is not supported (it needs calibration
+            activations of a loaded model).
         lora_prune: ``"product"`` (prune ``scaling · B A``) or ``"factors"`` (prune A and B).
         overwrite: Replace an existing ``out``.
         out_shard_size: Output shard size limit, e.g. ``"2GB"``.
@@ -115,11 +116,12 @@ def stream_prune_lora(
     """
     if lora_prune not in ("product", "factors"):
         raise ValueError(f"--lora_prune {lora_prune!r} is not one of product, factors")
-    if spec.method == "wanda":
-        raise ValueError("--method wanda needs calibration activations of a loaded model, which a LoRA adapter "
-                         "--finetuned does not support; use --method magnitude")
-    if spec.method == "darex-q" and spec.q is None:
-        raise ValueError("method 'darex-q' needs q: pass --q Q")
+    if spec.row.needs_input_norms:
+        raise ValueError(f"--method {spec.method} needs calibration activations of a loaded model, which a LoRA "
+                         "adapter --finetuned does not support; use --method magnitude")
+    if spec.lacks_q:
+        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
+                         "needs q: pass --q Q")
     if pack and lora_prune != "product":
         raise ValueError("pack stores the pruned LoRA product B·A; drop --lora_prune factors")
     out = Path(out)

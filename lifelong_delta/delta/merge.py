@@ -16,12 +16,13 @@ weights ``w_i``, densities ``d_i`` (the kept fraction, ``1 − p_i``; mergekit's
    * ``magnitude`` (TIES' trim): keep the ``k_i = ⌊d_i · n⌋`` entries of largest ``|δ_i|`` of the tensor (``n``
      entries; ``int(density · n)`` as in mergekit and peft), entries of equal magnitude at the cut taken in flat
      index order, lowest first. ``k_i = 0`` keeps nothing. No rescale.
-   * ``random`` (DARE): ``δ̂_i = δ_i ⊙ m_i / q_i`` with the counter-hash keep-mask ``m_i`` of
-     :func:`lifelong_delta.delta.masks.keep_mask` at drop rate ``1 − d_i``, keyed by ``(seed + i, tensor name)``
-     for the model at 0-based position ``i``: model ``i``'s mask is exactly the one
+   * ``random`` (DARE): ``δ̂_i = δ_i ⊙ m_i / q_i`` with the keep-mask ``m_i`` of the element-wise pruning method
+     the row names (``mask_method``, a row of :data:`lifelong_delta.delta.methods.METHODS`; ``dare``: the
+     counter-hash mask of :func:`lifelong_delta.delta.masks.keep_mask`) at drop rate ``1 − d_i`` and seed
+     ``seed + i`` for the model at 0-based position ``i``: model ``i``'s mask is exactly the one
      ``lifelong-delta prune --method dare --seed <seed + i>`` draws for that tensor, and the masks of different
      models are independent. ``q_i = d_i`` (DARE's ``1/(1 − p)``) or, for DAREx-q, the model's own ``q_i``
-     (default ``√d_i``, see :attr:`MergeSpec.q`).
+     (default ``√d_i``, see :attr:`MergeSpec.q`). The pruning method's own rescale is not used.
 
 2. **Weight**: ``u_i = w_i · δ̂_i``.
 
@@ -77,11 +78,14 @@ class MergeMethod:
     """One registry row: the settings that make a merge method (variants are settings, not subclasses).
 
     Attributes:
-        sparsify: ``none`` | ``magnitude`` (TIES' top-k trim) | ``random`` (DARE's mask).
+        sparsify: ``none`` | ``magnitude`` (TIES' top-k trim of the whole tensor) | ``random`` (the element-wise
+            mask of the pruning method ``mask_method``, drawn per model: DARE's by default).
         consensus: TIES' sign election and disjoint merge instead of a plain weighted sum.
         rescale: How ``random`` rescales the kept entries: ``density`` (``1/d_i``, DARE) or ``q`` (``1/q_i``).
         normalize: Divide by the (agreeing) weights by default.
         paper: Where the method comes from.
+        mask_method: The pruning method (a row of :data:`lifelong_delta.delta.methods.METHODS` that is
+            ``elementwise``, so the merge can stream it chunk by chunk) whose keep-mask ``random`` draws.
     """
 
     sparsify: Literal["none", "magnitude", "random"]
@@ -89,6 +93,7 @@ class MergeMethod:
     rescale: Literal["none", "density", "q"]
     normalize: bool
     paper: str
+    mask_method: str = "dare"
 
 
 #: The merge methods users pick by name (``--method``); one row each.
@@ -154,6 +159,13 @@ class MergeSpec:
         if row.sparsify == "none" and self.density is not None:
             raise ValueError(f"{self.method} keeps every delta entry; drop density (or --p), or use ties or a DARE "
                              "merge")
+        if row.sparsify == "random":
+            from lifelong_delta.delta.methods import METHODS
+
+            if row.mask_method not in METHODS or not METHODS[row.mask_method].elementwise:
+                raise ValueError(f"merge method {self.method!r} draws the mask of pruning method "
+                                 f"{row.mask_method!r}, which is not a registered element-wise method (one of "
+                                 f"{', '.join(m for m, r in METHODS.items() if r.elementwise)})")
         if row.sparsify != "none":
             if self.density is None:
                 raise ValueError(f"{self.method} needs density, the kept fraction of each delta in (0, 1] "
@@ -305,9 +317,10 @@ def sparsify(delta: torch.Tensor, spec: MergeSpec, i: int, *, name: str, offset:
                 raise ValueError(f"tensor {name!r}: a chunk at offset {offset} needs the whole tensor's cut")
             cut = magnitude_cut(delta, spec.density[i], name=name)
         return torch.where(magnitude_keep(delta, cut, offset=offset), delta, torch.zeros((), device=delta.device))
-    from lifelong_delta.delta.dare import dare
+    from lifelong_delta.delta.methods import PruneSpec, masked_delta
 
-    return dare(delta, 1.0 - spec.density[i], seed=spec.mask_seed(i), name=name, q=spec.rescale_q(i), offset=offset)
+    mask = PruneSpec(spec.row.mask_method, 1.0 - spec.density[i], seed=spec.mask_seed(i), force=True)
+    return masked_delta(name, delta, mask, q=spec.rescale_q(i), offset=offset)
 
 
 def combine(sparse: Sequence[torch.Tensor], spec: MergeSpec) -> torch.Tensor:

@@ -8,13 +8,15 @@ A pack is a directory (``X.delta``) of three parts:
 * ``manifest.json``: the method and its settings, the layout and safetensors metadata of the fine-tune, a
   fingerprint of the base, and per tensor how its kept entries are found (``kind``):
 
-  ``mask``     a seeded random mask (DARE, DAREx-q): a pure function of (seed, name, index), regenerated on
-               unpack, so only the values under it are stored (``values/NAME``);
-  ``gaps``     any other element-wise mask (magnitude, WANDA): the changed elements' flat indices, as LEB128
-               varints of the gaps between them (``index/NAME``, usually one byte per entry), and their values;
+  ``mask``     a method whose row has ``random_mask`` (DARE, DAREx-q): its mask is a pure function of (seed,
+               name, index), regenerated on unpack, so only the values under it are stored (``values/NAME``);
   ``rows`` / ``columns``
-               structural pruning: the indices of the changed rows or columns of the ``[shape[0], -1]`` matrix
-               (``index/NAME``, uint32) and the values of those whole rows or columns;
+               a method whose row declares ``lines`` (structural), for tensors of 2 or more dims: the indices of the
+               changed rows or columns of the ``[shape[0], -1]`` matrix (``index/NAME``, uint32) and the values of
+               those whole rows or columns;
+  ``gaps``     any other mask (magnitude, WANDA, 0/1-D tensors of a structural prune): the changed elements' flat
+               indices, as LEB128 varints of the gaps between them (``index/NAME``, usually one byte per entry),
+               and their values;
   ``copy``     tensors ``prune`` copies from the fine-tune (excluded, non-floating, only in the fine-tune, e.g. a
                task head): the whole tensor (``tensor/NAME``);
   ``base``     tensors a LoRA prune copies from the base: nothing but their CRC.
@@ -46,7 +48,7 @@ from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.dtypes import itemsize
 from lifelong_delta.delta.io import CheckpointReader, non_weight_files
 from lifelong_delta.delta.matching import TensorMatch
-from lifelong_delta.delta.methods import METHODS, PruneSpec
+from lifelong_delta.delta.methods import PruneSpec
 from lifelong_delta.delta.writer import ShardedWriter, _chunk_bytes
 
 if TYPE_CHECKING:
@@ -54,7 +56,8 @@ if TYPE_CHECKING:
 
     from lifelong_delta.delta.summary import PruneSummary
 
-__all__ = ["FORMAT", "Manifest", "PackWriter", "TensorEntry", "pack_size", "read_manifest", "stream_pack", "stream_unpack"]
+__all__ = ["FORMAT", "Manifest", "PackWriter", "TensorEntry", "pack_size", "read_manifest", "stream_pack",
+           "stream_unpack"]
 
 FORMAT = "lifelong-delta-pack"
 VERSION = 1
@@ -170,10 +173,11 @@ def _read(rd: CheckpointReader, key: str, start: int, count: int) -> np.ndarray:
     return buf
 
 
-def _keep(count: int, spec: PruneSpec, name: str, offset: int) -> np.ndarray:
+def _keep(count: int, settings: PruneSpec | Manifest, name: str, offset: int) -> np.ndarray:
+    """DARE's keep-mask of ``count`` elements of ``name`` from ``offset``, at the p and seed of ``settings``."""
     from lifelong_delta.delta.masks import keep_mask
 
-    return keep_mask(count, spec.p, seed=spec.seed, name=name, offset=offset).numpy()
+    return keep_mask(count, settings.p, seed=settings.seed, name=name, offset=offset).numpy()
 
 
 def varint_encode(values: np.ndarray) -> np.ndarray:
@@ -261,11 +265,12 @@ class PackWriter:
             head = self.rb.view(base_name, 0, min(self.rb.info(base_name).numel, HEAD_BYTES // itemsize(
                 entry.base_dtype)))
             entry.base_head_crc32 = zlib.crc32(head)
-            if METHODS[self.spec.method].random_mask and name not in self._unmasked:
+            row = self.spec.row
+            if row.random_mask and name not in self._unmasked:
                 entry.kind = "mask"
                 self._add_masked(entry, chunks)
-            elif self.spec.method == "structural" and len(shape) >= 2 and name not in self._unmasked:
-                entry.kind = self.spec.structural_axis  # type: ignore[assignment]
+            elif row.lines is not None and len(shape) >= 2 and name not in self._unmasked:
+                entry.kind = row.lines(self.spec)
                 self._add_lines(entry, chunks)
             else:
                 entry.kind = "gaps"
@@ -425,7 +430,7 @@ class _Positions:
                 self.last = int(self.pending[-1])
 
 
-def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointReader, spec: PruneSpec
+def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointReader, manifest: Manifest
                      ) -> Iterator[np.ndarray]:
     """The output words of one pruned tensor, a chunk at a time: the base, cast to the fine-tuned dtype, with the
     kept entries written over it; the base's CRC checked at the end."""
@@ -460,13 +465,13 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
         base = _as_code(raw, entry.base_dtype, entry.dtype)
         if positions is None and _kernels.use_words():
             out = np.empty_like(base)
-            n = _scatter(base, out, rd, values_key, used, entry, spec, start)
+            n = _scatter(base, out, rd, values_key, used, entry, manifest, start)
             yield out
             used += n
             continue
         out = base.copy()
         if positions is None:
-            keep = _keep(count, spec, entry.name, start)
+            keep = _keep(count, manifest, entry.name, start)
             n = int(np.count_nonzero(keep))
             out[keep] = _read(rd, values_key, used, n)
         else:
@@ -481,13 +486,13 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
 
 
 def _scatter(base: np.ndarray, out: np.ndarray, rd: CheckpointReader, key: str, used: int, entry: TensorEntry,
-             spec: PruneSpec, start: int) -> int:
+             manifest: Manifest, start: int) -> int:
     """``out`` = the words ``base`` of a ``mask`` chunk with the stored values at the kept entries (compiled);
     returns how many values it used. The values are read for the mask's expected count plus a margin, and again in
     the rare chunk that keeps more."""
-    k, thresh = _kernels.tensor_key(spec.seed, entry.name), _kernels.drop_threshold(spec.p)
+    k, thresh = _kernels.tensor_key(manifest.seed, entry.name), _kernels.drop_threshold(manifest.p)
     left = entry.kept - used
-    want = min(left, int(len(out) * (1 - spec.p) * 1.05) + 4096)
+    want = min(left, int(len(out) * (1 - manifest.p) * 1.05) + 4096)
     values = _read(rd, key, used, want)
     n = _kernels.select_words(out.itemsize, base, out, values, k, start, thresh)
     if n > want:
@@ -555,7 +560,6 @@ def stream_unpack(
     manifest = read_manifest(pack)
     inputs = {"--base": base, "--delta": pack}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    spec = manifest.spec()
     with CheckpointReader(base) as rb, CheckpointReader(Path(pack) / DATA_FILE) as rd:
         check_base(manifest, rb, base=str(base), pack=str(pack))
         layout = [(e.name, e.dtype, e.shape) for e in manifest.tensors]
@@ -569,7 +573,7 @@ def stream_unpack(
                     key = f"tensor/{e.name}"
                     writer.add_chunks(e.name, e.dtype, e.shape, _copied_chunks(rd, key))
                 else:
-                    writer.add_chunks(e.name, e.dtype, e.shape, _unpacked_chunks(e, rb, rd, spec))
+                    writer.add_chunks(e.name, e.dtype, e.shape, _unpacked_chunks(e, rb, rd, manifest))
                 bar.update(1, nbytes=math.prod(e.shape) * itemsize(e.dtype))
             for rel, info in manifest.files.items():
                 src = Path(pack) / FILES_DIR / rel if info["stored"] else Path(base) / rel

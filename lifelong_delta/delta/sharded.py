@@ -6,8 +6,8 @@ no gather, no broadcast, and the same result bit for bit on any number of ranks.
 keeps whole rows on a rank, so its shard is one contiguous range of the flat tensor; a replicated tensor is pruned
 whole on every rank, with the same result everywhere.
 
-Only the random-mask methods (DARE, DAREx-q) prune shards: the others rank whole rows or tensors (a 1-D tensor's
-top-k, structural row choices) and would need the rest of the tensor.
+Only element-wise methods (the registry row's ``elementwise``: DARE, DAREx-q) prune shards: the others rank whole
+rows or tensors (a 1-D tensor's top-k, structural row choices) and would need the rest of the tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from lifelong_delta.delta.methods import METHODS, PruneSpec
+from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.stats import tensor_prune_stats
 from lifelong_delta.delta.summary import TensorPruneStats
 
@@ -66,7 +66,7 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
         name: The tensor's name (keys its mask).
         param: A DTensor parameter (``Shard(0)`` or replicated).
         reference: The full reference tensor θ_ref (global shape), or a DTensor laid out like ``param``.
-        spec: A random-mask method (dare, darex-q).
+        spec: An element-wise method (dare, darex-q).
         q: Per-tensor q overriding ``spec.q``.
 
     Returns:
@@ -75,9 +75,10 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     Raises:
         ValueError: another method, a placement that is not one contiguous range, or mismatched shapes.
     """
-    if not METHODS[spec.method].random_mask:
+    if not spec.row.elementwise:
+        usable = " or ".join(m for m, row in METHODS.items() if row.elementwise)
         raise ValueError(f"method {spec.method!r} ranks whole rows or tensors, so it cannot prune the shard of "
-                         f"{name!r} alone; use dare or darex-q on sharded parameters, or prune the saved model")
+                         f"{name!r} alone; use {usable} on sharded parameters, or prune the saved model")
     if tuple(reference.shape) != tuple(param.shape):
         raise ValueError(f"tensor {name!r} has shape {list(param.shape)} but {list(reference.shape)} in the reference")
     offset, numel = local_range(param)
@@ -88,7 +89,7 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
         ref = reference.detach().reshape(-1)[offset: offset + numel].view(local.shape)
     current = local.detach()
     ref = ref.to(current.device)  # a CPU reference next to a GPU shard: the statistics below compare the two too
-    merged = METHODS[spec.method].fn(name, ref, current, spec, None, spec.q if q is None else q, offset=offset)
+    merged = prune_tensor(name, ref, current, spec, q=q, offset=offset)
     stats = tensor_prune_stats(name, ref, current, merged)
     local.copy_(merged)
     return stats

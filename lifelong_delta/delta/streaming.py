@@ -1,10 +1,11 @@
 """Whole checkpoints, one tensor at a time: prune the delta into a sharded copy, or measure its statistics.
 
 Layer 2 (no Lightning). Tensors are read a chunk at a time (a mapped range, or a plain read into a reused buffer)
-and written as they are produced (see :mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). DARE
-and DAREx-q, whose masks are a function of the flat element index, run chunk by chunk, and magnitude and WANDA,
-whose masks are a top-k within each output row, a block of rows at a time, so memory stays at a few 8 MB chunks
-whatever the tensor size; structural pruning (and 0/1-D or input-major tensors) holds one tensor's base, fine-tuned
+and written as they are produced (see :mod:`lifelong_delta.delta.io` and :mod:`lifelong_delta.delta.writer`). The
+method's registry row (:class:`~lifelong_delta.delta.methods.Method`) picks the layout: element-wise methods (DARE,
+DAREx-q), whose masks are a function of the flat element index, run chunk by chunk, and row-local ones (magnitude,
+WANDA: a top-k within each output row) a block of rows at a time, so memory stays at a few 8 MB chunks whatever the
+tensor size; any other method (structural), and 0/1-D or input-major tensors, hold one tensor's base, fine-tuned
 and output values at a time.
 
 Importing this module loads no torch, and a DARE/DAREx-q prune of bf16 or fp32 checkpoints never does: each chunk's
@@ -95,7 +96,7 @@ def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, na
     """Whether tensor ``name`` takes the compiled kernel on raw words: a random-mask method, base and fine-tune of
     one dtype the kernel reads (bf16, fp32), and the kernel built and not switched off."""
     code = rf.code(name)
-    return (METHODS[spec.method].random_mask and code in _kernels.WORD_CODES and rb.code(base_name) == code
+    return (spec.row.random_mask and code in _kernels.WORD_CODES and rb.code(base_name) == code
             and _kernels.use_words())
 
 
@@ -211,12 +212,14 @@ def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: T
 
 def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
                    q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
-    """DARE / DAREx-q chunk by chunk with torch, for what :func:`_prune_words` does not take (fp16, mixed dtypes,
-    the torch back end). Masks are a function of the flat element index (``offset``), so the chunks concatenate to
-    exactly ``prune_tensor(name, base, finetuned, spec, q=q)`` (tested against it)."""
+    """An element-wise method chunk by chunk with torch: DARE / DAREx-q where :func:`_prune_words` does not take
+    them (fp16, mixed dtypes, the torch back end), any other element-wise method always. Masks are a function of
+    the flat element index (``offset``), so the chunks concatenate to exactly
+    ``prune_tensor(name, base, finetuned, spec, q=q)`` (tested against it)."""
     import torch
 
     from lifelong_delta.delta.dare import dare_merge
+    from lifelong_delta.delta.methods import prune_tensor
     from lifelong_delta.delta.stats import check_finite
 
     q_eff = spec.q if q is None else q
@@ -227,10 +230,13 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
         for start, count, b_bytes, f_bytes in _read_ahead(_chunk_reads(name, rb, rf, base_name, bufs)):
             b = torch.frombuffer(b_bytes, dtype=torch.uint8).view(b_dtype)
             f = torch.frombuffer(f_bytes, dtype=torch.uint8).view(f_dtype)
-            out = torch.frombuffer(bufs.out.take(count * f_dtype.itemsize), dtype=torch.uint8).view(f_dtype)
             try:
-                merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start, force=spec.force,
-                                    out=out)
+                if spec.row.random_mask:
+                    out = torch.frombuffer(bufs.out.take(count * f_dtype.itemsize), dtype=torch.uint8).view(f_dtype)
+                    merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
+                                        force=spec.force, out=out)
+                else:
+                    merged = prune_tensor(name, b, f, spec, q=q, offset=start)
             except ValueError:
                 check_finite(name, b, "base")  # say which model holds the NaN/inf
                 check_finite(name, f, "fine-tuned")
@@ -309,16 +315,16 @@ def match_for_prune(rb: CheckpointReader, rf: CheckpointReader, spec: PruneSpec,
         ValueError: missing/extra tensors, shape mismatch, missing input norms or q.
     """
     match = match_tensors(rb, rf, spec.exclude)
-    if METHODS[spec.method].needs_input_norms:
+    if spec.row.needs_input_norms:
         missing = [n for n in match.pruned if len(rf.shape(n)) == 2 and n not in (input_norms or {})]
         if missing:
+            free = [m for m, row in METHODS.items() if row.row_local and not row.needs_input_norms]
             raise ValueError(f"--method {spec.method} needs calibration input norms, which are missing for "
                              f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
-                             "them with --exclude, or use --method magnitude")
-    if spec.method == "darex-q" and spec.q is None and not q_per_tensor:
-        raise ValueError("method 'darex-q' needs q: pass --q Q or --q_mode")
-    if spec.method in ("magnitude", "wanda") and spec.rescale == "q" and spec.q is None and not q_per_tensor:
-        raise ValueError(f"--method {spec.method} with --rescale q needs q: pass --q Q or --q_mode")
+                             "them with --exclude" + (f", or use --method {free[0]}" if free else ""))
+    if spec.lacks_q and not q_per_tensor:
+        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
+                         "needs q: pass --q Q or --q_mode")
     return match
 
 
@@ -411,11 +417,11 @@ def prune_into(
                 _copy(name, rf, writer, bufs)
             elif _words_apply(spec, rb, rf, name, base_name):
                 stats.append(_prune_words(name, rb, rf, writer, spec, q, base_name, bufs))
-            elif METHODS[spec.method].random_mask:
+            elif spec.row.elementwise:
                 stats.append(_prune_chunked(name, rb, rf, writer, spec, q, base_name, bufs))
             else:
                 norms = input_norms.get(name) if input_norms else None
-                if METHODS[spec.method].row_local and len(rf.shape(name)) >= 2 and (norms is None or norms.dim() == 1):
+                if spec.row.row_local and len(rf.shape(name)) >= 2 and (norms is None or norms.dim() == 1):
                     stats.append(_prune_rows(name, rb, rf, writer, spec, q, norms, base_name))
                 else:
                     stats.append(_prune_whole(name, rb, rf, writer, spec, q, norms, base_name))

@@ -34,6 +34,7 @@ from lifelong_delta.delta.analytic_q import Arithmetic, analytic_q_per_layer
 from lifelong_delta.delta.calibration import causal_lm_perplexity, input_norms
 from lifelong_delta.delta.darex import select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
+from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.studies.decoder_data import Batch
 from lifelong_delta.studies.decoder_models import load_lm
@@ -44,8 +45,8 @@ __all__ = ["DAREX", "METHODS", "Cell", "DecoderRun", "EvalSets", "Settings", "pl
 
 DAREX = ("dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled")  # share the DARE mask of a seed
 METHODS: tuple[str, ...] = (*DAREX, "magnitude", "wanda")
-#: deterministic methods: one row per p, with the first seed
-SEEDLESS = frozenset({"magnitude", "wanda"})
+#: deterministic methods (their registry rows are not ``seeded``): one row per p, with the first seed
+SEEDLESS = frozenset(m for m in METHODS if m in PRUNE_METHODS and not PRUNE_METHODS[m].seeded)
 #: a non-finite perplexity counts as this in a q search (which needs finite values)
 _WORST = 1e30
 
@@ -237,7 +238,7 @@ class DecoderRun:
                 del masked
             for m in ("magnitude", "wanda"):
                 if m in by_method:
-                    norms = self._calibration()[1] if m == "wanda" else None
+                    norms = self._calibration()[1] if PRUNE_METHODS[m].needs_input_norms else None
                     masked = build_masked(m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero)
                     masked.apply_(self.model, 1.0)
                     add(by_method[m])

@@ -56,6 +56,7 @@ import torch
 
 from lifelong_delta import outputs
 from lifelong_delta.delta.analytic_q import Arithmetic
+from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.repro import repro_command
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
@@ -67,8 +68,10 @@ __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = STUDY_RECIPES
 METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
-#: Deterministic methods: one row per p, with the first seed.
-SEEDLESS = frozenset({"unpruned", "magnitude", "wanda"})
+#: Deterministic methods (their registry rows are not ``seeded``): one row per p, with the first seed.
+SEEDLESS = frozenset(
+    {"unpruned", *(m for m in METHOD_ORDER if m in PRUNE_METHODS and not PRUNE_METHODS[m].seeded)}
+)
 EXTREME_P = 0.999
 #: the methods run at p >= EXTREME_P by default
 EXTREME_METHODS: tuple[str, ...] = ("darex-q-grid", "darex-q-analytic", "magnitude", "wanda")

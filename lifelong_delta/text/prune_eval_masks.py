@@ -2,10 +2,9 @@
 
 Every pruning method of the study is "keep some delta entries, rescale them by 1/q": DARE / DAREx-q keep the
 counter-based Bernoulli mask of :func:`lifelong_delta.delta.masks.keep_mask`, magnitude / WANDA keep the top-k
-of each output row (:func:`lifelong_delta.delta.importance.importance_prune`, no rescale: q = 1) and
-structural keeps random whole rows (:func:`lifelong_delta.delta.structural.structural_keep`, which
-``structural_prune`` uses). The masks come from the engine's own functions, so the merged weights are the ones
-``lifelong-delta prune`` writes.
+of each output row (no rescale: q = 1) and structural keeps random whole rows. The masks are the registry rows'
+own (:data:`lifelong_delta.delta.methods.METHODS`, through ``keep_mask_for``), so the merged weights are the ones
+``lifelong-delta prune`` writes, and a registered method runs in the study as it does in ``prune``.
 
 :class:`RescaledDelta` is a :class:`~lifelong_delta.delta.darex.MaskedDelta` whose ``apply_`` writes only the
 kept, nonzero delta entries when it was the last writer of the target module (and the whole tensors
@@ -17,20 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from lifelong_delta.delta.dare import resolve_q, scale_of
 from lifelong_delta.delta.darex import MaskedDelta
-from lifelong_delta.delta.importance import importance_prune
-from lifelong_delta.delta.masks import keep_mask
-from lifelong_delta.delta.structural import structural_keep
+from lifelong_delta.delta.methods import METHODS, PruneSpec, keep_mask_for
 
-__all__ = ["MaskKind", "NonZero", "RescaledDelta", "build_masked", "mark_dirty", "restore_"]
+__all__ = ["NonZero", "RescaledDelta", "build_masked", "mark_dirty", "restore_"]
 
-MaskKind = Literal["dare", "magnitude", "wanda", "structural"]
 _OWNER = "_prune_eval_writer"
 
 
@@ -139,7 +134,7 @@ class RescaledDelta(MaskedDelta):
 
 
 def build_masked(
-    kind: MaskKind,
+    kind: str,
     base: dict[str, Tensor],
     delta: dict[str, Tensor],
     p: float,
@@ -148,16 +143,18 @@ def build_masked(
     input_norms: Mapping[str, Tensor] | None = None,
     nonzero: Mapping[str, NonZero] | None = None,
 ) -> RescaledDelta:
-    """The masked delta of one method at drop rate ``p``.
+    """The masked delta of one method at drop rate ``p``: its registry row's keep-mask
+    (:func:`~lifelong_delta.delta.methods.keep_mask_for`, with the row's default settings).
 
     Args:
-        kind: ``dare`` (Bernoulli keep-mask of the seed, shared by DAREx-q), ``magnitude`` / ``wanda`` (top-k
-            of ``|δ|`` / ``|δ|·‖x‖₂`` per output row; ``seed`` unused) or ``structural`` (random whole rows).
+        kind: A method of :data:`~lifelong_delta.delta.methods.METHODS`: ``dare`` (Bernoulli keep-mask of the
+            seed, shared by DAREx-q), ``magnitude`` / ``wanda`` (top-k of ``|δ|`` / ``|δ|·‖x‖₂`` per output row;
+            ``seed`` unused), ``structural`` (random whole rows), or one registered by the user.
         base: ``{name: θ_pre}`` of the pruned tensors (referenced, not copied).
         delta: ``{name: fp32 δ}`` of the same tensors.
         p: drop rate in ``[0, 1)``.
-        seed: mask seed (``dare``, ``structural``).
-        input_norms: ``{name: [in] ‖x_j‖₂}`` for every 2-D tensor (``wanda``).
+        seed: mask seed (methods whose row is ``seeded``).
+        input_norms: ``{name: [in] ‖x_j‖₂}`` for every 2-D tensor (methods whose row ``needs_input_norms``).
         nonzero: :class:`NonZero` of every tensor, if already computed.
 
     Returns:
@@ -165,35 +162,24 @@ def build_masked(
         rescale: magnitude and WANDA).
     """
     resolve_q(p, None)
-    rule: Callable[[str, Tensor], Tensor]
-    if kind == "dare":
+    if kind not in METHODS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(map(repr, METHODS))}")
+    row = METHODS[kind]
+    norms = input_norms or {}
+    if row.needs_input_norms and not norms:
+        raise ValueError(f"kind={kind!r} needs input_norms (calibration activations)")
+    spec = PruneSpec(kind, p, seed=seed, force=True)
 
-        def rule(n: str, d: Tensor) -> Tensor:
-            return keep_mask(d.numel(), p, seed=seed, name=n, device=d.device).view(d.shape)
-    elif kind in ("magnitude", "wanda"):
-        norms = input_norms or {}
-        if kind == "wanda" and not norms:
-            raise ValueError("kind='wanda' needs input_norms (calibration activations)")
+    def rule(n: str, d: Tensor) -> Tensor:
+        keep = keep_mask_for(n, d, spec, input_norms=norms.get(n))
+        # as prune: a fused DARE kernel writes every kept entry, the others leave a zero delta at θ_pre
+        return keep if row.random_mask else keep & (d != 0)
 
-        def rule(n: str, d: Tensor) -> Tensor:
-            return _rowwise_top(
-                d,
-                lambda sub: (
-                    importance_prune(sub, p, score=kind, input_norms=norms.get(n), rescale="none", name=n)
-                    != 0
-                ),
-            )
-    elif kind == "structural":
-
-        def rule(n: str, d: Tensor) -> Tensor:  # as structural_prune: 0/1-D tensors drop single elements
-            rows = structural_keep(d, p, axis="rows", select="random", seed=seed, name=n)
-            return (
-                rows.view(d.shape) if d.dim() < 2 else rows.view(-1, *([1] * (d.dim() - 1))).expand(d.shape)
-            )
-    else:
-        raise ValueError(f"kind={kind!r} is not one of 'dare', 'magnitude', 'wanda', 'structural'")
     threads = torch.get_num_threads()
-    keep = {n: rule(n, d) for n, d in delta.items()}
+    if row.row_local:
+        keep = {n: _rowwise_top(d, lambda sub, n=n: rule(n, sub)) for n, d in delta.items()}
+    else:
+        keep = {n: rule(n, d) for n, d in delta.items()}
     torch.set_num_threads(threads)  # the numba mask kernels' OpenMP pool resets torch's thread count
     return RescaledDelta(p, seed, base, delta, keep, {n: base[n].dtype for n in delta}, nonzero)
 

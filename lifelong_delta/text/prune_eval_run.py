@@ -23,6 +23,7 @@ from lifelong_delta.delta.darex import select_q_grid, select_q_unlabelled
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.lora import load_lora_adapter, lora_deltas
 from lifelong_delta.delta.matching import is_excluded
+from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.delta.recommend import recommend
 from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, last_hidden
@@ -332,7 +333,7 @@ class FinetuneRun:
                 add(by_method["structural"], q_info)
             for m in ("magnitude", "wanda"):
                 if m in by_method:
-                    norms = self._calibration()[1] if m == "wanda" else None
+                    norms = self._calibration()[1] if PRUNE_METHODS[m].needs_input_norms else None
                     masked = build_masked(
                         m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero
                     )
