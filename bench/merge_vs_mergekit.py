@@ -21,14 +21,15 @@ files.) Each command runs as a user runs it (a subprocess, page cache warm after
 ``--repeats`` times, the commands interleaved round by round; round r uses seed r for both tools, the median time
 is reported with the peak RSS (GNU ``/usr/bin/time``). Each round also times each tool's start-up floor,
 ``python -c "import torch"`` in this venv and ``python -c "import mergekit.merge"`` in mergekit's, and the table
-gives the ratio of the time beyond it. Outputs are evaluated between runs, outside the timing, on
-the study's test subsample (``--max-test``, default 256 as ``make merge-eval``) with each task's own head. The DARE
-merges give three seeds per tool (mergekit's ``torch.bernoulli`` masks, our counter-hash masks); task arithmetic
+gives the ratio of the time beyond it. ``--omp-threads 1`` runs both tools on one thread: on a 2-core machine that
+other jobs keep busy, two threads made both tools 2-3x slower. Outputs are evaluated between runs, outside the
+timing, on the study's test subsample (``--max-test``, default 256 as ``make merge-eval``) with each task's own head.
+The DARE merges give three seeds per tool (mergekit's ``torch.bernoulli`` masks, our counter-hash masks); task arithmetic
 and TIES are deterministic and evaluated once, and the largest weight difference between the tools is reported.
 
     .venv/bin/python bench/merge_vs_mergekit.py [--recipe adamw] [--repeats 3] [--max-test 256]
         [--cache-dir ~/.cache/lifelong_delta/finetunes] [--work DIR] [--study results/merge_eval/results.csv]
-        [--mergekit-yaml PATH | --setup-mergekit] [--json PATH]
+        [--mergekit-yaml PATH | --setup-mergekit] [--omp-threads N] [--json PATH]
 
 mergekit is never a dependency of this project: it runs from the peer venv of ``bench/prune_command.py``
 (``--setup-mergekit`` builds it: mergekit 0.1.5 from PyPI, seeing this venv's torch and transformers). Its
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--mergekit-yaml", default=None)
     ap.add_argument("--setup-mergekit", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the evaluations (not timed)")
+    ap.add_argument("--omp-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of both tools' commands (default: unset, torch's one thread per core)")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args()
 
@@ -139,6 +142,8 @@ def main() -> None:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if args.omp_threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.omp_threads)
     ld = str(PROJECT_VENV_BIN / "lifelong-delta")
     cmds: list[tuple[str, str, float | None, Command]] = []
     for method, density in CONFIGS:
@@ -216,8 +221,10 @@ def report(cmds: list[tuple[str, str, float | None, Command]], floors: list[Comm
     study = _study_cells(args.study)
     tasks = list(splits)
     rss = "peak RSS MB"
+    threads = "torch's default threads" if args.omp_threads is None else f"OMP_NUM_THREADS={args.omp_threads}"
     print(f"\nTREC + VADER MiniLM ({args.recipe}) merged by both tools from one mergekit YAML; wall time of the whole "
-          f"command, median of {args.repeats} (seeds 0..{args.repeats - 1}); accuracy on {splits['trec'].test.n} + "
+          f"command ({threads}, load average {statistics.fmean(x for *_, c in cmds for x in c.load):.1f}), median of "
+          f"{args.repeats} (seeds 0..{args.repeats - 1}); accuracy on {splits['trec'].test.n} + "
           f"{splits['vader'].test.n} test examples, each task with its own head\n")
     f_ours, f_mk = floors[0].median, floors[1].median
     print(f"| merge | lifelong-delta s | mergekit s | mergekit / ours | {rss} ours / mergekit | goal >= "
