@@ -91,7 +91,7 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
     the same entries."""
     ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
     from lifelong_delta.delta.bank import DeltaBank
-    from lifelong_delta.delta.pack import pack_size, read_manifest
+    from lifelong_delta.delta.pack_format import pack_size, read_manifest
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     itemsize = {k: v.element_size() for k, v in original.items()}

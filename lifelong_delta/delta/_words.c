@@ -13,7 +13,7 @@
  * select(size, src, dst, values, k0, k1, lo0, thresh) -> count: the same mask over one range of raw words of `size`
  * bytes (1, 2, 4 or 8). With `values` None it gathers: the kept words of `src` go, in order, to the front of `dst`.
  * Otherwise it scatters: dst[i] = kept ? the next word of `values` : src[i]. Either way it returns how many were kept.
- * Packed deltas (lifelong_delta/delta/pack.py) store and restore the kept words with it.
+ * Packed deltas (lifelong_delta/delta/pack.py, unpack.py) store and restore the kept words with it.
  *
  * The GIL is released while a range is processed, so Python threads can run ranges in parallel.
  */

@@ -34,7 +34,7 @@ import torch
 
 from lifelong_delta.delta.dtypes import dtype_name, torch_dtype
 from lifelong_delta.delta.io import CheckpointReader
-from lifelong_delta.delta.pack import _CHUNK, DATA_FILE, Manifest, TensorEntry, _keep, _Positions, read_manifest
+from lifelong_delta.delta.pack_format import CHUNK, DATA_FILE, KeptPositions, Manifest, TensorEntry, keep_words, read_manifest
 
 __all__ = ["DeltaBank"]
 
@@ -357,11 +357,11 @@ def _sparse_write(entry: TensorEntry, key: str, tensor: torch.Tensor, rd: Checkp
         shape, dim = (numel,), 0
         if entry.kind == "mask":
             spec = manifest.spec()
-            found = [np.flatnonzero(_keep(min(_CHUNK, numel - start), spec, entry.name, start)) + start
-                     for start in range(0, numel, _CHUNK)]
+            found = [np.flatnonzero(keep_words(min(CHUNK, numel - start), spec, entry.name, start)) + start
+                     for start in range(0, numel, CHUNK)]
             flat = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         else:
-            flat = _Positions(rd, f"index/{entry.name}").take(numel)
+            flat = KeptPositions(rd, f"index/{entry.name}").take(numel)
         if len(flat) != values.numel():
             raise ValueError(f"tensor {entry.name!r}: the pack holds {values.numel()} values, its mask keeps "
                              f"{len(flat)}")

@@ -198,7 +198,7 @@ def unpack(
         progress: Show a progress bar.
     """
     from lifelong_delta.delta.io import parse_size
-    from lifelong_delta.delta.pack import read_manifest
+    from lifelong_delta.delta.pack_format import read_manifest
 
     _check_inputs(delta=delta)
     read_manifest(delta)
@@ -209,7 +209,7 @@ def unpack(
 
     base = resolve_checkpoint(base, option="--base")
     _say(f"unpack: {delta} onto {base} -> {out}")
-    from lifelong_delta.delta.pack import stream_unpack
+    from lifelong_delta.delta.unpack import stream_unpack
 
     result = stream_unpack(base, delta, out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
     _console().print(f"unpacked {delta} onto {base} -> {result}", highlight=False)
@@ -373,7 +373,7 @@ def _report(summary: PruneSummary, args: dict, dense: str) -> None:
     """The prune's table; for a pack also its size against the dense tensors of ``dense``."""
     _console().print(summary.table())
     if args["command"] == "pack":
-        from lifelong_delta.delta.pack import pack_size, read_manifest
+        from lifelong_delta.delta.pack_format import pack_size, read_manifest
 
         full, size = read_manifest(args["out"]).finetuned_bytes, pack_size(args["out"])
         _console().print(f"packed {size / 2**20:.2f} MiB = {size / max(full, 1):.2%} of the "

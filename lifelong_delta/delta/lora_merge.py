@@ -151,7 +151,8 @@ def stream_prune_lora(
         nbytes = {name: rb.info(name).nbytes for name in names}
         if pack:
             from lifelong_delta.delta.matching import TensorMatch
-            from lifelong_delta.delta.pack import PackWriter, manifest_for
+            from lifelong_delta.delta.pack import PackWriter
+            from lifelong_delta.delta.pack_format import manifest_for
 
             adapted = [n for n in names if n in from_base]
             sink: ShardedWriter | PackWriter = PackWriter(

@@ -10,7 +10,7 @@ import torch
 
 from lifelong_delta.cli import main
 from lifelong_delta.delta.bank import DeltaBank
-from lifelong_delta.delta.pack import stream_unpack
+from lifelong_delta.delta.unpack import stream_unpack
 from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, save_pair, tiny_bert_pair, tiny_llama_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,7 +17,7 @@ from lifelong_delta.delta.choices import MethodName
 from lifelong_delta.delta.merge import MERGE_METHODS, MergeMethod
 from lifelong_delta.delta.merge_command import merge
 from lifelong_delta.delta.methods import METHODS, Method, PruneSpec, prune_tensor, register_method
-from lifelong_delta.delta.pack import read_manifest
+from lifelong_delta.delta.pack_format import read_manifest
 from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state, write_checkpoint
 from tests.delta.test_pack import roundtrip, same_files
 
@@ -113,7 +113,7 @@ def test_pack_stores_the_toy_methods_kept_entries_and_unpacks_to_prunes_files(st
     assert next(e for e in manifest.tensors if e.name == "layers.0.weight").kept == 16  # every 4th of 64
     METHODS.pop("stride")  # unpacking needs no registry row: the pack says where the kept entries are
     try:
-        from lifelong_delta.delta.pack import stream_unpack
+        from lifelong_delta.delta.unpack import stream_unpack
 
         stream_unpack(base, pack, tmp_path / "again", progress=False)
         same_files(tmp_path / "pruned", tmp_path / "again")

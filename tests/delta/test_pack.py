@@ -16,8 +16,9 @@ import torch
 from lifelong_delta.cli import main
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec
-from lifelong_delta.delta.pack import (DATA_FILE, read_manifest, stream_pack, stream_unpack, varint_decode,
-                                       varint_encode)
+from lifelong_delta.delta.pack import stream_pack
+from lifelong_delta.delta.pack_format import DATA_FILE, read_manifest, varint_decode, varint_encode
+from lifelong_delta.delta.unpack import stream_unpack
 from lifelong_delta.delta.streaming import stream_prune
 from tests.delta._checkpoints import leftovers, make_pair, perturbed, tiny_llama_pair, tiny_state, write_checkpoint
 from tests.delta.test_lora_merge import _setup as lora_setup
