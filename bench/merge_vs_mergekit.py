@@ -24,8 +24,9 @@ is reported with the peak RSS (GNU ``/usr/bin/time``). Each round also times eac
 gives the ratio of the time beyond it. ``--omp-threads 1`` runs both tools on one thread: on a 2-core machine that
 other jobs keep busy, two threads made both tools 2-3x slower. Outputs are evaluated between runs, outside the
 timing, on the study's test subsample (``--max-test``, default 256 as ``make merge-eval``) with each task's own head.
-The DARE merges give three seeds per tool (mergekit's ``torch.bernoulli`` masks, our counter-hash masks); task arithmetic
-and TIES are deterministic and evaluated once, and the largest weight difference between the tools is reported.
+The DARE merges give three seeds per tool (mergekit's ``torch.bernoulli`` masks, our counter-hash masks); task
+arithmetic and TIES are deterministic and evaluated once, and the largest weight difference between the tools is
+reported.
 
     .venv/bin/python bench/merge_vs_mergekit.py [--recipe adamw] [--repeats 3] [--max-test 256]
         [--cache-dir ~/.cache/lifelong_delta/finetunes] [--work DIR] [--study results/merge_eval/results.csv]
