@@ -3,8 +3,8 @@ each task's test accuracy with its own classifier head.
 
 Methods and papers: :mod:`lifelong_delta.delta.merge` (task arithmetic, TIES, DARE-linear, DARE-TIES, DAREx-q).
 
-For each recipe (``adamw`` by default; ``--recipes`` adds others, e.g. ``adamr-l2``: the fine-tunes of
-:mod:`lifelong_delta.text.finetune`, one per task, all started from the same pretrained MiniLM) the study
+For each recipe (``adamw`` and ``adamr-l2`` by default: the fine-tunes of :mod:`lifelong_delta.text.finetune`, one
+per task, all started from the same pretrained MiniLM; AdamR-L2's deltas are the small ones of DAREx-L2) the study
 
 1. reads the base ``θ_pre`` (the encoder of ``<task>/base``; every task's base must hold the same encoder) and each
    task's fine-tune;
@@ -259,7 +259,7 @@ def merge_eval(
     cache_dir: str = DEFAULT_CACHE_DIR,
     out: str = "results/merge_eval",
     tasks: Sequence[str] = ("trec", "vader"),
-    recipes: Sequence[str] = ("adamw",),
+    recipes: Sequence[str] = ("adamw", "adamr-l2"),
     methods: Sequence[str] = METHODS,
     densities: Sequence[float] = DENSITIES,
     seeds: Sequence[int] = (0, 1, 2),
@@ -280,8 +280,8 @@ def merge_eval(
         cache_dir: root of the fine-tune cache (``<cache_dir>/<task>/<recipe>``, ``<task>/base``).
         out: output directory.
         tasks: the tasks whose fine-tunes are merged (model i of a merge is the i-th task's fine-tune).
-        recipes: fine-tune recipes, each merged on its own (``adamw``; ``adamr-l2``, ``adamw-large``, ...: any
-            full fine-tune, not ``lora``).
+        recipes: fine-tune recipes, each merged on its own (``adamw``, ``adamr-l2``, ``adamw-large``, ...: any full
+            fine-tune, not ``lora``).
         methods: merge methods (task-arithmetic, ties, dare-linear, dare-ties, darex-q).
         densities: kept fractions in (0, 1]; task arithmetic runs at 1 only.
         seeds: mask seeds of the DARE merges (model i draws seed + i).
