@@ -5,4 +5,6 @@ study imports ``lifelong_delta.cli`` (which lists them as subcommands).
 
 * :mod:`lifelong_delta.studies.prune_eval_decoder`: ``make prune-eval-decoder``, delta pruning of a small Llama
   pretrained and fine-tuned offline (DARE the Extreme, arXiv 2410.09344).
+* :mod:`lifelong_delta.studies.merge_eval`: ``make merge-eval``, the TREC and VADER MiniLM fine-tunes merged by every
+  ``lifelong-delta merge`` method, each task scored with its own head.
 """
