@@ -229,18 +229,24 @@ def _listing(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - _LIST} more" if len(names) > _LIST else "")
 
 
-def _check_same_layout(first: CheckpointReader, other: CheckpointReader, first_path: str, other_path: str) -> None:
-    """``other`` has exactly ``first``'s tensors: names, shapes, and which are floating."""
+def _check_same_layout(first: CheckpointReader, other: CheckpointReader, first_path: str, other_path: str,
+                       exclude: tuple[str, ...]) -> None:
+    """``other`` has exactly ``first``'s tensors: names, shapes, and which are floating. Tensors matched by
+    ``exclude`` are taken from the first model alone, so another model's may differ or be missing (a task head of
+    another label count)."""
     from lifelong_delta.delta.dtypes import FLOAT_CODES, dtype_name
+    from lifelong_delta.delta.matching import is_excluded
 
     where = f"--models {other_path} does not match --models {first_path}"
-    missing = [n for n in first.names() if n not in other]
+    missing = [n for n in first.names() if n not in other and not is_excluded(n, exclude)]
     if missing:
         raise ValueError(f"{where}: it lacks {len(missing)} tensor(s): {_listing(missing)}")
-    extra = [n for n in other.names() if n not in first]
+    extra = [n for n in other.names() if n not in first and not is_excluded(n, exclude)]
     if extra:
         raise ValueError(f"{where}: it has {len(extra)} more tensor(s): {_listing(extra)}")
     for n in first.names():
+        if is_excluded(n, exclude):
+            continue
         if other.shape(n) != first.shape(n):
             raise ValueError(f"{where}: tensor {n!r} has shape {list(other.shape(n))} there but "
                              f"{list(first.shape(n))} in the first model")
@@ -271,7 +277,7 @@ def _plan(base: str, models: Sequence[str], exclude: tuple[str, ...], dtype: str
         readers = [stack.enter_context(CheckpointReader(m)) for m in models]
         first = readers[0]
         for path, reader in zip(models[1:], readers[1:]):
-            _check_same_layout(first, reader, models[0], path)
+            _check_same_layout(first, reader, models[0], path, exclude)
         try:
             match = match_tensors(rb, first, exclude)
         except ValueError as e:

@@ -364,3 +364,21 @@ def test_list_flags_take_several_values_and_lambda_its_keyword_name():
                                              "--overwrite=true"]
     assert _normalise_flags(["prune", "--exclude", "a.*", "--exclude", "b.*", "--p", "0.9"], prune) == \
         ["prune", "--exclude+", "a.*", "--exclude+", "b.*", "--p", "0.9"]
+
+
+def test_excluded_heads_may_differ_between_models(tmp_path, capsys):
+    """Each task keeps its own head (another label count): an excluded tensor comes from the first model alone."""
+    base_sd = tiny_state()
+    fts = [perturbed(base_sd, scale=0.05, seed=i + 1) for i in range(2)]
+    fts[1]["classifier.weight"] = torch.randn(5, 8)
+    base, models = _models(tmp_path, base_sd, fts)
+    code, _, err = _run(capsys, "--base", base, "--models", *models, "--method", "task-arithmetic",
+                        "--exclude", "classifier.*", "--out", tmp_path / "out")
+    assert code == 0, err
+    out = read_checkpoint(tmp_path / "out")
+    assert torch.equal(out["classifier.weight"], fts[0]["classifier.weight"])
+    want = base_sd["layers.0.weight"] + sum(sd["layers.0.weight"] - base_sd["layers.0.weight"] for sd in fts)
+    assert torch.allclose(out["layers.0.weight"], want, atol=1e-6)
+    code, _, err = _run(capsys, "--base", base, "--models", *models, "--method", "task-arithmetic",
+                        "--out", tmp_path / "out2")
+    assert code == 2 and "shape [5, 8] there but [3, 8]" in err and not (tmp_path / "out2").exists()
