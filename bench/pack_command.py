@@ -11,7 +11,7 @@ run, commands interleaved round by round, page cache warm, each as a user runs i
 
 for DARE (values under a regenerated mask) and magnitude (values + LEB128 index gaps). Reported: median wall
 time, peak RSS, the pack's bytes against the fine-tune's, and the ratios within the run. Goals: a random-mask
-pack at p = 0.99 is at most 1.05 (1 - p) x the fine-tune + 64 KiB; pack and unpack take no longer than prune.
+pack at p = 0.99 is at most 1.05 (1 - p) x the fine-tune + 64 KiB; pack and unpack in prune's time (docs/benchmarks.md).
 
     .venv/bin/python bench/pack_command.py [--size-gb 1] [--p 0.99] [--repeats 3]
         [--cache-dir ~/.cache/lifelong_delta/bench] [--json PATH]
