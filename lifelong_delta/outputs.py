@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lifelong_delta.progress import format_bytes
 
@@ -419,3 +420,12 @@ def write_file(path: str | os.PathLike[str], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_png(path: str | os.PathLike[str], fig: Any, *, dpi: int = 110) -> None:
+    """Render a matplotlib figure as PNG and write it through :func:`write_file`."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_file(path, buf.getvalue())

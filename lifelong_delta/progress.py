@@ -35,6 +35,7 @@ __all__ = [
     "format_duration",
     "is_terminal",
     "progress_interval",
+    "run_spawned",
 ]
 
 INTERVAL_ENV = "LIFELONG_DELTA_PROGRESS_INTERVAL"
@@ -297,3 +298,52 @@ class Progress:
             self._task = self._rich.add_task(self.label, **fields)
         else:
             self._rich.update(self._task, **fields)
+
+
+class _QueueBar:
+    """The ``update`` of a :class:`Progress`, in a worker process: forwarded to the parent's bar by a queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def update(self, advance: int = 1, *, detail: str | None = None) -> None:
+        self.queue.put((advance, detail))
+
+
+def _spawned_call(fn: Callable[..., Any], args: tuple, threads: int | None, queue: Any) -> Any:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return fn(*args, _QueueBar(queue))
+
+
+def run_spawned(fn: Callable[..., Any], calls: list[tuple], jobs: int, bar: Any) -> list[Any]:
+    """``fn(*args, bar)`` for each ``args`` of ``calls``, in ``jobs`` spawned processes; the results in call order.
+
+    Each worker runs with this process's torch thread count (when torch is loaded), and its ``bar.update`` calls
+    reach ``bar`` here. Calls are submitted in the order given (put the longest first); a worker's error is
+    raised here. ``fn`` must be importable by name (a module-level function).
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        q = manager.Queue()
+        futures = {pool.submit(_spawned_call, fn, args, threads, q): i for i, args in enumerate(calls)}
+        pending, results = set(futures), {}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[futures[f]] = f.result()  # re-raises a worker's error here
+            while True:
+                try:
+                    n, text = q.get_nowait()
+                except queue_mod.Empty:
+                    break
+                bar.update(n, detail=text)
+    return [results[i] for i in range(len(calls))]

@@ -162,9 +162,7 @@ def _plot(
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"Class-incremental stream {stream!r}: mean ± std over seeds")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    outputs.write_file(out / "accuracy.png", buf.getvalue())
+    outputs.write_png(out / "accuracy.png", fig, dpi=120)
 
     shown = [m for m in methods if m in matrices and m != "joint"]
     if not shown:
@@ -189,9 +187,7 @@ def _plot(
         ax.tick_params(labelsize=6)
     fig.suptitle("Accuracy matrices R[i][j], mean over seeds")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    outputs.write_file(out / "accuracy_matrices.png", buf.getvalue())
+    outputs.write_png(out / "accuracy_matrices.png", fig, dpi=110)
 
 
 def cl_eval(

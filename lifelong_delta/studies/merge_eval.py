@@ -340,45 +340,13 @@ def _do_unit(u: _Unit, bar: Any) -> list[dict[str, Any]]:
     return rows + run.run(u.cells, bar)
 
 
-class _QueueBar:
-    """Progress updates of a worker process, forwarded to the parent's bar."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def update(self, advance: int = 1, *, detail: str | None = None) -> None:
-        self.queue.put((advance, detail))
-
-
-def _worker(u: _Unit, threads: int, queue: Any) -> list[dict[str, Any]]:
-    torch.set_num_threads(threads)
-    return _do_unit(u, _QueueBar(queue))
-
-
 def _run_units(units: Sequence[_Unit], jobs: int, bar: Any) -> list[list[dict[str, Any]]]:
     """Every unit's rows, in unit order; in ``jobs`` spawned processes (here when ``jobs`` is 1)."""
     if jobs == 1:
         return [_do_unit(u, bar) for u in units]
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from lifelong_delta.progress import run_spawned
 
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        q = manager.Queue()
-        futures = {pool.submit(_worker, u, torch.get_num_threads(), q): i for i, u in enumerate(units)}
-        pending, results = set(futures), {}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for f in done:
-                results[futures[f]] = f.result()  # re-raises a worker's error here
-            while True:
-                try:
-                    n, text = q.get_nowait()
-                except queue_mod.Empty:
-                    break
-                bar.update(n, detail=text)
-    return [results[i] for i in range(len(units))]
+    return run_spawned(_do_unit, [(u,) for u in units], jobs, bar)
 
 
 def _run(args: dict[str, Any], start: float) -> dict[str, str]:

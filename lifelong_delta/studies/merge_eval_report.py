@@ -207,9 +207,7 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
     fig.suptitle("Merged encoder, each task with its own head (mean ± std over mask seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_figwidth(), 1))
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        outputs.write_file(Path(path), buf.getvalue())
+        outputs.write_png(path, fig)
         plt.close(fig)
     return fig
 

@@ -345,9 +345,7 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        outputs.write_file(Path(path), buf.getvalue())
+        outputs.write_png(path, fig)
         plt.close(fig)
     return fig
 

@@ -424,25 +424,13 @@ def _unit_outputs(run: FinetuneRun, cells: Sequence[Cell], ps: Sequence[float], 
     return result.rows, result.q_rows, result.recommendations(ps), result.info
 
 
-class _QueueBar:
-    """The part of a :class:`~lifelong_delta.progress.Progress` that :meth:`FinetuneRun.evaluate` uses,
-    forwarding updates to the parent."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def update(self, advance: int = 1, *, detail: str | None = None) -> None:
-        self.queue.put((advance, detail))
-
-
 def _worker(
     unit: tuple[str, str], cells: list[Cell], ft_dir: Path, base_dir: Path, splits: Any, s: Settings,
-    ps: list[float], threads: int, queue: Any,
+    ps: list[float], bar: Any,
 ) -> tuple:
-    """One fine-tune of the study in a worker process with ``threads`` torch threads."""
-    torch.set_num_threads(threads)
+    """One fine-tune of the study, in a worker process of :func:`~lifelong_delta.progress.run_spawned`."""
     run = FinetuneRun(*unit, ft_dir, base_dir, splits, s)
-    return _unit_outputs(run, cells, ps, _QueueBar(queue))
+    return _unit_outputs(run, cells, ps, bar)
 
 
 def _run_parallel(
@@ -454,29 +442,8 @@ def _run_parallel(
     Each fine-tune's evaluation is deterministic and independent of the others, so the rows equal those of one
     process.
     """
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from lifelong_delta.progress import run_spawned
 
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        q = manager.Queue()
-        futures = {
-            pool.submit(
-                _worker, u, unit_cells[u], dirs[u], base_dirs[u[0]], splits[u], s, ps,
-                torch.get_num_threads(), q,
-            ): u
-            for u in sorted(units, key=lambda u: -unit_cost[u])
-        }
-        pending, results = set(futures), {}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in done:
-                results[futures[fut]] = fut.result()  # re-raises a worker's error here
-            while True:
-                try:
-                    n, text = q.get_nowait()
-                except queue_mod.Empty:
-                    break
-                bar.update(n, detail=text)
-    return results
+    order = sorted(units, key=lambda u: -unit_cost[u])
+    calls = [(u, unit_cells[u], dirs[u], base_dirs[u[0]], splits[u], s, ps) for u in order]
+    return dict(zip(order, run_spawned(_worker, calls, jobs, bar)))

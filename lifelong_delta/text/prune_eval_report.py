@@ -368,9 +368,7 @@ def plot_accuracy_vs_p(
     fig.suptitle("Test accuracy after delta pruning (mean ± std over mask seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        outputs.write_file(Path(path), buf.getvalue())
+        outputs.write_png(path, fig)
         plt.close(fig)
     return fig
 

@@ -138,3 +138,12 @@ def test_bad_options_are_value_errors_naming_the_option(cache, tmp_path):
                            ({"densities": [0.0]}, "densities"), ({"seeds": [1, 1]}, "seeds")):
         with pytest.raises(ValueError, match=option):
             merge_eval(cache_dir=str(cache), out=str(tmp_path / "x"), **{**RUN, **kwargs})
+
+
+def test_two_processes_give_the_rows_of_one(cache, study, tmp_path):
+    _, paths = study
+    two = merge_eval(cache_dir=str(cache), out=str(tmp_path / "two"), recipes=["adamw"], **{**RUN, "jobs": 2})
+    one_rows, two_rows = read_results(paths["results"]), read_results(two["results"])
+    drop = ("merge_s",)  # wall time
+    assert [{k: v for k, v in r.items() if k not in drop} for r in one_rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in two_rows]
