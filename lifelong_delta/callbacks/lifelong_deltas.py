@@ -1,0 +1,352 @@
+"""``LifelongDeltas``: a continual learner that never forgets a learned task, at about 1 % of a model per task.
+
+The two halves of the framework meet here. A :class:`~lifelong_delta.anchors.PretrainedAnchor` holds θ_pre, the
+pretrained values of the parameters a :class:`~lifelong_delta.continual.ContinualModule` trains (its backbone
+part; the head is handled below). At the end of each task ``t`` the callback
+
+1. takes the task's delta ``δ_t = θ_t − θ_pre`` of those parameters;
+2. prunes it with DAREx-q at each drop rate ``p`` (``p = 0``: the dense delta), the mask seeded by
+   ``seed + t`` and q chosen per :attr:`LifelongDeltas.q` (by default without labels, minimising the change of the
+   pooled features on a few of the task's training batches, :func:`~lifelong_delta.delta.darex.select_q_unlabelled`);
+3. packs it (:func:`~lifelong_delta.delta.pack.stream_pack`: the kept values only; the mask comes back from the
+   seed), keeps the head rows of the task's classes, and adds the pack to a
+   :class:`~lifelong_delta.delta.bank.DeltaBank` of task deltas;
+4. resets the parameters to θ_pre, so that the next task trains from the pretrained model (``reset``).
+
+At the end of fit, on the validation data of every task (the split the module's accuracy matrix uses):
+
+* **task-incremental** accuracy (task id given): the samples of task ``t`` go through the model with task
+  ``t``'s delta swapped in and are classified among task ``t``'s classes; one forward pass per sample;
+* **class-incremental** accuracy (no task id): every sample goes through the model once per task delta, and the
+  prediction of the most confident task wins. Confidence is the highest sigmoid of the task's classes
+  (``max_sigmoid``, default, matching the BCE head), or the lowest entropy of the softmax over them (``entropy``).
+  That costs ``T`` forward passes per sample for ``T`` tasks, which ``lifelong_metrics.json`` reports next to the
+  accuracy of the task inference itself.
+
+Both go to ``lifelong_metrics.json`` in the run's log directory and to the trainer's loggers
+(``lifelong/p<p>/task_il_accuracy``, ...). The head stays shared: with ``mask_past_logits`` (the module's default)
+task ``t`` trains only its own classes' rows, and the callback stores those rows per task anyway, so a head
+changed later (weight decay, another loss) is put back before evaluation. Their bytes count in
+``bytes_per_task``, with the pack's files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lifelong_delta import outputs
+from lifelong_delta.anchors.pretrained import PretrainedAnchor
+
+__all__ = ["LifelongDeltas", "pack_bytes"]
+
+QRule = Literal["unlabelled", "dare"]
+Confidence = Literal["max_sigmoid", "entropy"]
+METRICS_FILE = "lifelong_metrics.json"
+
+
+def pack_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes a pack directory takes on disk (its files' sizes)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _p_label(p: float) -> str:
+    return f"{p:g}"
+
+
+class LifelongDeltas(pl.Callback):
+    """Per-task packed deltas of a :class:`~lifelong_delta.continual.ContinualModule`, swapped in for evaluation.
+
+    Args:
+        p: Drop rates; one bank of task deltas per value. ``0`` keeps the dense delta (every value, packed).
+        q: The DAREx-q rescale of the kept values (×1/q): a number in ``[1 − p, 1]`` for every task,
+            ``"unlabelled"`` (per task, the q on a grid over ``[1 − p, 1]`` that keeps the pooled features of
+            ``calib_batches`` of the task's training batches closest to the unpruned model's), or ``"dare"``
+            (``q = 1 − p``).
+        seed: Mask seed; task ``t`` draws with ``seed + t``.
+        confidence: How class-incremental evaluation picks the task: ``max_sigmoid`` or ``entropy``.
+        calib_batches: Training batches of the task for ``q: unlabelled``.
+        reset: Put the trained parameters back to θ_pre after packing a task, so each delta holds one task.
+        out_dir: Where the packs go (``<work>/p<p>/task<t>.delta``); default ``task_deltas`` in the run's log
+            directory.
+        anchor: The :class:`~lifelong_delta.anchors.PretrainedAnchor` holding θ_pre (shared with an optimiser
+            that pulls toward it, e.g. AdamR); default: one made at fit start from the parameters that train.
+    """
+
+    def __init__(
+        self,
+        p: Sequence[float] | float = (0.0, 0.99),
+        q: float | QRule = "unlabelled",
+        seed: int = 0,
+        confidence: Confidence = "max_sigmoid",
+        calib_batches: int = 4,
+        reset: bool = True,
+        out_dir: str | None = None,
+        anchor: PretrainedAnchor | None = None,
+    ) -> None:
+        super().__init__()
+        ps = [p] if isinstance(p, (int, float)) else list(p)
+        if not ps or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x < 1.0 for x in ps):
+            raise ValueError(f"LifelongDeltas(p={p!r}): give drop rates in [0, 1), e.g. [0, 0.99] (0: dense)")
+        if len(set(ps)) != len(ps):
+            raise ValueError(f"LifelongDeltas(p={p!r}) repeats a drop rate")
+        if isinstance(q, str):
+            if q not in ("unlabelled", "dare"):
+                raise ValueError(f"LifelongDeltas(q={q!r}): use 'unlabelled', 'dare' or a number in [1 - p, 1]")
+        elif isinstance(q, bool) or not all(1.0 - x <= q <= 1.0 for x in ps if x > 0):
+            raise ValueError(f"LifelongDeltas(q={q!r}) must lie in [1 - p, 1] for every p in {ps}")
+        if confidence not in ("max_sigmoid", "entropy"):
+            raise ValueError(f"LifelongDeltas(confidence={confidence!r}): use 'max_sigmoid' or 'entropy'")
+        if isinstance(calib_batches, bool) or calib_batches < 1:
+            raise ValueError(f"LifelongDeltas(calib_batches={calib_batches!r}) must be an integer >= 1")
+        self.ps = [float(x) for x in ps]
+        self.q, self.seed, self.confidence = q, int(seed), confidence
+        self.calib_batches, self.reset, self.out_dir = int(calib_batches), reset, out_dir
+        self.anchor = anchor
+        self.names: list[str] = []  # the delta's parameters (trainable, not the head)
+        self.banks: dict[float, Any] = {}  # p -> DeltaBank
+        self.head_rows: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # task -> (first class, head rows)
+        self.records: dict[float, dict[int, dict[str, float]]] = {}  # p -> task -> q, bytes
+        self.metrics: dict[str, Any] | None = None
+        self._work: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = _net(pl_module)
+        head = {id(p) for p in net.get_classifier().parameters()}
+        self.names = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in head]
+        if not self.names:
+            raise ValueError("LifelongDeltas needs backbone parameters that train (model.init_args.trainable), "
+                             "e.g. ['blocks.*.attn.qkv.*', 'head.*']; only the head trains now")
+        if self.anchor is None:
+            self.anchor = PretrainedAnchor(include=self.names)
+            self.anchor.snapshot_(net)
+        missing = [n for n in self.names if n not in self.anchor.reference]
+        if missing:
+            raise ValueError(f"LifelongDeltas(anchor=...) has no reference for trained parameter {missing[0]!r} "
+                             f"({len(missing)} missing); include every parameter that trains")
+        self._work = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "task_deltas")
+        if trainer.is_global_zero:
+            outputs.check_can_create(self._work, option="LifelongDeltas(out_dir)")
+            self._work.mkdir(parents=True, exist_ok=True)
+            _save(self._work / "base.safetensors", {n: self._reference(n) for n in self.names})
+        trainer.strategy.barrier()
+        from lifelong_delta.delta.bank import DeltaBank
+
+        self.banks = {p: DeltaBank(net) for p in self.ps}
+        self.records = {p: {} for p in self.ps}
+        self.head_rows = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = pl_module.epochs_per_task
+        if (trainer.current_epoch + 1) % every == 0:
+            self._store_task(trainer, pl_module, trainer.current_epoch // every)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.head_rows:
+            return
+        self.metrics = self.evaluate(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"lifelong/p{p}/{k}": v for p, m in self.metrics["by_p"].items()
+                                for k, v in m.items() if isinstance(v, float)}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / METRICS_FILE
+            outputs.write_file(path, (json.dumps(self.metrics, indent=1) + "\n").encode())
+            lines = [f"  p={p}: task-IL {m['task_il_accuracy']:.4f}, class-IL {m['class_il_accuracy']:.4f}, "
+                     f"{m['bytes_per_task'] / 1024:.1f} KiB/task ({100 * m['bytes_fraction']:.2f} % of dense)"
+                     for p, m in self.metrics["by_p"].items()]
+            print("\n".join([f"LifelongDeltas: wrote {path}", *lines]), flush=True)
+
+    # --------------------------------------------------------------------------------------------- storing
+    def _reference(self, name: str) -> torch.Tensor:
+        return self.anchor.reference[name].detach().cpu()
+
+    @torch.no_grad()
+    def _store_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        from lifelong_delta.delta.methods import PruneSpec
+        from lifelong_delta.delta.pack import stream_pack
+
+        net, work = _net(pl_module), self._work
+        assert work is not None
+        params = dict(net.named_parameters())
+        trained = {n: params[n].detach().cpu().clone() for n in self.names}
+        classes = pl_module._tasks[t]
+        self.head_rows[t] = (classes.start, {n: p.detach()[classes.start:classes.stop].clone()
+                                             for n, p in net.get_classifier().named_parameters()})
+        ft = work / f"task{t}.safetensors"
+        qs = {p: self._choose_q(pl_module, t, p, trained) for p in self.ps}
+        if trainer.is_global_zero:
+            _save(ft, trained)
+            try:
+                for p in self.ps:
+                    spec = PruneSpec("darex-q", p, q=qs[p], seed=self.seed + t) if p > 0 else \
+                        PruneSpec("dare", 0.0, seed=self.seed + t)
+                    stream_pack(work / "base.safetensors", ft, self._pack_path(p, t), spec, progress=False)
+            finally:
+                ft.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+        self._load_reference(net)  # a bank checks its base when a pack is added
+        head_bytes = _nbytes(self.head_rows[t][1].values())
+        for p in self.ps:
+            self.banks[p].add(f"task{t}", self._pack_path(p, t))
+            self.records[p][t] = {"q": qs[p], "bytes": float(pack_bytes(self._pack_path(p, t)) + head_bytes)}
+        if not self.reset:
+            for n in self.names:
+                params[n].copy_(trained[n])
+        rank_zero_info(f"LifelongDeltas: task {t} packed at p = {', '.join(map(_p_label, self.ps))} "
+                       f"(q = {', '.join(f'{qs[p]:.4g}' for p in self.ps)})")
+
+    @torch.no_grad()
+    def _load_reference(self, net: torch.nn.Module) -> None:
+        """Write θ_pre into the delta's parameters (in place)."""
+        params = dict(net.named_parameters())
+        for n in self.names:
+            params[n].copy_(self.anchor.reference[n])
+
+    def _pack_path(self, p: float, t: int) -> Path:
+        assert self._work is not None
+        return self._work / f"p{_p_label(p)}" / f"task{t}.delta"
+
+    def _choose_q(self, pl_module: pl.LightningModule, t: int, p: float, trained: dict[str, torch.Tensor]
+                  ) -> float:
+        if p == 0:
+            return 1.0
+        if self.q == "dare":
+            return 1.0 - p
+        if not isinstance(self.q, str):
+            return float(self.q)
+        from lifelong_delta.continual.backbones import features_and_logits
+        from lifelong_delta.delta.darex import MaskedDelta, select_q_unlabelled
+
+        net = _net(pl_module)
+        base = {n: self._reference(n) for n in self.names}
+        masked = MaskedDelta.build(base, trained, p, seed=self.seed + t)
+        loader = pl_module.trainer.datamodule.task_dataloader(t, "train", shuffle=False)
+        batches = []
+        for x, _ in loader:
+            batches.append(x.to(pl_module.device))
+            if len(batches) == self.calib_batches:
+                break
+        result = select_q_unlabelled(net, masked, batches, lambda m, x: features_and_logits(m, x)[0])
+        return result.q
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Task- and class-incremental accuracy of every bank on the validation data of the stored tasks.
+
+        The model is left as it was (the delta's parameters and the head are restored afterwards).
+        """
+        net, dm = _net(pl_module), pl_module.trainer.datamodule
+        tasks = [pl_module._tasks[t] for t in sorted(self.head_rows)]
+        loaders = dm.val_dataloader()[: len(tasks)]
+        if not loaders:
+            raise ValueError("LifelongDeltas evaluates on the validation data: use val_fraction > 0")
+        params = dict(net.named_parameters())
+        classifier = dict(net.get_classifier().named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.names}
+        saved_head = {n: p.detach().clone() for n, p in classifier.items()}
+        was_training = net.training
+        net.eval()
+        try:
+            self._load_reference(net)
+            for start, rows in self.head_rows.values():
+                for n, r in rows.items():
+                    classifier[n][start:start + r.shape[0]].copy_(r)
+            by_p = {_p_label(p): self._evaluate_bank(p, net, tasks, loaders, pl_module.device) for p in self.ps}
+        finally:
+            for n, v in saved.items():
+                params[n].copy_(v)
+            for n, v in saved_head.items():
+                classifier[n].copy_(v)
+            net.train(was_training)
+        dense = _nbytes(self.anchor.reference[n] for n in self.names)
+        head = _mean([_nbytes(rows.values()) for _, rows in self.head_rows.values()])
+        for m in by_p.values():
+            m["dense_bytes_per_task"] = float(dense + head)
+            m["bytes_fraction"] = m["bytes_per_task"] / m["dense_bytes_per_task"]
+        return {"tasks": len(tasks), "confidence": self.confidence, "q_rule": self.q, "seed": self.seed,
+                "forward_passes_per_sample": {"task_il": 1, "class_il": len(tasks)}, "by_p": by_p}
+
+    def _evaluate_bank(self, p: float, net: torch.nn.Module, tasks: list[range], loaders: list[Any],
+                       device: torch.device) -> dict[str, Any]:
+        """One pass over every loader per task delta: task-IL on the task's own data, and the most confident
+        task's prediction for every sample."""
+        bank, n_tasks = self.banks[p], len(tasks)
+        conf: list[torch.Tensor] = []  # per batch of every loader, in loader order
+        chosen: list[torch.Tensor] = []
+        pred: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        correct, total = [0] * n_tasks, [0] * n_tasks
+        for t, cls in enumerate(tasks):
+            i = 0
+            with bank.use(f"task{t}"):
+                for j, loader in enumerate(loaders):
+                    for x, y in loader:
+                        logits = net(x.to(device))[:, cls.start:cls.stop].float()
+                        p_t = logits.argmax(1).cpu() + cls.start
+                        c_t = _confidence(logits, self.confidence).cpu()
+                        if j == t:
+                            correct[t] += int((p_t == y).sum())
+                            total[t] += len(y)
+                        if t == 0:
+                            conf.append(c_t)
+                            chosen.append(torch.zeros_like(p_t))
+                            pred.append(p_t)
+                            labels.append(y.clone())
+                        else:
+                            better = c_t > conf[i]
+                            conf[i] = torch.where(better, c_t, conf[i])
+                            chosen[i] = torch.where(better, t, chosen[i])
+                            pred[i] = torch.where(better, p_t, pred[i])
+                        i += 1
+        y_all, pred_all, chosen_all = torch.cat(labels), torch.cat(pred), torch.cat(chosen)
+        true_task = torch.zeros_like(y_all)
+        for t, cls in enumerate(tasks):
+            true_task[(y_all >= cls.start) & (y_all < cls.stop)] = t
+        rec = self.records[p]
+        return {
+            "task_il_accuracy": sum(correct) / max(sum(total), 1),
+            "task_il_per_task": [c / max(n, 1) for c, n in zip(correct, total)],
+            "class_il_accuracy": float((pred_all == y_all).double().mean()),
+            "task_inference_accuracy": float((chosen_all == true_task).double().mean()),
+            "q": [rec[t]["q"] for t in sorted(rec)],
+            "bytes_per_task": _mean([rec[t]["bytes"] for t in sorted(rec)]),
+        }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _confidence(logits: torch.Tensor, how: Confidence) -> torch.Tensor:
+    """Per-sample confidence of one task's logits (higher is more confident)."""
+    if how == "max_sigmoid":
+        return torch.sigmoid(logits).amax(1)
+    logp = torch.log_softmax(logits, 1)
+    return (logp.exp() * logp).sum(1)  # minus the entropy
+
+
+def _net(pl_module: pl.LightningModule) -> torch.nn.Module:
+    net = getattr(pl_module, "net", None)
+    if net is None or not hasattr(pl_module, "_tasks") or not hasattr(pl_module, "epochs_per_task"):
+        raise TypeError(f"LifelongDeltas works with a ContinualModule, got {type(pl_module).__name__}")
+    return net
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    outputs.write_file(path, save({n: t.contiguous() for n, t in tensors.items()}))
