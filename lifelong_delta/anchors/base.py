@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lifelong_delta.anchors.ops import anchor_penalty, anchor_pull_
+from lifelong_delta.anchors.ops import PullVariant, anchor_penalty, anchor_pull_
 
 __all__ = ["ParameterAnchor"]
 
@@ -71,6 +71,7 @@ class ParameterAnchor:
             "head.*"]``. A single string is one pattern.
         exclude: patterns removed from the ``include`` selection.
         strength: λ of the loss term ``strength * penalty(model)``; the anchor itself never multiplies by it.
+            It is Avalanche's ``ewc_lambda`` and Kirkpatrick et al.'s λ/2 (see :meth:`penalty`).
 
     Life cycle: :meth:`snapshot_` (end of a task) → :meth:`penalty` (every step) or :meth:`pull_`.
     The state (θ*, ω, counters) travels through :meth:`state_dict` / :meth:`load_state_dict`.
@@ -195,12 +196,15 @@ class ParameterAnchor:
 
     # ------------------------------------------------------------------ per-step use
     def _aligned(
-        self, model: nn.Module, sqrt: bool
+        self, named: Mapping[str, Tensor], names: Sequence[str], sqrt: bool
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-        """Lists (θ views, θ* on θ's device/dtype, ω or √ω on θ's device/dtype) for the anchored names."""
-        named = dict(model.named_parameters())
+        """Lists (θ views, θ* on θ's device/dtype, ω or √ω on θ's device/dtype) for ``names`` (anchored ones).
+
+        A reference already on θ's device and dtype is used as it is, not copied.
+        """
         params, refs, weights = [], [], []
-        for name, ref in self._reference.items():
+        for name in names:
+            ref = self._reference[name]
             p = named.get(name)
             if p is None:
                 raise ValueError(
@@ -228,6 +232,10 @@ class ParameterAnchor:
     def penalty(self, model: nn.Module) -> Tensor:
         """Σ ω (θ − θ*)² over the anchored parameters, differentiable with respect to θ.
 
+        The loss term is ``strength * penalty(model)``. Avalanche's EWC plugin (0.6) adds the same sum times its
+        ``ewc_lambda``, so ``strength`` is Avalanche's λ and Kirkpatrick et al.'s λ/2 (their term is
+        ``λ/2 · Σ F (θ − θ*)²``).
+
         A parameter that grew since the snapshot (e.g. head rows for new classes) is penalised on the
         leading slice the reference covers; a parameter that appeared since the snapshot is free.
 
@@ -241,22 +249,43 @@ class ParameterAnchor:
         if not self._reference:
             p = next(model.parameters(), None)
             return torch.zeros((), device=None if p is None else p.device)
-        params, refs, sqrt_w = self._aligned(model, sqrt=True)
+        params, refs, sqrt_w = self._aligned(dict(model.named_parameters()), list(self._reference), sqrt=True)
         return anchor_penalty(params, refs, sqrt_w)
 
     @torch.no_grad()
-    def pull_(self, model: nn.Module, rate: float) -> None:
-        """Move θ toward θ* in place: θ ← θ − rate · ω · (θ − θ*). A no-op before the first snapshot.
+    def pull_(self, model: nn.Module, rate: float, variant: PullVariant = "l2") -> None:
+        """Move θ toward θ* in place: θ ← θ − rate · ω ⊙ (θ − θ*). A no-op before the first snapshot.
 
         Args:
             model: the model whose anchored parameters are modified in place.
             rate: step size ≥ 0 (``rate · ω`` ≤ 1 keeps the step from overshooting θ*).
+            variant: ``"l2"`` as above; ``"l1"`` pulls by ``rate · ω ⊙ sign(θ − θ*)``.
+
+        Raises:
+            ValueError: if an anchored parameter disappeared or shrank.
         """
         rate = _check_rate(rate, "rate")
         if not self._reference or rate == 0:
             return
-        params, refs, weights = self._aligned(model, sqrt=False)
-        anchor_pull_(params, refs, weights, rate)
+        named = dict(model.named_parameters())
+        anchor_pull_(*self._aligned(named, list(self._reference), sqrt=False), rate, variant)
+
+    @torch.no_grad()
+    def pull_tensors_(self, named: Mapping[str, Tensor], rate: float, variant: PullVariant = "l2") -> None:
+        """:meth:`pull_` on the tensors of ``named`` that the anchor holds, in place; the others are untouched.
+
+        This is the pull of an optimiser, which knows its parameters by name but not the model (AdamR).
+
+        Args:
+            named: ``{parameter name: θ}``, e.g. the parameters of one optimiser group that have a gradient.
+            rate: step size ≥ 0.
+            variant: ``"l2"`` or ``"l1"``, see :meth:`pull_`.
+        """
+        rate = _check_rate(rate, "rate")
+        if not self._reference or rate == 0:
+            return
+        names = [name for name in named if name in self._reference]
+        anchor_pull_(*self._aligned(named, names, sqrt=False), rate, variant)
 
     # ------------------------------------------------------------------ state
     @property

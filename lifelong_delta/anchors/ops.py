@@ -6,11 +6,15 @@ They take lists of tensors, not models, so an optimiser (AdamR) can call them on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["anchor_penalty", "anchor_pull_"]
+__all__ = ["PullVariant", "anchor_penalty", "anchor_pull_"]
+
+#: How :func:`anchor_pull_` moves θ toward θ*: by the difference (``"l2"``) or by its sign (``"l1"``).
+PullVariant = Literal["l2", "l1"]
 
 
 def anchor_penalty(
@@ -83,26 +87,37 @@ class _WeightedSquaredDistance(torch.autograd.Function):
 
 @torch.no_grad()
 def anchor_pull_(
-    params: Sequence[Tensor], refs: Sequence[Tensor], weights: Sequence[Tensor] | None, rate: float
+    params: Sequence[Tensor],
+    refs: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    rate: float,
+    variant: PullVariant = "l2",
 ) -> None:
-    """Decoupled pull toward the references, in place: θ_i ← θ_i − rate · ω_i ⊙ (θ_i − θ*_i).
+    """Decoupled pull toward the references, in place.
 
-    Modifies ``params`` in place (views of parameters are fine).
+    ``variant="l2"``: θ_i ← θ_i − rate · ω_i ⊙ (θ_i − θ*_i); ``variant="l1"``: θ_i ← θ_i − rate · ω_i ⊙
+    sign(θ_i − θ*_i). Modifies ``params`` in place (views of parameters are fine).
 
     Args:
         params: tensors θ_i to modify.
         refs: references θ*_i, same shapes, devices and dtypes as ``params``.
         weights: importances ω_i, same shapes as ``params``; ``None`` means ω = 1.
         rate: step size, e.g. ``lr * weight_decay`` in AdamR.
+        variant: ``"l2"`` pulls by the difference, ``"l1"`` by its sign.
     """
+    if variant not in ("l2", "l1"):
+        raise ValueError(f"variant must be 'l2' or 'l1', got {variant!r}")
     if not params:
         return
-    if weights is None and abs(rate) < 0.5:
+    params, refs = list(params), list(refs)
+    if variant == "l2" and weights is None and abs(rate) < 0.5:
         # θ + rate·(θ* − θ) in one pass without temporaries (9x faster on MiniLM); for |rate| < 0.5 torch's lerp
         # rounds exactly like the sub/add below (tested), so results do not depend on the path
-        torch._foreach_lerp_(list(params), list(refs), rate)
+        torch._foreach_lerp_(params, refs, rate)
         return
-    diffs = torch._foreach_sub(list(params), list(refs))
+    diffs = torch._foreach_sub(params, refs)
+    if variant == "l1":
+        torch._foreach_sign_(diffs)
     if weights is not None:
         torch._foreach_mul_(diffs, list(weights))
-    torch._foreach_add_(list(params), diffs, alpha=-rate)
+    torch._foreach_add_(params, diffs, alpha=-rate)
