@@ -10,8 +10,10 @@ is a 64-bit BLAKE2b hash, split into two 32-bit round keys ``k0, k1``. Element `
 Three implementations compute the same bits: the numba kernels of ``_nb_kernels`` (masks and merges of torch
 tensors' data, imported when first used), the torch ops of ``_torch_kernels`` (any device), and the compiled C
 kernel ``_words.c`` behind :func:`merge_words`, which merges raw bf16/fp32 checkpoint words with the prune
-statistics. This module imports nothing heavy, so the streaming prune of bf16/fp32 checkpoints starts in a tenth of
-a second and loads neither torch nor numpy. :mod:`lifelong_delta.delta.masks` is the public interface.
+statistics. The same extension merges N models (:func:`merge_models_words`, :func:`magnitude_cut_words`: the
+formulas of :mod:`lifelong_delta.delta.merge`). This module imports nothing heavy, so the streaming prune and merge
+of bf16/fp32 checkpoints start in a tenth of a second and load neither torch nor numpy.
+:mod:`lifelong_delta.delta.masks` is the public interface of the mask.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hashlib
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 try:  # the compiled kernel on raw words (setup.py builds it where a C compiler is found)
@@ -231,3 +235,102 @@ def select_words(size: int, src: object, dst: object, values: object | None, key
                                 thresh)
         kept += got
     return kept
+
+
+@dataclass(frozen=True)
+class ModelWords:
+    """One fine-tune's input to :func:`merge_models_words`: its raw words, weight and sparsification.
+
+    Attributes:
+        code: ``"F32"`` or ``"BF16"``.
+        words: C-contiguous buffer of the chunk's words.
+        weight: ``w_i`` (used as fp32).
+        cut: TIES' trim as ``(bits of the cut magnitude, limit)``, the limit a flat index of the whole tensor (see
+            :class:`lifelong_delta.delta.merge.MagnitudeCut`); None: no trim.
+        mask: DARE's mask as ``(tensor key, drop threshold, rescale)``; None: no mask. At most one of the two.
+    """
+
+    code: str
+    words: object
+    weight: float
+    cut: tuple[int, int] | None = None
+    mask: tuple[int, int, float] | None = None
+
+
+def merge_models_words(out_code: str, out: object, base_code: str, base: object, models: Sequence[ModelWords], *,
+                       consensus: bool, normalize: bool, lambda_: float, offset: int
+                       ) -> tuple[int, list[int], list[int]]:
+    """``θ_pre + λ · τ`` of :mod:`lifelong_delta.delta.merge` on one chunk of raw words (compiled, GIL released).
+
+    Element ``j`` is computed in fp32 with the operations of ``merge.merge_tensor`` in its order, so the output
+    words are its bits (the kernel's source states the order). A long chunk is split between two threads.
+
+    Args:
+        out_code, out: The output dtype (``"F32"``, ``"BF16"``) and a writable buffer of the chunk's length.
+        base_code, base: The base's dtype and words.
+        models: One :class:`ModelWords` per fine-tune, in model order.
+        consensus: TIES' sign election and disjoint merge instead of the weighted sum.
+        normalize: Divide by the sum of the (agreeing) weights.
+        lambda_: ``λ``; the merged delta is multiplied by it (as fp32) unless it is 1.
+        offset: Flat index of the chunk's first element in the whole tensor (keys the masks, places the cuts).
+
+    Returns:
+        ``(NaN/inf words of the base, of each fine-tune, NaN/inf deltas of each fine-tune)``; when any is not 0,
+        ``out`` is meaningless.
+    """
+    if _words is None:
+        raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
+    o = memoryview(out).cast("B")  # type: ignore[arg-type]
+    b = memoryview(base).cast("B")  # type: ignore[arg-type]
+    ms = [(WORD_CODES[m.code], memoryview(m.words).cast("B"), m) for m in models]  # type: ignore[arg-type]
+    osize, bsize = (2 if WORD_CODES[out_code] else 4), (2 if WORD_CODES[base_code] else 4)
+    ranges = [(s0 + a, min(s1, s0 + z), lo0 + a, hi) for s0, s1, lo0, hi in segments(offset, len(o) // osize)
+              for a, z in _halves(s1 - s0)]
+
+    def run(r: tuple[int, int, int, int]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        s, e, lo, hi = r
+        args = []
+        for kind, words, m in ms:
+            size = 2 if kind else 4
+            cut, limit, k0, k1, thresh, scale, how = 0, 0, 0, 0, 0, 1.0, 0
+            if m.cut is not None:
+                how, (cut, limit) = 1, m.cut
+                limit = min(max(limit - (offset + s), 0), e - s)
+            elif m.mask is not None:
+                how, (key, thresh, scale) = 2, m.mask
+                k0, k1 = split_key(key)
+                k1 = round_key(k1, hi)
+            args.append((kind, words[s * size:e * size], m.weight, how, cut, limit, k0, k1, lo & 0xFFFFFFFF, thresh,
+                         scale))
+        return _words.merge_models(WORD_CODES[out_code], o[s * osize:e * osize], WORD_CODES[base_code],
+                                   b[s * bsize:e * bsize], tuple(args), consensus, normalize, lambda_,
+                                   lambda_ != 1.0)
+
+    later = [_workers().submit(run, r) for r in ranges[1:]]  # this thread runs the first range itself
+    parts = [run(ranges[0]), *(f.result() for f in later)] if ranges else []
+    n = len(models)
+    return (sum(p[0] for p in parts), [sum(p[1][i] for p in parts) for i in range(n)],
+            [sum(p[2][i] for p in parts) for i in range(n)])
+
+
+def magnitude_cut_words(base_code: str, base: object, ft_code: str, ft: object, k: int) -> tuple[int, int, int]:
+    """TIES' cut keeping the ``k`` largest ``|ft − base|`` (fp32) of a whole tensor's raw words (compiled).
+
+    Returns:
+        ``(NaN/inf deltas, bits of the k-th largest magnitude, limit)``: keep an entry iff its magnitude is above
+        the cut, or equal to it at a flat index below ``limit``. ``k = 0`` gives ``(·, bits of inf, 0)``; with NaN/inf
+        deltas the other two are meaningless.
+    """
+    if _words is None:
+        raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
+    return _words.magnitude_cut(WORD_CODES[base_code], base, WORD_CODES[ft_code], ft, k)
+
+
+def count_nonfinite_words(code: str, words: object) -> int:
+    """NaN/inf values among raw F32 or BF16 words (compiled)."""
+    return _words.count_nonfinite_words(WORD_CODES[code], words)
+
+
+def convert_words(src_code: str, src: object, dst_code: str, dst: object) -> None:
+    """Cast raw F32/BF16 words into ``dst`` as torch casts them (bf16 rounded to nearest even; compiled)."""
+    _words.convert(WORD_CODES[src_code], src, WORD_CODES[dst_code], dst)

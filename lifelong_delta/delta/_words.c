@@ -1,5 +1,6 @@
-/* The fused DARE merge on raw checkpoint words, with the prune statistics: the C twin of the mask stream of
- * lifelong_delta/delta/_kernels.py (same hash, same bits).
+/* Kernels on raw checkpoint words: the fused DARE prune with its statistics, the C twin of the mask stream of
+ * lifelong_delta/delta/_kernels.py (same hash, same bits); the mask's select; and, further down, the merge of N
+ * models and TIES' magnitude cut with the bits of lifelong_delta/delta/merge.py.
  *
  * merge(kind, base, ft, out, k0, k1, lo0, thresh, scale) -> (nnz before, nnz after, sum d^2 before, after)
  *   kind 0: the three buffers hold float32; kind 1: uint16 words holding bfloat16.
@@ -21,6 +22,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 16384
@@ -267,6 +269,365 @@ static PyObject *select_kept(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromSize_t(c);
 }
 
+/* ------------------------------------------------------------------------------ merges of N models (merge.py)
+ * merge_models(out_kind, out, base_kind, base, models, consensus, normalize, lam, scale_out) -> (bad base,
+ * (bad fine-tuned ...), (bad delta ...)): lifelong_delta/delta/merge.py's merge_tensor on one range of raw words.
+ * Kinds are 0 (float32) and 1 (bfloat16 as uint16 words), one per buffer. `models` holds one tuple per model,
+ * (kind, words, weight, sparsify, cut, limit, k0, k1, lo0, thresh, scale); sparsify 0 keeps the delta, 1 is TIES'
+ * trim (|d| bits > cut, or == cut at a position below `limit`, positions counted from the range's first element),
+ * 2 DARE's mask (the hash word of counter lo0 + i keyed by k0, k1 at least thresh; kept deltas times scale).
+ * Per element, in fp32 and in merge.py's order: d_i = f_i - b; s_i = kept ? d_i (* scale) : +0; u_i = w_i * s_i;
+ * t = u_0 + u_1 + ...; linear: t /= (w_0 + w_1 + ...) with normalize (if that sum is at least 1e-8 in magnitude);
+ * consensus: model i agrees where u_i > 0 if t >= 0, u_i < 0 otherwise, t = the sum of the agreeing u_i (from +0,
+ * non-agreeing models adding +0), divided with normalize by the sum of their weights (1 where none agrees); then
+ * t *= lam if scale_out; out = b + t, bf16 rounded to nearest even (NaN as 0xFFFF, as torch casts). The counts are
+ * the NaN/inf words of each input and the NaN/inf deltas of each model; when one is not 0 `out` is meaningless.
+ *
+ * magnitude_cut(base_kind, base, ft_kind, ft, k) -> (NaN/inf deltas, value bits, limit): TIES' cut keeping the k
+ * largest |ft - base| of a whole tensor (merge.py's MagnitudeCut): a radix select over the bits of |d| (finite
+ * non-negative floats order as integers), 15 high bits then 16 low bits, then a scan for the last kept entry of
+ * magnitude `value` in flat order. k = 0 gives (inf bits, 0); a NaN/inf delta stops after the first pass.
+ *
+ * count_nonfinite_words(kind, words) -> NaN/inf values; convert(in_kind, src, out_kind, dst) casts words as torch
+ * does (bf16 rounded to nearest even, NaN as 0xFFFF). */
+
+#define MB 2048 /* elements per block of the N-model merge: every model's fp32 values of a block stay in L2 */
+#define EXP32 0x7F800000u
+
+static inline uint32_t bad32(uint32_t u) { return (u & EXP32) == EXP32; }
+
+static inline uint16_t to_bf16(uint32_t u) {
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7FFFFFFFu) > EXP32 ? 0xFFFFu : r);
+}
+
+/* n words of `kind` from element `at` of src as fp32 into dst; returns the NaN/inf count. */
+CLONES static uint64_t load_words(int kind, const void *src, size_t at, size_t n, float *restrict dst) {
+    uint32_t bad = 0;
+    if (kind == 1) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (size_t j = 0; j < n; j++) {
+            uint32_t w = s[j];
+            dst[j] = as_f32(w << 16);
+            bad += (w & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        const uint32_t *s = (const uint32_t *)src + at;
+        for (size_t j = 0; j < n; j++) {
+            dst[j] = as_f32(s[j]);
+            bad += bad32(s[j]);
+        }
+    }
+    return bad;
+}
+
+CLONES static void store_words(int kind, void *dst, size_t at, size_t n, const float *restrict src) {
+    if (kind == 1) {
+        uint16_t *o = (uint16_t *)dst + at;
+        for (size_t j = 0; j < n; j++) o[j] = to_bf16(as_u32(src[j]));
+    } else {
+        memcpy((float *)dst + at, src, n * sizeof(float));
+    }
+}
+
+typedef struct {
+    int kind, sparsify;
+    Py_buffer view;
+    float weight, scale;
+    uint32_t cut, k0, k1, lo0, thresh;
+    size_t limit;
+    uint64_t bad_words, bad_deltas;
+} Model;
+
+/* u = w * sparsified (f - b) of one model over a block whose first element is `at`; returns NaN/inf deltas. */
+CLONES static uint64_t weigh(const Model *m, size_t at, size_t n, const float *restrict b, const float *restrict f,
+                             float *restrict u) {
+    uint32_t bad = 0;
+    float w = m->weight, scale = m->scale;
+    if (m->sparsify == 0) {
+        for (size_t j = 0; j < n; j++) {
+            float d = f[j] - b[j];
+            bad += bad32(as_u32(d));
+            u[j] = w * d;
+        }
+    } else if (m->sparsify == 1) {
+        uint32_t cut = m->cut;
+        size_t lim = m->limit > at ? m->limit - at : 0;
+        for (size_t j = 0; j < n; j++) {
+            float d = f[j] - b[j];
+            uint32_t a = as_u32(d) & 0x7FFFFFFFu;
+            uint32_t keep = 0u - (uint32_t)((a > cut) | ((a == cut) & (j < lim)));
+            bad += bad32(a);
+            u[j] = w * as_f32(as_u32(d) & keep);
+        }
+    } else {
+        uint32_t lo = m->lo0 + (uint32_t)at;
+        for (size_t j = 0; j < n; j++) {
+            float d = f[j] - b[j];
+            bad += bad32(as_u32(d));
+            u[j] = w * as_f32(as_u32(d * scale) & keep_mask(m->k0, m->k1, lo + (uint32_t)j, m->thresh));
+        }
+    }
+    return bad;
+}
+
+/* The combination of one block: u holds the models' weighted deltas, blocks of MB each; t receives the merged delta,
+ * m and agreeing are scratch. Loops run over the block's elements model by model, so they vectorise. */
+CLONES static void combine_block(const Model *ms, int nm, size_t n, const float *restrict u, float *restrict t,
+                                 float *restrict m, float *restrict agreeing, int consensus, int normalize,
+                                 float divisor, int divide, float lam, int scale_out) {
+    memcpy(t, u, n * sizeof(float));
+    for (int i = 1; i < nm; i++)
+        for (size_t j = 0; j < n; j++) t[j] += u[(size_t)i * MB + j];
+    if (!consensus) {
+        if (divide)
+            for (size_t j = 0; j < n; j++) t[j] /= divisor;
+    } else {
+        for (int i = 0; i < nm; i++) {
+            const float *ui = u + (size_t)i * MB;
+            float w = ms[i].weight;
+            for (size_t j = 0; j < n; j++) {
+                uint32_t agree = 0u - (uint32_t)(t[j] >= 0.0f ? ui[j] > 0.0f : ui[j] < 0.0f);
+                float x = as_f32(as_u32(ui[j]) & agree), y = as_f32(as_u32(w) & agree);
+                m[j] = i == 0 ? x : m[j] + x;
+                agreeing[j] = i == 0 ? y : agreeing[j] + y;
+            }
+        }
+        if (normalize)
+            for (size_t j = 0; j < n; j++) m[j] /= agreeing[j] == 0.0f ? 1.0f : agreeing[j];
+        memcpy(t, m, n * sizeof(float));
+    }
+    if (scale_out)
+        for (size_t j = 0; j < n; j++) t[j] *= lam;
+}
+
+static void merge_models_range(Model *ms, int nm, int out_kind, void *out, int base_kind, const void *base, size_t n,
+                               float *scratch, int consensus, int normalize, float lam, int scale_out,
+                               uint64_t *bad_base) {
+    float *b = scratch, *f = b + MB, *t = f + MB, *m = t + MB, *agreeing = m + MB, *u = agreeing + MB;
+    float divisor = ms[0].weight;
+    for (int i = 1; i < nm; i++) divisor += ms[i].weight;
+    int divide = normalize && fabs((double)divisor) >= 1e-8;
+    for (size_t at = 0; at < n; at += MB) {
+        size_t len = n - at < MB ? n - at : MB;
+        *bad_base += load_words(base_kind, base, at, len, b);
+        for (int i = 0; i < nm; i++) {
+            ms[i].bad_words += load_words(ms[i].kind, ms[i].view.buf, at, len, f);
+            ms[i].bad_deltas += weigh(&ms[i], at, len, b, f, u + (size_t)i * MB);
+        }
+        combine_block(ms, nm, len, u, t, m, agreeing, consensus, normalize, divisor, divide, lam, scale_out);
+        for (size_t j = 0; j < len; j++) t[j] = b[j] + t[j];
+        store_words(out_kind, out, at, len, t);
+    }
+}
+
+static int word_view(PyObject *obj, int kind, int writable, Py_buffer *view, Py_ssize_t *n) {
+    if (kind != 0 && kind != 1) {
+        PyErr_SetString(PyExc_ValueError, "kind must be 0 (float32) or 1 (bfloat16)");
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    Py_ssize_t item = kind == 0 ? 4 : 2;
+    if (view->len % item || (*n >= 0 && view->len / item != *n)) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "buffers must hold the same whole number of elements");
+        return -1;
+    }
+    *n = view->len / item;
+    return 0;
+}
+
+static PyObject *merge_models(PyObject *Py_UNUSED(self), PyObject *args) {
+    int out_kind, base_kind, consensus, normalize, scale_out;
+    PyObject *out_obj, *base_obj, *models;
+    float lam;
+    if (!PyArg_ParseTuple(args, "iOiOO!ppfp", &out_kind, &out_obj, &base_kind, &base_obj, &PyTuple_Type, &models,
+                          &consensus, &normalize, &lam, &scale_out))
+        return NULL;
+    Py_ssize_t nm = PyTuple_GET_SIZE(models), n = -1;
+    if (nm < 1) {
+        PyErr_SetString(PyExc_ValueError, "a merge needs at least one model");
+        return NULL;
+    }
+    Py_buffer vo, vb;
+    if (word_view(out_obj, out_kind, 1, &vo, &n) < 0) return NULL;
+    if (word_view(base_obj, base_kind, 0, &vb, &n) < 0) {
+        PyBuffer_Release(&vo);
+        return NULL;
+    }
+    Model *ms = calloc((size_t)nm, sizeof(Model));
+    float *scratch = malloc(((size_t)nm + 5) * MB * sizeof(float));
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (ms == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < nm; got++) {
+        Model *m = &ms[got];
+        PyObject *words;
+        unsigned long cut, limit, k0, k1, lo0, thresh;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(models, got), "iOfikkkkkkf", &m->kind, &words, &m->weight,
+                              &m->sparsify, &cut, &limit, &k0, &k1, &lo0, &thresh, &m->scale))
+            goto done;
+        if (word_view(words, m->kind, 0, &m->view, &n) < 0) goto done;
+        m->cut = (uint32_t)cut, m->limit = (size_t)limit, m->k0 = (uint32_t)k0, m->k1 = (uint32_t)k1;
+        m->lo0 = (uint32_t)lo0, m->thresh = (uint32_t)thresh;
+    }
+    uint64_t bad_base = 0;
+    Py_BEGIN_ALLOW_THREADS
+    merge_models_range(ms, (int)nm, out_kind, vo.buf, base_kind, vb.buf, (size_t)n, scratch, consensus, normalize,
+                       lam, scale_out, &bad_base);
+    Py_END_ALLOW_THREADS
+    PyObject *words = PyTuple_New(nm), *deltas = PyTuple_New(nm);
+    if (words != NULL && deltas != NULL) {
+        for (Py_ssize_t i = 0; i < nm; i++) {
+            PyTuple_SET_ITEM(words, i, PyLong_FromUnsignedLongLong(ms[i].bad_words));
+            PyTuple_SET_ITEM(deltas, i, PyLong_FromUnsignedLongLong(ms[i].bad_deltas));
+        }
+        result = Py_BuildValue("KOO", (unsigned long long)bad_base, words, deltas);
+    }
+    Py_XDECREF(words);
+    Py_XDECREF(deltas);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&ms[i].view);
+    PyBuffer_Release(&vo);
+    PyBuffer_Release(&vb);
+    free(ms);
+    free(scratch);
+    return result;
+}
+
+/* |ft - base| bits of elements at .. at + n - 1 into a; returns the NaN/inf count. */
+static uint64_t abs_deltas(int bk, const void *b, int fk, const void *f, size_t at, size_t n, float *fb, float *ff,
+                           uint32_t *restrict a) {
+    load_words(bk, b, at, n, fb);
+    load_words(fk, f, at, n, ff);
+    uint32_t bad = 0;
+    for (size_t j = 0; j < n; j++) {
+        a[j] = as_u32(ff[j] - fb[j]) & 0x7FFFFFFFu;
+        bad += a[j] >= EXP32;
+    }
+    return bad;
+}
+
+/* The cut of merge.py's magnitude_cut on n elements; returns the NaN/inf deltas (then value and limit are unset). */
+static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n, size_t k, size_t *hist,
+                          float *scratch, uint32_t *value, size_t *limit) {
+    float *fb = scratch, *ff = fb + MB;
+    uint32_t *a = (uint32_t *)(ff + MB);
+    uint64_t bad = 0;
+    memset(hist, 0, (1u << 15) * sizeof(size_t));
+    for (size_t at = 0; at < n; at += MB) {
+        size_t m = n - at < MB ? n - at : MB;
+        bad += abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
+        for (size_t j = 0; j < m; j++) hist[(a[j] >> 16) & 0x7FFFu]++;
+    }
+    *value = EXP32, *limit = 0;
+    if (bad || k == 0) return bad;
+    size_t above = 0;
+    uint32_t hi = 0x7FFFu;
+    while (above + hist[hi] < k) above += hist[hi--];
+    memset(hist, 0, (1u << 16) * sizeof(size_t));
+    for (size_t at = 0; at < n; at += MB) {
+        size_t m = n - at < MB ? n - at : MB;
+        abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
+        for (size_t j = 0; j < m; j++)
+            if (a[j] >> 16 == hi) hist[a[j] & 0xFFFFu]++;
+    }
+    uint32_t lo = 0xFFFFu;
+    while (above + hist[lo] < k) above += hist[lo--];
+    uint32_t v = hi << 16 | lo;
+    size_t equal_kept = k - above, seen = 0;
+    for (size_t at = 0; at < n; at += MB) {
+        size_t m = n - at < MB ? n - at : MB;
+        abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
+        for (size_t j = 0; j < m; j++)
+            if (a[j] == v && ++seen == equal_kept) {
+                *value = v, *limit = at + j + 1;
+                return 0;
+            }
+    }
+    return 0; /* not reached: the histograms counted equal_kept entries of magnitude v */
+}
+
+static PyObject *magnitude_cut(PyObject *Py_UNUSED(self), PyObject *args) {
+    int bk, fk;
+    PyObject *bo, *fo;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "iOiOn", &bk, &bo, &fk, &fo, &k)) return NULL;
+    Py_buffer vb, vf;
+    Py_ssize_t n = -1;
+    if (word_view(bo, bk, 0, &vb, &n) < 0) return NULL;
+    if (word_view(fo, fk, 0, &vf, &n) < 0) {
+        PyBuffer_Release(&vb);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    size_t *hist = malloc((1u << 16) * sizeof(size_t));
+    float *scratch = malloc(3 * MB * sizeof(float));
+    if (k < 0 || k > n) {
+        PyErr_SetString(PyExc_ValueError, "k must be in [0, number of elements]");
+    } else if (hist == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+    } else {
+        uint32_t value;
+        size_t limit;
+        uint64_t bad;
+        Py_BEGIN_ALLOW_THREADS
+        bad = cut_range(bk, vb.buf, fk, vf.buf, (size_t)n, (size_t)k, hist, scratch, &value, &limit);
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("KkK", (unsigned long long)bad, (unsigned long)value, (unsigned long long)limit);
+    }
+    free(hist);
+    free(scratch);
+    PyBuffer_Release(&vb);
+    PyBuffer_Release(&vf);
+    return result;
+}
+
+static PyObject *count_nonfinite_words(PyObject *Py_UNUSED(self), PyObject *args) {
+    int kind;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "iO", &kind, &obj)) return NULL;
+    Py_buffer v;
+    Py_ssize_t n = -1;
+    if (word_view(obj, kind, 0, &v, &n) < 0) return NULL;
+    uint64_t bad = 0;
+    float block[MB];
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t at = 0; at < (size_t)n; at += MB)
+        bad += load_words(kind, v.buf, at, (size_t)n - at < MB ? (size_t)n - at : MB, block);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(bad);
+}
+
+static PyObject *convert(PyObject *Py_UNUSED(self), PyObject *args) {
+    int ik, ok;
+    PyObject *src, *dst;
+    if (!PyArg_ParseTuple(args, "iOiO", &ik, &src, &ok, &dst)) return NULL;
+    Py_buffer vs, vd;
+    Py_ssize_t n = -1;
+    if (word_view(src, ik, 0, &vs, &n) < 0) return NULL;
+    if (word_view(dst, ok, 1, &vd, &n) < 0) {
+        PyBuffer_Release(&vs);
+        return NULL;
+    }
+    float block[MB];
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t at = 0; at < (size_t)n; at += MB) {
+        size_t m = (size_t)n - at < MB ? (size_t)n - at : MB;
+        load_words(ik, vs.buf, at, m, block);
+        store_words(ok, vd.buf, at, m, block);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&vs);
+    PyBuffer_Release(&vd);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"select", select_kept, METH_VARARGS, "select(size, src, dst, values, k0, k1, lo0, thresh) -> kept count: "
      "gather (values None) or scatter the kept words of one range (see the module source)."},
@@ -274,6 +635,14 @@ static PyMethodDef methods[] = {
      "nnz_after, sq_before, sq_after): the fused DARE merge of one range of raw words (see the module source)."},
     {"count_nonfinite", count_nonfinite, METH_VARARGS,
      "count_nonfinite(kind, base, ft) -> number of NaN/inf deltas ft - base."},
+    {"merge_models", merge_models, METH_VARARGS, "merge_models(out_kind, out, base_kind, base, models, consensus, "
+     "normalize, lam, scale_out) -> (bad base, bad fine-tuned, bad deltas): merge.py's merge of N models on one "
+     "range of raw words (see the module source)."},
+    {"magnitude_cut", magnitude_cut, METH_VARARGS, "magnitude_cut(base_kind, base, ft_kind, ft, k) -> (bad deltas, "
+     "value bits, limit): TIES' cut keeping the k largest |ft - base| of a whole tensor."},
+    {"count_nonfinite_words", count_nonfinite_words, METH_VARARGS,
+     "count_nonfinite_words(kind, words) -> number of NaN/inf values."},
+    {"convert", convert, METH_VARARGS, "convert(in_kind, src, out_kind, dst): cast raw words as torch does."},
     {NULL, NULL, 0, NULL},
 };
 

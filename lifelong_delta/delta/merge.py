@@ -67,6 +67,7 @@ __all__ = [
     "magnitude_keep",
     "merge_deltas",
     "merge_tensor",
+    "non_finite_delta_error",
     "sparsify",
 ]
 
@@ -231,6 +232,11 @@ class MagnitudeCut:
     limit: int
 
 
+def non_finite_delta_error(name: str) -> ValueError:
+    """The error for NaN/inf entries of a delta whose inputs are finite (``θ_i − θ_pre`` beyond fp32's range)."""
+    return ValueError(f"tensor {name!r} has non-finite delta entries (NaN/inf in the base or a fine-tuned model)")
+
+
 _SCAN = 1 << 22  # elements per step when looking for the last kept entry among equal magnitudes
 
 
@@ -254,7 +260,7 @@ def magnitude_cut(delta: torch.Tensor, density: float, *, name: str = "") -> Mag
     n = a.numel()
     k = int(density * n)
     if not bool(torch.isfinite(a).all()):
-        raise ValueError(f"tensor {name!r} has non-finite delta entries (NaN/inf in the base or a fine-tuned model)")
+        raise non_finite_delta_error(name)
     if k <= 0:
         return MagnitudeCut(math.inf, 0)
     value = a.kthvalue(n - k + 1).values  # the k-th largest magnitude

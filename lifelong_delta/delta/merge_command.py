@@ -17,6 +17,11 @@ through :mod:`lifelong_delta.delta.mergekit_config`), pairs the tensors of the c
   each model's whole delta once, one model at a time, for its top-k cut. Output tensors have the base's dtype, or
   ``--dtype``; the writer (:class:`~lifelong_delta.delta.writer.ShardedWriter`) moves the finished folder into
   place only when everything succeeded, so a failure leaves nothing at ``--out``.
+* **Raw words, no torch.** Where every input and the output of a merged tensor are F32 or BF16 (and the method's
+  random mask, if any, is DARE's), the tensor is merged on raw checkpoint words by the compiled kernel
+  (:mod:`lifelong_delta.delta.merge_words`: the same bits and errors); copied tensors go as bytes, or F32/BF16 words
+  cast by the same extension. A merge of such checkpoints never imports torch. Other tensors (F16, another mask, the
+  torch back end ``LIFELONG_DELTA_BACKEND=torch``, a build without the extension) go through torch.
 """
 
 from __future__ import annotations
@@ -305,8 +310,19 @@ def _plan(base: str, models: Sequence[str], exclude: tuple[str, ...], dtype: str
 
 
 def _merged_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec
-                   ) -> Iterator[torch.Tensor]:
-    """One merged tensor, chunk by chunk (TIES' cuts from each model's whole delta first)."""
+                   ) -> Iterator[object]:
+    """One merged tensor, chunk by chunk: on raw words where the compiled kernel serves its dtypes, else in torch."""
+    from lifelong_delta.delta import merge_words
+
+    codes = [item.code, rb.code(item.source_name), *(r.code(item.name) for r in readers)]
+    if merge_words.applies(spec, codes):
+        return merge_words.merged_chunks(item.name, item.source_name, item.code, rb, readers, spec, _CHUNK_ELEMENTS)
+    return _torch_chunks(item, rb, readers, spec)
+
+
+def _torch_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec
+                  ) -> Iterator[torch.Tensor]:
+    """One merged tensor through torch, chunk by chunk (TIES' cuts from each model's whole delta first)."""
     import torch
 
     from lifelong_delta.delta.dtypes import torch_dtype
@@ -335,14 +351,21 @@ def _merged_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[Checkpoi
 
 
 def _copied_chunks(reader: CheckpointReader, item: _Item) -> Iterator[object]:
-    """One tensor copied chunk by chunk: its bytes, or its values converted to ``item.code`` (``--dtype``)."""
-    from lifelong_delta.delta.dtypes import torch_dtype
+    """One tensor copied chunk by chunk: its bytes, or its values converted to ``item.code`` (``--dtype``; F32 and
+    BF16 words by the compiled kernel, other dtypes by torch)."""
+    from lifelong_delta.delta import _kernels
+    from lifelong_delta.delta.dtypes import itemsize, torch_dtype
 
     info = reader.info(item.source_name)
     convert = info.code != item.code
+    words = {info.code, item.code} <= set(_kernels.WORD_CODES) and _kernels.use_words()
     for start in range(0, info.numel, _CHUNK_ELEMENTS):
         count = min(_CHUNK_ELEMENTS, info.numel - start)
-        if convert:
+        if convert and words:
+            out = bytearray(count * itemsize(item.code))
+            _kernels.convert_words(info.code, reader.view(item.source_name, start, count), item.code, out)
+            yield out
+        elif convert:
             yield reader.get_flat(item.source_name, start, count).to(torch_dtype(item.code))
         else:
             yield reader.read_into(item.source_name, start, count, bytearray(count * info.itemsize))
