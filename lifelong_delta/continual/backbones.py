@@ -29,6 +29,7 @@ __all__ = [
     "build_backbone",
     "expand_path",
     "features_and_logits",
+    "freeze_batchnorm_stats_",
     "frozen_copy",
     "head_parameter_names",
     "load_weights_",
@@ -248,6 +249,29 @@ def set_trainable_(net: nn.Module, patterns: Sequence[str]) -> tuple[int, int]:
         n_total += p.numel()
         n_train += p.numel() if flag else 0
     return n_train, n_total
+
+
+def freeze_batchnorm_stats_(net: nn.Module) -> int:
+    """Put every BatchNorm whose own parameters are all frozen in eval mode, in place.
+
+    ``requires_grad=False`` stops the weights of a layer, not the running statistics of its BatchNorm, which train
+    mode keeps updating from each task's batches; a "frozen" convolutional block would drift with the data. In
+    eval mode they stay those of the pretrained network. BatchNorms with a trainable weight or bias are left as
+    they are. Call it after every ``net.train()``.
+
+    Args:
+        net: the model (a no-op for models without BatchNorm, such as ViTs).
+
+    Returns:
+        The number of BatchNorm layers put in eval mode.
+    """
+    n = 0
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+                n += 1
+    return n
 
 
 def frozen_copy(net: nn.Module) -> nn.Module:

