@@ -5,7 +5,7 @@ pretrained values of the parameters a :class:`~lifelong_delta.continual.Continua
 part; the head is handled below). At the end of each task ``t`` the callback
 
 1. takes the task's delta ``δ_t = θ_t − θ_pre`` of those parameters;
-2. prunes it with DAREx-q at each drop rate ``p`` (``p = 0``: the dense delta), the mask seeded by
+2. prunes it with DAREx-q at each drop rate ``p`` (``p = 0``: the dense delta, θ_t stored whole), the mask seeded by
    ``seed + t`` and q chosen per :attr:`LifelongDeltas.q` (by default without labels, minimising the change of the
    pooled features on a few of the task's training batches, :func:`~lifelong_delta.delta.darex.select_q_unlabelled`);
 3. packs it (:func:`~lifelong_delta.delta.pack.stream_pack`: the kept values only; the mask comes back from the
@@ -188,7 +188,7 @@ class LifelongDeltas(pl.Callback):
             try:
                 for p in self.ps:
                     spec = PruneSpec("darex-q", p, q=qs[p], seed=self.seed + t) if p > 0 else \
-                        PruneSpec("dare", 0.0, seed=self.seed + t)
+                        PruneSpec("dare", 0.0, exclude=("*",))  # every tensor stored whole: θ_t exactly
                     stream_pack(work / "base.safetensors", ft, self._pack_path(p, t), spec, progress=False)
             finally:
                 ft.unlink(missing_ok=True)
