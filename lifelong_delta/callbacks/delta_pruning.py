@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from lifelong_delta.anchors.base import ParameterAnchor
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.choices import RescaleName
@@ -46,11 +47,14 @@ class DeltaPruning(pl.Callback):
         q: DAREx-q rescale (kept entries ×1/q); required by ``darex-q``.
         seed: Mask seed.
         exclude: ``fnmatch`` globs over ``state_dict`` names left unchanged (e.g. ``"head.*"``).
-        reference: Pretrained weights: a Hugging Face model directory or ``.safetensors`` file. ``None``: the
-            module's weights at ``on_fit_start`` (then ``on`` must be ``"fit_end"``, or a fit must have run first
-            with this callback in the same process).
+        reference: Pretrained weights: a Hugging Face model directory or ``.safetensors`` file, or a
+            :class:`~lifelong_delta.anchors.ParameterAnchor` whose θ* is read when pruning, not copied (e.g. the
+            ``PretrainedAnchor`` that ``AdamR(anchor=...)`` pulls toward, so the run holds θ_pre once). ``None``:
+            a copy of the module's weights at ``on_fit_start`` (then ``on`` must be ``"fit_end"``, or a fit must
+            have run first with this callback in the same process).
         reference_prefix: Prefix that turns a reference tensor name into a ``state_dict`` name, e.g. ``"model."``
-            when the LightningModule keeps the pretrained network in ``self.model``.
+            when the LightningModule keeps the pretrained network in ``self.model`` (or the anchor was snapshotted
+            on ``self.model``).
         on: When to prune: at the end of ``fit``, or at the start of ``lightning validate`` / ``lightning test``.
         rescale: ``none`` | ``dare`` | ``q`` (default per method).
         structural_axis: ``rows`` | ``columns`` (structural only).
@@ -67,7 +71,7 @@ class DeltaPruning(pl.Callback):
         q: float | None = None,
         seed: int = 0,
         exclude: Sequence[str] = (),
-        reference: str | None = None,
+        reference: str | ParameterAnchor | None = None,
         reference_prefix: str = "",
         on: When = "fit_end",
         rescale: RescaleName | None = None,
@@ -85,7 +89,10 @@ class DeltaPruning(pl.Callback):
             raise ValueError(f"DeltaPruning(on={on!r}): choose 'fit_end', 'validate' or 'test'")
         if isinstance(exclude, str):
             raise ValueError(f"DeltaPruning(exclude={exclude!r}) must be a list of patterns, e.g. [{exclude!r}]")
-        if reference is not None and not Path(reference).exists():
+        if reference is not None and not isinstance(reference, (str, ParameterAnchor)):
+            raise TypeError(f"DeltaPruning(reference=...) must be a path or a ParameterAnchor, got "
+                            f"{type(reference).__name__}")
+        if isinstance(reference, str) and not Path(reference).exists():
             raise ValueError(f"DeltaPruning(reference={reference!r}): path not found; give the pretrained model's "
                              "directory or .safetensors file, or None to snapshot the weights at fit start")
         self.spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis, seed=seed,
@@ -124,6 +131,12 @@ class DeltaPruning(pl.Callback):
 
     def _reference(self) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor], Callable[[], None]]:
         """``({state-dict name: reference shape}, load(name), close())`` without reading any tensor yet."""
+        if isinstance(self.reference, ParameterAnchor):
+            refs, prefix = self.reference.reference, self.reference_prefix
+            if not refs:
+                raise ValueError(f"DeltaPruning: the reference {type(self.reference).__name__} has no θ* yet; "
+                                 "snapshot it (or build the AdamR that anchors it) before pruning")
+            return {prefix + n: tuple(t.shape) for n, t in refs.items()}, lambda n: refs[n[len(prefix):]], lambda: None
         if self.reference is None:
             if self._snapshot is None:
                 raise ValueError(f"DeltaPruning(on={self.on!r}) has no pretrained weights: pass reference=PATH "
@@ -144,7 +157,8 @@ class DeltaPruning(pl.Callback):
             names = [n for n in targets if n in shapes]
             if not names:
                 raise ValueError("DeltaPruning: no tensor of the model is in the reference"
-                                 + (f" {self.reference} (check reference_prefix)" if self.reference else ""))
+                                 + (f" {self.reference} (check reference_prefix)" if self.reference is not None
+                                    else ""))
             for name in names:  # checked on every rank before any work, so no rank waits on a failed one
                 if shapes[name] != tuple(targets[name].shape):
                     raise ValueError(f"DeltaPruning: tensor {name!r} has shape {list(targets[name].shape)} but "

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from lifelong_delta.anchors import L2Anchor, PretrainedAnchor
 from lifelong_delta.callbacks import DeltaPruning
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
+from lifelong_delta.optim import AdamR
 from tests.callbacks._ddp_script import Tiny, run
 
 SCRIPT = Path(__file__).with_name("_ddp_script.py")
@@ -124,6 +126,82 @@ def test_reference_shape_mismatch_names_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'net\.0\.weight' has shape \[16, 6\] but \[16, 7\]"):
         _trainer([cb]).test(model, _data())
     assert torch.equal(model.state_dict()["net.0.weight"], before)
+
+
+class AdamRTiny(Tiny):
+    """``Tiny`` trained by AdamR toward ``anchor`` (anchored when the optimiser is built)."""
+
+    def __init__(self, anchor: PretrainedAnchor) -> None:
+        super().__init__()
+        self.anchor = anchor
+
+    def configure_optimizers(self):
+        return AdamR(self.named_parameters(), lr=0.05, reg=0.5, anchor=self.anchor)
+
+
+def test_anchor_reference_is_held_once_by_adamr_the_anchor_and_the_callback():
+    """AdamR pulls toward the anchor's θ_pre and DeltaPruning prunes against the same tensors: one copy in memory."""
+    anchor = PretrainedAnchor()
+    cb = DeltaPruning(p=0.7, seed=2, exclude=["net.0.bias"], reference=anchor)
+    model = AdamRTiny(anchor)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(pl.Callback):  # what the callback reads, one tensor at a time, while it prunes
+        def on_fit_end(self, trainer, pl_module):
+            shapes, load, close = cb._reference()
+            seen.update({n: load(n) for n in shapes})
+
+    trainer = _trainer([Spy(), cb])
+    trainer.fit(model, _data())
+    opt = trainer.optimizers[0]
+    assert opt.anchor is anchor and cb._snapshot is None
+    ptrs = {"adamr": {p.data_ptr() for p in opt.pretrained.values()},
+            "anchor": {t.data_ptr() for t in anchor.reference.values()},
+            "adamr state": {t.data_ptr() for t in opt.state_dict()["anchor"]["reference"].values()},
+            "callback": {t.data_ptr() for t in seen.values()}}
+    assert len(ptrs["anchor"]) == 4 and all(v == ptrs["anchor"] for v in ptrs.values()), ptrs
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*opt.pretrained.values(), *anchor.reference.values(), *seen.values()]}
+    assert sum(held.values()) == sum(p.numel() * p.element_size() for p in model.parameters())  # θ_pre once
+    for name in ("net.0.weight", "net.2.weight", "net.2.bias"):  # pruned against θ_pre, the weights at fit start
+        assert torch.equal(anchor.reference[name], init[name])
+        trained = model.state_dict()[name]
+        assert not torch.equal(trained, init[name])
+    assert 0.15 < cb.kept_fraction < 0.45
+
+
+def test_anchor_reference_prunes_like_the_fit_start_snapshot():
+    """The same run pruned against the shared anchor and against the callback's own copy: the same weights."""
+    own = AdamRTiny(PretrainedAnchor())
+    _trainer([DeltaPruning(p=0.7, seed=2)]).fit(own, _data())
+    anchor = PretrainedAnchor()
+    shared = AdamRTiny(anchor)
+    _trainer([DeltaPruning(p=0.7, seed=2, reference=anchor)]).fit(shared, _data())
+    for name, value in own.state_dict().items():
+        assert torch.equal(value, shared.state_dict()[name]), name
+
+
+def test_anchor_reference_with_a_prefix_and_errors():
+    anchor = PretrainedAnchor()
+    model = Tiny()
+    anchor.snapshot_(model.net)  # names '0.weight', ...: the state dict says 'net.0.weight'
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = DeltaPruning(p=0.5, reference=anchor, reference_prefix="net.", on="test")
+    _trainer([cb]).test(model, _data())
+    spec = PruneSpec("dare", 0.5)
+    for name in ("net.0.weight", "net.2.bias"):
+        ref = anchor.reference[name[len("net."):]]
+        assert torch.equal(model.state_dict()[name], prune_tensor(name, ref, tuned[name], spec))
+    with pytest.raises(ValueError, match="no tensor of the model is in the reference.*check reference_prefix"):
+        _trainer([DeltaPruning(p=0.5, reference=anchor, on="test")]).test(Tiny(), _data())
+    with pytest.raises(ValueError, match="L2Anchor has no θ\\* yet"):
+        _trainer([DeltaPruning(p=0.5, reference=L2Anchor(), on="test")]).test(Tiny(), _data())
+    with pytest.raises(TypeError, match="must be a path or a ParameterAnchor"):
+        DeltaPruning(p=0.5, reference={"net.0.weight": torch.zeros(16, 6)})
 
 
 def _run_ddp(out: Path) -> None:
