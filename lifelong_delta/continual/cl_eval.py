@@ -143,6 +143,8 @@ def _plot(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from lifelong_delta.continual.metrics import label_task_axes
+
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     methods += sorted({r["method"] for r in rows} - set(methods))
     fig = Figure(figsize=(max(6.0, 0.8 * len(methods) + 2), 4.2))
@@ -182,9 +184,7 @@ def _plot(
                     ax.text(b, a, f"{arr[a, b]:.2f}", ha="center", va="center", fontsize=6,
                             color="black" if arr[a, b] > 0.6 else "white")
         ax.set_title(LABELS.get(m, m), fontsize=9)
-        ax.set_xlabel("task j", fontsize=7)
-        ax.set_ylabel("after task i", fontsize=7)
-        ax.tick_params(labelsize=6)
+        label_task_axes(ax, arr.shape[0], arr.shape[1], "after task i", "task j", fontsize=7)
     fig.suptitle("Accuracy matrices R[i][j], mean over seeds")
     fig.tight_layout()
     outputs.write_png(out / "accuracy_matrices.png", fig, dpi=110)

@@ -34,6 +34,7 @@ __all__ = [
     "average_accuracy",
     "average_forgetting",
     "backward_transfer",
+    "label_task_axes",
     "plot_accuracy_matrix",
     "write_cl_metrics",
 ]
@@ -119,6 +120,28 @@ def backward_transfer(R: Matrix) -> float:
     return float(np.mean([arr[T - 1, j] - arr[j, j] for j in range(T - 1)]))
 
 
+def label_task_axes(ax: Any, rows: int, cols: int, ylabel: str, xlabel: str, fontsize: float | None = None) -> None:
+    """Tick the axes of a heat map of R at the integer task indices (0..rows-1 down, 0..cols-1 across).
+
+    ``imshow`` puts cell k at k - 0.5 .. k + 0.5; left to the default locator, the ticks of a small matrix land on
+    fractions (-0.5, -0.25, ...) that are not tasks.
+
+    Args:
+        ax: the matplotlib axes holding the ``imshow`` of R [rows, cols].
+        rows: tasks trained (T).
+        cols: tasks evaluated (N).
+        ylabel: label of the rows.
+        xlabel: label of the columns.
+        fontsize: of the labels and tick labels (matplotlib's default when None).
+    """
+    ax.set_xticks(range(cols), [str(j) for j in range(cols)])
+    ax.set_yticks(range(rows), [str(i) for i in range(rows)])
+    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    if fontsize is not None:
+        ax.tick_params(labelsize=fontsize)
+
+
 def plot_accuracy_matrix(R: Matrix, path: str | os.PathLike[str], title: str | None = None) -> Path:
     """Write a heat map of R with its numbers to ``path`` (PNG), atomically.
 
@@ -151,10 +174,7 @@ def plot_accuracy_matrix(R: Matrix, path: str | os.PathLike[str], title: str | N
         for j in range(i + 1):
             colour = "black" if arr[i, j] > 0.6 * vmax else "white"
             ax.text(j, i, fmt.format(arr[i, j]), ha="center", va="center", color=colour, fontsize=8)
-    ax.set_xticks(range(N), [str(j) for j in range(N)])
-    ax.set_yticks(range(T), [str(i) for i in range(T)])
-    ax.set_xlabel("evaluated on task j")
-    ax.set_ylabel("after training task i")
+    label_task_axes(ax, T, N, "after training task i", "evaluated on task j")
     if title is None:
         title = (
             f"A_N={fmt.format(average_accuracy(arr))}  F_N={fmt.format(average_forgetting(arr))}  "

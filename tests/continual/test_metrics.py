@@ -6,11 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
+from lifelong_delta import outputs
+from lifelong_delta.continual import cl_eval
 from lifelong_delta.continual.metrics import (
     average_accuracy,
     average_forgetting,
     backward_transfer,
+    label_task_axes,
     plot_accuracy_matrix,
     write_cl_metrics,
 )
@@ -91,3 +95,23 @@ def test_write_cl_metrics(tmp_path):
 def test_plot_percent_matrix(tmp_path):
     path = plot_accuracy_matrix([[95.0, math.nan], [80.0, 90.0]], tmp_path / "m.png")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+def test_both_heat_maps_tick_the_integer_task_indices(tasks, monkeypatch, tmp_path):
+    """Left to matplotlib, a 2 x 2 matrix gets ticks at -0.5, -0.25, ..., 1.5; they must be the tasks 0..T-1."""
+    figures = {}
+    monkeypatch.setattr(outputs, "write_png", lambda path, fig, dpi=110: figures.__setitem__(path.name, fig))
+    matrix = [[0.9 if j <= i else None for j in range(tasks)] for i in range(tasks)]
+    rows = [{"method": m, "seed": 0, "average_accuracy": 0.5, "forgetting": 0.1, "bwt": -0.1} for m in ("ft", "l2")]
+    cl_eval._plot(rows, {"ft": [matrix], "l2": [matrix, matrix]}, tmp_path, "tiny")
+    axes = [ax for ax in figures["accuracy_matrices.png"].axes if ax.get_images()]
+    assert len(axes) == 2
+
+    single = Figure()  # the per-run plot's axes go through the same function
+    ax = single.add_subplot(1, 1, 1)
+    ax.imshow(np.zeros((tasks, tasks)))
+    label_task_axes(ax, tasks, tasks, "after training task i", "evaluated on task j")
+    for ax in [*axes, single.axes[0]]:
+        assert list(ax.get_xticks()) == list(range(tasks)) and list(ax.get_yticks()) == list(range(tasks))
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(j) for j in range(tasks)]
