@@ -316,6 +316,60 @@ def test_pretrained_anchor_never_re_anchors():
     torch.testing.assert_close(anchor.penalty(model), hand.detach())
 
 
+def test_pretrained_anchor_anchors_at_the_first_weights_it_sees():
+    """penalty or pull_ before any snapshot anchors at the current weights (a ContinualModule's first step)."""
+    model = tiny()
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    anchor = PretrainedAnchor(include=["2.*"])
+    assert anchor.penalty(model).item() == 0.0 and list(anchor.reference) == ["2.weight", "2.bias"]
+    perturb_(model)
+    anchor.snapshot_(model)  # a task boundary: no-op
+    hand = sum(((p - ref[n]) ** 2).sum() for n, p in model.named_parameters() if n.startswith("2."))
+    torch.testing.assert_close(anchor.penalty(model), hand.detach())
+
+    fresh, moved = PretrainedAnchor(), {n: p.detach().clone() for n, p in model.named_parameters()}
+    fresh.pull_(model, rate=0.5)  # anchors, so nothing moves
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(fresh.reference[n], moved[n]) for n in moved)
+
+
+def test_pretrained_snapshot_tensors_copies_once():
+    model = tiny()
+    named = dict(model.named_parameters())
+    anchor = PretrainedAnchor(exclude=["*.bias"])
+    anchor.snapshot_tensors_(named)
+    assert list(anchor.reference) == ["0.weight", "2.weight"] and anchor.num_snapshots == 1
+    assert anchor.reference["0.weight"].data_ptr() != named["0.weight"].data_ptr()  # a copy, not a view
+    perturb_(model)
+    anchor.snapshot_tensors_(named)  # no-op: θ* stays θ_pre
+    assert not torch.equal(anchor.reference["0.weight"], named["0.weight"])
+    with pytest.raises(ValueError, match="match no parameter"):
+        PretrainedAnchor(include=["head.*"]).snapshot_tensors_(named)
+
+
+def test_l1_pull_weighted_and_pull_tensors_touches_only_the_given_anchored_names():
+    model = tiny()
+    anchor = HalfAnchor(include=["*.weight"])
+    anchor.snapshot_(model)
+    ref = {n: t.clone() for n, t in anchor.reference.items()}
+    omega = anchor.importance
+    perturb_(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    anchor.pull_(model, rate=0.1, variant="l1")
+    for n in ("0.weight", "2.weight"):
+        expect = before[n] - 0.1 * omega[n] * (before[n] - ref[n]).sign()
+        torch.testing.assert_close(dict(model.named_parameters())[n].detach(), expect)
+
+    named = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named.items()}
+    anchor.pull_tensors_({n: named[n] for n in ("2.weight", "2.bias")}, rate=0.2)  # 2.bias is not anchored
+    expect = before["2.weight"] - 0.2 * omega["2.weight"] * (before["2.weight"] - ref["2.weight"])
+    torch.testing.assert_close(named["2.weight"].detach(), expect)
+    assert all(torch.equal(named[n], before[n]) for n in ("0.weight", "0.bias", "2.bias"))
+    with pytest.raises(ValueError, match="variant must be 'l2' or 'l1'"):
+        anchor.pull_(model, rate=0.1, variant="l3")
+
+
 def test_pretrained_from_reference_state_dict():
     model = tiny()
     pre = {n: t.clone() for n, t in model.state_dict().items()}
