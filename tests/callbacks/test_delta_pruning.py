@@ -139,8 +139,31 @@ class AdamRTiny(Tiny):
         return AdamR(self.named_parameters(), lr=0.05, reg=0.5, anchor=self.anchor)
 
 
+def _reference_bytes(*holders: object) -> int:
+    """Bytes of the distinct storages of the reference tensors reachable from ``holders`` (through attributes,
+    dicts, lists and tuples), skipping the zero-stride ω = 1 views of a unit-importance anchor."""
+    seen: dict[int, int] = {}
+    stack, visited = list(holders), set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() == 1 or any(obj.stride()):
+                seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, (PretrainedAnchor, DeltaPruning)):
+            stack.extend(vars(obj).values())
+    return sum(seen.values())
+
+
 def test_anchor_reference_is_held_once_by_adamr_the_anchor_and_the_callback():
-    """AdamR pulls toward the anchor's θ_pre and DeltaPruning prunes against the same tensors: one copy in memory."""
+    """AdamR pulls toward the anchor's θ_pre and DeltaPruning prunes against the same tensors: one copy in memory
+    (the default set-up, AdamR's own anchor and the callback's fit-start copy, holds two)."""
     anchor = PretrainedAnchor()
     cb = DeltaPruning(p=0.7, seed=2, exclude=["net.0.bias"], reference=anchor)
     model = AdamRTiny(anchor)
@@ -161,14 +184,17 @@ def test_anchor_reference_is_held_once_by_adamr_the_anchor_and_the_callback():
             "adamr state": {t.data_ptr() for t in opt.state_dict()["anchor"]["reference"].values()},
             "callback": {t.data_ptr() for t in seen.values()}}
     assert len(ptrs["anchor"]) == 4 and all(v == ptrs["anchor"] for v in ptrs.values()), ptrs
-    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in [*opt.pretrained.values(), *anchor.reference.values(), *seen.values()]}
-    assert sum(held.values()) == sum(p.numel() * p.element_size() for p in model.parameters())  # θ_pre once
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert _reference_bytes(anchor, cb, opt.pretrained, seen) == param_bytes  # θ_pre once, pull cache included
     for name in ("net.0.weight", "net.2.weight", "net.2.bias"):  # pruned against θ_pre, the weights at fit start
         assert torch.equal(anchor.reference[name], init[name])
-        trained = model.state_dict()[name]
-        assert not torch.equal(trained, init[name])
+        assert not torch.equal(model.state_dict()[name], init[name])
     assert 0.15 < cb.kept_fraction < 0.45
+
+    own_cb = DeltaPruning(p=0.7, seed=2)
+    trainer = _trainer([own_cb])
+    trainer.fit(AdamRTiny(PretrainedAnchor()), _data())
+    assert _reference_bytes(trainer.optimizers[0].anchor, own_cb) == 2 * param_bytes
 
 
 def test_anchor_reference_prunes_like_the_fit_start_snapshot():
