@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 bench clean help
+.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 lifelong-eval bench clean help
 
 help:
 	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
@@ -26,6 +26,7 @@ help:
 	@echo "                      reduced run (docs/reproduction.md): 126 min cold, 16 min cached on 2 shared cores"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make cl-eval-2x5  the same as 2 tasks x 5 classes, write results/cl_eval_2x5/"
+	@echo "make lifelong-eval  lifelong deltas (one packed DAREx delta per task) on both split-MNIST streams, results/lifelong_eval/"
 	@echo "make bench     run the benchmarks under bench/"
 
 setup: $(STAMP) data
@@ -105,6 +106,10 @@ cl-eval-2x5: setup pretrain
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta cl-eval --out_dir results/cl_eval_2x5 \
 	  --skip '[joint]' \
 	  --override '["--data.init_args.n_tasks=2","--data.init_args.classes_per_task=5"]'
+
+# lifelong deltas on the streams of cl-eval and cl-eval-2x5, next to their best method (read from their results.csv)
+lifelong-eval: setup pretrain
+	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta lifelong-eval
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -222,6 +222,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "Frozen-feature probes of pretrained on a class-incremental split of dataset."),
     "cl-eval": ("lifelong_delta.continual.cl_eval:cl_eval",
                 "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots."),
+    "lifelong-eval": ("lifelong_delta.studies.lifelong_eval:lifelong_eval",
+                      "Lifelong deltas (LifelongDeltas) on the split-MNIST streams, next to the continual study's "
+                      "best method."),
     "finetune": ("lifelong_delta.text.finetune:all_finetunes",
                  "Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary."),
     "prune-eval": ("lifelong_delta.text.prune_eval:prune_eval",

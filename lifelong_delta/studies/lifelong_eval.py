@@ -1,0 +1,279 @@
+"""``make lifelong-eval``: lifelong deltas on the split-MNIST streams of ``make cl-eval`` and ``make cl-eval-2x5``.
+
+Each (stream, seed) is one ``lightning fit -c configs/cl_eval/mnist/base.yaml -c configs/lifelong_deltas.yaml``:
+every task trains the ViT's attention QKV and the head from the pretrained backbone, and
+:class:`~lifelong_delta.callbacks.LifelongDeltas` packs the task's QKV delta at every drop rate of the config (dense,
+0.9, 0.99; q chosen per task without labels) and evaluates the banks at the end. Training does not depend on p, so
+one run gives every p. Seeds set the class order and the data split as in the continual study.
+
+Outputs in ``out_dir`` (default ``results/lifelong_eval``):
+
+* ``results.csv``: ``stream, method, seed, p, task_il_accuracy, class_il_accuracy, bytes_per_task``; the lifelong
+  rows (``p = 0``: dense), then the continual study's best method on the same stream and seeds (its A_N as the
+  class-incremental accuracy; it has no task-incremental figure and no per-task storage) when the study's
+  ``results.csv`` is there (and the runs use its base config);
+* ``summary.md``: mean ± std over seeds per stream, method and p, the goals, and what class-incremental inference
+  costs;
+* ``accuracy.png``: task- and class-incremental accuracy per p next to the best continual method;
+* ``runs/<stream>/lifelong_deltas/seed<k>/``: each run's Lightning logs, ``lifelong_metrics.json`` and packs.
+
+Finished runs (their ``lifelong_metrics.json`` exists) are reused; ``force=True`` re-runs them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lifelong_delta import outputs
+from lifelong_delta.repro import repro_command
+
+__all__ = ["COLUMNS", "STREAMS", "lifelong_eval", "summary_markdown"]
+
+COLUMNS = ("stream", "method", "seed", "p", "task_il_accuracy", "class_il_accuracy", "bytes_per_task")
+_ROOT = Path(__file__).resolve().parents[2]
+#: stream name -> (its ``lightning fit`` overrides of configs/cl_eval/mnist/base.yaml, the continual study's results)
+STREAMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "5x2": ((), "results/cl_eval/results.csv"),
+    "2x5": (("--data.init_args.n_tasks=2", "--data.init_args.classes_per_task=5"), "results/cl_eval_2x5/results.csv"),
+}
+METHOD = "lifelong-deltas"
+GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of dense, at <= 2 % of its bytes
+
+
+def _run_one(base: Path, config: Path, stream: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
+    """One ``lightning fit`` of the lifelong config on ``stream`` with ``seed``; returns its metrics file."""
+    from lifelong_delta.cli import lightning_main
+
+    args = [
+        "fit", "-c", str(base), "-c", str(config), *STREAMS[stream][0], *overrides,
+        f"--seed_everything={seed}",
+        f"--data.init_args.class_order_seed={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--trainer.logger.init_args.save_dir={runs / stream}",
+        f"--trainer.logger.init_args.name={METHOD}",
+        f"--trainer.logger.init_args.version=seed{seed}",
+    ]
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI reads sys.argv too and warns when both are given
+    try:
+        lightning_main(args)
+    finally:
+        sys.argv = argv
+    path = _metrics_path(runs, stream, seed)
+    if not path.is_file():
+        raise RuntimeError(f"{stream} seed {seed} finished without writing {path}; does the config add "
+                           "lifelong_delta.callbacks.LifelongDeltas to trainer.callbacks?")
+    return path
+
+
+def _metrics_path(runs: Path, stream: str, seed: int) -> Path:
+    return runs / stream / METHOD / f"seed{seed}" / "lifelong_metrics.json"
+
+
+def _best_continual(path: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows of the continual study's best method (highest mean A_N, joint training aside) on ``seeds``."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] != "joint" and int(r["seed"]) in seeds]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    if not by:
+        return []
+    best = max(by, key=lambda m: (len(by[m]), statistics.fmean(float(r["average_accuracy"]) for r in by[m])))
+    return [{"method": best, "seed": int(r["seed"]), "p": None, "task_il_accuracy": None,
+             "class_il_accuracy": float(r["average_accuracy"]), "bytes_per_task": None} for r in by[best]]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(rows: Sequence[dict[str, Any]], key: str, scale: float = 100.0, digits: int = 1) -> str:
+    values = [r[key] for r in rows if r[key] is not None]
+    if not values:
+        return "–"
+    mean, std = _mean_std([scale * v for v in values])
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]],
+                     meta: dict[str, Any]) -> str:
+    """Per stream: mean ± std over seeds of every (method, p), then the goals at p = 0.99."""
+    lines = ["# Lifelong deltas: one packed DAREx delta per task (issue 15)", "",
+             f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); this call trained "
+             f"{meta['trained_runs']} of {meta['runs']} runs in {meta['wall_time_s'] / 60:.1f} min (finished runs are "
+             f"reused). Reproduce: `{meta['command']}`.", ""]
+    for stream in dict.fromkeys(r["stream"] for r in rows):
+        mine = [r for r in rows if r["stream"] == stream]
+        lines += [f"## Stream {stream} (split MNIST)", "",
+                  "| method | p | task-IL (%) | class-IL (%) | bytes / task | % of dense | q | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+        for r in mine:
+            groups.setdefault((r["method"], r["p"]), []).append(r)
+        for (method, p), group in groups.items():
+            if method == METHOD:
+                info = [extra[(stream, r["seed"], p)] for r in group]
+                kib = _mean_std([r["bytes_per_task"] / 1024 for r in group])
+                frac = _cell(info, "bytes_fraction", digits=2)
+                q = "1" if p == 0 else f"{statistics.fmean(x for i in info for x in i['q']):.3f}"
+                label = "dense" if p == 0 else f"{p:g}"
+                lines.append(f"| {method} | {label} | {_cell(group, 'task_il_accuracy')} | "
+                             f"{_cell(group, 'class_il_accuracy')} | {kib[0]:.1f} KiB | {frac} | {q} | {len(group)} |")
+            else:
+                lines.append(f"| {method} (best of the continual study) | – | – | "
+                             f"{_cell(group, 'class_il_accuracy')} | – | – | – | {len(group)} |")
+        lines += ["", *_goals(stream, mine, extra), ""]
+    lines += ["Task-IL: the task id is given and the task's delta is swapped in (one forward pass per sample). "
+              "Class-IL: no task id; every sample goes through each task's delta and the highest sigmoid wins "
+              "(as many forward passes as tasks). Mean ± sample std over seeds. Bytes per task: the pack's files "
+              "(kept values and manifest) plus the task's head rows; dense: the QKV delta and the head rows in "
+              "fp32.", ""]
+    return "\n".join(lines)
+
+
+def _goals(stream: str, rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]]
+           ) -> list[str]:
+    def of(p: float) -> list[dict[str, Any]]:
+        return [r for r in rows if r["method"] == METHOD and r["p"] == p]
+
+    dense, extreme = of(0.0), of(0.99)
+    if not dense or not extreme:
+        return []
+    gap = 100 * (statistics.fmean(r["task_il_accuracy"] for r in dense)
+                 - statistics.fmean(r["task_il_accuracy"] for r in extreme))
+    frac = statistics.fmean(extra[(stream, r["seed"], 0.99)]["bytes_fraction"] for r in extreme)
+    tasks = extra[(stream, extreme[0]["seed"], 0.99)]["tasks"]
+    ok = "met" if gap <= GOAL_POINTS and frac <= GOAL_BYTES else "**not met**"
+    return [f"Goal at p = 0.99 ({ok}): task-IL {gap:.2f} points below dense (goal ≤ {GOAL_POINTS:g}), at "
+            f"{100 * frac:.2f} % of the dense bytes per task (goal ≤ {100 * GOAL_BYTES:g} %). Class-IL costs "
+            f"{tasks} forward passes per sample ({tasks} tasks)."]
+
+
+def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    streams = list(dict.fromkeys(r["stream"] for r in rows))
+    fig = Figure(figsize=(5.0 * len(streams), 4.0))
+    FigureCanvasAgg(fig)
+    for k, stream in enumerate(streams):
+        ax = fig.add_subplot(1, len(streams), k + 1)
+        mine = [r for r in rows if r["stream"] == stream and r["method"] == METHOD]
+        ps = sorted({r["p"] for r in mine})
+        x = np.arange(len(ps))
+        for i, (key, label, colour) in enumerate((("task_il_accuracy", "task-IL (task id given)", "C0"),
+                                                  ("class_il_accuracy", "class-IL (task inferred)", "C1"))):
+            stats = [_mean_std([100 * r[key] for r in mine if r["p"] == p]) for p in ps]
+            ax.bar(x + (i - 0.5) * 0.38, [s[0] for s in stats], 0.38, yerr=[s[1] for s in stats], capsize=2,
+                   color=colour, label=label)
+        best = [r for r in rows if r["stream"] == stream and r["method"] != METHOD]
+        if best:
+            level = 100 * statistics.fmean(r["class_il_accuracy"] for r in best)
+            ax.axhline(level, color="C3", ls="--", label="the continual study's best A_N (class-IL)")
+            ax.text(x[-1] + 0.45, level + 1, best[0]["method"], color="C3", ha="right", va="bottom", fontsize=8)
+        ax.set_xticks(x, ["dense" if p == 0 else f"p = {p:g}" for p in ps])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy on all seen tasks (%)")
+        ax.set_title(f"split MNIST {stream}: mean ± std over seeds", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    outputs.write_png(out / "accuracy.png", fig, dpi=120)
+
+
+def lifelong_eval(
+    seeds: list[int] | None = None,
+    streams: list[str] | None = None,
+    out_dir: str = "results/lifelong_eval",
+    config: str | None = None,
+    base_config: str | None = None,
+    override: list[str] | None = None,
+    force: bool = False,
+) -> str:
+    """Lifelong deltas (LifelongDeltas) on the split-MNIST streams, next to the continual study's best method.
+
+    Args:
+        seeds: seeds; each sets ``seed_everything``, the class order and the data split (default 0 1 2).
+        streams: ``5x2`` (``make cl-eval``'s stream) and/or ``2x5`` (``make cl-eval-2x5``'s); default both.
+        out_dir: where results.csv, summary.md, accuracy.png and ``runs/`` go.
+        config: the lifelong config layered on configs/cl_eval/mnist/base.yaml (default
+            configs/lifelong_deltas.yaml).
+        base_config: the stream's base config (default configs/cl_eval/mnist/base.yaml, the continual study's).
+        override: extra ``lightning fit`` arguments for every run, e.g. ``--data.init_args.max_per_class=100``.
+        force: re-run runs that already have a ``lifelong_metrics.json``.
+
+    Returns:
+        Path of ``summary.md``.
+    """
+    given = {"seeds": seeds, "streams": streams, "out_dir": out_dir, "config": config, "base_config": base_config,
+             "override": override}
+    seeds = [0, 1, 2] if seeds is None else list(seeds)
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    streams = list(STREAMS) if streams is None else list(streams)
+    unknown = [s for s in streams if s not in STREAMS]
+    if unknown or not streams:
+        raise ValueError(f"streams={streams}: choose from {', '.join(STREAMS)}")
+    base = Path(base_config) if base_config is not None else _ROOT / "configs" / "cl_eval" / "mnist" / "base.yaml"
+    lifelong = Path(config) if config is not None else _ROOT / "configs" / "lifelong_deltas.yaml"
+    for option, path in (("config", lifelong), ("base_config", base)):
+        if not path.is_file():
+            raise ValueError(f"--{option} {path}: not found (a lightning fit YAML config)")
+    outputs.check_can_create(out_dir, option="--out_dir")
+    out = Path(out_dir)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+
+    from lifelong_delta.progress import Progress
+
+    start = time.perf_counter()
+    plan = [(stream, s) for stream in streams for s in seeds]
+    todo = [(stream, s) for stream, s in plan if force or not _metrics_path(runs, stream, s).is_file()]
+    rows: list[dict[str, Any]] = []
+    extra: dict[tuple[str, int, float], dict[str, Any]] = {}
+    with Progress("lifelong-eval", len(todo), unit="runs", live=False) as bar:
+        for stream, s in plan:
+            if (stream, s) in todo:
+                bar.update(0, detail=f"{stream} seed {s}")
+                _run_one(base, lifelong, stream, s, runs, list(override or []))
+                bar.update(1)
+            metrics = json.loads(_metrics_path(runs, stream, s).read_text())
+            for label, m in metrics["by_p"].items():
+                p = float(label)
+                rows.append({"stream": stream, "method": METHOD, "seed": s, "p": p,
+                             **{k: float(m[k]) for k in COLUMNS[4:]}})
+                extra[(stream, s, p)] = {**m, "tasks": metrics["tasks"]}
+    if base_config is None:  # the continual study ran on this base config's streams
+        for stream in streams:
+            rows += [{"stream": stream, **r} for r in _best_continual(_ROOT / STREAMS[stream][1], seeds)]
+    wall = time.perf_counter() - start
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow([r["stream"], r["method"], r["seed"], "" if r["p"] is None else f"{r['p']:g}",
+                         *("" if r[k] is None else f"{r[k]:.6f}" if k != "bytes_per_task" else f"{r[k]:.0f}"
+                           for k in COLUMNS[4:])])
+    outputs.write_file(out / "results.csv", buf.getvalue().encode())
+    meta = {"seeds": seeds, "wall_time_s": wall, "trained_runs": len(todo), "runs": len(plan),
+            "command": repro_command("lifelong-delta lifelong-eval", lifelong_eval, given,
+                                     default="make lifelong-eval")}
+    outputs.write_file(out / "summary.md", summary_markdown(rows, extra, meta).encode())
+    _plot(rows, out)
+    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'} and {out / 'accuracy.png'} ({wall / 60:.1f} min)",
+          flush=True)
+    return str(out / "summary.md")
