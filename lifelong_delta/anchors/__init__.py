@@ -1,14 +1,16 @@
 """Parameter anchors: a reference θ* and an importance ω for selected parameters (no Lightning imports).
 
-``penalty(model) = Σ ω (θ − θ*)²`` for continual-learning losses, ``pull_(model, rate)`` for decoupled steps
-(AdamR), ``snapshot_(model, **ctx)`` to re-anchor at the end of a task. See ``docs/anchors.md``.
+One anchor object serves three consumers, which read θ* by parameter name without copying it:
+``penalty(model) = Σ ω (θ − θ*)²`` for continual-learning losses (``strength`` times it: Kirkpatrick et al.'s λ/2),
+``pull_tensors_(named, rate)`` for AdamR's decoupled pull, and ``DeltaPruning(reference=anchor)`` for pruning
+``θ − θ*``. ``snapshot_(model, **ctx)`` re-anchors at the end of a task. See ``docs/anchors.md``.
 """
 
 from lifelong_delta.anchors.base import ParameterAnchor
 from lifelong_delta.anchors.ewc import EWCAnchor
 from lifelong_delta.anchors.fisher import diagonal_fisher, fisher_targets, head_loss
 from lifelong_delta.anchors.l2 import L2Anchor
-from lifelong_delta.anchors.ops import anchor_penalty, anchor_pull_
+from lifelong_delta.anchors.ops import PullVariant, anchor_penalty, anchor_pull_
 from lifelong_delta.anchors.pretrained import PretrainedAnchor
 
 #: Anchors by the name a user may pick them with, each with its paper.
@@ -24,6 +26,7 @@ __all__ = [
     "L2Anchor",
     "ParameterAnchor",
     "PretrainedAnchor",
+    "PullVariant",
     "anchor_penalty",
     "anchor_pull_",
     "diagonal_fisher",

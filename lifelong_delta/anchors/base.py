@@ -1,9 +1,10 @@
 """The parameter anchor: a reference θ* and an importance ω for the parameters that a selector matches.
 
-``penalty(model) = Σ ω (θ − θ*)²`` is the loss term of L2 / EWC-style continual learning
-(Kirkpatrick et al., 2017, https://arxiv.org/abs/1612.00796) and ``pull_(model, rate)`` is the decoupled step
-``θ ← θ − rate · ω · (θ − θ*)`` that AdamR applies toward the pretrained weights. A new anchor is a
-subclass that overrides :meth:`ParameterAnchor.compute_importance` (and optionally
+``strength · penalty(model) = strength · Σ ω (θ − θ*)²`` is the loss term of L2 / EWC-style continual learning
+(Kirkpatrick et al., 2017, https://arxiv.org/abs/1612.00796, whose λ/2 is ``strength``), ``pull_(model, rate)`` is
+the decoupled step ``θ ← θ − rate · ω ⊙ (θ − θ*)`` that AdamR applies to its named parameters
+(:meth:`ParameterAnchor.pull_tensors_`), and ``DeltaPruning(reference=anchor)`` prunes ``θ − θ*``: one reference,
+three consumers. A new anchor is a subclass that overrides :meth:`ParameterAnchor.compute_importance` (and optionally
 :meth:`ParameterAnchor.accumulate`).
 
 The penalty and the pull are a handful of ``torch._foreach_*`` kernels over all anchored tensors, not a

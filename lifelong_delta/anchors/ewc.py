@@ -2,6 +2,10 @@
 
 Elastic Weight Consolidation, Kirkpatrick et al., 2017, https://arxiv.org/abs/1612.00796; online accumulation
 with decay γ from Schwarz et al., *Progress & Compress*, 2018, https://arxiv.org/abs/1805.06370.
+
+The loss term is ``strength · Σ F (θ − θ*)²``. Checked against Avalanche 0.6: the Fisher is identical to its
+``EWCPlugin``'s and the term equals its ``ewc_lambda · Σ F (θ − θ*)²``, so ``strength`` is Avalanche's
+``ewc_lambda`` and Kirkpatrick et al.'s λ/2 (their term is ``λ/2 · Σ F (θ − θ*)²``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ class EWCAnchor(ParameterAnchor):
     Args:
         include: ``fnmatch`` patterns over parameter names.
         exclude: patterns removed from the selection.
-        strength: λ of the loss term ``strength * penalty(model)``.
+        strength: λ of the loss term ``strength * penalty(model)``: Avalanche's ``ewc_lambda``, Kirkpatrick et al.'s
+            λ/2.
         label: targets of the log-likelihood: ``"true"`` (given labels; empirical Fisher), ``"argmax"`` (the
             model's prediction) or ``"sampled"`` (drawn from the model's predictive distribution;
             true Fisher).
