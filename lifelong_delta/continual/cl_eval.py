@@ -60,7 +60,7 @@ def _config_dir(stream: str, config_dir: str | None) -> Path:
 
 def _run_one(config_dir: Path, method: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
     """One ``lightning fit`` of ``method`` with ``seed``; returns the run's ``cl_metrics.json``."""
-    from lifelong_delta.cli import lightning_main
+    from lifelong_delta.runner import lightning_main
 
     args = [
         "fit", "-c", str(config_dir / "base.yaml"), "-c", str(config_dir / f"{method}.yaml"),

@@ -50,7 +50,7 @@ GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of de
 
 def _run_one(base: Path, config: Path, stream: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
     """One ``lightning fit`` of the lifelong config on ``stream`` with ``seed``; returns its metrics file."""
-    from lifelong_delta.cli import lightning_main
+    from lifelong_delta.runner import lightning_main
 
     args = [
         "fit", "-c", str(base), "-c", str(config), *STREAMS[stream][0], *overrides,
