@@ -285,8 +285,9 @@ static PyObject *select_kept(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * magnitude_cut(base_kind, base, ft_kind, ft, k) -> (NaN/inf deltas, value bits, limit): TIES' cut keeping the k
  * largest |ft - base| of a whole tensor (merge.py's MagnitudeCut): a radix select over the bits of |d| (finite
- * non-negative floats order as integers), 15 high bits then 16 low bits, then a scan for the last kept entry of
- * magnitude `value` in flat order. k = 0 gives (inf bits, 0); a NaN/inf delta stops after the first pass.
+ * non-negative floats order as integers), 15 high bits then 16 low bits,
+ * then a scan for the last kept entry of magnitude `value` in flat order. k = 0 gives (inf bits, 0); a NaN/inf
+ * delta stops after the first pass.
  *
  * count_nonfinite_words(kind, words) -> NaN/inf values; convert(in_kind, src, out_kind, dst) casts words as torch
  * does (bf16 rounded to nearest even, NaN as 0xFFFF). */
@@ -361,11 +362,11 @@ CLONES static uint64_t weigh(const Model *m, size_t at, size_t n, const float *r
             u[j] = w * as_f32(as_u32(d) & keep);
         }
     } else {
-        uint32_t lo = m->lo0 + (uint32_t)at;
+        uint32_t lo = m->lo0 + (uint32_t)at, k0 = m->k0, k1 = m->k1, thresh = m->thresh;
         for (size_t j = 0; j < n; j++) {
             float d = f[j] - b[j];
             bad += bad32(as_u32(d));
-            u[j] = w * as_f32(as_u32(d * scale) & keep_mask(m->k0, m->k1, lo + (uint32_t)j, m->thresh));
+            u[j] = w * as_f32(as_u32(d * scale) & keep_mask(k0, k1, lo + (uint32_t)j, thresh));
         }
     }
     return bad;
@@ -385,16 +386,25 @@ CLONES static void combine_block(const Model *ms, int nm, size_t n, const float 
     } else {
         for (int i = 0; i < nm; i++) {
             const float *ui = u + (size_t)i * MB;
-            float w = ms[i].weight;
-            for (size_t j = 0; j < n; j++) {
-                uint32_t agree = 0u - (uint32_t)(t[j] >= 0.0f ? ui[j] > 0.0f : ui[j] < 0.0f);
-                float x = as_f32(as_u32(ui[j]) & agree), y = as_f32(as_u32(w) & agree);
-                m[j] = i == 0 ? x : m[j] + x;
-                agreeing[j] = i == 0 ? y : agreeing[j] + y;
+            uint32_t w = as_u32(ms[i].weight);
+            for (size_t j = 0; j < n; j++) { /* blends of bits, without branches, so that the loops vectorise */
+                uint32_t up = t[j] >= 0.0f;
+                uint32_t agree = 0u - ((up & (ui[j] > 0.0f)) | ((up ^ 1u) & (ui[j] < 0.0f)));
+                float x = as_f32(as_u32(ui[j]) & agree), y = as_f32(w & agree);
+                if (i == 0) {
+                    m[j] = x;
+                    agreeing[j] = y;
+                } else {
+                    m[j] += x;
+                    agreeing[j] += y;
+                }
             }
         }
         if (normalize)
-            for (size_t j = 0; j < n; j++) m[j] /= agreeing[j] == 0.0f ? 1.0f : agreeing[j];
+            for (size_t j = 0; j < n; j++) {
+                uint32_t none = 0u - (uint32_t)(agreeing[j] == 0.0f);
+                m[j] /= as_f32((as_u32(1.0f) & none) | (as_u32(agreeing[j]) & ~none));
+            }
         memcpy(t, m, n * sizeof(float));
     }
     if (scale_out)
@@ -499,40 +509,53 @@ done:
     return result;
 }
 
-/* |ft - base| bits of elements at .. at + n - 1 into a; returns the NaN/inf count. */
-static uint64_t abs_deltas(int bk, const void *b, int fk, const void *f, size_t at, size_t n, float *fb, float *ff,
-                           uint32_t *restrict a) {
-    load_words(bk, b, at, n, fb);
-    load_words(fk, f, at, n, ff);
+#define SUPER ((size_t)1 << 30) /* elements counted in uint32 sub-histograms before they are added up */
+
+/* |f - b|'s bits of elements at .. at + m - 1 (m <= MB) into a; returns the NaN/inf count. */
+CLONES static uint32_t abs_deltas(int bk, const void *b, int fk, const void *f, size_t at, size_t m, float *scratch,
+                                  uint32_t *restrict a) {
+    float *fb = scratch, *ff = fb + MB;
+    load_words(bk, b, at, m, fb);
+    load_words(fk, f, at, m, ff);
     uint32_t bad = 0;
-    for (size_t j = 0; j < n; j++) {
+    for (size_t j = 0; j < m; j++) {
         a[j] = as_u32(ff[j] - fb[j]) & 0x7FFFFFFFu;
         bad += a[j] >= EXP32;
     }
     return bad;
 }
 
-/* The cut of merge.py's magnitude_cut on n elements; returns the NaN/inf deltas (then value and limit are unset). */
-static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n, size_t k, size_t *hist,
-                          float *scratch, uint32_t *value, size_t *limit) {
-    float *fb = scratch, *ff = fb + MB;
-    uint32_t *a = (uint32_t *)(ff + MB);
+/* The cut of merge.py's magnitude_cut on n elements (`sub` holds 4 << 15 counters, `hist` 1 << 16, `scratch` 3 * MB
+ * floats); returns the NaN/inf deltas (then value and limit are unset). Each pass recomputes |d| a block at a time
+ * (fresh memory for all of them costs more in page faults than the recomputation). The first counts the high 15
+ * bits in four sub-histograms that take turns (runs of one bin do not wait on one counter); the second the low 16
+ * bits of the entries in the bin of the cut; the third finds the last kept entry of the cut's magnitude. */
+static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n, size_t k, uint32_t *restrict sub,
+                          size_t *restrict hist, float *scratch, uint32_t *value, size_t *limit) {
+    const size_t bins = (size_t)1 << 15;
+    uint32_t *a = (uint32_t *)(scratch + 2 * MB);
     uint64_t bad = 0;
-    memset(hist, 0, (1u << 15) * sizeof(size_t));
-    for (size_t at = 0; at < n; at += MB) {
-        size_t m = n - at < MB ? n - at : MB;
-        bad += abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
-        for (size_t j = 0; j < m; j++) hist[(a[j] >> 16) & 0x7FFFu]++;
+    memset(hist, 0, bins * sizeof(size_t));
+    for (size_t s = 0; s < n; s += SUPER) {
+        size_t e = n - s < SUPER ? n : s + SUPER;
+        memset(sub, 0, 4 * bins * sizeof(uint32_t));
+        for (size_t at = s; at < e; at += MB) {
+            size_t m = e - at < MB ? e - at : MB;
+            bad += abs_deltas(bk, b, fk, f, at, m, scratch, a);
+            for (size_t j = 0; j < m; j++) sub[(j & 3) * bins + (a[j] >> 16)]++;
+        }
+        for (size_t i = 0; i < bins; i++)
+            hist[i] += (size_t)sub[i] + sub[bins + i] + sub[2 * bins + i] + sub[3 * bins + i];
     }
     *value = EXP32, *limit = 0;
     if (bad || k == 0) return bad;
     size_t above = 0;
     uint32_t hi = 0x7FFFu;
     while (above + hist[hi] < k) above += hist[hi--];
-    memset(hist, 0, (1u << 16) * sizeof(size_t));
+    memset(hist, 0, ((size_t)1 << 16) * sizeof(size_t));
     for (size_t at = 0; at < n; at += MB) {
         size_t m = n - at < MB ? n - at : MB;
-        abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
+        abs_deltas(bk, b, fk, f, at, m, scratch, a);
         for (size_t j = 0; j < m; j++)
             if (a[j] >> 16 == hi) hist[a[j] & 0xFFFFu]++;
     }
@@ -542,8 +565,14 @@ static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n
     size_t equal_kept = k - above, seen = 0;
     for (size_t at = 0; at < n; at += MB) {
         size_t m = n - at < MB ? n - at : MB;
-        abs_deltas(bk, b, fk, f, at, m, fb, ff, a);
-        for (size_t j = 0; j < m; j++)
+        abs_deltas(bk, b, fk, f, at, m, scratch, a);
+        uint32_t c = 0;
+        for (size_t j = 0; j < m; j++) c += a[j] == v;
+        if (seen + c < equal_kept) {
+            seen += c;
+            continue;
+        }
+        for (size_t j = 0;; j++)
             if (a[j] == v && ++seen == equal_kept) {
                 *value = v, *limit = at + j + 1;
                 return 0;
@@ -565,23 +594,26 @@ static PyObject *magnitude_cut(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    size_t *hist = malloc((1u << 16) * sizeof(size_t));
-    float *scratch = malloc(3 * MB * sizeof(float));
+    /* The histograms (1.3 MB) are kept for the thread's next cut: fresh pages each time cost more than small cuts. */
+    static _Thread_local size_t *hist;
+    static _Thread_local uint32_t *sub;
+    static _Thread_local float *scratch;
+    if (hist == NULL) hist = malloc(((size_t)1 << 16) * sizeof(size_t));
+    if (sub == NULL) sub = malloc(((size_t)4 << 15) * sizeof(uint32_t));
+    if (scratch == NULL) scratch = malloc(3 * MB * sizeof(float));
     if (k < 0 || k > n) {
         PyErr_SetString(PyExc_ValueError, "k must be in [0, number of elements]");
-    } else if (hist == NULL || scratch == NULL) {
+    } else if (hist == NULL || sub == NULL || scratch == NULL) {
         PyErr_NoMemory();
     } else {
         uint32_t value;
         size_t limit;
         uint64_t bad;
         Py_BEGIN_ALLOW_THREADS
-        bad = cut_range(bk, vb.buf, fk, vf.buf, (size_t)n, (size_t)k, hist, scratch, &value, &limit);
+        bad = cut_range(bk, vb.buf, fk, vf.buf, (size_t)n, (size_t)k, sub, hist, scratch, &value, &limit);
         Py_END_ALLOW_THREADS
         result = Py_BuildValue("KkK", (unsigned long long)bad, (unsigned long)value, (unsigned long long)limit);
     }
-    free(hist);
-    free(scratch);
     PyBuffer_Release(&vb);
     PyBuffer_Release(&vf);
     return result;

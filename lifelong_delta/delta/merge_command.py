@@ -44,6 +44,7 @@ if MYPY:
 
     from lifelong_delta.delta.io import CheckpointReader
     from lifelong_delta.delta.matching import TensorMatch
+    from lifelong_delta.delta.streaming import _Ring
 
 __all__ = ["MergeResult", "merge"]
 
@@ -309,14 +310,16 @@ def _plan(base: str, models: Sequence[str], exclude: tuple[str, ...], dtype: str
     return items
 
 
-def _merged_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec
-                   ) -> Iterator[object]:
-    """One merged tensor, chunk by chunk: on raw words where the compiled kernel serves its dtypes, else in torch."""
+def _merged_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec,
+                   outs: _Ring) -> Iterator[object]:
+    """One merged tensor, chunk by chunk: on raw words where the compiled kernel serves its dtypes (into ``outs``),
+    else in torch."""
     from lifelong_delta.delta import merge_words
 
     codes = [item.code, rb.code(item.source_name), *(r.code(item.name) for r in readers)]
     if merge_words.applies(spec, codes):
-        return merge_words.merged_chunks(item.name, item.source_name, item.code, rb, readers, spec, _CHUNK_ELEMENTS)
+        return merge_words.merged_chunks(item.name, item.source_name, item.code, rb, readers, spec, _CHUNK_ELEMENTS,
+                                         outs)
     return _torch_chunks(item, rb, readers, spec)
 
 
@@ -350,7 +353,7 @@ def _torch_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[Checkpoin
                            spec, name=name, offset=start, cuts=cuts, out_dtype=out_dtype)
 
 
-def _copied_chunks(reader: CheckpointReader, item: _Item) -> Iterator[object]:
+def _copied_chunks(reader: CheckpointReader, item: _Item, outs: _Ring) -> Iterator[object]:
     """One tensor copied chunk by chunk: its bytes, or its values converted to ``item.code`` (``--dtype``; F32 and
     BF16 words by the compiled kernel, other dtypes by torch)."""
     from lifelong_delta.delta import _kernels
@@ -362,13 +365,13 @@ def _copied_chunks(reader: CheckpointReader, item: _Item) -> Iterator[object]:
     for start in range(0, info.numel, _CHUNK_ELEMENTS):
         count = min(_CHUNK_ELEMENTS, info.numel - start)
         if convert and words:
-            out = bytearray(count * itemsize(item.code))
+            out = outs.take(count * itemsize(item.code))
             _kernels.convert_words(info.code, reader.view(item.source_name, start, count), item.code, out)
             yield out
         elif convert:
             yield reader.get_flat(item.source_name, start, count).to(torch_dtype(item.code))
         else:
-            yield reader.read_into(item.source_name, start, count, bytearray(count * info.itemsize))
+            yield reader.read_into(item.source_name, start, count, outs.take(count * info.itemsize))
 
 
 def _stream(items: Sequence[_Item], base: str, models: Sequence[str], spec: MergeSpec, out: str, *, files_from: str,
@@ -377,10 +380,12 @@ def _stream(items: Sequence[_Item], base: str, models: Sequence[str], spec: Merg
     from pathlib import Path
 
     from lifelong_delta.delta.io import CheckpointReader
+    from lifelong_delta.delta.streaming import _Ring
     from lifelong_delta.delta.writer import ShardedWriter
     from lifelong_delta.progress import Progress
 
     counts = {"merge": 0, "base": 0, "first": 0}
+    outs = _Ring(ShardedWriter.PENDING + 1)  # output chunk buffers reused (fresh pages fault)
     with ExitStack() as stack:
         rb = stack.enter_context(CheckpointReader(base))
         readers = [stack.enter_context(CheckpointReader(m)) for m in models]
@@ -394,9 +399,9 @@ def _stream(items: Sequence[_Item], base: str, models: Sequence[str], spec: Merg
         for it in items:
             bar.update(0, detail=it.name)
             if it.source == "merge":
-                chunks: Iterator[object] = _merged_chunks(it, rb, readers, spec)
+                chunks: Iterator[object] = _merged_chunks(it, rb, readers, spec, outs)
             else:
-                chunks = _copied_chunks(rb if it.source == "base" else readers[0], it)
+                chunks = _copied_chunks(rb if it.source == "base" else readers[0], it, outs)
             writer.add_chunks(it.name, it.code, it.shape, chunks)
             counts[it.source] += 1
             bar.update(1, nbytes=nbytes[it.name])

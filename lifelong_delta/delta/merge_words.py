@@ -20,6 +20,8 @@ from lifelong_delta.delta.dtypes import itemsize
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.matching import non_finite_error
 from lifelong_delta.delta.merge import MagnitudeCut, MergeSpec, non_finite_delta_error
+from lifelong_delta.delta.streaming import _Ring
+from lifelong_delta.delta.writer import ShardedWriter
 
 __all__ = ["applies", "magnitude_cut_words", "merge_chunk", "merged_chunks"]
 
@@ -131,7 +133,7 @@ def _cuts(name: str, base_code: str, base: object, finetuned: Iterable[tuple[str
 
 
 def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader, readers: Sequence[CheckpointReader],
-                  spec: MergeSpec, chunk_elements: int) -> Iterator[bytearray]:
+                  spec: MergeSpec, chunk_elements: int, outs: _Ring | None = None) -> Iterator[memoryview]:
     """One merged tensor of ``lifelong-delta merge`` as consecutive chunks of output words.
 
     TIES first reads the base and each model's whole tensor (mapped, not copied), one model at a time, for its cut;
@@ -144,6 +146,8 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
         rb, readers: The base's and the fine-tunes' readers.
         spec: The merge.
         chunk_elements: Elements per chunk.
+        outs: Output buffers to reuse, at least ``ShardedWriter.PENDING + 1`` (fresh pages cost a page fault each);
+            default: a ring for this tensor.
     """
     numel = rb.info(base_name).numel
     base_code, codes = rb.code(base_name), [r.code(name) for r in readers]
@@ -152,9 +156,10 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
         cuts = _cuts(name, base_code, rb.view(base_name, 0, numel),
                      ((c, r.view(name, 0, numel)) for c, r in zip(codes, readers, strict=True)), spec)
     size = itemsize(out_code)
+    outs = outs or _Ring(ShardedWriter.PENDING + 1)
     for start in range(0, numel, chunk_elements):
         count = min(chunk_elements, numel - start)
-        out = bytearray(count * size)
+        out = outs.take(count * size)
         merge_chunk(out_code, out, base_code, rb.view(base_name, start, count),
                     [(c, r.view(name, start, count)) for c, r in zip(codes, readers, strict=True)], spec, name=name,
                     offset=start, cuts=cuts)
