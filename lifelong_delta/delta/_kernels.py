@@ -313,17 +313,32 @@ def merge_models_words(out_code: str, out: object, base_code: str, base: object,
             [sum(p[2][i] for p in parts) for i in range(n)])
 
 
-def magnitude_cut_words(base_code: str, base: object, ft_code: str, ft: object, k: int) -> tuple[int, int, int]:
-    """TIES' cut keeping the ``k`` largest ``|ft − base|`` (fp32) of a whole tensor's raw words (compiled).
+def magnitude_cut_words(base_code: str, base: object, models: Sequence[tuple[str, object, int]]
+                        ) -> list[tuple[int, int, int]]:
+    """TIES' cuts keeping the ``k`` largest ``|ft − base|`` (fp32) of each fine-tune's whole tensor of raw words
+    (compiled; with two CPUs, two models at a time).
+
+    Args:
+        base_code, base: The base's dtype and words.
+        models: ``(dtype, words, k)`` per fine-tune.
 
     Returns:
-        ``(NaN/inf deltas, bits of the k-th largest magnitude, limit)``: keep an entry iff its magnitude is above
-        the cut, or equal to it at a flat index below ``limit``. ``k = 0`` gives ``(·, bits of inf, 0)``; with NaN/inf
-        deltas the other two are meaningless.
+        Per model ``(NaN/inf deltas, bits of the k-th largest magnitude, limit)``: keep an entry iff its magnitude is
+        above the cut, or equal to it at a flat index below ``limit``. ``k = 0`` gives ``(·, bits of inf, 0)``; with
+        NaN/inf deltas the other two are meaningless.
     """
     if _words is None:
         raise RuntimeError("the compiled kernel lifelong_delta.delta._words is missing; reinstall with a C compiler")
-    return _words.magnitude_cut(WORD_CODES[base_code], base, WORD_CODES[ft_code], ft, k)
+
+    def run(m: tuple[str, object, int]) -> tuple[int, int, int]:
+        return _words.magnitude_cut(WORD_CODES[base_code], base, WORD_CODES[m[0]], m[1], m[2])
+
+    if len(models) < 2 or len(os.sched_getaffinity(0)) < 2:
+        return [run(m) for m in models]
+    later = [_workers().submit(run, m) for m in models[1::2]]  # the kernel releases the GIL
+    mine = [run(m) for m in models[0::2]]
+    theirs = [f.result() for f in later]
+    return [mine[i // 2] if i % 2 == 0 else theirs[i // 2] for i in range(len(models))]
 
 
 def count_nonfinite_words(code: str, words: object) -> int:

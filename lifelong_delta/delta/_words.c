@@ -285,8 +285,8 @@ static PyObject *select_kept(PyObject *Py_UNUSED(self), PyObject *args) {
  *
  * magnitude_cut(base_kind, base, ft_kind, ft, k) -> (NaN/inf deltas, value bits, limit): TIES' cut keeping the k
  * largest |ft - base| of a whole tensor (merge.py's MagnitudeCut): a radix select over the bits of |d| (finite
- * non-negative floats order as integers), 15 high bits then 16 low bits,
- * then a scan for the last kept entry of magnitude `value` in flat order. k = 0 gives (inf bits, 0); a NaN/inf
+ * non-negative floats order as integers), 15 high bits then 16 low bits, and
+ * the last kept entry of magnitude `value` in flat order. k = 0 gives (inf bits, 0); a NaN/inf
  * delta stops after the first pass.
  *
  * count_nonfinite_words(kind, words) -> NaN/inf values; convert(in_kind, src, out_kind, dst) casts words as torch
@@ -525,13 +525,15 @@ CLONES static uint32_t abs_deltas(int bk, const void *b, int fk, const void *f, 
     return bad;
 }
 
-/* The cut of merge.py's magnitude_cut on n elements (`sub` holds 4 << 15 counters, `hist` 1 << 16, `scratch` 3 * MB
- * floats); returns the NaN/inf deltas (then value and limit are unset). Each pass recomputes |d| a block at a time
- * (fresh memory for all of them costs more in page faults than the recomputation). The first counts the high 15
- * bits in four sub-histograms that take turns (runs of one bin do not wait on one counter); the second the low 16
- * bits of the entries in the bin of the cut; the third finds the last kept entry of the cut's magnitude. */
+/* The cut of merge.py's magnitude_cut on n elements (`sub` holds 4 << 15 counters; `hist`, `first` and `last`
+ * 1 << 16; `scratch` 3 * MB floats); returns the NaN/inf deltas (then value and limit are unset). Each pass
+ * recomputes |d| a block at a time (fresh memory for all of them costs more in page faults than the recomputation).
+ * The first counts the high 15 bits in four sub-histograms that take turns (runs of one bin do not wait on one
+ * counter); the second the low 16 bits of the entries in the bin of the cut, with the first and last position of
+ * each; when only some entries of the cut's magnitude are kept, a third pass finds the last kept one. */
 static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n, size_t k, uint32_t *restrict sub,
-                          size_t *restrict hist, float *scratch, uint32_t *value, size_t *limit) {
+                          size_t *restrict hist, size_t *restrict first, size_t *restrict last, float *scratch,
+                          uint32_t *value, size_t *limit) {
     const size_t bins = (size_t)1 << 15;
     uint32_t *a = (uint32_t *)(scratch + 2 * MB);
     uint64_t bad = 0;
@@ -557,13 +559,22 @@ static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n
         size_t m = n - at < MB ? n - at : MB;
         abs_deltas(bk, b, fk, f, at, m, scratch, a);
         for (size_t j = 0; j < m; j++)
-            if (a[j] >> 16 == hi) hist[a[j] & 0xFFFFu]++;
+            if (a[j] >> 16 == hi) {
+                uint32_t x = a[j] & 0xFFFFu;
+                if (hist[x]++ == 0) first[x] = at + j;
+                last[x] = at + j;
+            }
     }
     uint32_t lo = 0xFFFFu;
     while (above + hist[lo] < k) above += hist[lo--];
     uint32_t v = hi << 16 | lo;
     size_t equal_kept = k - above, seen = 0;
-    for (size_t at = 0; at < n; at += MB) {
+    *value = v;
+    if (equal_kept == hist[lo]) { /* every entry of magnitude v is kept */
+        *limit = last[lo] + 1;
+        return 0;
+    }
+    for (size_t at = first[lo] / MB * MB; at < n; at += MB) {
         size_t m = n - at < MB ? n - at : MB;
         abs_deltas(bk, b, fk, f, at, m, scratch, a);
         uint32_t c = 0;
@@ -574,7 +585,7 @@ static uint64_t cut_range(int bk, const void *b, int fk, const void *f, size_t n
         }
         for (size_t j = 0;; j++)
             if (a[j] == v && ++seen == equal_kept) {
-                *value = v, *limit = at + j + 1;
+                *limit = at + j + 1;
                 return 0;
             }
     }
@@ -594,23 +605,26 @@ static PyObject *magnitude_cut(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    /* The histograms (1.3 MB) are kept for the thread's next cut: fresh pages each time cost more than small cuts. */
-    static _Thread_local size_t *hist;
+    /* The histograms (2.3 MB) are kept for the thread's next cut: fresh pages each time cost more than small cuts. */
+    static _Thread_local size_t *hist, *first, *last;
     static _Thread_local uint32_t *sub;
     static _Thread_local float *scratch;
     if (hist == NULL) hist = malloc(((size_t)1 << 16) * sizeof(size_t));
+    if (first == NULL) first = malloc(((size_t)1 << 16) * sizeof(size_t));
+    if (last == NULL) last = malloc(((size_t)1 << 16) * sizeof(size_t));
     if (sub == NULL) sub = malloc(((size_t)4 << 15) * sizeof(uint32_t));
     if (scratch == NULL) scratch = malloc(3 * MB * sizeof(float));
     if (k < 0 || k > n) {
         PyErr_SetString(PyExc_ValueError, "k must be in [0, number of elements]");
-    } else if (hist == NULL || sub == NULL || scratch == NULL) {
+    } else if (hist == NULL || first == NULL || last == NULL || sub == NULL || scratch == NULL) {
         PyErr_NoMemory();
     } else {
         uint32_t value;
         size_t limit;
         uint64_t bad;
         Py_BEGIN_ALLOW_THREADS
-        bad = cut_range(bk, vb.buf, fk, vf.buf, (size_t)n, (size_t)k, sub, hist, scratch, &value, &limit);
+        bad = cut_range(bk, vb.buf, fk, vf.buf, (size_t)n, (size_t)k, sub, hist, first, last, scratch, &value,
+                        &limit);
         Py_END_ALLOW_THREADS
         result = Py_BuildValue("KkK", (unsigned long long)bad, (unsigned long)value, (unsigned long long)limit);
     }

@@ -63,7 +63,11 @@ def magnitude_cut_words(base_code: str, base: object, ft_code: str, ft: object, 
         ValueError: NaN/inf in the delta (magnitude_cut's message).
     """
     k = int(density * _numel(ft_code, ft))
-    bad, bits, limit = _kernels.magnitude_cut_words(base_code, base, ft_code, ft, max(k, 0))
+    return _cut(name, k, _kernels.magnitude_cut_words(base_code, base, [(ft_code, ft, max(k, 0))])[0])
+
+
+def _cut(name: str, k: int, found: tuple[int, int, int]) -> MagnitudeCut:
+    bad, bits, limit = found
     if bad:
         raise non_finite_delta_error(name)
     if k <= 0:
@@ -119,16 +123,21 @@ def merge_chunk(out_code: str, out: object, base_code: str, base: object, finetu
                 raise ValueError(f"tensor {name!r} has {bad} non-finite delta entries (NaN/inf in base or fine-tuned)")
 
 
-def _cuts(name: str, base_code: str, base: object, finetuned: Iterable[tuple[str, object]], spec: MergeSpec
-          ) -> list[MagnitudeCut]:
-    """TIES' cut of each model's whole delta, after the finite checks of the torch command, in its order
-    (``finetuned`` may be a generator that reads one model at a time)."""
+def _cuts(name: str, base_code: str, base: object, finetuned: Sequence[tuple[str, object]], spec: MergeSpec, *,
+          first: int = 0) -> list[MagnitudeCut]:
+    """TIES' cut of each model's whole delta, with the errors of the torch command in its order (base, then each
+    model's words, then its delta). Finite deltas have finite inputs, so the inputs are counted only after a cut
+    met a NaN/inf delta. ``finetuned`` holds the models from position ``first`` on."""
     assert spec.density is not None
-    _check_words(name, base_code, base, "base")
+    density = spec.density[first:first + len(finetuned)]
+    ks = [max(int(d * _numel(code, words)), 0) for d, (code, words) in zip(density, finetuned, strict=True)]
+    found = _kernels.magnitude_cut_words(base_code, base, [(c, w, k) for (c, w), k in zip(finetuned, ks)])
     cuts = []
-    for i, (code, words) in enumerate(finetuned):
-        _check_words(name, code, words, f"fine-tuned #{i + 1}")
-        cuts.append(magnitude_cut_words(base_code, base, code, words, spec.density[i], name=name))
+    for i, ((code, words), k, got) in enumerate(zip(finetuned, ks, found)):
+        if got[0]:
+            _check_words(name, base_code, base, "base")
+            _check_words(name, code, words, f"fine-tuned #{first + i + 1}")
+        cuts.append(_cut(name, k, got))
     return cuts
 
 
@@ -136,7 +145,7 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
                   spec: MergeSpec, chunk_elements: int, outs: _Ring | None = None) -> Iterator[memoryview]:
     """One merged tensor of ``lifelong-delta merge`` as consecutive chunks of output words.
 
-    TIES first reads the base and each model's whole tensor (mapped, not copied), one model at a time, for its cut;
+    TIES first reads the base and each model's whole tensor (mapped, not copied), two models at a time, for its cut;
     every method then merges ``chunk_elements`` of every model at a time.
 
     Args:
@@ -153,8 +162,12 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
     base_code, codes = rb.code(base_name), [r.code(name) for r in readers]
     cuts = None
     if spec.row.sparsify == "magnitude" and numel:
-        cuts = _cuts(name, base_code, rb.view(base_name, 0, numel),
-                     ((c, r.view(name, 0, numel)) for c, r in zip(codes, readers, strict=True)), spec)
+        base = rb.view(base_name, 0, numel)
+        cuts = []
+        for i in range(0, len(readers), 2):  # two whole tensors mapped at a time, cut in parallel
+            pair = [(c, r.view(name, 0, numel)) for c, r in zip(codes[i:i + 2], readers[i:i + 2], strict=True)]
+            cuts += _cuts(name, base_code, base, pair, spec, first=i)
+        del base
     size = itemsize(out_code)
     outs = outs or _Ring(ShardedWriter.PENDING + 1)
     for start in range(0, numel, chunk_elements):

@@ -55,8 +55,8 @@ def _word_merge(base: torch.Tensor, fts: list[torch.Tensor], spec: MergeSpec, ou
     """The word path over chunks ``bounds[k]:bounds[k + 1]``, TIES' cuts from the whole tensors."""
     cuts = None
     if spec.row.sparsify == "magnitude":
-        cuts = [merge_words.magnitude_cut_words(CODES[base.dtype], _words(base), CODES[f.dtype], _words(f), d, name=name)
-                for f, d in zip(fts, spec.density, strict=True)]
+        cuts = [merge_words.magnitude_cut_words(CODES[base.dtype], _words(base), CODES[f.dtype], _words(f), d,
+                                                name=name) for f, d in zip(fts, spec.density, strict=True)]
     out = torch.empty(base.numel(), dtype=out_dtype)
     for a, z in itertools.pairwise(bounds):
         merge_words.merge_chunk(CODES[out_dtype], _words(out[a:z]), CODES[base.dtype], _words(base[a:z]),
@@ -167,8 +167,9 @@ def test_non_finite_inputs_give_the_torch_error(method, where):
 
         def word_path() -> bytearray:
             out = bytearray(1200)
-            merge_words.merge_chunk("F32", out, CODES[base.dtype], _words(base),
-                                    [(CODES[f.dtype], _words(f)) for f in fts], spec, name="enc.w", cuts=cuts)  # noqa: B023
+            models = [(CODES[f.dtype], _words(f)) for f in fts]
+            merge_words.merge_chunk("F32", out, CODES[base.dtype], _words(base), models, spec, name="enc.w",
+                                    cuts=cuts)  # noqa: B023
             return out
 
         want = _outcome(torch_path)
