@@ -123,8 +123,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lifelong_delta.studies.merge_eval import RecipeRun
+    from lifelong_delta.studies.prune_eval_data import finetune_hparams, task_splits
     from lifelong_delta.text.finetune import finetune_dir
-    from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
 
     torch.set_num_threads(args.threads)
     mergekit = setup_mergekit(PEER_VENV) if args.setup_mergekit else Path(

@@ -94,7 +94,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "best method."),
     "finetune": ("lifelong_delta.text.finetune:all_finetunes",
                  "Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary."),
-    "prune-eval": ("lifelong_delta.text.prune_eval:prune_eval",
+    "prune-eval": ("lifelong_delta.studies.prune_eval:prune_eval",
                    "Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and "
                    "a plot."),
     "prune-eval-decoder": ("lifelong_delta.studies.prune_eval_decoder:prune_eval_decoder",

@@ -1,6 +1,7 @@
 """The import graph of ``lifelong_delta``, read from the source with ``ast`` (imports in functions included).
 
 * The library never imports the CLI: ``cli.py`` imports the library and the studies, not the other way round.
+* The components never import a study: ``lifelong_delta/studies/`` imports the library, not the other way round.
 * No module imports itself round a cycle.
 """
 
@@ -19,6 +20,12 @@ CLI = "lifelong_delta.cli"
 # (file, name) imports of the CLI allowed in the library: none. The studies that run `lightning fit` in-process take
 # the entry point from lifelong_delta/runner.py, which cli.py imports too.
 KNOWN_CLI_IMPORTS: set[tuple[str, str]] = set()
+
+STUDIES = "lifelong_delta.studies"
+# Studies that live outside lifelong_delta/studies/: continual/cl_eval.py is a study awaiting its move there.
+STUDIES_ELSEWHERE = {"lifelong_delta.continual.cl_eval"}
+# Modules that may import a study without being one: the CLI, which lists the studies as subcommands.
+STUDY_IMPORTERS = {CLI}
 
 
 def _module_name(path: Path) -> str:
@@ -132,6 +139,25 @@ def test_the_library_does_not_import_the_cli() -> None:
         f"the library imports lifelong_delta/cli.py: {sorted(found - KNOWN_CLI_IMPORTS)}; move what it needs "
         f"into a library module that cli.py imports (as repro.py). "
         f"No longer imported, drop from KNOWN_CLI_IMPORTS: {sorted(KNOWN_CLI_IMPORTS - found)}"
+    )
+
+
+def _is_study(module: str) -> bool:
+    return module == STUDIES or module.startswith(f"{STUDIES}.") or module in STUDIES_ELSEWHERE
+
+
+def test_the_components_do_not_import_a_study() -> None:
+    found = set()
+    for module, path in MODULES.items():
+        if _is_study(module) or module in STUDY_IMPORTERS:
+            continue
+        for target, name in _imports_of(module):
+            owner = _owner(target)
+            if owner is not None and _is_study(owner):
+                found.add((path.relative_to(PACKAGE).as_posix(), owner))
+    assert not found, (
+        f"components import a study: {sorted(found)}; move what they need from the study into the component "
+        f"(a study composes the library, the library never depends on a study)"
     )
 
 

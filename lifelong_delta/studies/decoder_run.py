@@ -1,6 +1,6 @@
 """One fine-tune of the decoder study: load it once, then prune every planned way and score held-out perplexity.
 
-The methods and their definitions are those of ``make prune-eval`` (:mod:`lifelong_delta.text.prune_eval_run`),
+The methods and their definitions are those of ``make prune-eval`` (:mod:`lifelong_delta.studies.prune_eval_run`),
 with perplexity in place of accuracy:
 
 * ``dare``: the counter-hash Bernoulli keep-mask of the seed, kept entries ×1/(1−p) (arXiv 2311.03099);
@@ -38,8 +38,8 @@ from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.delta.stats import DeltaStats
 from lifelong_delta.studies.decoder_data import Batch
 from lifelong_delta.studies.decoder_models import load_lm
-from lifelong_delta.text.prune_eval_masks import NonZero, RescaledDelta, build_masked, mark_dirty, restore_
-from lifelong_delta.text.prune_eval_run import q_grid
+from lifelong_delta.studies.prune_eval_masks import NonZero, RescaledDelta, build_masked, mark_dirty, restore_
+from lifelong_delta.studies.prune_eval_run import q_grid
 
 __all__ = ["DAREX", "METHODS", "Cell", "DecoderRun", "EvalSets", "Settings", "plan_cells"]
 

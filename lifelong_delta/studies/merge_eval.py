@@ -46,7 +46,7 @@ from lifelong_delta import outputs
 from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.merge import MERGE_METHODS, MergeSpec, merge_tensor
 from lifelong_delta.repro import repro_command
-from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, finetune_hparams, task_splits
+from lifelong_delta.studies.prune_eval_data import TaskSplits, accuracy, finetune_hparams, task_splits
 
 __all__ = ["DENSITIES", "METHODS", "MergeCell", "RecipeRun", "encoder_checkpoint", "merge_encoder", "merge_eval",
            "plan_merges", "spec_of"]

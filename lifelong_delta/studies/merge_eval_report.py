@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
-from lifelong_delta.text.prune_eval_report import Agg
+from lifelong_delta.studies.prune_eval_report import Agg
 
 __all__ = ["RESULT_COLUMNS", "aggregate", "plot_accuracy_vs_density", "read_results", "summary_markdown",
            "write_outputs"]

@@ -131,8 +131,8 @@ def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("ada
     meta = Path(path).with_name("meta.json")
     if not Path(path).is_file() or not meta.is_file():
         return []
-    from lifelong_delta.text.prune_eval_report import aggregate
-    from lifelong_delta.text.prune_eval_report import read_results as read_encoder
+    from lifelong_delta.studies.prune_eval_report import aggregate
+    from lifelong_delta.studies.prune_eval_report import read_results as read_encoder
 
     chance = {t: sp["majority"] for t, sp in json.loads(meta.read_text()).get("splits", {}).items()}
     agg = aggregate(read_encoder(path))

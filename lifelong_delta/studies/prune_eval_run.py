@@ -1,7 +1,7 @@
 """One fine-tune of the ``prune_eval`` study: load it once, then prune and evaluate every planned cell.
 
 The model holds the fine-tuned weights on load; each method writes ``θ_pre + kept δ / q`` into the pruned
-tensors (:mod:`lifelong_delta.text.prune_eval_masks`), so nothing is reloaded between evaluations.
+tensors (:mod:`lifelong_delta.studies.prune_eval_masks`), so nothing is reloaded between evaluations.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.delta.recommend import recommend
 from lifelong_delta.delta.stats import DeltaStats
-from lifelong_delta.text.prune_eval_data import TaskSplits, accuracy, last_hidden
-from lifelong_delta.text.prune_eval_masks import NonZero, RescaledDelta, build_masked, mark_dirty, restore_
+from lifelong_delta.studies.prune_eval_data import TaskSplits, accuracy, last_hidden
+from lifelong_delta.studies.prune_eval_masks import NonZero, RescaledDelta, build_masked, mark_dirty, restore_
 
 __all__ = ["FinetuneResult", "FinetuneRun", "Settings", "cell_cost", "q_grid"]
 
@@ -279,7 +279,7 @@ class FinetuneRun:
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, cells: Sequence[Any], ps: Sequence[float], bar: Any = None) -> FinetuneResult:
-        """Evaluate ``cells`` (this fine-tune's :class:`~lifelong_delta.text.prune_eval.Cell` s) in order."""
+        """Evaluate ``cells`` (this fine-tune's :class:`~lifelong_delta.studies.prune_eval.Cell` s) in order."""
         result = FinetuneResult(self.task, self.finetune, stats=self.stats, info=self._info())
 
         def add(cell: Any, q_info: dict | None = None) -> None:

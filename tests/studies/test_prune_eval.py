@@ -1,5 +1,6 @@
-"""``prune_eval``: masks against the delta engine on tiny tensors, the study plan, and one tiny real fine-tune
-pruned and evaluated end to end (CSV schema, unpruned accuracy equal to a direct evaluation, LoRA delta)."""
+"""``prune_eval``: masks against the delta engine on tiny tensors, the study plan, one tiny real fine-tune
+pruned and evaluated end to end (CSV schema, unpruned accuracy equal to a direct evaluation, LoRA delta), and the
+study on a tiny random MPNet (the ``mpnet`` backbone row)."""
 
 import csv
 import json
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 
 from lifelong_delta.delta import PruneSpec, dare_merge, prune_tensor
-from lifelong_delta.text.prune_eval import METHODS, plan_cells, prune_eval
-from lifelong_delta.text.prune_eval_masks import build_masked, mark_dirty
-from lifelong_delta.text.prune_eval_report import RESULT_COLUMNS, read_results
-from lifelong_delta.text.prune_eval_run import q_grid
+from lifelong_delta.studies.prune_eval import METHODS, plan_cells, prune_eval
+from lifelong_delta.studies.prune_eval_masks import build_masked, mark_dirty
+from lifelong_delta.studies.prune_eval_report import RESULT_COLUMNS, read_results
+from lifelong_delta.studies.prune_eval_run import q_grid
+from tests.text.tiny_mpnet import TINY, as_mpnet_row, write_tiny_mpnet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -274,7 +276,7 @@ def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
     import shlex
     from pathlib import Path
 
-    import lifelong_delta.text.prune_eval as mod
+    import lifelong_delta.studies.prune_eval as mod
     from lifelong_delta.cli import main
 
     cache, _, paths = study
@@ -293,3 +295,52 @@ def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
             "max_test": None, "max_val": 4, "n_calib": 4, "q_grid_size": 2}
     assert {k: calls[0][k] for k in want} == want
     assert calls[0]["methods"] == list(METHODS)  # a default stays a default
+
+
+# --------------------------------------------------------------- the study on a tiny MPNet (the mpnet backbone row)
+@pytest.fixture(scope="module")
+def tiny_mpnet_study(tmp_path_factory):
+    """Fine-tunes (AdamW, LoRA) of a tiny random MPNet on TREC, pruned by the study with ``backbone="mpnet"``."""
+    from lifelong_delta.text.finetune import finetune
+
+    with as_mpnet_row(write_tiny_mpnet(tmp_path_factory.mktemp("tiny_mpnet"))):
+        cache = tmp_path_factory.mktemp("finetunes")
+        for recipe in ("adamw", "lora"):
+            finetune("trec", recipe, cache_dir=str(cache), backbone="mpnet", **TINY)
+        out = tmp_path_factory.mktemp("prune_eval_base")
+        paths = prune_eval(cache_dir=str(cache), out=str(out), tasks=["trec"], finetunes=["adamw", "lora"],
+                           ps=[0.9], seeds=[0], max_test=None, max_val=4, n_calib=4, q_grid_size=2,
+                           q_fine_steps=0, etas=[1.0], jobs=1, progress=False, backbone="mpnet")
+        yield cache, paths
+
+
+def test_every_method_prunes_the_mpnet_deltas(tiny_mpnet_study):
+    _, paths = tiny_mpnet_study
+    rows = read_results(paths["results"])
+    for ft in ("adamw", "lora"):
+        assert {r["method"] for r in rows if r["finetune"] == ft} == set(METHODS)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    meta = json.loads(open(paths["meta"]).read())
+    assert meta["backbone"] == "mpnet" and "--backbone mpnet" in meta["command"]
+    assert open(paths["summary"]).readline().startswith("# Delta-pruning study: MPNet fine-tunes")
+
+
+def test_calibration_hooks_every_mpnet_linear_and_leaves_the_head_alone(tiny_mpnet_study):
+    from lifelong_delta.studies.prune_eval_data import finetune_hparams, task_splits
+    from lifelong_delta.studies.prune_eval_run import FinetuneRun, Settings
+    from lifelong_delta.text.finetune import finetune_dir
+
+    cache, _ = tiny_mpnet_study
+    ft = finetune_dir("trec", "adamw", cache, backbone="mpnet")
+    s = Settings(max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=0, etas=(1.0,),
+                 analytic_arithmetic="float16", analytic_tie_rtol=0.0, exclude=("classifier.*",), batch_size=8)
+    run = FinetuneRun("trec", "adamw", ft, finetune_dir("trec", "base", cache, backbone="mpnet"),
+                      task_splits(finetune_hparams(ft), None, 4, 4, 8), s)
+    linears = {f"mpnet.encoder.layer.{i}.{m}.weight" for i in range(2)
+               for m in ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+                         "intermediate.dense", "output.dense")}
+    means, norms = run._calibration()
+    assert set(means) == linears
+    assert linears <= set(norms) and all(n in run.delta for n in norms)
+    assert "mpnet.encoder.relative_attention_bias.weight" in run.delta
+    assert not [n for n in run.delta if n.startswith("classifier.")]

@@ -30,7 +30,7 @@ starts from a random draw, so its "delta" is the whole head. The delta engine it
 tensor unless told otherwise.
 
 The model is loaded once per fine-tune and kept in memory; the masked delta is built once per (p, seed) and
-only rescaled per q candidate (:class:`~lifelong_delta.text.prune_eval_masks.RescaledDelta`); evaluation runs
+only rescaled per q candidate (:class:`~lifelong_delta.studies.prune_eval_masks.RescaledDelta`); evaluation runs
 under ``torch.inference_mode`` on pre-tokenised, length-sorted batches.
 
 Budget: the default study is 640 evaluations. MiniLM forwards ~21 MFLOP per token, about 1 500 token positions/s
@@ -58,10 +58,10 @@ from lifelong_delta import outputs
 from lifelong_delta.delta.analytic_q import Arithmetic
 from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.repro import repro_command
+from lifelong_delta.studies.prune_eval_data import finetune_hparams, task_splits
+from lifelong_delta.studies.prune_eval_report import METHOD_ORDER
+from lifelong_delta.studies.prune_eval_run import ETA_GRID, FinetuneRun, Settings, cell_cost
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
-from lifelong_delta.text.prune_eval_data import finetune_hparams, task_splits
-from lifelong_delta.text.prune_eval_report import METHOD_ORDER
-from lifelong_delta.text.prune_eval_run import ETA_GRID, FinetuneRun, Settings, cell_cost
 
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
@@ -318,8 +318,8 @@ def prune_eval(
 def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     """The study of :func:`prune_eval` with validated, normalised arguments."""
     from lifelong_delta.progress import Progress
+    from lifelong_delta.studies.prune_eval_report import write_outputs
     from lifelong_delta.text.finetune import finetune_dir
-    from lifelong_delta.text.prune_eval_report import write_outputs
 
     tasks, finetunes, ps, seeds = args["tasks"], args["finetunes"], args["ps"], args["seeds"]
     cache_dir, low_p_seeds, backbone = args["cache_dir"], args["low_p_seeds"], args["backbone"]
