@@ -154,6 +154,19 @@ def summary_markdown(
 ) -> str:
     """The readable report: set-up, accuracy (mean ± std over seeds), chosen q, and recommend's picks."""
     agg = aggregate(rows)
+    ps = sorted({float(r["p"]) for r in rows if r["method"] != "unpruned"})
+    lines = _setup_section(meta) + _finetunes_section(meta)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        lines += _accuracy_section(rows, agg, task, ps)
+    if q_rows:
+        lines += _q_section(q_rows, ps)
+    if recs:
+        lines += _recommend_section(recs, agg)
+    return "\n".join(lines) + "\n"
+
+
+def _setup_section(meta: Mapping[str, Any]) -> list[str]:
+    """The title, the wall time and command, and the set-up: test subsamples, what is pruned, q grid, seeds."""
     s = meta.get("settings", {})
     label = BACKBONES[meta["backbone"]].label if meta.get("backbone") in BACKBONES else "MiniLM"
     lines = [f"# Delta-pruning study: {label} fine-tunes (DARE the Extreme, arXiv 2410.09344)", ""]
@@ -178,7 +191,7 @@ def summary_markdown(
             f"{sp['val']} validation examples; {sp['calib']} unlabelled training inputs for "
             "calibration."
         )
-    lines += [
+    return lines + [
         "## Set-up",
         "",
         *split_bits,
@@ -201,7 +214,11 @@ def summary_markdown(
         ),
         "",
     ]
-    lines += [
+
+
+def _finetunes_section(meta: Mapping[str, Any]) -> list[str]:
+    """One row per fine-tune: unpruned and recorded test accuracy, relative delta norm, mean |δ|."""
+    lines = [
         "## Fine-tunes",
         "",
         (
@@ -218,68 +235,78 @@ def summary_markdown(
             f"{'–' if rec is None else f'{100 * rec:.1f}'} | {info['rel_norm']:.2e} | "
             f"{info['mean_abs_delta']:.2e} |"
         )
-    ps = sorted({float(r["p"]) for r in rows if r["method"] != "unpruned"})
-    for task in dict.fromkeys(r["task"] for r in rows):
-        lines += [
-            "",
-            f"## {task}: test accuracy (%) after pruning",
-            "",
-            "| fine-tune (unpruned) | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-            "|---|---|" + "---|" * len(ps),
-        ]
-        fts = list(dict.fromkeys(r["finetune"] for r in rows if r["task"] == task))
-        for ft in fts:
-            un = agg.get((task, ft, "unpruned", 0.0))
-            label = f"{ft} ({un.cell()})" if un else ft
-            methods = _ordered(
-                (
-                    r["method"]
-                    for r in rows
-                    if r["task"] == task and r["finetune"] == ft and r["method"] != "unpruned"
-                ),
-                METHOD_ORDER,
-            )
-            best = {p: best_method(agg, task, ft, p) for p in ps}
-            for m in methods:
-                cells = []
-                for p in ps:
-                    a = agg.get((task, ft, m, p))
-                    text = "–" if a is None else a.cell()
-                    cells.append(f"**{text}**" if a is not None and best[p] and best[p][0] == m else text)
-                lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
-                label = ""
-    if q_rows:
-        lines += [
-            "",
-            "## Chosen q (median over seeds; analytic: median over layers)",
-            "",
-            "| task | fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
-            "|---|---|---|" + "---|" * len(ps),
-        ]
-        qs: dict[tuple[str, str, str, float], list[float]] = {}
-        for r in q_rows:
-            qs.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(float(r["q"]))
-        for key in dict.fromkeys(k[:3] for k in qs):
-            cells = [f"{statistics.median(qs[(*key, p)]):.3g}" if (*key, p) in qs else "–" for p in ps]
-            lines.append(f"| {' | '.join(key)} | " + " | ".join(cells) + " |")
-    if recs:
-        lines += [
-            "",
-            "## What `lifelong-delta recommend` picks (labelled and unlabelled data available)",
-            "",
-            (
-                "| task | fine-tune | p | ‖δ‖/‖θ_pre‖ | pick | its accuracy | best in the table | verdict "
-                "| if re-fine-tuning is allowed |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in recs:
-            mine, best_cell, verdict, _ = _verdict(r["pick"], agg, r["task"], r["finetune"], float(r["p"]))
-            lines.append(
-                f"| {r['task']} | {r['finetune']} | {float(r['p']):g} | {float(r['rel_norm']):.2e} | "
-                f"{r['pick']} | {mine} | {best_cell} | {verdict} | {r['if_refinetune']} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _accuracy_section(
+    rows: Sequence[Mapping[str, Any]], agg: Mapping[tuple[str, str, str, float], Agg], task: str, ps: Sequence[float]
+) -> list[str]:
+    """``task``'s accuracy table: one row per (fine-tune, method), one column per p, the best method in bold."""
+    lines = [
+        "",
+        f"## {task}: test accuracy (%) after pruning",
+        "",
+        "| fine-tune (unpruned) | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+        "|---|---|" + "---|" * len(ps),
+    ]
+    for ft in dict.fromkeys(r["finetune"] for r in rows if r["task"] == task):
+        un = agg.get((task, ft, "unpruned", 0.0))
+        label = f"{ft} ({un.cell()})" if un else ft
+        methods = _ordered(
+            (r["method"] for r in rows if r["task"] == task and r["finetune"] == ft and r["method"] != "unpruned"),
+            METHOD_ORDER,
+        )
+        best = {p: best_method(agg, task, ft, p) for p in ps}
+        for m in methods:
+            cells = []
+            for p in ps:
+                a = agg.get((task, ft, m, p))
+                text = "–" if a is None else a.cell()
+                cells.append(f"**{text}**" if a is not None and best[p] and best[p][0] == m else text)
+            lines.append(f"| {label} | {m} | " + " | ".join(cells) + " |")
+            label = ""
+    return lines
+
+
+def _q_section(q_rows: Sequence[Mapping[str, Any]], ps: Sequence[float]) -> list[str]:
+    """The chosen q per (task, fine-tune, method) and p: the median over seeds (and over layers for analytic)."""
+    lines = [
+        "",
+        "## Chosen q (median over seeds; analytic: median over layers)",
+        "",
+        "| task | fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+        "|---|---|---|" + "---|" * len(ps),
+    ]
+    qs: dict[tuple[str, str, str, float], list[float]] = {}
+    for r in q_rows:
+        qs.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(float(r["q"]))
+    for key in dict.fromkeys(k[:3] for k in qs):
+        cells = [f"{statistics.median(qs[(*key, p)]):.3g}" if (*key, p) in qs else "–" for p in ps]
+        lines.append(f"| {' | '.join(key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _recommend_section(
+    recs: Sequence[Mapping[str, Any]], agg: Mapping[tuple[str, str, str, float], Agg]
+) -> list[str]:
+    """``recommend``'s pick per (task, fine-tune, p) against the best method of the accuracy table."""
+    lines = [
+        "",
+        "## What `lifelong-delta recommend` picks (labelled and unlabelled data available)",
+        "",
+        (
+            "| task | fine-tune | p | ‖δ‖/‖θ_pre‖ | pick | its accuracy | best in the table | verdict "
+            "| if re-fine-tuning is allowed |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        mine, best_cell, verdict, _ = _verdict(r["pick"], agg, r["task"], r["finetune"], float(r["p"]))
+        lines.append(
+            f"| {r['task']} | {r['finetune']} | {float(r['p']):g} | {float(r['rel_norm']):.2e} | "
+            f"{r['pick']} | {mine} | {best_cell} | {verdict} | {r['if_refinetune']} |"
+        )
+    return lines
 
 
 METHOD_STYLE = {
