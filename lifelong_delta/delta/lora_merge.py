@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,8 +42,10 @@ from lifelong_delta.delta.stats import check_finite, tensor_prune_stats
 from lifelong_delta.delta.summary import PruneSummary
 from lifelong_delta.progress import Progress
 
-__all__ = ["LoraPrune", "stream_prune_lora"]
+if TYPE_CHECKING:
+    from lifelong_delta.delta.pack import PackWriter
 
+__all__ = ["LoraPrune", "stream_prune_lora"]
 
 
 def _base_names(adapter_names: list[str], base: CheckpointReader) -> dict[str, str]:
@@ -114,16 +117,7 @@ def stream_prune_lora(
         CheckpointError: unreadable base, or ``out`` exists without ``overwrite``.
         ValueError: a bad adapter, an adapted tensor missing from the base or of another shape, WANDA, a bad mode.
     """
-    if lora_prune not in ("product", "factors"):
-        raise ValueError(f"--lora_prune {lora_prune!r} is not one of product, factors")
-    if spec.row.needs_input_norms:
-        raise ValueError(f"--method {spec.method} needs calibration activations of a loaded model, which a LoRA "
-                         "adapter --finetuned does not support; use --method magnitude")
-    if spec.lacks_q:
-        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
-                         "needs q: pass --q Q")
-    if pack and lora_prune != "product":
-        raise ValueError("pack stores the pruned LoRA product B·A; drop --lora_prune factors")
+    _check_options(spec, lora_prune, pack)
     out = Path(out)
     inputs = {"--base": base, "--finetuned": adapter_dir}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
@@ -137,27 +131,14 @@ def stream_prune_lora(
     with CheckpointReader(base) as rb:
         to_base = _base_names(product_names + list(full), rb)
         from_base = {b: a for a, b in to_base.items()}
-        factor_keys: dict[str, set[str]] = {}  # base name -> adapter keys of its factors
-        if lora_prune == "factors":
-            for key in adapter.tensors:
-                m = _FACTOR.match(_strip(key))
-                if m is None or m["suffix"] == ".bias":
-                    continue
-                name = to_base.get(f"{m['path']}.weight")
-                if name is not None and not is_excluded(name, spec.exclude):
-                    factor_keys.setdefault(name, set()).add(key)
-            pruned_adapter = _prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
+        factor_keys = _factor_keys(adapter, to_base, spec) if lora_prune == "factors" else {}
+        pruned_adapter = (_prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
+                          if factor_keys else adapter)
         names = rb.names()
         nbytes = {name: rb.info(name).nbytes for name in names}
+        adapted = [n for n in names if n in from_base]
         if pack:
-            from lifelong_delta.delta.matching import TensorMatch
-            from lifelong_delta.delta.pack import PackWriter
-            from lifelong_delta.delta.pack_format import manifest_for
-
-            adapted = [n for n in names if n in from_base]
-            sink: ShardedWriter | PackWriter = PackWriter(
-                out, rb, TensorMatch(pruned=adapted, copied=[]), spec, overwrite=overwrite, inputs=inputs,
-                copies_base=True, unmasked=[n for n in adapted if is_excluded(n, spec.exclude)])
+            sink: ShardedWriter | PackWriter = _pack_sink(out, rb, adapted, spec, overwrite=overwrite, inputs=inputs)
         else:
             sink = ShardedWriter(out, out_shard_size, overwrite=overwrite, inputs=inputs, command="prune")
         with sink as writer, \
@@ -170,38 +151,97 @@ def stream_prune_lora(
                 if a_name is None:
                     writer.add(name, b)
                     summary.copied.append(name)
-                    bar.update(1, nbytes=nbytes[name])
-                    continue
-                if not b.is_floating_point():
-                    raise ValueError(f"tensor {name!r} of the base model is not floating ({b.dtype}); "
-                                     "the adapter cannot change it")
-                check_finite(name, b, "base")
-                b32 = b.to(torch.float32)
-                if a_name in full:
-                    delta = full[a_name].to(torch.float32) - b32
-                    if full[a_name].shape != b.shape:
-                        raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but "
-                                         f"{list(full[a_name].shape)} in the adapter")
                 else:
-                    delta = lora_deltas(adapter, only={a_name})[a_name]
-                    if delta.shape != b.shape:
-                        raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but the "
-                                         f"adapter's delta has shape {list(delta.shape)}")
-                if not torch.isfinite(delta).all():
-                    raise ValueError(f"tensor {name!r}: the adapter's delta has non-finite values")
-                if is_excluded(name, spec.exclude):
-                    merged = (b32 + delta).to(b.dtype)
-                elif name in factor_keys:
-                    merged = (b32 + lora_deltas(pruned_adapter, only={a_name})[a_name]).to(b.dtype)
-                else:
-                    pruned = prune_delta(name, delta, spec)
-                    merged = torch.where(pruned != 0, b32 + pruned, b32).to(b.dtype)
-                writer.add(name, merged)
-                summary.tensors.append(tensor_prune_stats(name, b32, b32 + delta, merged))
+                    b32, delta = _base_and_delta(name, b, a_name, adapter, full)
+                    if is_excluded(name, spec.exclude):
+                        merged = (b32 + delta).to(b.dtype)
+                    elif name in factor_keys:
+                        merged = (b32 + lora_deltas(pruned_adapter, only={a_name})[a_name]).to(b.dtype)
+                    else:
+                        pruned = prune_delta(name, delta, spec)
+                        merged = torch.where(pruned != 0, b32 + pruned, b32).to(b.dtype)
+                    writer.add(name, merged)
+                    summary.tensors.append(tensor_prune_stats(name, b32, b32 + delta, merged))
                 bar.update(1, nbytes=nbytes[name])
             base_dir = base if Path(base).is_dir() else None
             if pack:
+                from lifelong_delta.delta.pack_format import manifest_for
+
                 writer.commit(manifest_for(spec, rb, None), files_from=base_dir, base_dir=base_dir)
             else:
                 writer.commit(copy_files_from=base_dir)
     return summary
+
+
+def _check_options(spec: PruneSpec, lora_prune: LoraPrune, pack: bool) -> None:
+    """Refuse a LoRA prune that cannot run: an unknown mode, a method that needs activations or a q, a factors pack.
+
+    Raises:
+        ValueError: naming the option to change.
+    """
+    if lora_prune not in ("product", "factors"):
+        raise ValueError(f"--lora_prune {lora_prune!r} is not one of product, factors")
+    if spec.row.needs_input_norms:
+        raise ValueError(f"--method {spec.method} needs calibration activations of a loaded model, which a LoRA "
+                         "adapter --finetuned does not support; use --method magnitude")
+    if spec.lacks_q:
+        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
+                         "needs q: pass --q Q")
+    if pack and lora_prune != "product":
+        raise ValueError("pack stores the pruned LoRA product B·A; drop --lora_prune factors")
+
+
+def _factor_keys(adapter: LoraAdapter, to_base: dict[str, str], spec: PruneSpec) -> dict[str, set[str]]:
+    """``{base name: adapter keys of its A and B factors}`` for the adapted weights that ``spec.exclude`` leaves to
+    prune (biases of the factors are never pruned)."""
+    factor_keys: dict[str, set[str]] = {}
+    for key in adapter.tensors:
+        m = _FACTOR.match(_strip(key))
+        if m is None or m["suffix"] == ".bias":
+            continue
+        name = to_base.get(f"{m['path']}.weight")
+        if name is not None and not is_excluded(name, spec.exclude):
+            factor_keys.setdefault(name, set()).add(key)
+    return factor_keys
+
+
+def _pack_sink(
+    out: Path, rb: CheckpointReader, adapted: list[str], spec: PruneSpec, *, overwrite: bool, inputs: dict
+) -> PackWriter:
+    """A :class:`~lifelong_delta.delta.pack.PackWriter` that stores the ``adapted`` tensors and copies the rest
+    from the base; excluded tensors are stored unmasked."""
+    from lifelong_delta.delta.matching import TensorMatch
+    from lifelong_delta.delta.pack import PackWriter
+
+    return PackWriter(out, rb, TensorMatch(pruned=adapted, copied=[]), spec, overwrite=overwrite, inputs=inputs,
+                      copies_base=True, unmasked=[n for n in adapted if is_excluded(n, spec.exclude)])
+
+
+def _base_and_delta(
+    name: str, b: torch.Tensor, a_name: str, adapter: LoraAdapter, full: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base tensor ``b`` and the adapter's dense delta for it, both fp32: ``full − b`` for a tensor the adapter
+    stores in full, ``scaling · B A`` for an adapted one.
+
+    Raises:
+        ValueError: ``b`` is not floating or not finite, the delta's shape differs from ``b``'s, or the delta is not
+            finite.
+    """
+    if not b.is_floating_point():
+        raise ValueError(f"tensor {name!r} of the base model is not floating ({b.dtype}); "
+                         "the adapter cannot change it")
+    check_finite(name, b, "base")
+    b32 = b.to(torch.float32)
+    if a_name in full:
+        delta = full[a_name].to(torch.float32) - b32
+        if full[a_name].shape != b.shape:
+            raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but "
+                             f"{list(full[a_name].shape)} in the adapter")
+    else:
+        delta = lora_deltas(adapter, only={a_name})[a_name]
+        if delta.shape != b.shape:
+            raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but the "
+                             f"adapter's delta has shape {list(delta.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"tensor {name!r}: the adapter's delta has non-finite values")
+    return b32, delta
