@@ -123,10 +123,24 @@ def recommend(
         raise ValueError(f"target_p must be in [0, 1), got {target_p}")
     if not stats.layers:
         raise ValueError("no floating tensors to analyse: the base and fine-tuned models share none (check --exclude)")
+    numbers, facts = _measure(stats, target_p, th)
+    has_data = has_labelled_data or has_unlabelled_data
+    if numbers["rel_norm"] > th.large_rel_norm and not low_rank:
+        return _for_a_large_delta(facts, numbers, th, has_data=has_data, can_refinetune=can_refinetune)
+    if numbers["rel_norm"] > th.large_rel_norm:
+        small = (f"{facts} is above {th.large_rel_norm:g}, yet it is a LoRA product B·A (importance pruning breaks "
+                 "its rank-r rows; random dropping with a rescale keeps them in expectation)")
+    else:
+        small = f"{facts} is at most {th.large_rel_norm:g}: the delta is small"
+    return _for_a_small_delta(small, numbers, th, has_labelled_data=has_labelled_data,
+                              has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune)
+
+
+def _measure(stats: DeltaStats, target_p: float, th: Thresholds) -> tuple[dict[str, float], str]:
+    """The numbers the decision reads (``rel_norm`` r, ``dare_noise`` ρ(p), ``max_safe_p``, ...) over the weight
+    matrices (every tensor if there are none), and the sentence that quotes them."""
     pooled: LayerStats = DeltaStats.pool(stats.matrices or stats.layers, name="weight matrices")
     r = pooled.rel_norm
-    rho = dare_noise(r, target_p)
-    p_safe = max_safe_p(r, th.dare_noise_ok)
     worst = max(stats.matrices or stats.layers, key=lambda s: s.rel_norm)
     numbers = {
         "mean_delta": pooled.mean,
@@ -134,38 +148,52 @@ def recommend(
         "mean_abs_delta": pooled.mean_abs,
         "rel_norm": r,
         "worst_rel_norm": worst.rel_norm,
-        "dare_noise": rho,
-        "max_safe_p": p_safe,
+        "dare_noise": dare_noise(r, target_p),
+        "max_safe_p": max_safe_p(r, th.dare_noise_ok),
         "target_p": target_p,
     }
     facts = (f"‖δ‖/‖θ_pre‖ = {r:.2e} over the weight matrices (mean δ = {pooled.mean:.2e}, std δ = {pooled.std:.2e}, "
              f"mean |δ| = {pooled.mean_abs:.2e}; largest {worst.rel_norm:.2e} in {worst.name})")
-    has_data = has_labelled_data or has_unlabelled_data
+    return numbers, facts
 
-    if r > th.large_rel_norm and not low_rank:
-        large = f"{facts} is above {th.large_rel_norm:g}: the delta is large, so random dropping (DARE) fails"
-        if can_refinetune and target_p >= th.extreme_p:
-            return Recommendation(
-                "refinetune-adamr", None,
-                f"{large}, and at p = {target_p:g} post-hoc importance pruning loses much of the fine-tune too. "
-                "Re-fine-tune with AdamR (L2 pull toward θ_pre) to shrink the delta's mean and variance, then prune "
-                "with DAREx-q (or AdamR-L1, then magnitude pruning).",
-                numbers, ("wanda" if has_data else "magnitude",),
-            )
-        method: Choice = "wanda" if has_data else "magnitude"
-        why = ("WANDA (|δ|·‖x‖ per output row) uses your calibration inputs" if has_data
-               else "magnitude pruning needs no data (with inputs, WANDA is better)")
+
+def _for_a_large_delta(
+    facts: str, numbers: dict[str, float], th: Thresholds, *, has_data: bool, can_refinetune: bool
+) -> Recommendation:
+    """A large full delta: re-fine-tune with AdamR at an extreme p if allowed, else importance pruning (WANDA with
+    data, magnitude without)."""
+    target_p = numbers["target_p"]
+    large = f"{facts} is above {th.large_rel_norm:g}: the delta is large, so random dropping (DARE) fails"
+    if can_refinetune and target_p >= th.extreme_p:
         return Recommendation(
-            method, None,
-            f"{large}; importance-based pruning keeps the entries that matter: {why}.",
-            numbers, ("refinetune-adamr",) if can_refinetune else (),
+            "refinetune-adamr", None,
+            f"{large}, and at p = {target_p:g} post-hoc importance pruning loses much of the fine-tune too. "
+            "Re-fine-tune with AdamR (L2 pull toward θ_pre) to shrink the delta's mean and variance, then prune "
+            "with DAREx-q (or AdamR-L1, then magnitude pruning).",
+            numbers, ("wanda" if has_data else "magnitude",),
         )
+    method: Choice = "wanda" if has_data else "magnitude"
+    why = ("WANDA (|δ|·‖x‖ per output row) uses your calibration inputs" if has_data
+           else "magnitude pruning needs no data (with inputs, WANDA is better)")
+    return Recommendation(
+        method, None,
+        f"{large}; importance-based pruning keeps the entries that matter: {why}.",
+        numbers, ("refinetune-adamr",) if can_refinetune else (),
+    )
 
-    if r > th.large_rel_norm:
-        small = (f"{facts} is above {th.large_rel_norm:g}, yet it is a LoRA product B·A (importance pruning breaks "
-                 "its rank-r rows; random dropping with a rescale keeps them in expectation)")
-    else:
-        small = f"{facts} is at most {th.large_rel_norm:g}: the delta is small"
+
+def _for_a_small_delta(
+    small: str,
+    numbers: dict[str, float],
+    th: Thresholds,
+    *,
+    has_labelled_data: bool,
+    has_unlabelled_data: bool,
+    can_refinetune: bool,
+) -> Recommendation:
+    """A small delta (or a LoRA product): plain DARE while its noise ρ(p) is low, re-fine-tuning with AdamR when
+    ρ(p) is too high even for DAREx-q, else DAREx-q with the q mode the data allows."""
+    target_p, r, rho, p_safe = numbers["target_p"], numbers["rel_norm"], numbers["dare_noise"], numbers["max_safe_p"]
     if rho <= th.dare_noise_ok:
         return Recommendation(
             "dare", None,
@@ -194,7 +222,7 @@ def recommend(
                               ("darex-q analytic",))
     return Recommendation(
         "darex-q", "unlabelled",
-        f"{noisy}. You have no data: one batch of unlabelled inputs is enough to pick q by the last-layer output change;"
-        f" otherwise lower p to about {p_safe:.3f} and use plain DARE.",
+        f"{noisy}. You have no data: one batch of unlabelled inputs is enough to pick q by the last-layer output "
+        f"change; otherwise lower p to about {p_safe:.3f} and use plain DARE.",
         numbers, (f"dare with p <= {p_safe:.3f}",),
     )
