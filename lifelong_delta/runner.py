@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -150,3 +151,28 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def fit_run(configs: Sequence[str | os.PathLike[str]], overrides: Sequence[str], *, seed: int,
+            save_dir: str | os.PathLike[str], name: str, version: str) -> None:
+    """One ``lightning fit`` of a study, in this process, as the ``lightning`` command runs it.
+
+    Args:
+        configs: YAML files, in order (later ones override earlier ones).
+        overrides: More ``lightning fit`` arguments, after the configs.
+        seed: Sets ``seed_everything`` and a ``ClassIncrementalDataModule``'s class order and data split.
+        save_dir, name, version: Where the run's logger writes: ``save_dir/name/version``.
+    """
+    args = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides,
+            f"--seed_everything={seed}",
+            f"--data.init_args.class_order_seed={seed}",
+            f"--data.init_args.seed={seed}",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+            f"--trainer.logger.init_args.name={name}",
+            f"--trainer.logger.init_args.version={version}"]
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI reads sys.argv too and warns when both are given
+    try:
+        lightning_main(args)
+    finally:
+        sys.argv = argv

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,24 +59,10 @@ def _config_dir(stream: str, config_dir: str | None) -> Path:
 
 def _run_one(config_dir: Path, method: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
     """One ``lightning fit`` of ``method`` with ``seed``; returns the run's ``cl_metrics.json``."""
-    from lifelong_delta.runner import lightning_main
+    from lifelong_delta.runner import fit_run
 
-    args = [
-        "fit", "-c", str(config_dir / "base.yaml"), "-c", str(config_dir / f"{method}.yaml"),
-        *overrides,
-        f"--seed_everything={seed}",
-        f"--data.init_args.class_order_seed={seed}",
-        f"--data.init_args.seed={seed}",
-        f"--trainer.logger.init_args.save_dir={runs}",
-        f"--trainer.logger.init_args.name={method}",
-        f"--trainer.logger.init_args.version=seed{seed}",
-    ]
-    argv = sys.argv
-    sys.argv = argv[:1]  # LightningCLI reads sys.argv too and warns when both are given
-    try:
-        lightning_main(args)
-    finally:
-        sys.argv = argv
+    fit_run([config_dir / "base.yaml", config_dir / f"{method}.yaml"], overrides, seed=seed, save_dir=runs,
+            name=method, version=f"seed{seed}")
     path = runs / method / f"seed{seed}" / "cl_metrics.json"
     if not path.is_file():
         raise RuntimeError(f"{method} seed {seed} finished without writing {path}")

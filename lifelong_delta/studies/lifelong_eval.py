@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,23 +49,10 @@ GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of de
 
 def _run_one(base: Path, config: Path, stream: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
     """One ``lightning fit`` of the lifelong config on ``stream`` with ``seed``; returns its metrics file."""
-    from lifelong_delta.runner import lightning_main
+    from lifelong_delta.runner import fit_run
 
-    args = [
-        "fit", "-c", str(base), "-c", str(config), *STREAMS[stream][0], *overrides,
-        f"--seed_everything={seed}",
-        f"--data.init_args.class_order_seed={seed}",
-        f"--data.init_args.seed={seed}",
-        f"--trainer.logger.init_args.save_dir={runs / stream}",
-        f"--trainer.logger.init_args.name={METHOD}",
-        f"--trainer.logger.init_args.version=seed{seed}",
-    ]
-    argv = sys.argv
-    sys.argv = argv[:1]  # LightningCLI reads sys.argv too and warns when both are given
-    try:
-        lightning_main(args)
-    finally:
-        sys.argv = argv
+    fit_run([base, config], [*STREAMS[stream][0], *overrides], seed=seed, save_dir=runs / stream, name=METHOD,
+            version=f"seed{seed}")
     path = _metrics_path(runs, stream, seed)
     if not path.is_file():
         raise RuntimeError(f"{stream} seed {seed} finished without writing {path}; does the config add "
