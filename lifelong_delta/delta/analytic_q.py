@@ -140,6 +140,16 @@ def analytic_row_q(
     Returns:
         ``[out]`` float64 q per row.
     """
+    _check_analytic_args(p, eta=eta, gamma=gamma, tie_rtol=tie_rtol, arithmetic=arithmetic)
+    if arithmetic == "float16" or tie_rtol > 0:  # ties make the scan path-dependent: no blocking
+        dtype = torch.float16 if arithmetic == "float16" else torch.float64
+        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=dtype,
+                                tie_rtol=tie_rtol)
+    return _blocked_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step)
+
+
+def _check_analytic_args(p: float, *, eta: float, gamma: float, tie_rtol: float, arithmetic: str) -> None:
+    """Raise a ``ValueError`` naming the first of :func:`analytic_row_q`'s settings that is out of range."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p={p}: the analytic q needs 0 < p < 1")
     if not eta > 0.0:
@@ -150,10 +160,19 @@ def analytic_row_q(
         raise ValueError(f"tie_rtol={tie_rtol} must be in [0, 1)")
     if arithmetic not in ("float16", "float64"):
         raise ValueError(f"arithmetic={arithmetic!r}: choose 'float16' (the authors') or 'float64'")
-    if arithmetic == "float16" or tie_rtol > 0:  # ties make the scan path-dependent: no blocking
-        dtype = torch.float16 if arithmetic == "float16" else torch.float64
-        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=dtype,
-                                tie_rtol=tie_rtol)
+
+
+def _blocked_scan(
+    c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float
+) -> torch.Tensor:
+    """:func:`analytic_row_q` in exact float64 with no tie tolerance: ``[out]`` q per row of ``c`` (``[out, k]``).
+
+    The scan of the authors' code, one q at a time, is evaluated a block of q values at once: in a block, a q
+    improves a row when its F is <= the minimum over every earlier q (the running minimum before it), and the row has
+    stopped from the first q whose F is >= that minimum. The scan ends at the first q after which ``stop_fraction``
+    of the rows have stopped; the rows keep the last improving q up to there. Same values as the sequential loop (the
+    same float64 operations per element), ~100x fewer kernel launches.
+    """
     c = c.double()
     s1, s2 = torch.sum(c, dim=1), torch.sum(c**2, dim=1)
     phi, const = bernoulli_subgaussian_phi(p), math.log(2.0 / (1.0 - gamma))
@@ -162,11 +181,6 @@ def analytic_row_q(
     best_q = torch.full_like(s1, 1.0 - p)
     best = torch.full_like(s1, math.inf)
     stopped = torch.zeros_like(s1, dtype=torch.bool)
-    # The scan of the authors' code, one q at a time, is evaluated a block of q values at once: in a block, a
-    # q improves a row when its F is <= the minimum over every earlier q (the running minimum before it), and
-    # the row has stopped from the first q whose F is >= that minimum. The scan ends at the first q after which
-    # stop_fraction of the rows have stopped; the rows keep the last improving q up to there. Same values as the
-    # sequential loop (the same float64 operations per element), ~100x fewer kernel launches.
     for start in range(0, len(ks), _Q_BLOCK):
         q = (ks[start : start + _Q_BLOCK] * step)[:, None]  # [b, 1]
         res = _objective(s1, s2, p, q, eta, phi, const)  # [b, rows]
@@ -258,9 +272,9 @@ def analytic_q_per_layer(
     For each weight matrix with a ``mean_inputs`` entry, ``c_ij = Δw_ij · mean(x_j)`` (the layer's bias delta
     appended as one more column with input 1), every output row gets q from :func:`analytic_row_q`, and the layer's q
     is the mean over rows, clipped to ``[1 − p, 1]`` (the authors' does not clip; a float16 mean of rows at
-    ``1 − p`` can land a rounding error below it). The layer's bias gets the layer's q; every other pruned tensor (embeddings, norms, a
-    weight without calibration inputs) gets the mean of the layer qs, or ``1 − p`` when no layer has one. This
-    follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx (``utils/analyticalq.py``,
+    ``1 − p`` can land a rounding error below it). The layer's bias gets the layer's q; every other pruned tensor
+    (embeddings, norms, a weight without calibration inputs) gets the mean of the layer qs, or ``1 − p`` when no
+    layer has one. This follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx (``utils/analyticalq.py``,
     ``utils/deltaprune.py``).
 
     Source note: the objective is taken from the authors' code; the paper's own text (its equation numbers) was not
