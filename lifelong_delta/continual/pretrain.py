@@ -48,7 +48,7 @@ def pretrain(
 
     The defaults (width 128, 4 blocks, 3 epochs over all 60k images) take about 16 minutes on 2 free cores and
     reach about 85 % Fashion-MNIST test accuracy; a linear probe of their mean-pooled features reaches about
-    77 % on MNIST (62 % for the earlier width-64, 1-epoch default).
+    77 % on MNIST.
 
     Args:
         dataset: an offline source of ``ClassIncrementalDataModule`` (``fashion_mnist``, ``mnist``, ...).
@@ -72,6 +72,30 @@ def pretrain(
     Returns:
         The cache directory, e.g. ``~/.cache/lifelong_delta/vit28_fmnist`` expanded.
     """
+    _check_args(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                patch_size=patch_size, img_size=img_size, lr=lr)
+    out = expand_path(cache_dir) / name
+    outputs.check_can_create(out, option="--cache_dir")
+    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
+              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
+    options = {"backbone": backbone, "backbone_kwargs": kwargs, "dataset": dataset, "epochs": epochs,
+               "batch_size": batch_size, "lr": lr, "max_per_class": max_per_class, "seed": seed}
+    if augment:  # recorded only when on, so cache entries without the key still match
+        options["augment"] = True
+    if not force and _is_cached(out, options):
+        print(f"cached at {out}", flush=True)
+        return str(out)
+    state, config = _train(options, augment=augment)
+    _write_entry_atomically(out, state, config)
+    print(f"cached at {out}", flush=True)
+    return str(out)
+
+
+def _check_args(
+    *, epochs: int, batch_size: int, embed_dim: int, depth: int, num_heads: int, patch_size: int, img_size: int,
+    lr: float,
+) -> None:
+    """Raise a ``ValueError`` naming the first of :func:`pretrain`'s sizes or rates that cannot build or train a ViT."""
     for option, value in (("epochs", epochs), ("batch_size", batch_size), ("embed_dim", embed_dim),
                           ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
         if value < 1:
@@ -82,35 +106,37 @@ def pretrain(
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
     if img_size % patch_size:
         raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
-    out = expand_path(cache_dir) / name
-    outputs.check_can_create(out, option="--cache_dir")
-    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
-              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
-    options = {"backbone": backbone, "backbone_kwargs": kwargs, "dataset": dataset, "epochs": epochs,
-               "batch_size": batch_size, "lr": lr, "max_per_class": max_per_class, "seed": seed}
-    if augment:  # recorded only when on, so entries written before the option existed still match
-        options["augment"] = True
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
-        cached = json.loads((out / "config.json").read_text())
-        changed = sorted(k for k, v in options.items() if cached.get(k) != v)
-        if not changed:
-            print(f"cached at {out}", flush=True)
-            return str(out)
-        print(f"{out} was trained with other options ({', '.join(changed)}): retraining", flush=True)
 
+
+def _is_cached(out: Path, options: dict[str, Any]) -> bool:
+    """Whether ``out`` holds an entry trained with ``options``; an entry trained with others says it is retrained."""
+    if not ((out / "model.safetensors").is_file() and (out / "config.json").is_file()):
+        return False
+    cached = json.loads((out / "config.json").read_text())
+    changed = sorted(k for k, v in options.items() if cached.get(k) != v)
+    if changed:
+        print(f"{out} was trained with other options ({', '.join(changed)}): retraining", flush=True)
+    return not changed
+
+
+def _train(options: dict[str, Any], *, augment: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train the ViT that ``options`` describe with Lightning; return its state dict and the entry's config
+    (``options`` plus classes, input normalisation, test accuracy, training time and timm version)."""
     import lightning as L
 
     from lifelong_delta.callbacks.progress_lines import ProgressLines
     from lifelong_delta.continual.data import ClassIncrementalDataModule
     from lifelong_delta.progress import is_terminal
 
-    L.seed_everything(seed, verbose=False)
+    backbone, kwargs, dataset, epochs = (options[k] for k in ("backbone", "backbone_kwargs", "dataset", "epochs"))
+    L.seed_everything(options["seed"], verbose=False)
     dm = ClassIncrementalDataModule(
-        dataset=dataset, n_tasks=1, class_order_seed=None, seed=seed, val_fraction=0.0, batch_size=batch_size,
-        eval_batch_size=512, image_size=img_size, channels=1, max_per_class=max_per_class,
+        dataset=dataset, n_tasks=1, class_order_seed=None, seed=options["seed"], val_fraction=0.0,
+        batch_size=options["batch_size"], eval_batch_size=512, image_size=kwargs["img_size"], channels=1,
+        max_per_class=options["max_per_class"],
     )
     dm.setup("fit")
-    model = _make_classifier()(backbone, dm.num_classes, kwargs, lr, augment)
+    model = _make_classifier()(backbone, dm.num_classes, kwargs, options["lr"], augment)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0,
@@ -125,7 +151,6 @@ def pretrain(
     accuracy = _accuracy(model.net, dm.test_dataloader()[0])
     print(f"pretrained {backbone} {kwargs} on {dataset} in {seconds:.0f} s: test accuracy {accuracy:.4f}",
           flush=True)
-
     config = {
         **options,
         "num_classes": dm.num_classes,
@@ -134,9 +159,7 @@ def pretrain(
         "train_seconds": round(seconds, 1),
         "timm_version": __import__("timm").__version__,
     }
-    _write_entry_atomically(out, model.net.state_dict(), config)
-    print(f"cached at {out}", flush=True)
-    return str(out)
+    return model.net.state_dict(), config
 
 
 def _make_classifier() -> type:
