@@ -1,10 +1,12 @@
 """``make lifelong-eval``: lifelong deltas on the split-MNIST streams of ``make cl-eval`` and ``make cl-eval-2x5``.
 
-Each (stream, seed) is one ``lightning fit -c configs/cl_eval/mnist/base.yaml -c configs/lifelong_deltas.yaml``:
-every task trains the ViT's attention QKV and the head from the pretrained backbone, and
-:class:`~lifelong_delta.callbacks.LifelongDeltas` packs the task's QKV delta at every drop rate of the config (dense,
-0.9, 0.99; q chosen per task without labels) and evaluates the banks at the end. Training does not depend on p, so
-one run gives every p. Seeds set the class order and the data split as in the continual study.
+Each (stream, method, seed) is one ``lightning fit -c configs/cl_eval/mnist/base.yaml -c
+configs/lifelong_deltas.yaml [-c configs/lifelong_deltas_adamr.yaml]``: every task trains the ViT's attention QKV
+and the head from the pretrained backbone, with Adam (``lifelong-deltas``) or with AdamR's pull toward the
+pretrained weights (``lifelong-deltas-adamr``, DAREx-L2), and :class:`~lifelong_delta.callbacks.LifelongDeltas`
+packs the task's QKV delta at every drop rate of the config (dense, 0.9, 0.99; q chosen per task without labels)
+and evaluates the banks at the end. Training does not depend on p, so one run gives every p. Seeds set the class
+order and the data split as in the continual study.
 
 Outputs in ``out_dir`` (default ``results/lifelong_eval``):
 
@@ -14,8 +16,8 @@ Outputs in ``out_dir`` (default ``results/lifelong_eval``):
   ``results.csv`` is there (and the runs use its base config);
 * ``summary.md``: mean ± std over seeds per stream, method and p, the goals, and what class-incremental inference
   costs;
-* ``accuracy.png``: task- and class-incremental accuracy per p next to the best continual method;
-* ``runs/<stream>/lifelong_deltas/seed<k>/``: each run's Lightning logs, ``lifelong_metrics.json`` and packs.
+* ``accuracy.png``: task- and class-incremental accuracy per method and p next to the best continual method;
+* ``runs/<stream>/<method>/seed<k>/``: each run's Lightning logs, ``lifelong_metrics.json`` and packs.
 
 Finished runs (their ``lifelong_metrics.json`` exists) are reused; ``force=True`` re-runs them.
 """
@@ -34,7 +36,7 @@ from typing import Any
 from lifelong_delta import outputs
 from lifelong_delta.repro import repro_command
 
-__all__ = ["COLUMNS", "STREAMS", "lifelong_eval", "summary_markdown"]
+__all__ = ["COLUMNS", "METHODS", "STREAMS", "lifelong_eval", "summary_markdown"]
 
 COLUMNS = ("stream", "method", "seed", "p", "task_il_accuracy", "class_il_accuracy", "bytes_per_task")
 _ROOT = Path(__file__).resolve().parents[2]
@@ -43,25 +45,30 @@ STREAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "5x2": ((), "results/cl_eval/results.csv"),
     "2x5": (("--data.init_args.n_tasks=2", "--data.init_args.classes_per_task=5"), "results/cl_eval_2x5/results.csv"),
 }
-METHOD = "lifelong-deltas"
+#: method name -> the configs layered on the stream's base config (in configs/, or ``config_dir``)
+METHODS: dict[str, tuple[str, ...]] = {
+    "lifelong-deltas": ("lifelong_deltas.yaml",),
+    "lifelong-deltas-adamr": ("lifelong_deltas.yaml", "lifelong_deltas_adamr.yaml"),
+}
 GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of dense, at <= 2 % of its bytes
 
 
-def _run_one(base: Path, config: Path, stream: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
-    """One ``lightning fit`` of the lifelong config on ``stream`` with ``seed``; returns its metrics file."""
+def _run_one(base: Path, configs: Sequence[Path], method: str, stream: str, seed: int, runs: Path,
+             overrides: Sequence[str]) -> Path:
+    """One ``lightning fit`` of ``method``'s configs on ``stream`` with ``seed``; returns its metrics file."""
     from lifelong_delta.runner import fit_run
 
-    fit_run([base, config], [*STREAMS[stream][0], *overrides], seed=seed, save_dir=runs / stream, name=METHOD,
+    fit_run([base, *configs], [*STREAMS[stream][0], *overrides], seed=seed, save_dir=runs / stream, name=method,
             version=f"seed{seed}")
-    path = _metrics_path(runs, stream, seed)
+    path = _metrics_path(runs, method, stream, seed)
     if not path.is_file():
         raise RuntimeError(f"{stream} seed {seed} finished without writing {path}; does the config add "
                            "lifelong_delta.callbacks.LifelongDeltas to trainer.callbacks?")
     return path
 
 
-def _metrics_path(runs: Path, stream: str, seed: int) -> Path:
-    return runs / stream / METHOD / f"seed{seed}" / "lifelong_metrics.json"
+def _metrics_path(runs: Path, method: str, stream: str, seed: int) -> Path:
+    return runs / stream / method / f"seed{seed}" / "lifelong_metrics.json"
 
 
 def _best_continual(path: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -108,8 +115,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int,
         for r in mine:
             groups.setdefault((r["method"], r["p"]), []).append(r)
         for (method, p), group in groups.items():
-            if method == METHOD:
-                info = [extra[(stream, r["seed"], p)] for r in group]
+            if method in METHODS:
+                info = [extra[(stream, method, r["seed"], p)] for r in group]
                 kib = _mean_std([r["bytes_per_task"] / 1024 for r in group])
                 frac = _cell(info, "bytes_fraction", digits=2)
                 q = "1" if p == 0 else f"{statistics.fmean(x for i in info for x in i['q']):.3f}"
@@ -119,7 +126,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int,
             else:
                 lines.append(f"| {method} (best of the continual study) | – | – | "
                              f"{_cell(group, 'class_il_accuracy')} | – | – | – | {len(group)} |")
-        lines += ["", *_goals(stream, mine, extra), ""]
+        lines += ["", *(g for method in METHODS for g in _goals(stream, method, mine, extra)), ""]
     lines += ["Task-IL: the task id is given and the task's delta is swapped in (one forward pass per sample). "
               "Class-IL: no task id; every sample goes through each task's delta and the highest sigmoid wins "
               "(as many forward passes as tasks). Mean ± sample std over seeds. Bytes per task: the pack's files "
@@ -128,20 +135,20 @@ def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int,
     return "\n".join(lines)
 
 
-def _goals(stream: str, rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]]
-           ) -> list[str]:
+def _goals(stream: str, method: str, rows: Sequence[dict[str, Any]],
+           extra: dict[tuple[str, str, int, float], dict[str, Any]]) -> list[str]:
     def of(p: float) -> list[dict[str, Any]]:
-        return [r for r in rows if r["method"] == METHOD and r["p"] == p]
+        return [r for r in rows if r["method"] == method and r["p"] == p]
 
     dense, extreme = of(0.0), of(0.99)
     if not dense or not extreme:
         return []
     gap = 100 * (statistics.fmean(r["task_il_accuracy"] for r in dense)
                  - statistics.fmean(r["task_il_accuracy"] for r in extreme))
-    frac = statistics.fmean(extra[(stream, r["seed"], 0.99)]["bytes_fraction"] for r in extreme)
-    tasks = extra[(stream, extreme[0]["seed"], 0.99)]["tasks"]
+    frac = statistics.fmean(extra[(stream, method, r["seed"], 0.99)]["bytes_fraction"] for r in extreme)
+    tasks = extra[(stream, method, extreme[0]["seed"], 0.99)]["tasks"]
     ok = "met" if gap <= GOAL_POINTS and frac <= GOAL_BYTES else "**not met**"
-    return [f"Goal at p = 0.99 ({ok}): task-IL {gap:.2f} points below dense (goal ≤ {GOAL_POINTS:g}), at "
+    return [f"{method}, goal at p = 0.99 ({ok}): task-IL {gap:.2f} points below dense (goal ≤ {GOAL_POINTS:g}), at "
             f"{100 * frac:.2f} % of the dense bytes per task (goal ≤ {100 * GOAL_BYTES:g} %). Class-IL costs "
             f"{tasks} forward passes per sample ({tasks} tasks)."]
 
@@ -152,19 +159,24 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
     from matplotlib.figure import Figure
 
     streams = list(dict.fromkeys(r["stream"] for r in rows))
-    fig = Figure(figsize=(5.0 * len(streams), 4.0))
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    fig = Figure(figsize=(5.5 * len(streams), 4.2))
     FigureCanvasAgg(fig)
+    bars = [(key, m) for key in ("task_il_accuracy", "class_il_accuracy") for m in methods]
+    width = 0.8 / len(bars)
     for k, stream in enumerate(streams):
         ax = fig.add_subplot(1, len(streams), k + 1)
-        mine = [r for r in rows if r["stream"] == stream and r["method"] == METHOD]
-        ps = sorted({r["p"] for r in mine})
+        ps = sorted({r["p"] for r in rows if r["stream"] == stream and r["method"] in METHODS})
         x = np.arange(len(ps))
-        for i, (key, label, colour) in enumerate((("task_il_accuracy", "task-IL (task id given)", "C0"),
-                                                  ("class_il_accuracy", "class-IL (task inferred)", "C1"))):
-            stats = [_mean_std([100 * r[key] for r in mine if r["p"] == p]) for p in ps]
-            ax.bar(x + (i - 0.5) * 0.38, [s[0] for s in stats], 0.38, yerr=[s[1] for s in stats], capsize=2,
-                   color=colour, label=label)
-        best = [r for r in rows if r["stream"] == stream and r["method"] != METHOD]
+        for i, (key, method) in enumerate(bars):
+            stats = [_mean_std([100 * r[key] for r in rows if r["stream"] == stream and r["method"] == method
+                                and r["p"] == p] or [float("nan")]) for p in ps]
+            kind = "task-IL" if key == "task_il_accuracy" else "class-IL"
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [s[0] for s in stats], width,
+                   yerr=[s[1] for s in stats], capsize=2, color="C0" if kind == "task-IL" else "C1",
+                   alpha=1.0 if method == methods[0] else 0.55, hatch=None if method == methods[0] else "//",
+                   label=f"{kind}, {method}")
+        best = [r for r in rows if r["stream"] == stream and r["method"] not in METHODS]
         if best:
             level = 100 * statistics.fmean(r["class_il_accuracy"] for r in best)
             ax.axhline(level, color="C3", ls="--", label="the continual study's best A_N (class-IL)")
@@ -175,8 +187,8 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
         ax.set_title(f"split MNIST {stream}: mean ± std over seeds", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     outputs.write_png(out / "accuracy.png", fig, dpi=120)
 
 
@@ -184,7 +196,8 @@ def lifelong_eval(
     seeds: list[int] | None = None,
     streams: list[str] | None = None,
     out_dir: str = "results/lifelong_eval",
-    config: str | None = None,
+    methods: list[str] | None = None,
+    config_dir: str | None = None,
     base_config: str | None = None,
     override: list[str] | None = None,
     force: bool = False,
@@ -195,8 +208,10 @@ def lifelong_eval(
         seeds: seeds; each sets ``seed_everything``, the class order and the data split (default 0 1 2).
         streams: ``5x2`` (``make cl-eval``'s stream) and/or ``2x5`` (``make cl-eval-2x5``'s); default both.
         out_dir: where results.csv, summary.md, accuracy.png and ``runs/`` go.
-        config: the lifelong config layered on configs/cl_eval/mnist/base.yaml (default
-            configs/lifelong_deltas.yaml).
+        methods: ``lifelong-deltas`` (Adam) and/or ``lifelong-deltas-adamr`` (AdamR's pull toward θ_pre); default
+            both.
+        config_dir: where the methods' configs are (default configs/: lifelong_deltas.yaml and
+            lifelong_deltas_adamr.yaml).
         base_config: the stream's base config (default configs/cl_eval/mnist/base.yaml, the continual study's).
         override: extra ``lightning fit`` arguments for every run, e.g. ``--data.init_args.max_per_class=100``.
         force: re-run runs that already have a ``lifelong_metrics.json``.
@@ -204,8 +219,8 @@ def lifelong_eval(
     Returns:
         Path of ``summary.md``.
     """
-    given = {"seeds": seeds, "streams": streams, "out_dir": out_dir, "config": config, "base_config": base_config,
-             "override": override}
+    given = {"seeds": seeds, "streams": streams, "out_dir": out_dir, "methods": methods, "config_dir": config_dir,
+             "base_config": base_config, "override": override}
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
@@ -214,10 +229,14 @@ def lifelong_eval(
     if unknown or not streams:
         raise ValueError(f"streams={streams}: choose from {', '.join(STREAMS)}")
     base = Path(base_config) if base_config is not None else _ROOT / "configs" / "cl_eval" / "mnist" / "base.yaml"
-    lifelong = Path(config) if config is not None else _ROOT / "configs" / "lifelong_deltas.yaml"
-    for option, path in (("config", lifelong), ("base_config", base)):
+    methods = list(METHODS) if methods is None else list(methods)
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"methods={methods}: choose from {', '.join(METHODS)}")
+    root = Path(config_dir) if config_dir is not None else _ROOT / "configs"
+    configs = {m: [root / name for name in METHODS[m]] for m in methods}
+    for option, path in [("base_config", base), *(("config_dir", c) for m in methods for c in configs[m])]:
         if not path.is_file():
-            raise ValueError(f"--{option} {path}: not found (a lightning fit YAML config)")
+            raise ValueError(f"--{option}: {path} not found (a lightning fit YAML config)")
     outputs.check_can_create(out_dir, option="--out_dir")
     out = Path(out_dir)
     runs = out / "runs"
@@ -226,22 +245,22 @@ def lifelong_eval(
     from lifelong_delta.progress import Progress
 
     start = time.perf_counter()
-    plan = [(stream, s) for stream in streams for s in seeds]
-    todo = [(stream, s) for stream, s in plan if force or not _metrics_path(runs, stream, s).is_file()]
+    plan = [(stream, m, s) for stream in streams for m in methods for s in seeds]
+    todo = [(stream, m, s) for stream, m, s in plan if force or not _metrics_path(runs, m, stream, s).is_file()]
     rows: list[dict[str, Any]] = []
-    extra: dict[tuple[str, int, float], dict[str, Any]] = {}
+    extra: dict[tuple[str, str, int, float], dict[str, Any]] = {}
     with Progress("lifelong-eval", len(todo), unit="runs", live=False) as bar:
-        for stream, s in plan:
-            if (stream, s) in todo:
-                bar.update(0, detail=f"{stream} seed {s}")
-                _run_one(base, lifelong, stream, s, runs, list(override or []))
+        for stream, method, s in plan:
+            if (stream, method, s) in todo:
+                bar.update(0, detail=f"{stream} {method} seed {s}")
+                _run_one(base, configs[method], method, stream, s, runs, list(override or []))
                 bar.update(1)
-            metrics = json.loads(_metrics_path(runs, stream, s).read_text())
+            metrics = json.loads(_metrics_path(runs, method, stream, s).read_text())
             for label, m in metrics["by_p"].items():
                 p = float(label)
-                rows.append({"stream": stream, "method": METHOD, "seed": s, "p": p,
+                rows.append({"stream": stream, "method": method, "seed": s, "p": p,
                              **{k: float(m[k]) for k in COLUMNS[4:]}})
-                extra[(stream, s, p)] = {**m, "tasks": metrics["tasks"]}
+                extra[(stream, method, s, p)] = {**m, "tasks": metrics["tasks"]}
     if base_config is None:  # the continual study ran on this base config's streams
         for stream in streams:
             rows += [{"stream": stream, **r} for r in _best_continual(_ROOT / STREAMS[stream][1], seeds)]
