@@ -20,10 +20,14 @@ false), ``dtype: float32``. The same file goes to both tools:
 files.) Each command runs as a user runs it (a subprocess, page cache warm after one untimed warm-up of each),
 ``--repeats`` times, the commands interleaved round by round; round r uses seed r for both tools, the median time
 is reported with the peak RSS (GNU ``/usr/bin/time``). Each round also times each tool's start-up floor,
-``python -c "import torch"`` in this venv and ``python -c "import mergekit.merge"`` in mergekit's, and the table
-gives the ratio of the time beyond it. ``--omp-threads 1`` runs both tools on one thread: on a 2-core machine that
-other jobs keep busy, two threads made both tools 2-3x slower. Outputs are evaluated between runs, outside the
-timing, on the study's test subsample (``--max-test``, default 256 as ``make merge-eval``) with each task's own head.
+``python -c "import jsonargparse, lifelong_delta.cli, lifelong_delta.delta.merge_words"`` in this venv (what our
+command imports: on these fp32 checkpoints it merges raw words and never imports torch) and
+``python -c "import mergekit.merge"`` in mergekit's, and the table gives the ratio of the time beyond it.
+``--omp-threads 1`` runs torch, and so mergekit, on one thread: on a 2-core machine that other jobs keep busy, two
+threads made it 2-3x slower. (Our compiled kernel does not use OpenMP; like ``prune``'s, it splits chunks of 2**18
+elements or more, and TIES' cuts of two models, between two threads when the process may use two CPUs.) Outputs
+are evaluated between runs, outside the timing, on the study's test subsample (``--max-test``, default 256 as
+``make merge-eval``) with each task's own head.
 The DARE merges give three seeds per tool (mergekit's ``torch.bernoulli`` masks, our counter-hash masks); task
 arithmetic and TIES are deterministic and evaluated once, and the largest weight difference between the tools is
 reported.
@@ -59,6 +63,7 @@ GOAL_SPEED = 10.0  # mergekit / ours >= 10
 CONFIGS = (("task_arithmetic", None), ("ties", 0.1), ("ties", 0.3), ("dare_linear", 0.1), ("dare_linear", 0.3),
            ("dare_ties", 0.1), ("dare_ties", 0.3))
 NORMALIZE = {"task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": True}
+OUR_IMPORTS = "import jsonargparse, lifelong_delta.cli, lifelong_delta.delta.merge_words"  # our start-up floor
 STUDY_METHOD = {"task_arithmetic": "task-arithmetic", "ties": "ties", "dare_linear": "dare-linear",
                 "dare_ties": "dare-ties"}
 
@@ -156,8 +161,7 @@ def main() -> None:
         cmds.append(("mergekit", method, density, Command(f"mergekit-yaml {tag}", [
             str(mergekit), str(cfg), str(work / f"mk-{tag}"), "--quiet", "--no-copy-tokenizer"], "merge",
             work / f"mk-{tag}")))
-    floors = [Command("import torch (project venv)", [str(PROJECT_VENV_BIN / "python"), "-c", "import torch"],
-                      "start-up"),
+    floors = [Command("our command's imports", [str(PROJECT_VENV_BIN / "python"), "-c", OUR_IMPORTS], "start-up"),
               Command("import mergekit.merge (peer venv)", [str(mergekit.parent / "python"), "-c",
                                                             "import mergekit.merge"], "start-up")]
     log = work / "run.log"
@@ -244,7 +248,7 @@ def report(cmds: list[tuple[str, str, float | None, Command]], floors: list[Comm
               f"{max(k.rss) / 2**20:.0f} | {'yes' if ratio >= GOAL_SPEED else 'NO'} | {beyond:.1f}x |")
         rows.append({"method": m, "density": d, "ours_s": o.times, "mergekit_s": k.times, "ratio": ratio,
                      "ratio_beyond_start_up": beyond, "ours_rss": o.rss, "mergekit_rss": k.rss})
-    print(f"| start-up floor: `python -c 'import torch'` / `'import mergekit.merge'` | {f_ours:.2f} | {f_mk:.2f} | "
+    print(f"| start-up floor: `python -c '{OUR_IMPORTS}'` / `'import mergekit.merge'` | {f_ours:.2f} | {f_mk:.2f} | "
           f"| {max(floors[0].rss) / 2**20:.0f} / {max(floors[1].rss) / 2**20:.0f} | | |")
     print("\n| merge | task | lifelong-delta % | mergekit % | difference (pt) | study's seed std (pt) | agree |")
     print("|---|---|---:|---:|---:|---:|---|")
