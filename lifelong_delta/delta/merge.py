@@ -43,7 +43,8 @@ the output depends only on element ``j`` of every input and its flat index, exce
 applies chunk by chunk; every other method streams in chunks only.
 
 Importing this module loads no torch (the command checks its options with :class:`MergeSpec` before the heavy
-imports); the tensor functions import it when called.
+imports); the tensor functions import it when called. :mod:`lifelong_delta.delta.merge_words` computes the same
+bits on raw F32/BF16 checkpoint words with a compiled kernel, without torch.
 """
 
 from __future__ import annotations
