@@ -58,7 +58,7 @@ from lifelong_delta import outputs
 from lifelong_delta.delta.analytic_q import Arithmetic
 from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.repro import repro_command
-from lifelong_delta.studies.prune_eval_data import finetune_hparams, task_splits
+from lifelong_delta.studies.prune_eval_data import TaskSplits, finetune_hparams, task_splits
 from lifelong_delta.studies.prune_eval_report import METHOD_ORDER
 from lifelong_delta.studies.prune_eval_run import ETA_GRID, FinetuneRun, Settings, cell_cost
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
@@ -120,26 +120,21 @@ def plan_cells(
     return cells
 
 
-def _check(
-    tasks: Sequence[str],
-    finetunes: Sequence[str],
-    methods: Sequence[str],
-    ps: Sequence[float],
-    seeds: Sequence[int],
-    low_p_seeds: int,
-    s: Settings,
-    lora_methods: Sequence[str],
-    extreme_methods: Sequence[str],
-) -> None:
+def _check(args: dict[str, Any], s: Settings) -> None:
+    """Raise a ``ValueError`` naming the first option of :func:`prune_eval` that cannot run, before any work: the
+    choices, drop rates, seeds, settings, threads, jobs and backbone, then that ``out`` and ``cache_dir`` can be
+    created."""
+    from lifelong_delta.text.backbones import get_backbone
     from lifelong_delta.text.data import TASKS
 
-    for option, values, allowed in (
-        ("tasks", tasks, TASKS),
-        ("finetunes", finetunes, tuple(RECIPES)),
-        ("methods", methods, METHODS),
-        ("lora_methods", lora_methods, METHODS),
-        ("extreme_methods", extreme_methods, METHODS),
+    for option, allowed in (
+        ("tasks", TASKS),
+        ("finetunes", tuple(RECIPES)),
+        ("methods", METHODS),
+        ("lora_methods", METHODS),
+        ("extreme_methods", METHODS),
     ):
+        values = args[option]
         if option == "extreme_methods" and not values:
             continue
         if not values:
@@ -147,6 +142,7 @@ def _check(
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"{option}: {bad[0]!r} is not one of {', '.join(sorted(allowed))}")
+    ps, seeds = args["ps"], args["seeds"]
     if not ps or any(isinstance(p, bool) or not 0.0 < float(p) < 1.0 for p in ps):
         raise ValueError(f"ps: drop rates must be in (0, 1), got {list(ps)}")
     if (
@@ -155,8 +151,20 @@ def _check(
         or len(set(seeds)) != len(seeds)
     ):
         raise ValueError(f"seeds: give distinct integer mask seeds, got {list(seeds)}")
-    if low_p_seeds < 1:
-        raise ValueError(f"low_p_seeds must be >= 1, got {low_p_seeds}")
+    if args["low_p_seeds"] < 1:
+        raise ValueError(f"low_p_seeds must be >= 1, got {args['low_p_seeds']}")
+    _check_settings(s)
+    if args["threads"] is not None and args["threads"] < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {args['threads']}")
+    if args["jobs"] is not None and args["jobs"] < 1:
+        raise ValueError(f"jobs must be >= 1 or None (one per core), got {args['jobs']}")
+    get_backbone(args["backbone"])
+    outputs.check_can_create(args["out"], option="--out")  # before hours of work, not after
+    outputs.check_can_create(args["cache_dir"], option="--cache_dir")
+
+
+def _check_settings(s: Settings) -> None:
+    """Raise a ``ValueError`` naming the first of the evaluation settings ``s`` that is out of range."""
     for option in ("max_val", "n_calib", "batch_size"):
         if getattr(s, option) < 1:
             raise ValueError(f"{option} must be >= 1, got {getattr(s, option)}")
@@ -284,26 +292,7 @@ def prune_eval(
         exclude=tuple(exclude),
         batch_size=batch_size,
     )
-    _check(
-        args["tasks"],
-        args["finetunes"],
-        args["methods"],
-        args["ps"],
-        args["seeds"],
-        low_p_seeds,
-        s,
-        args["lora_methods"],
-        args["extreme_methods"],
-    )
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 or None, got {threads}")
-    if jobs is not None and jobs < 1:
-        raise ValueError(f"jobs must be >= 1 or None (one per core), got {jobs}")
-    from lifelong_delta.text.backbones import get_backbone
-
-    get_backbone(backbone)
-    outputs.check_can_create(out, option="--out")  # before hours of work, not after
-    outputs.check_can_create(cache_dir, option="--cache_dir")
+    _check(args, s)
     start = time.perf_counter()
     # with torch's own thread count, as `lifelong-delta finetune` runs them: a fine-tune's weights depend on it
     _ensure_finetunes(args["cache_dir"], args["tasks"], args["finetunes"], backbone)
@@ -315,16 +304,30 @@ def prune_eval(
         torch.set_num_threads(torch_threads)
 
 
-def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
-    """The study of :func:`prune_eval` with validated, normalised arguments."""
-    from lifelong_delta.progress import Progress
-    from lifelong_delta.studies.prune_eval_report import write_outputs
+@dataclass(frozen=True)
+class _Plan:
+    """What the study evaluates: its fine-tunes (``units``, (task, recipe) pairs), their directories and data
+    splits, and the cells of each."""
+
+    units: list[tuple[str, str]]
+    dirs: dict[tuple[str, str], Path]
+    base_dirs: dict[str, Path]
+    splits: dict[tuple[str, str], TaskSplits]
+    cells: list[Cell]
+    unit_cells: dict[tuple[str, str], list[Cell]]
+    settings: Settings
+
+    def load(self, unit: tuple[str, str]) -> FinetuneRun:
+        """The fine-tune ``unit`` and its base, loaded for evaluation."""
+        return FinetuneRun(*unit, self.dirs[unit], self.base_dirs[unit[0]], self.splits[unit], self.settings)
+
+
+def _plan(args: dict[str, Any], s: Settings) -> _Plan:
+    """The study's plan from :func:`prune_eval`'s normalised arguments (reads each fine-tune's hyperparameters)."""
     from lifelong_delta.text.finetune import finetune_dir
 
-    tasks, finetunes, ps, seeds = args["tasks"], args["finetunes"], args["ps"], args["seeds"]
-    cache_dir, low_p_seeds, backbone = args["cache_dir"], args["low_p_seeds"], args["backbone"]
+    tasks, finetunes, cache_dir, backbone = args["tasks"], args["finetunes"], args["cache_dir"], args["backbone"]
     dirs = {(t, f): finetune_dir(t, f, cache_dir, backbone=backbone) for t in tasks for f in finetunes}
-    base_dirs = {t: finetune_dir(t, "base", cache_dir, backbone=backbone) for t in tasks}
     splits = {
         k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)
         for k, d in dirs.items()
@@ -333,45 +336,77 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
         tasks,
         finetunes,
         args["methods"],
-        ps,
-        seeds,
-        low_p_seeds,
+        args["ps"],
+        args["seeds"],
+        args["low_p_seeds"],
         args["lora_methods"],
         args["extreme_methods"],
     )
     units = [(t, f) for t in tasks for f in finetunes]
-    unit_cells = {u: [c for c in cells if (c.task, c.finetune) == u] for u in units}
-    unit_cost: dict[tuple[str, str], float] = {}
+    return _Plan(
+        units=units,
+        dirs=dirs,
+        base_dirs={t: finetune_dir(t, "base", cache_dir, backbone=backbone) for t in tasks},
+        splits=splits,
+        cells=cells,
+        unit_cells={u: [c for c in cells if (c.task, c.finetune) == u] for u in units},
+        settings=s,
+    )
 
-    def load(u: tuple[str, str]) -> FinetuneRun:
-        return FinetuneRun(*u, dirs[u], base_dirs[u[0]], splits[u], s)
 
-    per_token, per_rewrite = load(units[0]).probe_speed()  # the probe's model is freed right after
-    for u in units:
-        costs = [cell_cost(c.method, c.p, splits[u], s) for c in unit_cells[u]]
+def _unit_costs(plan: _Plan) -> dict[tuple[str, str], float]:
+    """Estimated seconds per fine-tune: its cells' token positions and delta rewrites at the speed measured on the
+    first fine-tune, plus 5 s to load it."""
+    per_token, per_rewrite = plan.load(plan.units[0]).probe_speed()  # the probe's model is freed right after
+    unit_cost = {}
+    for u in plan.units:
+        costs = [cell_cost(c.method, c.p, plan.splits[u], plan.settings) for c in plan.unit_cells[u]]
         tokens, rewrites = sum(c[0] for c in costs), sum(c[1] for c in costs)
         unit_cost[u] = tokens * per_token + rewrites * per_rewrite + 5.0
+    return unit_cost
+
+
+def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
+    """The study of :func:`prune_eval` with validated, normalised arguments."""
+    from lifelong_delta.progress import Progress
+    from lifelong_delta.studies.prune_eval_report import write_outputs
+
+    plan = _plan(args, s)
+    units, ps, first = plan.units, args["ps"], args["finetunes"][0]
+    unit_cost = _unit_costs(plan)
     jobs = max(1, min(args["jobs"] or os.cpu_count() or 1, len(units)))
-    sizes = ", ".join(
-        f"{t} test {splits[t, finetunes[0]].test.n} of {splits[t, finetunes[0]].test_full}" for t in tasks
-    )
+    sizes = ", ".join(f"{t} test {plan.splits[t, first].test.n} of {plan.splits[t, first].test_full}"
+                      for t in args["tasks"])
     print(
-        f"prune-eval: {len(cells)} evaluations of {len(dirs)} fine-tunes ({sizes}) in {jobs} process(es); "
+        f"prune-eval: {len(plan.cells)} evaluations of {len(plan.dirs)} fine-tunes ({sizes}) in {jobs} process(es); "
         f"about {_makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
         flush=True,
     )
-    with Progress("prune-eval", len(cells), unit="evals", enabled=args["progress"]) as bar:
+    with Progress("prune-eval", len(plan.cells), unit="evals", enabled=args["progress"]) as bar:
         bar.update(0, detail=f"{units[0][0]}/{units[0][1]}")  # a first line before the first fine-tune loads
         if jobs == 1:  # one fine-tune in memory at a time
-            results = {u: _unit_outputs(load(u), unit_cells[u], ps, bar) for u in units}
+            results = {u: _unit_outputs(plan.load(u), plan.unit_cells[u], ps, bar) for u in units}
         else:
-            results = _run_parallel(units, unit_cells, unit_cost, dirs, splits, s, ps, base_dirs, jobs, bar)
+            results = _run_parallel(plan, unit_cost, ps, jobs, bar)
     rows = [r for u in units for r in results[u][0]]
     qrows = [r for u in units for r in results[u][1]]
     recs = [r for u in units for r in results[u][2]]
-    finetune_info = [results[u][3] for u in units]
     wall = time.perf_counter() - start
-    meta = {
+    meta = _meta(args, plan, jobs, wall, [results[u][3] for u in units])
+    paths = write_outputs(Path(os.path.expanduser(args["out"])), rows, qrows, recs, meta)
+    print(
+        f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
+    )
+    return paths
+
+
+def _meta(
+    args: dict[str, Any], plan: _Plan, jobs: int, wall: float, finetune_info: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``meta.json``: the command that repeats the study, its options and settings, threads and jobs, the size of
+    each task's splits and each fine-tune's numbers."""
+    first = args["finetunes"][0]
+    return {
         "command": repro_command("lifelong-delta prune-eval", prune_eval, args, skip=("progress", "jobs")),
         "wall_time_s": round(wall, 1),
         **{
@@ -389,26 +424,21 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
                 "backbone",
             )
         },
-        "settings": s.as_dict(),
+        "settings": plan.settings.as_dict(),
         "threads": torch.get_num_threads(),
         "jobs": jobs,
         "splits": {
             t: {
-                "test": splits[t, finetunes[0]].test.n,
-                "test_full": splits[t, finetunes[0]].test_full,
-                "val": splits[t, finetunes[0]].val.n,
-                "calib": splits[t, finetunes[0]].calib.n,
-                "majority": splits[t, finetunes[0]].majority,
+                "test": plan.splits[t, first].test.n,
+                "test_full": plan.splits[t, first].test_full,
+                "val": plan.splits[t, first].val.n,
+                "calib": plan.splits[t, first].calib.n,
+                "majority": plan.splits[t, first].majority,
             }
-            for t in tasks
+            for t in args["tasks"]
         },
         "finetunes_info": finetune_info,
     }
-    paths = write_outputs(Path(os.path.expanduser(args["out"])), rows, qrows, recs, meta)
-    print(
-        f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
-    )
-    return paths
 
 
 def _makespan(costs: Sequence[float], jobs: int) -> float:
@@ -434,8 +464,7 @@ def _worker(
 
 
 def _run_parallel(
-    units: list[tuple[str, str]], unit_cells: dict, unit_cost: dict, dirs: dict, splits: dict, s: Settings,
-    ps: list[float], base_dirs: dict, jobs: int, bar: Any,
+    plan: _Plan, unit_cost: dict[tuple[str, str], float], ps: list[float], jobs: int, bar: Any
 ) -> dict[tuple[str, str], tuple]:
     """The fine-tunes spread over ``jobs`` spawned processes, longest first; results keyed by fine-tune.
 
@@ -444,6 +473,7 @@ def _run_parallel(
     """
     from lifelong_delta.progress import run_spawned
 
-    order = sorted(units, key=lambda u: -unit_cost[u])
-    calls = [(u, unit_cells[u], dirs[u], base_dirs[u[0]], splits[u], s, ps) for u in order]
+    order = sorted(plan.units, key=lambda u: -unit_cost[u])
+    calls = [(u, plan.unit_cells[u], plan.dirs[u], plan.base_dirs[u[0]], plan.splits[u], plan.settings, ps)
+             for u in order]
     return dict(zip(order, run_spawned(_worker, calls, jobs, bar)))
