@@ -188,10 +188,11 @@ def cl_eval(
     """Run every method × seed of a ``configs/cl_eval/<stream>`` study and write the table and plots.
 
     Args:
-        methods: config names in the stream's directory (default: all of :data:`METHODS`).
+        methods: config names in the stream's directory (default: those of :data:`METHODS` it holds).
         skip: methods to leave out of ``methods``, e.g. ``[joint]``.
         seeds: seeds; each sets ``seed_everything``, the class order and the data split (default 0 1 2).
-        stream: sub-directory of ``configs/cl_eval`` (``mnist``; ``imagenet_r`` needs the data and ViT-B).
+        stream: sub-directory of ``configs/cl_eval`` (``mnist``; ``pretrained``: split MNIST from the ImageNet
+            EfficientNet-Lite0; ``imagenet_r`` needs the data and ViT-B).
         config_dir: a directory of configs to use instead (``base.yaml`` + ``<method>.yaml``).
         out_dir: where results.csv, summary.md, the PNGs and ``runs/`` go.
         override: extra ``lightning fit`` arguments for every run, placed after the two configs (the seed and the
@@ -204,7 +205,7 @@ def cl_eval(
     given = {"methods": methods, "skip": skip, "seeds": seeds, "stream": stream, "config_dir": config_dir,
              "out_dir": out_dir, "override": override}
     root = _config_dir(stream, config_dir)
-    methods = list(methods or METHODS)
+    methods = list(methods or [m for m in METHODS if (root / f"{m}.yaml").is_file()])
     skipped = set(skip or ())
     if skipped - set(methods):
         raise ValueError(f"skip={sorted(skipped - set(methods))} names method(s) that are not run; "
