@@ -356,6 +356,24 @@ def finetune(
         print(f"cached: {path}")
         return str(path)
 
+    base = base_model(task, cache_dir, seed, backbone=backbone)
+    with outputs.atomic_dir(path) as tmp, _quiet_lightning():
+        info, wall = _train(tmp, h, base, progress=progress, callbacks=callbacks)
+        _write_json(tmp / INFO_FILE, info)
+    print(f"{task}/{recipe}: val_acc {info['val_acc']:.4f} test_acc {info['test_acc']:.4f} in {wall / 60:.1f} min "
+          f"-> {path}")
+    return str(path)
+
+
+def _train(
+    tmp: Path, h: dict[str, Any], base: str, *, progress: bool, callbacks: Sequence[Any]
+) -> tuple[dict[str, Any], float]:
+    """Fine-tune ``base`` with the hyper-parameters ``h`` and save the model and tokenizer into ``tmp``.
+
+    Returns:
+        The fine-tune's record (validation and test accuracy, steps, threads, split sizes, delta size, versions)
+        and the wall time in seconds.
+    """
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
     from safetensors.torch import load_file
@@ -364,44 +382,40 @@ def finetune(
     from lifelong_delta.progress import is_terminal
     from lifelong_delta.text.module import SequenceClassifier
 
-    base = base_model(task, cache_dir, seed, backbone=backbone)
     start = time.perf_counter()
-    with outputs.atomic_dir(path) as tmp, _quiet_lightning():
-        L.seed_everything(seed, verbose=False)
-        dm = TextClassificationDataModule(
-            task, seed=0, shuffle_seed=seed, max_length=h["max_length"], batch_size=batch_size,
-            max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
-            tokenizer_dir=str(get_backbone(backbone).locate()))
-        r = RECIPES[recipe]
-        module = SequenceClassifier(
-            model_dir=base, optimizer=_optimizer_factory(h), warmup_fraction=r.warmup_fraction,
-            lora_r=r.lora_r, lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"],
-            lora_target_modules=h["lora_target_modules"] or None)
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=h["epochs"],
-            logger=CSVLogger(tmp, name="logs", version=""),
-            enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=progress and is_terminal(),  # not a terminal: ProgressLines prints lines
-            callbacks=[*callbacks, *([ProgressLines()] if progress else [])],
-            log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))))
-        trainer.fit(module, datamodule=dm)
-        val_acc = float(trainer.callback_metrics["val_acc"])
-        test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
-        module.save_pretrained(tmp)
-        _save_tokenizer(tmp, backbone)
-        wall = time.perf_counter() - start
-        info = {
-            "recipe": recipe, "note": r.note, "hparams": h, "base": base,
-            "val_acc": val_acc, "test_acc": test_acc, "wall_time_s": round(wall, 1),
-            "steps": int(trainer.global_step),
-            "torch_threads": torch.get_num_threads(),  # the weights depend on it (CPU reductions)
-            "n_examples": {k: len(v) for k, v in dm.datasets.items()},
-            **_delta_stats(load_file(str(Path(base) / "model.safetensors")), module.merged_model()),
-            "versions": _versions(),
-        }
-        _write_json(tmp / INFO_FILE, info)
-    print(f"{task}/{recipe}: val_acc {val_acc:.4f} test_acc {test_acc:.4f} in {wall / 60:.1f} min -> {path}")
-    return str(path)
+    L.seed_everything(h["seed"], verbose=False)
+    dm = TextClassificationDataModule(
+        h["task"], seed=0, shuffle_seed=h["seed"], max_length=h["max_length"], batch_size=h["batch_size"],
+        max_train_examples=h["max_train_examples"], max_eval_examples=h["max_eval_examples"],
+        tokenizer_dir=str(get_backbone(h["backbone"]).locate()))
+    r = RECIPES[h["recipe"]]
+    module = SequenceClassifier(
+        model_dir=base, optimizer=_optimizer_factory(h), warmup_fraction=r.warmup_fraction,
+        lora_r=r.lora_r, lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"],
+        lora_target_modules=h["lora_target_modules"] or None)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=h["epochs"],
+        logger=CSVLogger(tmp, name="logs", version=""),
+        enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_progress_bar=progress and is_terminal(),  # not a terminal: ProgressLines prints lines
+        callbacks=[*callbacks, *([ProgressLines()] if progress else [])],
+        log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))))
+    trainer.fit(module, datamodule=dm)
+    val_acc = float(trainer.callback_metrics["val_acc"])
+    test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
+    module.save_pretrained(tmp)
+    _save_tokenizer(tmp, h["backbone"])
+    wall = time.perf_counter() - start
+    info = {
+        "recipe": h["recipe"], "note": r.note, "hparams": h, "base": base,
+        "val_acc": val_acc, "test_acc": test_acc, "wall_time_s": round(wall, 1),
+        "steps": int(trainer.global_step),
+        "torch_threads": torch.get_num_threads(),  # the weights depend on it (CPU reductions)
+        "n_examples": {k: len(v) for k, v in dm.datasets.items()},
+        **_delta_stats(load_file(str(Path(base) / "model.safetensors")), module.merged_model()),
+        "versions": _versions(),
+    }
+    return info, wall
 
 
 def _versions() -> dict[str, str]:
