@@ -27,8 +27,10 @@ from lifelong_delta.delta.methods import METHODS, RESCALE_TEXT, Method, PruneSpe
 # jsonargparse executes those when it builds a parser, which would import torch before --help answers.
 MYPY = False
 if MYPY:
+    import torch
     from rich.console import Console
 
+    from lifelong_delta.delta.matching import TensorMatch
     from lifelong_delta.delta.recommend import Recommendation
     from lifelong_delta.delta.stats import DeltaStats
     from lifelong_delta.delta.summary import PruneSummary
@@ -296,8 +298,6 @@ def _check_inputs(**paths: str | None) -> None:
 
 def _prune(args: dict) -> PruneSummary:
     """The work of :func:`prune` once its options and paths are checked."""
-    from dataclasses import replace
-
     from lifelong_delta.delta.io import CheckpointReader, is_adapter_dir
     from lifelong_delta.delta.matching import match_tensors
     from lifelong_delta.delta.streaming import stream_prune
@@ -336,25 +336,7 @@ def _prune(args: dict) -> PruneSummary:
 
     input_norms = q_per_tensor = None
     if calibrating:
-        from lifelong_delta.delta import calibration as cal
-        from lifelong_delta.delta.layered import free_large_allocations
-
-        free_large_allocations()
-        with cal.load(finetuned, a["calib_data"], need_labels=q_mode == "grid", samples=a["calib_samples"],
-                      batch_size=a["batch_size"], max_length=a["max_length"]) as calib, CheckpointReader(base) as rb:
-            if METHODS[method].needs_input_norms:
-                input_norms = calib.input_norms(pruned)
-            if q_mode is not None:
-                pruning = calib.pruning(spec, rb, match.base_names, input_norms)
-                if q_mode == "analytic":
-                    q_per_tensor = calib.analytic_q(pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"],
-                                                    tie_rtol=a["analytic_tie_rtol"])
-                else:
-                    result = (calib.grid_q(pruning, pruned) if q_mode == "grid"
-                              else calib.unlabelled_q(pruning, pruned))
-                    _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
-                                     + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
-                    spec = replace(spec, q=result.q)
+        spec, input_norms, q_per_tensor = _calibrate(spec, a, match)
 
     if a["command"] == "pack":
         from lifelong_delta.delta.pack import stream_pack
@@ -367,6 +349,41 @@ def _prune(args: dict) -> PruneSummary:
                                q_per_tensor=q_per_tensor)
     _report(summary, a, finetuned)
     return summary
+
+
+def _calibrate(
+    spec: PruneSpec, args: dict, match: TensorMatch
+) -> tuple[PruneSpec, dict[str, torch.Tensor] | None, dict[str, float] | None]:
+    """Run the fine-tuned model on ``--calib_data`` for what ``spec`` and ``--q_mode`` need.
+
+    Returns:
+        ``spec`` (with the chosen q for ``--q_mode grid`` / ``unlabelled``), WANDA's input norms of the pruned
+        tensors (None unless the method needs them) and the per-tensor q of ``--q_mode analytic`` (else None).
+    """
+    from dataclasses import replace
+
+    from lifelong_delta.delta import calibration as cal
+    from lifelong_delta.delta.io import CheckpointReader
+    from lifelong_delta.delta.layered import free_large_allocations
+
+    a, q_mode, pruned = args, args["q_mode"], match.pruned
+    input_norms = q_per_tensor = None
+    free_large_allocations()
+    with cal.load(a["finetuned"], a["calib_data"], need_labels=q_mode == "grid", samples=a["calib_samples"],
+                  batch_size=a["batch_size"], max_length=a["max_length"]) as calib, CheckpointReader(a["base"]) as rb:
+        if METHODS[spec.method].needs_input_norms:
+            input_norms = calib.input_norms(pruned)
+        if q_mode is not None:
+            pruning = calib.pruning(spec, rb, match.base_names, input_norms)
+            if q_mode == "analytic":
+                q_per_tensor = calib.analytic_q(pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"],
+                                                tie_rtol=a["analytic_tie_rtol"])
+            else:
+                result = calib.grid_q(pruning, pruned) if q_mode == "grid" else calib.unlabelled_q(pruning, pruned)
+                _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
+                                 + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
+                spec = replace(spec, q=result.q)
+    return spec, input_norms, q_per_tensor
 
 
 def _report(summary: PruneSummary, args: dict, dense: str) -> None:
