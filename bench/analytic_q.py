@@ -3,7 +3,7 @@ one-q-at-a-time loop, measured in the same run on MiniLM-sized layers, with the 
 column times the default float16 scan (the authors' arithmetic, one q at a time; ties usually end it early).
 
 The scan runs once per layer and per η candidate in ``make prune-eval`` (6 η × 36 MiniLM matrices per analytic
-cell), where the sequential loop was about a quarter of the study's time.
+cell); with the sequential loop it takes about a quarter of the study's time.
 
     python bench/analytic_q.py [--threads 1] [--repeats 5]
 """

@@ -40,8 +40,7 @@ dare_linear``, ``base_model: BASE``, one model FT with ``weight: 1.0, density: 0
 (compute in fp32, as ours does) and ``out_dtype`` the checkpoint's dtype; it runs as
 ``mergekit-yaml CONFIG OUT --random-seed 0 --quiet --no-copy-tokenizer`` (the synthetic checkpoints have no
 tokenizer, and looking for one costs mergekit 0.5-1.5 s; CPU is its default device; its other options at their
-defaults; add more with ``--mergekit-args``). Its output was checked: 10.0 % of each delta kept, rescaled by
-10.
+defaults; add more with ``--mergekit-args``). Its output keeps 10.0 % of each delta, rescaled by 10.
 """
 
 from __future__ import annotations

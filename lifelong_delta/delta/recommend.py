@@ -108,7 +108,7 @@ def recommend(
         has_unlabelled_data: Unlabelled inputs exist (enough for DAREx-q ``unlabelled``/``analytic`` and WANDA).
         can_refinetune: The user can fine-tune the model again (enables the AdamR route).
         low_rank: The delta is a LoRA product B·A. Importance pruning is then not chosen even for a large delta:
-            keeping each row's largest entries breaks the rank-r structure (``make prune-eval``, finding 4: on the
+            keeping each row's largest entries breaks the rank-r structure (docs/reproduction.md, finding 4: on the
             TREC LoRA delta, ‖δ‖/‖θ_pre‖ 5.6e-2, WANDA reached chance at p = 0.99 where DAREx-q kept 57 %).
         thresholds: Override the decision thresholds.
 

@@ -109,7 +109,8 @@ RECIPES: dict[str, Recipe] = {
     "adamr-l2-large": Recipe("adamr", lr=4e-4, epochs=_EPOCHS, reg=0.05, variant="l2",
                              note="AdamR-L2 at adamw-large's lr: does the pull keep a large-lr delta prunable?"),
 }
-#: The recipes ``make finetune`` / ``make prune-eval`` train by default (``adamr-l2-large`` is opt-in: finding 3).
+#: The recipes ``make finetune`` / ``make prune-eval`` train by default. ``adamr-l2-large`` is opt-in
+#: (``make prune-eval-large``; docs/reproduction.md, finding 3).
 STUDY_RECIPES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large", "lora")
 #: Default cap on the training split (stratified): VADER's 8 054 training snippets are cut to 4 000 to fit the
 #: time budget (all ten fine-tunes took ~2.5 hours on a 2-core machine shared with other jobs, and about 20 minutes
@@ -117,8 +118,8 @@ STUDY_RECIPES: tuple[str, ...] = ("adamw", "adamr-l2", "adamr-l1", "adamw-large"
 DEFAULT_TRAIN_CAP: dict[str, int | None] = {"trec": None, "vader": 4000}
 
 #: Seconds per training step at batch 32 on 2 free cores with torch's default 2 threads, from wall time / steps in
-#: ``finetune.json`` (session 4: trec/adamw-large 270 steps in 2.3 min, vader/adamw-large 125 steps in 1.9 min, with
-#: loading and evaluation). With 1 thread they were 1.6x, on a machine shared with other jobs up to 6x larger. LoRA
+#: ``finetune.json`` (trec/adamw-large: 270 steps in 2.3 min, vader/adamw-large: 125 steps in 1.9 min, with loading
+#: and evaluation). With 1 thread they are 1.6x, and on a machine shared with other jobs up to 6x, larger. LoRA
 #: steps cost ~0.6 of these; other backbones ``Backbone.step_cost`` times these. ``all_finetunes`` re-estimates from
 #: the measured speed after each fine-tune.
 _SECONDS_PER_STEP = {"trec": 0.5, "vader": 0.85}
