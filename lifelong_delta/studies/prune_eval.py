@@ -48,7 +48,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,68 +55,24 @@ import torch
 
 from lifelong_delta import outputs
 from lifelong_delta.delta.analytic_q import Arithmetic
-from lifelong_delta.delta.methods import METHODS as PRUNE_METHODS
 from lifelong_delta.repro import repro_command
-from lifelong_delta.studies.prune_eval_data import TaskSplits, finetune_hparams, task_splits
-from lifelong_delta.studies.prune_eval_report import METHOD_ORDER
-from lifelong_delta.studies.prune_eval_run import ETA_GRID, FinetuneRun, Settings, cell_cost
+from lifelong_delta.studies.prune_eval_plan import (
+    EXTREME_METHODS,
+    METHODS,
+    Cell,
+    StudyPlan,
+    makespan,
+    plan_cells,
+    plan_study,
+    unit_costs,
+)
+from lifelong_delta.studies.prune_eval_run import ETA_GRID, FinetuneRun, Settings
 from lifelong_delta.text.finetune import RECIPES, STUDY_RECIPES
 
 __all__ = ["FINETUNES", "METHODS", "Cell", "plan_cells", "prune_eval"]
 
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 FINETUNES: tuple[str, ...] = STUDY_RECIPES
-METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
-#: Deterministic methods (their registry rows are not ``seeded``): one row per p, with the first seed.
-SEEDLESS = frozenset(
-    {"unpruned", *(m for m in METHOD_ORDER if m in PRUNE_METHODS and not PRUNE_METHODS[m].seeded)}
-)
-EXTREME_P = 0.999
-#: the methods run at p >= EXTREME_P by default
-EXTREME_METHODS: tuple[str, ...] = ("darex-q-grid", "darex-q-analytic", "magnitude", "wanda")
-HIGH_P = 0.9  # from here on every random method runs every seed
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One row of ``results.csv``: the accuracy of ``method`` at drop rate ``p`` with mask seed ``seed``."""
-
-    task: str
-    finetune: str
-    method: str
-    p: float
-    seed: int
-
-
-def plan_cells(
-    tasks: Sequence[str],
-    finetunes: Sequence[str],
-    methods: Sequence[str],
-    ps: Sequence[float],
-    seeds: Sequence[int],
-    low_p_seeds: int = 1,
-    lora_methods: Sequence[str] = METHODS,
-    extreme_methods: Sequence[str] = EXTREME_METHODS,
-) -> list[Cell]:
-    """Every (task, fine-tune, method, p, seed) the study evaluates, in evaluation order.
-
-    ``unpruned`` has ``p = 0`` and the first seed; ``magnitude``/``wanda`` one row per p with the first seed;
-    the random methods run ``seeds[:low_p_seeds]`` at ``p < 0.9`` and every seed at ``p >= 0.9``. The LoRA
-    fine-tune runs ``methods ∩ lora_methods``; drop rates ``p >= 0.999`` run only ``extreme_methods``.
-    """
-    cells = []
-    for task in tasks:
-        for ft in finetunes:
-            allowed = [m for m in methods if ft != "lora" or m in lora_methods]
-            if "unpruned" in allowed:
-                cells.append(Cell(task, ft, "unpruned", 0.0, seeds[0]))
-            for p in sorted(ps):
-                for m in allowed:
-                    if m == "unpruned" or (p >= EXTREME_P and m not in extreme_methods):
-                        continue
-                    use = seeds[:1] if m in SEEDLESS else seeds if p >= HIGH_P else seeds[:low_p_seeds]
-                    cells.extend(Cell(task, ft, m, p, s) for s in use)
-    return cells
 
 
 def _check(args: dict[str, Any], s: Settings) -> None:
@@ -304,82 +259,20 @@ def prune_eval(
         torch.set_num_threads(torch_threads)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What the study evaluates: its fine-tunes (``units``, (task, recipe) pairs), their directories and data
-    splits, and the cells of each."""
-
-    units: list[tuple[str, str]]
-    dirs: dict[tuple[str, str], Path]
-    base_dirs: dict[str, Path]
-    splits: dict[tuple[str, str], TaskSplits]
-    cells: list[Cell]
-    unit_cells: dict[tuple[str, str], list[Cell]]
-    settings: Settings
-
-    def load(self, unit: tuple[str, str]) -> FinetuneRun:
-        """The fine-tune ``unit`` and its base, loaded for evaluation."""
-        return FinetuneRun(*unit, self.dirs[unit], self.base_dirs[unit[0]], self.splits[unit], self.settings)
-
-
-def _plan(args: dict[str, Any], s: Settings) -> _Plan:
-    """The study's plan from :func:`prune_eval`'s normalised arguments (reads each fine-tune's hyperparameters)."""
-    from lifelong_delta.text.finetune import finetune_dir
-
-    tasks, finetunes, cache_dir, backbone = args["tasks"], args["finetunes"], args["cache_dir"], args["backbone"]
-    dirs = {(t, f): finetune_dir(t, f, cache_dir, backbone=backbone) for t in tasks for f in finetunes}
-    splits = {
-        k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)
-        for k, d in dirs.items()
-    }
-    cells = plan_cells(
-        tasks,
-        finetunes,
-        args["methods"],
-        args["ps"],
-        args["seeds"],
-        args["low_p_seeds"],
-        args["lora_methods"],
-        args["extreme_methods"],
-    )
-    units = [(t, f) for t in tasks for f in finetunes]
-    return _Plan(
-        units=units,
-        dirs=dirs,
-        base_dirs={t: finetune_dir(t, "base", cache_dir, backbone=backbone) for t in tasks},
-        splits=splits,
-        cells=cells,
-        unit_cells={u: [c for c in cells if (c.task, c.finetune) == u] for u in units},
-        settings=s,
-    )
-
-
-def _unit_costs(plan: _Plan) -> dict[tuple[str, str], float]:
-    """Estimated seconds per fine-tune: its cells' token positions and delta rewrites at the speed measured on the
-    first fine-tune, plus 5 s to load it."""
-    per_token, per_rewrite = plan.load(plan.units[0]).probe_speed()  # the probe's model is freed right after
-    unit_cost = {}
-    for u in plan.units:
-        costs = [cell_cost(c.method, c.p, plan.splits[u], plan.settings) for c in plan.unit_cells[u]]
-        tokens, rewrites = sum(c[0] for c in costs), sum(c[1] for c in costs)
-        unit_cost[u] = tokens * per_token + rewrites * per_rewrite + 5.0
-    return unit_cost
-
-
 def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     """The study of :func:`prune_eval` with validated, normalised arguments."""
     from lifelong_delta.progress import Progress
     from lifelong_delta.studies.prune_eval_report import write_outputs
 
-    plan = _plan(args, s)
+    plan = plan_study(args, s)
     units, ps, first = plan.units, args["ps"], args["finetunes"][0]
-    unit_cost = _unit_costs(plan)
+    unit_cost = unit_costs(plan)
     jobs = max(1, min(args["jobs"] or os.cpu_count() or 1, len(units)))
     sizes = ", ".join(f"{t} test {plan.splits[t, first].test.n} of {plan.splits[t, first].test_full}"
                       for t in args["tasks"])
     print(
         f"prune-eval: {len(plan.cells)} evaluations of {len(plan.dirs)} fine-tunes ({sizes}) in {jobs} process(es); "
-        f"about {_makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
+        f"about {makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
         flush=True,
     )
     with Progress("prune-eval", len(plan.cells), unit="evals", enabled=args["progress"]) as bar:
@@ -401,7 +294,7 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
 
 
 def _meta(
-    args: dict[str, Any], plan: _Plan, jobs: int, wall: float, finetune_info: list[dict[str, Any]]
+    args: dict[str, Any], plan: StudyPlan, jobs: int, wall: float, finetune_info: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """``meta.json``: the command that repeats the study, its options and settings, threads and jobs, the size of
     each task's splits and each fine-tune's numbers."""
@@ -441,14 +334,6 @@ def _meta(
     }
 
 
-def _makespan(costs: Sequence[float], jobs: int) -> float:
-    """Wall time of running jobs of ``costs`` longest first on ``jobs`` workers (the ETA of the study)."""
-    loads = [0.0] * jobs
-    for c in sorted(costs, reverse=True):
-        loads[loads.index(min(loads))] += c
-    return max(loads)
-
-
 def _unit_outputs(run: FinetuneRun, cells: Sequence[Cell], ps: Sequence[float], bar: Any) -> tuple:
     result = run.evaluate(cells, ps, bar)
     return result.rows, result.q_rows, result.recommendations(ps), result.info
@@ -464,7 +349,7 @@ def _worker(
 
 
 def _run_parallel(
-    plan: _Plan, unit_cost: dict[tuple[str, str], float], ps: list[float], jobs: int, bar: Any
+    plan: StudyPlan, unit_cost: dict[tuple[str, str], float], ps: list[float], jobs: int, bar: Any
 ) -> dict[tuple[str, str], tuple]:
     """The fine-tunes spread over ``jobs`` spawned processes, longest first; results keyed by fine-tune.
 

@@ -279,7 +279,7 @@ class FinetuneRun:
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, cells: Sequence[Any], ps: Sequence[float], bar: Any = None) -> FinetuneResult:
-        """Evaluate ``cells`` (this fine-tune's :class:`~lifelong_delta.studies.prune_eval.Cell` s) in order."""
+        """Evaluate ``cells`` (this fine-tune's :class:`~lifelong_delta.studies.prune_eval_plan.Cell` s) in order."""
         result = FinetuneResult(self.task, self.finetune, stats=self.stats, info=self._info())
 
         def add(cell: Any, q_info: dict | None = None) -> None:
