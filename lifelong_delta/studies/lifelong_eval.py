@@ -102,7 +102,7 @@ def _cell(rows: Sequence[dict[str, Any]], key: str, scale: float = 100.0, digits
 def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]],
                      meta: dict[str, Any]) -> str:
     """Per stream: mean ± std over seeds of every (method, p), then the goals at p = 0.99."""
-    lines = ["# Lifelong deltas: one packed DAREx delta per task (issue 15)", "",
+    lines = ["# Lifelong deltas: one packed DAREx delta per task", "",
              f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); this call trained "
              f"{meta['trained_runs']} of {meta['runs']} runs in {meta['wall_time_s'] / 60:.1f} min (finished runs are "
              f"reused). Reproduce: `{meta['command']}`.", ""]
