@@ -105,6 +105,18 @@ def test_weights_lambda_and_model_counts(method):
                    merge_tensor(base, fts[:1], one, name="w", out_dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("method", ["dare-ties", "darex-q", "ties"])
+def test_a_chunk_across_the_32_bit_counter_boundary(method):
+    base, fts = _inputs((torch.bfloat16, torch.float32, torch.bfloat16), n=3000, seed=4)
+    spec = _spec(method, 2, False)
+    offset = (1 << 32) - 1000  # the mask counters of the last 2000 elements belong to the next segment
+    cuts = [MagnitudeCut(0.03, offset + 1500)] * 2 if method == "ties" else None
+    out = torch.empty(3000, dtype=torch.bfloat16)
+    merge_words.merge_chunk("BF16", _words(out), "BF16", _words(base), [(CODES[f.dtype], _words(f)) for f in fts],
+                            spec, name="w", offset=offset, cuts=cuts)
+    _same_bits(out, merge_tensor(base, fts, spec, name="w", offset=offset, cuts=cuts))
+
+
 @pytest.mark.parametrize("method", list(MERGE_METHODS))
 def test_four_models_sum_in_model_order(method):
     base, fts = _inputs((torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32), n=4000, seed=5)
