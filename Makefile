@@ -26,7 +26,7 @@ help:
 	@echo "                      reduced run (docs/reproduction.md): 126 min cold, 16 min cached on 2 shared cores"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make cl-eval-2x5  the same as 2 tasks x 5 classes, write results/cl_eval_2x5/"
-	@echo "make cl-eval-pretrained  the study from an ImageNet backbone on split (Fashion-)MNIST, results/cl_eval_pretrained*/"
+	@echo "make cl-eval-pretrained  the study from ImageNet weights on split (Fashion-)MNIST, results/cl_eval_pretrained*/"
 	@echo "make lifelong-eval  lifelong deltas (one packed DAREx delta per task) on both split-MNIST streams, results/lifelong_eval/"
 	@echo "make bench     run the benchmarks under bench/"
 
