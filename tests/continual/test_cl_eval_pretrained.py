@@ -91,3 +91,12 @@ def test_a_method_runs_two_tiny_tasks_from_the_imagenet_weights(tmp_path: Path, 
     header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     expected = {"predkd_ewc": "train/penalty0", "predkd_featkd": "train/feat_kd"}.get(method, "train/cls")
     assert expected in header
+
+
+def test_the_demo_config_is_the_study_base_with_predkd_l2() -> None:
+    demo = yaml.safe_load((CONFIGS / "cl_demo.yaml").read_text())
+    base = yaml.safe_load((STREAM / "base.yaml").read_text())
+    assert _model_args(CONFIGS / "cl_demo.yaml") == _model_args(STREAM / "base.yaml", STREAM / "predkd_l2.yaml")
+    assert demo["data"] == base["data"]
+    assert {k: v for k, v in demo["trainer"].items() if k not in ("logger", "log_every_n_steps")} == \
+        {k: v for k, v in base["trainer"].items() if k not in ("logger", "log_every_n_steps")}
