@@ -90,7 +90,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cl-eval": ("lifelong_delta.continual.cl_eval:cl_eval",
                 "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots."),
     "demo": ("lifelong_delta.studies.demo:demo",
-             "Train the config's method and plain fine-tuning on the same stream; print and write their A_N and F_N."),
+             "Train the config's method, plain fine-tuning and FT++ on one stream; print and write their A_N and F_N."),
     "lifelong-eval": ("lifelong_delta.studies.lifelong_eval:lifelong_eval",
                       "Lifelong deltas (LifelongDeltas) on the split-MNIST streams, next to the continual study's "
                       "best method."),
