@@ -152,8 +152,8 @@ def demo(
     outputs.write_file(out / "summary.md", summary_markdown(rows, title).encode())
     _plot(rows, out / "accuracy_matrices.png")
     ft, ftpp, method = rows
-    print(f"\nwrote {out / 'summary.md'} and {out / 'accuracy_matrices.png'}; each run's logs, cl_metrics.json and "
-          f"accuracy_matrix.png are under {runs}/<ft|ftpp|method>/seed{seed}/\n", flush=True)
+    print(f"\nwrote {out / 'summary.md'} and {out / 'accuracy_matrices.png'}\n"
+          f"each run's logs, cl_metrics.json and accuracy_matrix.png: {runs}/<ft|ftpp|method>/seed{seed}/\n", flush=True)
     print(f"{title}:", flush=True)
     print(_table(rows), flush=True)
     print(f"  {method_label} - FT: {100 * (method['average_accuracy'] - ft['average_accuracy']):+.1f} points of A_N, "
