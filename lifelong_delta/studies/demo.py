@@ -153,7 +153,8 @@ def demo(
     _plot(rows, out / "accuracy_matrices.png")
     ft, ftpp, method = rows
     print(f"\nwrote {out / 'summary.md'} and {out / 'accuracy_matrices.png'}\n"
-          f"each run's logs, cl_metrics.json and accuracy_matrix.png: {runs}/<ft|ftpp|method>/seed{seed}/\n", flush=True)
+          f"each run's logs, cl_metrics.json and accuracy_matrix.png: {runs}/<ft|ftpp|method>/seed{seed}/\n",
+          flush=True)
     print(f"{title}:", flush=True)
     print(_table(rows), flush=True)
     print(f"  {method_label} - FT: {100 * (method['average_accuracy'] - ft['average_accuracy']):+.1f} points of A_N, "
