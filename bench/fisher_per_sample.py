@@ -75,10 +75,7 @@ def main() -> None:
     )
     print("| estimator | wall (s) | samples/s | wall speed-up | CPU (s) | CPU speed-up |")
     print("|---|---|---|---|---|---|")
-    print(
-        f"| Python loop over samples | {loop_t:.3f} | {args.samples / loop_t:.0f} | 1.00x "
-        f"| {loop_c:.3f} | 1.00x |"
-    )
+    print(f"| Python loop over samples | {loop_t:.3f} | {args.samples / loop_t:.0f} | 1.00x | {loop_c:.3f} | 1.00x |")
     print(
         f"| vmap(grad), chunk {args.chunk_size or 'auto'} | {vmap_t:.3f} | {args.samples / vmap_t:.0f} | "
         f"{loop_t / vmap_t:.2f}x | {vmap_c:.3f} | {loop_c / vmap_c:.2f}x |"

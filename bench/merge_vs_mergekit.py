@@ -56,16 +56,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from prune_command import PEER_VENV, PROJECT_VENV_BIN, Command, run_once, setup_mergekit
 
 GOAL_SPEED = 10.0  # mergekit / ours >= 10
-CONFIGS = (("task_arithmetic", None), ("ties", 0.1), ("ties", 0.3), ("dare_linear", 0.1), ("dare_linear", 0.3),
-           ("dare_ties", 0.1), ("dare_ties", 0.3))
+CONFIGS = (
+    ("task_arithmetic", None),
+    ("ties", 0.1),
+    ("ties", 0.3),
+    ("dare_linear", 0.1),
+    ("dare_linear", 0.3),
+    ("dare_ties", 0.1),
+    ("dare_ties", 0.3),
+)
 NORMALIZE = {"task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": True}
 OUR_IMPORTS = "import jsonargparse, lifelong_delta.cli, lifelong_delta.delta.merge_words"  # our start-up floor
-STUDY_METHOD = {"task_arithmetic": "task-arithmetic", "ties": "ties", "dare_linear": "dare-linear",
-                "dare_ties": "dare-ties"}
+STUDY_METHOD = {
+    "task_arithmetic": "task-arithmetic",
+    "ties": "ties",
+    "dare_linear": "dare-linear",
+    "dare_ties": "dare-ties",
+}
 
 
 def write_config(path: Path, method: str, density: float | None, base: Path, models: list[Path]) -> Path:
@@ -117,13 +127,20 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=256)
     ap.add_argument("--cache-dir", default="~/.cache/lifelong_delta/finetunes")
     ap.add_argument("--work", default=None, help="where the inputs, configs and outputs go (default: a temp dir)")
-    ap.add_argument("--study", default="results/merge_eval/results.csv",
-                    help="make merge-eval's results, for the seed spread of the same cells")
+    ap.add_argument(
+        "--study",
+        default="results/merge_eval/results.csv",
+        help="make merge-eval's results, for the seed spread of the same cells",
+    )
     ap.add_argument("--mergekit-yaml", default=None)
     ap.add_argument("--setup-mergekit", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the evaluations (not timed)")
-    ap.add_argument("--omp-threads", type=int, default=None,
-                    help="OMP_NUM_THREADS of both tools' commands (default: unset, torch's one thread per core)")
+    ap.add_argument(
+        "--omp-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of both tools' commands (default: unset, torch's one thread per core)",
+    )
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args()
 
@@ -132,8 +149,11 @@ def main() -> None:
     from lifelong_delta.text.finetune import finetune_dir
 
     torch.set_num_threads(args.threads)
-    mergekit = setup_mergekit(PEER_VENV) if args.setup_mergekit else Path(
-        args.mergekit_yaml or PEER_VENV / "bin" / "mergekit-yaml")
+    mergekit = (
+        setup_mergekit(PEER_VENV)
+        if args.setup_mergekit
+        else Path(args.mergekit_yaml or PEER_VENV / "bin" / "mergekit-yaml")
+    )
     if not mergekit.is_file():
         sys.exit(f"error: no mergekit-yaml at {mergekit}; pass --setup-mergekit or --mergekit-yaml PATH")
     cache = Path(os.path.expanduser(args.cache_dir))
@@ -141,10 +161,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base, models = prepare(cache, args.recipe, work)
     tasks = ("trec", "vader")
-    splits = {t: task_splits(finetune_hparams(finetune_dir(t, args.recipe, cache)), args.max_test, 1, 1, 32)
-              for t in tasks}
-    run = RecipeRun(args.recipe, tasks, {t: finetune_dir(t, "base", cache) for t in tasks},
-                    {t: finetune_dir(t, args.recipe, cache) for t in tasks}, splits)
+    splits = {
+        t: task_splits(finetune_hparams(finetune_dir(t, args.recipe, cache)), args.max_test, 1, 1, 32) for t in tasks
+    }
+    run = RecipeRun(
+        args.recipe,
+        tasks,
+        {t: finetune_dir(t, "base", cache) for t in tasks},
+        {t: finetune_dir(t, args.recipe, cache) for t in tasks},
+        splits,
+    )
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -155,15 +181,49 @@ def main() -> None:
     for method, density in CONFIGS:
         tag = method + (f"-{density:g}" if density is not None else "")
         cfg = write_config(work / f"{tag}.yaml", method, density, base, models)
-        cmds.append(("ours", method, density, Command(f"lifelong-delta merge {tag}", [
-            ld, "merge", "--mergekit_config", str(cfg), "--out", str(work / f"ours-{tag}"), "--progress", "false"],
-            "merge", work / f"ours-{tag}")))
-        cmds.append(("mergekit", method, density, Command(f"mergekit-yaml {tag}", [
-            str(mergekit), str(cfg), str(work / f"mk-{tag}"), "--quiet", "--no-copy-tokenizer"], "merge",
-            work / f"mk-{tag}")))
-    floors = [Command("our command's imports", [str(PROJECT_VENV_BIN / "python"), "-c", OUR_IMPORTS], "start-up"),
-              Command("import mergekit.merge (peer venv)", [str(mergekit.parent / "python"), "-c",
-                                                            "import mergekit.merge"], "start-up")]
+        cmds.append(
+            (
+                "ours",
+                method,
+                density,
+                Command(
+                    f"lifelong-delta merge {tag}",
+                    [
+                        ld,
+                        "merge",
+                        "--mergekit_config",
+                        str(cfg),
+                        "--out",
+                        str(work / f"ours-{tag}"),
+                        "--progress",
+                        "false",
+                    ],
+                    "merge",
+                    work / f"ours-{tag}",
+                ),
+            )
+        )
+        cmds.append(
+            (
+                "mergekit",
+                method,
+                density,
+                Command(
+                    f"mergekit-yaml {tag}",
+                    [str(mergekit), str(cfg), str(work / f"mk-{tag}"), "--quiet", "--no-copy-tokenizer"],
+                    "merge",
+                    work / f"mk-{tag}",
+                ),
+            )
+        )
+    floors = [
+        Command("our command's imports", [str(PROJECT_VENV_BIN / "python"), "-c", OUR_IMPORTS], "start-up"),
+        Command(
+            "import mergekit.merge (peer venv)",
+            [str(mergekit.parent / "python"), "-c", "import mergekit.merge"],
+            "start-up",
+        ),
+    ]
     log = work / "run.log"
     warm_page_cache([base, *models])
     for c in floors:
@@ -220,20 +280,31 @@ def _study_cells(path: str) -> dict[tuple[str, str, float, str], list[float]]:
     return out
 
 
-def report(cmds: list[tuple[str, str, float | None, Command]], floors: list[Command], acc: dict, max_diff: dict,
-           splits: dict, args: Any, work: Path) -> None:
+def report(
+    cmds: list[tuple[str, str, float | None, Command]],
+    floors: list[Command],
+    acc: dict,
+    max_diff: dict,
+    splits: dict,
+    args: Any,
+    work: Path,
+) -> None:
     """Print the speed and accuracy tables (and write ``--json``)."""
     study = _study_cells(args.study)
     tasks = list(splits)
     rss = "peak RSS MB"
     threads = "torch's default threads" if args.omp_threads is None else f"OMP_NUM_THREADS={args.omp_threads}"
-    print(f"\nTREC + VADER MiniLM ({args.recipe}) merged by both tools from one mergekit YAML; wall time of the whole "
-          f"command ({threads}, load average {statistics.fmean(x for *_, c in cmds for x in c.load):.1f}), median of "
-          f"{args.repeats} (seeds 0..{args.repeats - 1}); accuracy on {splits['trec'].test.n} + "
-          f"{splits['vader'].test.n} test examples, each task with its own head\n")
+    print(
+        f"\nTREC + VADER MiniLM ({args.recipe}) merged by both tools from one mergekit YAML; wall time of the whole "
+        f"command ({threads}, load average {statistics.fmean(x for *_, c in cmds for x in c.load):.1f}), median of "
+        f"{args.repeats} (seeds 0..{args.repeats - 1}); accuracy on {splits['trec'].test.n} + "
+        f"{splits['vader'].test.n} test examples, each task with its own head\n"
+    )
     f_ours, f_mk = floors[0].median, floors[1].median
-    print(f"| merge | lifelong-delta s | mergekit s | mergekit / ours | {rss} ours / mergekit | goal >= "
-          f"{GOAL_SPEED:g}x | beyond start-up: mergekit / ours |")
+    print(
+        f"| merge | lifelong-delta s | mergekit s | mergekit / ours | {rss} ours / mergekit | goal >= "
+        f"{GOAL_SPEED:g}x | beyond start-up: mergekit / ours |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|")
     rows = []
     pairs = {(m, d): {} for _, m, d, _ in cmds}
@@ -244,16 +315,30 @@ def report(cmds: list[tuple[str, str, float | None, Command]], floors: list[Comm
         ratio = k.median / o.median
         tag = m + (f" {d:g}" if d is not None else "")
         beyond = (k.median - f_mk) / max(o.median - f_ours, 1e-3)
-        print(f"| {tag} | {o.median:.2f} | {k.median:.2f} | {ratio:.1f}x | {max(o.rss) / 2**20:.0f} / "
-              f"{max(k.rss) / 2**20:.0f} | {'yes' if ratio >= GOAL_SPEED else 'NO'} | {beyond:.1f}x |")
-        rows.append({"method": m, "density": d, "ours_s": o.times, "mergekit_s": k.times, "ratio": ratio,
-                     "ratio_beyond_start_up": beyond, "ours_rss": o.rss, "mergekit_rss": k.rss})
-    print(f"| start-up floor: `python -c '{OUR_IMPORTS}'` / `'import mergekit.merge'` | {f_ours:.2f} | {f_mk:.2f} | "
-          f"| {max(floors[0].rss) / 2**20:.0f} / {max(floors[1].rss) / 2**20:.0f} | | |")
+        print(
+            f"| {tag} | {o.median:.2f} | {k.median:.2f} | {ratio:.1f}x | {max(o.rss) / 2**20:.0f} / "
+            f"{max(k.rss) / 2**20:.0f} | {'yes' if ratio >= GOAL_SPEED else 'NO'} | {beyond:.1f}x |"
+        )
+        rows.append(
+            {
+                "method": m,
+                "density": d,
+                "ours_s": o.times,
+                "mergekit_s": k.times,
+                "ratio": ratio,
+                "ratio_beyond_start_up": beyond,
+                "ours_rss": o.rss,
+                "mergekit_rss": k.rss,
+            }
+        )
+    print(
+        f"| start-up floor: `python -c '{OUR_IMPORTS}'` / `'import mergekit.merge'` | {f_ours:.2f} | {f_mk:.2f} | "
+        f"| {max(floors[0].rss) / 2**20:.0f} / {max(floors[1].rss) / 2**20:.0f} | | |"
+    )
     print("\n| merge | task | lifelong-delta % | mergekit % | difference (pt) | study's seed std (pt) | agree |")
     print("|---|---|---:|---:|---:|---:|---|")
     agreement = []
-    for (m, d) in pairs:
+    for m, d in pairs:
         for t in tasks:
             ours = _spread([a[t] for a in acc[("ours", m, d)]])
             mk = _spread([a[t] for a in acc[("mergekit", m, d)]])
@@ -267,18 +352,38 @@ def report(cmds: list[tuple[str, str, float | None, Command]], floors: list[Comm
             ok = abs(diff) <= tol
             tag = m + (f" {d:g}" if d is not None else "")
             same = f"{100 * _spread(cell)[0]:.1f}" if cell else "–"
-            print(f"| {tag} | {t} | {100 * ours[0]:.1f} ± {100 * ours[1]:.1f} (study {same}) | {100 * mk[0]:.1f} ± "
-                  f"{100 * mk[1]:.1f} | {diff:+.1f} | {100 * seed_std:.1f} | {'yes' if ok else 'NO'} (±{tol:.1f}) |")
-            agreement.append({"method": m, "density": d, "task": t, "ours": [a[t] for a in acc[("ours", m, d)]],
-                              "mergekit": [a[t] for a in acc[("mergekit", m, d)]], "study": cell,
-                              "tolerance_pt": tol, "agree": ok})
+            print(
+                f"| {tag} | {t} | {100 * ours[0]:.1f} ± {100 * ours[1]:.1f} (study {same}) | {100 * mk[0]:.1f} ± "
+                f"{100 * mk[1]:.1f} | {diff:+.1f} | {100 * seed_std:.1f} | {'yes' if ok else 'NO'} (±{tol:.1f}) |"
+            )
+            agreement.append(
+                {
+                    "method": m,
+                    "density": d,
+                    "task": t,
+                    "ours": [a[t] for a in acc[("ours", m, d)]],
+                    "mergekit": [a[t] for a in acc[("mergekit", m, d)]],
+                    "study": cell,
+                    "tolerance_pt": tol,
+                    "agree": ok,
+                }
+            )
     for (m, d), diff in max_diff.items():
         print(f"{m}{'' if d is None else f' {d:g}'}: largest |mergekit − ours| weight difference {diff:.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"speed": rows, "start_up": {c.label: c.times for c in floors},
-                                               "accuracy": agreement,
-                                               "max_weight_diff": {f"{m} {d}": v for (m, d), v in max_diff.items()},
-                                               "work": str(work)}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "speed": rows,
+                    "start_up": {c.label: c.times for c in floors},
+                    "accuracy": agreement,
+                    "max_weight_diff": {f"{m} {d}": v for (m, d), v in max_diff.items()},
+                    "work": str(work),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

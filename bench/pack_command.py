@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_command import DEFAULT_CACHE, RSS_NOTE, Command, build_pair, run_once, warm_page_cache  # noqa: E402
+from prune_command import DEFAULT_CACHE, RSS_NOTE, Command, build_pair, run_once, warm_page_cache
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 
@@ -41,7 +41,8 @@ def size_of(path: Path) -> int:
 def same_checkpoint(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if not p.name.startswith("."))
     return names == sorted(p.name for p in b.iterdir() if not p.name.startswith(".")) and all(
-        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names
+    )
 
 
 def main() -> None:
@@ -56,8 +57,11 @@ def main() -> None:
 
     pair = build_pair(args.cache_dir, args.size_gb, "bfloat16", "1GB")
     ft_bytes = size_of(pair.ft)
-    print(f"pair: {pair.params / 1e6:.0f} M parameters, bf16, fine-tune {ft_bytes / 2**30:.2f} GiB in "
-          f"{pair.shards} shards ({pair.ft})", flush=True)
+    print(
+        f"pair: {pair.params / 1e6:.0f} M parameters, bf16, fine-tune {ft_bytes / 2**30:.2f} GiB in "
+        f"{pair.shards} shards ({pair.ft})",
+        flush=True,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     work = Path(tempfile.mkdtemp(prefix="pack-bench-", dir=args.cache_dir))
     try:
@@ -65,13 +69,30 @@ def main() -> None:
         cmds = [Command("cp -r FT", ["cp", "-r", str(pair.ft), str(work / "copy")], "cp", work / "copy")]
         for m in args.methods.split(","):
             cmds += [
-                Command(f"prune {m}", [CLI, "prune", *common, "--method", m, "--out", str(work / f"{m}-pruned")],
-                        m, work / f"{m}-pruned"),
-                Command(f"pack {m}", [CLI, "pack", *common, "--method", m, "--out", str(work / f"{m}.delta")],
-                        m, None),
-                Command(f"unpack {m}", [CLI, "unpack", "--base", str(pair.base), "--delta", str(work / f"{m}.delta"),
-                                        "--out", str(work / f"{m}-unpacked"), "--progress", "false"],
-                        m, work / f"{m}-unpacked"),
+                Command(
+                    f"prune {m}",
+                    [CLI, "prune", *common, "--method", m, "--out", str(work / f"{m}-pruned")],
+                    m,
+                    work / f"{m}-pruned",
+                ),
+                Command(f"pack {m}", [CLI, "pack", *common, "--method", m, "--out", str(work / f"{m}.delta")], m, None),
+                Command(
+                    f"unpack {m}",
+                    [
+                        CLI,
+                        "unpack",
+                        "--base",
+                        str(pair.base),
+                        "--delta",
+                        str(work / f"{m}.delta"),
+                        "--out",
+                        str(work / f"{m}-unpacked"),
+                        "--progress",
+                        "false",
+                    ],
+                    m,
+                    work / f"{m}-unpacked",
+                ),
             ]
         warm_page_cache(pair.base, pair.ft)
         for r in range(args.repeats):
@@ -79,8 +100,10 @@ def main() -> None:
                 if c.label.startswith("pack") and (work / f"{c.group}.delta").exists():
                     shutil.rmtree(work / f"{c.group}.delta")
                 run_once(c, env, work / "log.txt")
-            print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{c.label} {c.times[-1]:.1f} s" for c in cmds),
-                  flush=True)
+            print(
+                f"round {r + 1}/{args.repeats}: " + ", ".join(f"{c.label} {c.times[-1]:.1f} s" for c in cmds),
+                flush=True,
+            )
         cp = cmds[0].median
         rows = []
         print(f"\n| command | median s | × cp -r | × prune | peak RSS GiB{RSS_NOTE} | output |")
@@ -91,15 +114,33 @@ def main() -> None:
             same = same_checkpoint(work / f"{m}-pruned", work / f"{m}-unpacked")
             packed = size_of(work / f"{m}.delta")
             goal = 1.05 * (1 - args.p) * ft_bytes + 64 * 1024
-            for c, out in ((prune, f"{size_of(work / f'{m}-pruned') / 2**30:.2f} GiB"),
-                           (pack, f"{packed / 2**20:.1f} MiB = {packed / ft_bytes:.3%} of FT"
-                                  + (f" (goal ≤ {goal / 2**20:.1f} MiB: {'met' if packed <= goal else 'MISSED'})"
-                                     if m in ("dare", "darex-q") else "")),
-                           (unpack, f"= prune's files: {same}")):
-                print(f"| {c.label} p={args.p:g} | {c.median:.2f} | {c.median / cp:.2f} | {c.median / prune.median:.2f}"
-                      f" | {max(c.rss) / 2**30:.2f} | {out} |")
-                rows.append({"label": c.label, "median_s": c.median, "times": c.times, "rss": c.rss,
-                             "vs_cp": c.median / cp, "vs_prune": c.median / prune.median})
+            for c, out in (
+                (prune, f"{size_of(work / f'{m}-pruned') / 2**30:.2f} GiB"),
+                (
+                    pack,
+                    f"{packed / 2**20:.1f} MiB = {packed / ft_bytes:.3%} of FT"
+                    + (
+                        f" (goal ≤ {goal / 2**20:.1f} MiB: {'met' if packed <= goal else 'MISSED'})"
+                        if m in ("dare", "darex-q")
+                        else ""
+                    ),
+                ),
+                (unpack, f"= prune's files: {same}"),
+            ):
+                print(
+                    f"| {c.label} p={args.p:g} | {c.median:.2f} | {c.median / cp:.2f} | {c.median / prune.median:.2f}"
+                    f" | {max(c.rss) / 2**30:.2f} | {out} |"
+                )
+                rows.append(
+                    {
+                        "label": c.label,
+                        "median_s": c.median,
+                        "times": c.times,
+                        "rss": c.rss,
+                        "vs_cp": c.median / cp,
+                        "vs_prune": c.median / prune.median,
+                    }
+                )
             rows.append({"label": f"{m} sizes", "pack_bytes": packed, "ft_bytes": ft_bytes, "unpack_equal": same})
         if args.json:
             args.json.write_text(json.dumps({"p": args.p, "size_gb": args.size_gb, "rows": rows}, indent=1))

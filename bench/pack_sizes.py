@@ -41,8 +41,12 @@ def size_of(path: Path) -> int:
 
 def run(*args: object) -> float:
     t0 = time.perf_counter()
-    subprocess.run([CLI, *map(str, args), "--progress", "false"], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [CLI, *map(str, args), "--progress", "false"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return time.perf_counter() - t0
 
 
@@ -72,15 +76,27 @@ def main() -> None:
                 cells, same = [], True
                 for method, p in RUNS:
                     pack = work / f"{task}-{recipe}-{method}-{p}.delta"
-                    seconds = run("pack", "--base", base, "--finetuned", ft, "--method", method, "--p", p,
-                                  "--out", pack)
+                    seconds = run(
+                        "pack", "--base", base, "--finetuned", ft, "--method", method, "--p", p, "--out", pack
+                    )
                     size = size_of(pack)
                     goal = 1.05 * (1 - p) * full + 64 * 1024
                     mark = "" if method != "dare" else (" ✓" if size <= goal else " ✗")
                     cells.append(f"{size / 2**20:.2f} MiB = {size / full:.2%}{mark} ({seconds:.1f} s)")
                     if p == 0.99:
-                        run("prune", "--base", base, "--finetuned", ft, "--method", method, "--p", p,
-                            "--out", work / "pruned")
+                        run(
+                            "prune",
+                            "--base",
+                            base,
+                            "--finetuned",
+                            ft,
+                            "--method",
+                            method,
+                            "--p",
+                            p,
+                            "--out",
+                            work / "pruned",
+                        )
                         run("unpack", "--base", base, "--delta", pack, "--out", work / "unpacked")
                         same = same and same_files(work / "pruned", work / "unpacked")
                         shutil.rmtree(work / "pruned")

@@ -83,12 +83,22 @@ def llama_shape(size_gb: float, itemsize: int, tied: bool = False) -> dict[str, 
     hidden, heads, kv = (2048, 16, 4) if size_gb * 1e9 / itemsize >= 300e6 else (1024, 8, 2)
     inter = round(hidden * 2.6875 / 64) * 64  # 5504 for 2048, as OpenLLaMA 3B / TinyLlama-like ratios
     head_dim = hidden // heads
-    per_layer = (2 * hidden * hidden + 2 * hidden * kv * head_dim  # q, o; k, v
-                 + 3 * hidden * inter + 2 * hidden)  # gate, up, down; two RMSNorms
+    per_layer = (
+        2 * hidden * hidden
+        + 2 * hidden * kv * head_dim  # q, o; k, v
+        + 3 * hidden * inter
+        + 2 * hidden
+    )  # gate, up, down; two RMSNorms
     fixed = (1 if tied else 2) * VOCAB * hidden + hidden  # embed_tokens (and an untied lm_head); final norm
     layers = max(1, round((size_gb * 1e9 / itemsize - fixed) / per_layer))
-    return {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "num_hidden_layers": layers, "vocab_size": VOCAB}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+    }
 
 
 @dataclass
@@ -118,13 +128,14 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
     """
     dtype = getattr(torch, dtype_name)
     shape = llama_shape(size_gb, dtype.itemsize, tied)
-    key = (f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-v{VOCAB}-{dtype_name}"
-           f"-shard{shard}-noise{NOISE_REL:g}{'-tied' if tied else ''}")
+    key = (
+        f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-v{VOCAB}-{dtype_name}"
+        f"-shard{shard}-noise{NOISE_REL:g}{'-tied' if tied else ''}"
+    )
     root = cache_dir / key
     if (root / "pair.json").is_file():
         meta = json.loads((root / "pair.json").read_text())
-        return Pair(dtype_name, root / "base", root / "ft", meta["params"], meta["nbytes"], meta["shards"],
-                    shape)
+        return Pair(dtype_name, root / "base", root / "ft", meta["params"], meta["nbytes"], meta["shards"], shape)
 
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.utils import logging as hf_logging
@@ -150,14 +161,26 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
         model.save_pretrained(tmp / "ft", max_shard_size=shard)
         del model
         nbytes, shards = _weights_bytes(tmp / "ft")
-        (tmp / "pair.json").write_text(json.dumps({"params": params, "nbytes": nbytes, "shards": shards,
-                                                   "shape": shape, "dtype": dtype_name}, indent=2) + "\n")
+        (tmp / "pair.json").write_text(
+            json.dumps(
+                {"params": params, "nbytes": nbytes, "shards": shards, "shape": shape, "dtype": dtype_name}, indent=2
+            )
+            + "\n"
+        )
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Pair(dtype_name, root / "base", root / "ft", params, nbytes, shards, shape,
-                build_s=time.perf_counter() - t0,
-                build_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    return Pair(
+        dtype_name,
+        root / "base",
+        root / "ft",
+        params,
+        nbytes,
+        shards,
+        shape,
+        build_s=time.perf_counter() - t0,
+        build_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    )
 
 
 def warm_page_cache(*dirs: Path) -> None:
@@ -181,8 +204,12 @@ def setup_mergekit(venv: Path) -> Path:
         return exe
     python = str(venv / "bin" / "python")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "_lifelong_delta_venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run([python, "-m", "pip", "install", "-qq", "--no-deps", *MERGEKIT_PACKAGES], check=True)
     return exe
@@ -199,7 +226,8 @@ def mergekit_config(pair: Pair, path: Path) -> Path:
         "      weight: 1.0\n"
         "      density: 0.1\n"
         "dtype: float32\n"
-        f"out_dtype: {pair.dtype}\n")
+        f"out_dtype: {pair.dtype}\n"
+    )
     return path
 
 
@@ -241,16 +269,17 @@ def run_once(cmd: Command, env: dict[str, str], log: Path) -> None:
     cmd.load.append(os.getloadavg()[0])
     with open(log, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     failed = proc.returncode != 0
     if failed != cmd.expect_error:
         tail = log.read_text(errors="replace")[-3000:]
-        sys.exit(f"error: {cmd.label} exited {proc.returncode} (expected "
-                 f"{'an error' if cmd.expect_error else '0'}): {shlex.join(cmd.argv)}\n{tail}")
+        sys.exit(
+            f"error: {cmd.label} exited {proc.returncode} (expected "
+            f"{'an error' if cmd.expect_error else '0'}): {shlex.join(cmd.argv)}\n{tail}"
+        )
     cmd.times.append(wall)
     if HAVE_TIME:  # on a non-zero exit GNU time writes "Command exited with non-zero status N" first
         cmd.rss.append(int(rss_file.read_text().split()[-1]) * 1024)
@@ -266,8 +295,10 @@ def tiny_pair(cache_dir: Path, dtype_name: str) -> tuple[Path, Path]:
     if not (root / "ft" / "config.json").is_file():
         g = torch.Generator().manual_seed(0)
         dtype = getattr(torch, dtype_name)
-        w = {"model.layers.0.mlp.up_proj.weight": torch.randn(512, 512, generator=g),  # parallel kernel size
-             "model.norm.weight": torch.ones(512)}  # serial kernel size
+        w = {
+            "model.layers.0.mlp.up_proj.weight": torch.randn(512, 512, generator=g),  # parallel kernel size
+            "model.norm.weight": torch.ones(512),
+        }  # serial kernel size
         for which, noise in (("base", 0.0), ("ft", 1e-3)):
             (root / which).mkdir(parents=True, exist_ok=True)
             tensors = {k: (v + noise).to(dtype) for k, v in w.items()}
@@ -276,8 +307,9 @@ def tiny_pair(cache_dir: Path, dtype_name: str) -> tuple[Path, Path]:
     return root / "base", root / "ft"
 
 
-def warm_up(cmds: list[Command], pairs: list[Pair], cache_dir: Path, work: Path, env: dict[str, str],
-            log: Path) -> None:
+def warm_up(
+    cmds: list[Command], pairs: list[Pair], cache_dir: Path, work: Path, env: dict[str, str], log: Path
+) -> None:
     """Untimed: each start-up command once, and a prune of a tiny pair per dtype (bytecode, numba's cache)."""
     for c in cmds:
         if c.group == "start-up":
@@ -293,21 +325,44 @@ def warm_up(cmds: list[Command], pairs: list[Pair], cache_dir: Path, work: Path,
         c.load.clear()
 
 
-def commands_for(pairs: list[Pair], work: Path, mergekit: Path | None, mergekit_args: list[str]
-                 ) -> list[Command]:
+def commands_for(pairs: list[Pair], work: Path, mergekit: Path | None, mergekit_args: list[str]) -> list[Command]:
     """Per dtype: cp -r, our prune and mergekit-yaml (if available); then the start-up commands."""
     ld = str(PROJECT_VENV_BIN / "lifelong-delta")
     cmds = []
     for pair in pairs:
         out, group = work / f"out-{pair.dtype}", f"prune:{pair.dtype}"
         cmds.append(Command("cp -r FT OUT", ["cp", "-r", str(pair.ft), str(out)], group, out))
-        prune = [ld, "prune", "--base", str(pair.base), "--finetuned", str(pair.ft), "--out", str(out),
-                 "--method", "dare", "--p", "0.9", "--seed", "0", "--progress", "false"]
+        prune = [
+            ld,
+            "prune",
+            "--base",
+            str(pair.base),
+            "--finetuned",
+            str(pair.ft),
+            "--out",
+            str(out),
+            "--method",
+            "dare",
+            "--p",
+            "0.9",
+            "--seed",
+            "0",
+            "--progress",
+            "false",
+        ]
         cmds.append(Command("lifelong-delta prune --method dare --p 0.9", prune, group, out))
         if mergekit is not None:
             cfg = mergekit_config(pair, work / f"dare_linear-{pair.dtype}.yaml")
-            merge = [str(mergekit), str(cfg), str(out), "--random-seed", "0", "--quiet",
-                     "--no-copy-tokenizer", *mergekit_args]
+            merge = [
+                str(mergekit),
+                str(cfg),
+                str(out),
+                "--random-seed",
+                "0",
+                "--quiet",
+                "--no-copy-tokenizer",
+                *mergekit_args,
+            ]
             cmds.append(Command("mergekit-yaml dare_linear (density 0.1)", merge, group, out))
     pair, out = pairs[0], work / "out-startup"
     valid = ["--base", str(pair.base), "--finetuned", str(pair.ft), "--method", "dare", "--progress", "false"]
@@ -316,10 +371,14 @@ def commands_for(pairs: list[Pair], work: Path, mergekit: Path | None, mergekit_
         Command('python -c "import torch"', [python, "-c", "import torch"], "start-up"),
         Command("lifelong-delta --help", [ld, "--help"], "start-up"),
         Command("lifelong-delta prune --help", [ld, "prune", "--help"], "start-up"),
-        Command("lifelong-delta prune --p 2 (bad value)",
-                [ld, "prune", *valid, "--out", str(out), "--p", "2"], "start-up", out, expect_error=True),
-        Command("lifelong-delta prune (missing --out)", [ld, "prune", *valid], "start-up", out,
-                expect_error=True),
+        Command(
+            "lifelong-delta prune --p 2 (bad value)",
+            [ld, "prune", *valid, "--out", str(out), "--p", "2"],
+            "start-up",
+            out,
+            expect_error=True,
+        ),
+        Command("lifelong-delta prune (missing --out)", [ld, "prune", *valid], "start-up", out, expect_error=True),
     ]
     return cmds
 
@@ -339,12 +398,13 @@ def report(pairs: list[Pair], cmds: list[Command], repeats: int, mergekit_note: 
         cp, ours = group[0], group[1]
         mk = group[2] if len(group) > 2 else None
         s = pair.shape
-        print(f"\n### {pair.dtype}: Llama h{s['hidden_size']} x {s['num_hidden_layers']} layers "
-              f"(GQA {s['num_attention_heads']}/{s['num_key_value_heads']}, ffn {s['intermediate_size']}, "
-              f"vocab {s['vocab_size']}), {pair.params / 1e6:.0f} M params, {pair.nbytes / 1e9:.2f} GB in "
-              f"{pair.shards} shards; median of {repeats}\n")
-        print(f"| command | median s | runs (s) | peak RSS MB{RSS_NOTE} | x cp -r | mergekit / this | goal "
-              "| ok |")
+        print(
+            f"\n### {pair.dtype}: Llama h{s['hidden_size']} x {s['num_hidden_layers']} layers "
+            f"(GQA {s['num_attention_heads']}/{s['num_key_value_heads']}, ffn {s['intermediate_size']}, "
+            f"vocab {s['vocab_size']}), {pair.params / 1e6:.0f} M params, {pair.nbytes / 1e9:.2f} GB in "
+            f"{pair.shards} shards; median of {repeats}\n"
+        )
+        print(f"| command | median s | runs (s) | peak RSS MB{RSS_NOTE} | x cp -r | mergekit / this | goal | ok |")
         print("|---|---:|---|---:|---:|---:|---|---|")
         for c in group:
             ratio = c.median / cp.median
@@ -354,8 +414,10 @@ def report(pairs: list[Pair], cmds: list[Command], repeats: int, mergekit_note: 
                 goal = f"<= {GOAL_VS_CP:g}x cp" + (f", >= {GOAL_VS_MERGEKIT:g}x mergekit" if mk else "")
                 good = ratio <= GOAL_VS_CP and (mk is None or mk.median / c.median >= GOAL_VS_MERGEKIT)
                 ok = _ok(good)
-            print(f"| `{c.label}` | {c.median:.2f} | {_row_times(c)} | {max(c.rss) / 1e6:,.0f} | "
-                  f"{ratio:.1f} | {vs_mk} | {goal} | {ok} |")
+            print(
+                f"| `{c.label}` | {c.median:.2f} | {_row_times(c)} | {max(c.rss) / 1e6:,.0f} | "
+                f"{ratio:.1f} | {vs_mk} | {goal} | {ok} |"
+            )
         if mk is None and mergekit_note:
             print(f"| `mergekit-yaml` | {mergekit_note} | – | – | – | – | – | – |")
     start = [c for c in cmds if c.group == "start-up"]
@@ -366,21 +428,29 @@ def report(pairs: list[Pair], cmds: list[Command], repeats: int, mergekit_note: 
     for c in start:
         ratio = c.median / torch_c.median
         goal, ok = ("–", "–") if c is torch_c else (f"< {GOAL_VS_TORCH:g}", _ok(ratio < GOAL_VS_TORCH))
-        print(f"| `{c.label}` | {c.median:.2f} | {_row_times(c)} | {max(c.rss) / 1e6:,.0f} | {ratio:.2f} | "
-              f"{goal} | {ok} |")
+        print(
+            f"| `{c.label}` | {c.median:.2f} | {_row_times(c)} | {max(c.rss) / 1e6:,.0f} | {ratio:.2f} | "
+            f"{goal} | {ok} |"
+        )
 
 
 def describe_source(env: dict[str, str]) -> str:
     """Where the timed ``lifelong_delta`` comes from, with its git commit and whether the tree has changes."""
     code = "import lifelong_delta, os; print(os.path.dirname(os.path.dirname(lifelong_delta.__file__)))"
-    where = subprocess.run([str(PROJECT_VENV_BIN / "python"), "-c", code], env=env, cwd="/", check=False,
-                           capture_output=True, text=True).stdout.strip()
-    git = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], check=False,
-                         capture_output=True, text=True)
+    where = subprocess.run(
+        [str(PROJECT_VENV_BIN / "python"), "-c", code], env=env, cwd="/", check=False, capture_output=True, text=True
+    ).stdout.strip()
+    git = subprocess.run(
+        ["git", "-C", where, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+    )
     if git.returncode != 0:
         return where
-    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "lifelong_delta"], check=False,
-                           capture_output=True, text=True).stdout.splitlines()
+    dirty = subprocess.run(
+        ["git", "-C", where, "status", "--porcelain", "--", "lifelong_delta"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     changes = f" + {len(dirty)} changed files under lifelong_delta/" if dirty else ""
     return f"{where} at {git.stdout.strip()}{changes}"
 
@@ -388,24 +458,35 @@ def describe_source(env: dict[str, str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of EACH checkpoint, per dtype")
-    ap.add_argument("--dtypes", default="bfloat16,float32",
-                    help="comma-separated: bfloat16, float16, float32")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bfloat16, float16, float32")
     ap.add_argument("--shard-size", default="200MB", help="input shard size (save_pretrained max_shard_size)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                    help="where the checkpoint pairs are cached")
-    ap.add_argument("--work-dir", type=Path, default=None,
-                    help="parent of the outputs (default: --cache-dir, i.e. the inputs' file system)")
-    ap.add_argument("--mergekit-yaml", default=None, help="path of a mergekit-yaml executable (default: "
-                    f"{PEER_VENV}/bin/mergekit-yaml if it exists)")
-    ap.add_argument("--setup-mergekit", action="store_true",
-                    help=f"create {PEER_VENV} with mergekit first (see the module docstring)")
-    ap.add_argument("--mergekit-args", default="",
-                    help="extra options for mergekit-yaml, one shell-quoted string")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the checkpoint pairs are cached")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="parent of the outputs (default: --cache-dir, i.e. the inputs' file system)",
+    )
+    ap.add_argument(
+        "--mergekit-yaml",
+        default=None,
+        help=f"path of a mergekit-yaml executable (default: {PEER_VENV}/bin/mergekit-yaml if it exists)",
+    )
+    ap.add_argument(
+        "--setup-mergekit",
+        action="store_true",
+        help=f"create {PEER_VENV} with mergekit first (see the module docstring)",
+    )
+    ap.add_argument("--mergekit-args", default="", help="extra options for mergekit-yaml, one shell-quoted string")
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if it is available")
-    ap.add_argument("--src", type=Path, default=None,
-                    help="run lifelong_delta from this source tree (put first on PYTHONPATH), e.g. "
-                    "'git archive COMMIT | tar -x -C DIR' of another commit; default: the installed package")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help="run lifelong_delta from this source tree (put first on PYTHONPATH), e.g. "
+        "'git archive COMMIT | tar -x -C DIR' of another commit; default: the installed package",
+    )
     ap.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the checkpoint pairs and stop")
     args = ap.parse_args()
@@ -438,8 +519,11 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         pair = build_pair(args.cache_dir, args.size_gb, dtype_name.strip(), args.shard_size)
         if pair.build_s is not None:
-            print(f"(built the {pair.dtype} pair in {pair.build_s:.0f} s; peak RSS of this process so far "
-                  f"{pair.build_peak_rss_gb:.2f} GB)", file=sys.stderr)
+            print(
+                f"(built the {pair.dtype} pair in {pair.build_s:.0f} s; peak RSS of this process so far "
+                f"{pair.build_peak_rss_gb:.2f} GB)",
+                file=sys.stderr,
+            )
         pairs.append(pair)
         print(f"({pair.dtype} pair: {pair.base.parent}, {pair.nbytes / 1e9:.2f} GB x 2)", file=sys.stderr)
     if args.build_only:
@@ -447,8 +531,7 @@ def main() -> None:
     free_gb = shutil.disk_usage(args.cache_dir).free / 1e9
     need_gb = 1.2 * max(p.nbytes for p in pairs) / 1e9
     if free_gb < need_gb:
-        sys.exit(f"error: {args.cache_dir} has {free_gb:.1f} GB free; the outputs need about "
-                 f"{need_gb:.1f} GB")
+        sys.exit(f"error: {args.cache_dir} has {free_gb:.1f} GB free; the outputs need about {need_gb:.1f} GB")
 
     work = Path(tempfile.mkdtemp(prefix="prune_command-", dir=args.work_dir or args.cache_dir))
     try:
@@ -460,13 +543,17 @@ def main() -> None:
         for r in range(args.repeats):
             for c in cmds:
                 run_once(c, env, log)
-                print(f"round {r + 1}/{args.repeats}: {c.group:16s} {c.label:45s} {c.times[-1]:7.2f} s",
-                      file=sys.stderr)
+                print(
+                    f"round {r + 1}/{args.repeats}: {c.group:16s} {c.label:45s} {c.times[-1]:7.2f} s", file=sys.stderr
+                )
         for c in cmds:
             if c.out is not None and c.out.exists():
                 shutil.rmtree(c.out)
-        print(f"(timed runs took {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs, load average "
-              f"{os.getloadavg()[0]:.1f}; torch {torch.__version__})", file=sys.stderr)
+        print(
+            f"(timed runs took {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}; torch {torch.__version__})",
+            file=sys.stderr,
+        )
         print(f"lifelong_delta: {source}; mergekit-yaml: {mergekit or 'none'}; {os.cpu_count()} CPUs")
         report(pairs, cmds, args.repeats, mergekit_note)
         if args.json:
@@ -474,11 +561,30 @@ def main() -> None:
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "lifelong_delta": source,
                 "mergekit_yaml": str(mergekit) if mergekit else None,
-                "pairs": [{"dtype": p.dtype, "base": str(p.base), "ft": str(p.ft), "params": p.params,
-                           "bytes": p.nbytes, "shards": p.shards, "shape": p.shape} for p in pairs],
-                "commands": [{"label": c.label, "group": c.group, "argv": c.argv, "times_s": c.times,
-                              "median_s": c.median, "peak_rss_bytes": c.rss, "load_average": c.load}
-                             for c in cmds],
+                "pairs": [
+                    {
+                        "dtype": p.dtype,
+                        "base": str(p.base),
+                        "ft": str(p.ft),
+                        "params": p.params,
+                        "bytes": p.nbytes,
+                        "shards": p.shards,
+                        "shape": p.shape,
+                    }
+                    for p in pairs
+                ],
+                "commands": [
+                    {
+                        "label": c.label,
+                        "group": c.group,
+                        "argv": c.argv,
+                        "times_s": c.times,
+                        "median_s": c.median,
+                        "peak_rss_bytes": c.rss,
+                        "load_average": c.load,
+                    }
+                    for c in cmds
+                ],
             }
             Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
             print(f"wrote {args.json}", file=sys.stderr)

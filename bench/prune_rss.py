@@ -63,8 +63,12 @@ def main() -> None:
     ap.add_argument("--in-shard-size", default="1GB")
     ap.add_argument("--out-shard-size", default="2GB")
     ap.add_argument("--tmp", default="/tmp", help="parent of the temporary directory (needs ~3.5x size-gb free)")
-    ap.add_argument("--runner", choices=["cli", "python"], default="cli",
-                    help="cli: the lifelong-delta console script; python: call commands.prune via python -c")
+    ap.add_argument(
+        "--runner",
+        choices=["cli", "python"],
+        default="cli",
+        help="cli: the lifelong-delta console script; python: call commands.prune via python -c",
+    )
     args = ap.parse_args()
 
     free_gb = shutil.disk_usage(args.tmp).free / 1e9
@@ -78,8 +82,22 @@ def main() -> None:
         t_make = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in ft.glob("*.safetensors")) / 1e9
         out = root / "out"
-        prune_args = ["--base", str(base), "--finetuned", str(ft), "--out", str(out), "--method", args.method,
-                      "--p", str(args.p), "--out_shard_size", args.out_shard_size, "--progress", "false"]
+        prune_args = [
+            "--base",
+            str(base),
+            "--finetuned",
+            str(ft),
+            "--out",
+            str(out),
+            "--method",
+            args.method,
+            "--p",
+            str(args.p),
+            "--out_shard_size",
+            args.out_shard_size,
+            "--progress",
+            "false",
+        ]
         if args.runner == "cli":
             cmd = [str(Path(sys.executable).parent / "lifelong-delta"), "prune", *prune_args]
         else:
@@ -91,8 +109,9 @@ def main() -> None:
         rss_file = root / "rss"
         timed = os.access(TIME, os.X_OK)
         t0 = time.perf_counter()
-        res = subprocess.run([TIME, "-f", "%M", "-o", str(rss_file), *cmd] if timed else cmd,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [TIME, "-f", "%M", "-o", str(rss_file), *cmd] if timed else cmd, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         if res.returncode != 0:
             sys.exit(f"error: prune failed ({res.returncode}):\n{res.stderr[-3000:]}")
@@ -101,13 +120,18 @@ def main() -> None:
         else:  # an upper bound: see above
             peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # KiB on Linux
         out_size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
-        print(f"(made the pair in {t_make:.0f} s; output {out_size:.2f} GB in "
-              f"{len(list(out.glob('*.safetensors')))} shard(s))", file=sys.stderr)
+        print(
+            f"(made the pair in {t_make:.0f} s; output {out_size:.2f} GB in "
+            f"{len(list(out.glob('*.safetensors')))} shard(s))",
+            file=sys.stderr,
+        )
         print("| checkpoint | tensors | method | wall s | GB/s | peak RSS GB | goal | ok |")
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {size:.2f} GB {args.dtype}, {args.in_shard_size} shards | {3 * n_mats + 1} | {args.method} "
-              f"p={args.p:g} | {wall:.1f} | {size / wall:.2f} | {peak_gb:.2f} | <= {GOAL_GB} | "
-              f"{'yes' if peak_gb <= GOAL_GB else 'NO'} |")
+        print(
+            f"| {size:.2f} GB {args.dtype}, {args.in_shard_size} shards | {3 * n_mats + 1} | {args.method} "
+            f"p={args.p:g} | {wall:.1f} | {size / wall:.2f} | {peak_gb:.2f} | <= {GOAL_GB} | "
+            f"{'yes' if peak_gb <= GOAL_GB else 'NO'} |"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -69,42 +69,68 @@ def _normalise_flags(argv: list[str], command: Callable[..., Any] | None = None)
 # name -> ("module:function", the first line of its docstring). Only the chosen command's module is imported, so
 # --help and argument errors of the pruning commands answer before torch is loaded.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prune": ("lifelong_delta.delta.commands:prune",
-              "Prune the delta between a fine-tuned model and its base, and write the merged model to a new "
-              "directory."),
-    "pack": ("lifelong_delta.delta.commands:pack",
-             "Prune like prune, but write only what the method keeps: a packed delta (safetensors + manifest)."),
-    "unpack": ("lifelong_delta.delta.commands:unpack",
-               "Rebuild a pruned model from its base and a packed delta, bit for bit as prune writes it."),
-    "stats": ("lifelong_delta.delta.commands:stats",
-              "Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, "
-              "‖δ‖/‖θ_pre‖."),
-    "recommend": ("lifelong_delta.delta.commands:recommend",
-                  "Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why."),
-    "merge": ("lifelong_delta.delta.merge_command:merge",
-              "Merge fine-tunes of one base model (task arithmetic, TIES, DARE, DAREx-q) into a new model directory."),
-    "pretrain": ("lifelong_delta.continual.pretrain:pretrain",
-                 "Pretrain a small timm ViT on all classes of dataset and cache it under <cache_dir>/<name>."),
-    "probe": ("lifelong_delta.continual.probe:probe",
-              "Frozen-feature probes of pretrained on a class-incremental split of dataset."),
-    "cl-eval": ("lifelong_delta.continual.cl_eval:cl_eval",
-                "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots."),
-    "demo": ("lifelong_delta.studies.demo:demo",
-             "Train the config's method, plain fine-tuning and FT++ on one stream; print and write their A_N and F_N."),
-    "lifelong-eval": ("lifelong_delta.studies.lifelong_eval:lifelong_eval",
-                      "Lifelong deltas (LifelongDeltas) on the split-MNIST streams, next to the continual study's "
-                      "best method."),
-    "finetune": ("lifelong_delta.text.finetune:all_finetunes",
-                 "Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary."),
-    "prune-eval": ("lifelong_delta.studies.prune_eval:prune_eval",
-                   "Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and "
-                   "a plot."),
-    "prune-eval-decoder": ("lifelong_delta.studies.prune_eval_decoder:prune_eval_decoder",
-                           "Pretrain a small Llama offline, fine-tune it two ways, prune every way, and write the "
-                           "held-out perplexities, a summary and a plot."),
-    "merge-eval": ("lifelong_delta.studies.merge_eval:merge_eval",
-                   "Merge the tasks' fine-tunes every way, evaluate each task with its own head, and write a CSV, a "
-                   "summary and a plot."),
+    "prune": (
+        "lifelong_delta.delta.commands:prune",
+        "Prune the delta between a fine-tuned model and its base, and write the merged model to a new directory.",
+    ),
+    "pack": (
+        "lifelong_delta.delta.commands:pack",
+        "Prune like prune, but write only what the method keeps: a packed delta (safetensors + manifest).",
+    ),
+    "unpack": (
+        "lifelong_delta.delta.commands:unpack",
+        "Rebuild a pruned model from its base and a packed delta, bit for bit as prune writes it.",
+    ),
+    "stats": (
+        "lifelong_delta.delta.commands:stats",
+        "Per-tensor statistics of the delta δ = finetuned − base: mean, std, mean |δ|, max |δ|, ‖δ‖, ‖δ‖/‖θ_pre‖.",
+    ),
+    "recommend": (
+        "lifelong_delta.delta.commands:recommend",
+        "Recommend a delta-pruning method (DARE the Extreme's decision pipeline) and say why.",
+    ),
+    "merge": (
+        "lifelong_delta.delta.merge_command:merge",
+        "Merge fine-tunes of one base model (task arithmetic, TIES, DARE, DAREx-q) into a new model directory.",
+    ),
+    "pretrain": (
+        "lifelong_delta.continual.pretrain:pretrain",
+        "Pretrain a small timm ViT on all classes of dataset and cache it under <cache_dir>/<name>.",
+    ),
+    "probe": (
+        "lifelong_delta.continual.probe:probe",
+        "Frozen-feature probes of pretrained on a class-incremental split of dataset.",
+    ),
+    "cl-eval": (
+        "lifelong_delta.continual.cl_eval:cl_eval",
+        "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots.",
+    ),
+    "demo": (
+        "lifelong_delta.studies.demo:demo",
+        "Train the config's method, plain fine-tuning and FT++ on one stream; print and write their A_N and F_N.",
+    ),
+    "lifelong-eval": (
+        "lifelong_delta.studies.lifelong_eval:lifelong_eval",
+        "Lifelong deltas (LifelongDeltas) on the split-MNIST streams, next to the continual study's best method.",
+    ),
+    "finetune": (
+        "lifelong_delta.text.finetune:all_finetunes",
+        "Run every (task, recipe) fine-tune that is not cached, with a progress bar, and print a summary.",
+    ),
+    "prune-eval": (
+        "lifelong_delta.studies.prune_eval:prune_eval",
+        "Prune every cached fine-tune every way, evaluate test accuracy, and write a CSV, a summary and a plot.",
+    ),
+    "prune-eval-decoder": (
+        "lifelong_delta.studies.prune_eval_decoder:prune_eval_decoder",
+        "Pretrain a small Llama offline, fine-tune it two ways, prune every way, and write the "
+        "held-out perplexities, a summary and a plot.",
+    ),
+    "merge-eval": (
+        "lifelong_delta.studies.merge_eval:merge_eval",
+        "Merge the tasks' fine-tunes every way, evaluate each task with its own head, and write a CSV, a "
+        "summary and a plot.",
+    ),
 }
 
 
@@ -121,8 +147,11 @@ def _exit_now(code: int) -> None:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: lifelong-delta COMMAND [options]   (lifelong-delta COMMAND --help for its options)", "",
-             "commands:"]
+    lines = [
+        "usage: lifelong-delta COMMAND [options]   (lifelong-delta COMMAND --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -159,8 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage(), file=sys.stderr)
         raise SystemExit(2)
     if sub not in COMMANDS:
-        print(f"error: unknown command {sub!r}; choose one of {', '.join(COMMANDS)} (see: lifelong-delta --help)",
-              file=sys.stderr)
+        print(
+            f"error: unknown command {sub!r}; choose one of {', '.join(COMMANDS)} (see: lifelong-delta --help)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     module, func = COMMANDS[sub][0].split(":")
     command = getattr(importlib.import_module(module), func)
@@ -170,8 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI, ArgumentParser
 
     try:
-        CLI({sub: command}, args=args, as_positional=False, allow_abbrev=False,
-            parser_class=_one_line_parser_class(ArgumentParser))
+        CLI(
+            {sub: command},
+            args=args,
+            as_positional=False,
+            allow_abbrev=False,
+            parser_class=_one_line_parser_class(ArgumentParser),
+        )
         if sub in FAST_EXIT and argv is None:  # a console-script run, not a call from Python
             _exit_now(0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
@@ -179,8 +215,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except (KeyboardInterrupt, Interrupted) as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        print(f"\nlifelong-delta {sub}: interrupted ({signal.Signals(signum).name}); its temporary files were "
-              "removed and no output was moved into place", file=sys.stderr)
+        print(
+            f"\nlifelong-delta {sub}: interrupted ({signal.Signals(signum).name}); its temporary files were "
+            "removed and no output was moved into place",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + signum) from None
     finally:
         for s, h in handlers.items():

@@ -36,12 +36,12 @@ from lifelong_delta.progress import format_bytes
 
 __all__ = [
     "MARKER",
-    "atomic_dir",
-    "atomic_file",
-    "check_can_create",
     "PNG_SOFTWARE",
     "TEMP_MARKER",
     "OutputPathError",
+    "atomic_dir",
+    "atomic_file",
+    "check_can_create",
     "check_disjoint",
     "check_output_dir",
     "check_output_file",
@@ -181,26 +181,31 @@ def check_output_dir(
     resolved, cwd = _resolved(path), _resolved(os.curdir)
     if _inside(cwd, resolved):
         what = "the current folder" if resolved == cwd else f"a parent of the current folder {cwd}"
-        raise OutputPathError(f"{option} {out} is {what}; the output folder is written as a whole, "
-                              "so give a new folder")
+        raise OutputPathError(
+            f"{option} {out} is {what}; the output folder is written as a whole, so give a new folder"
+        )
     if path.is_symlink():
         raise OutputPathError(f"{option} {out} is a symlink; give the folder itself or a new path")
     if path.exists():
         if not path.is_dir():
-            raise OutputPathError(f"{option} {out} is an existing file; {TOOL} writes a new folder there, so "
-                                  "give a new path")
+            raise OutputPathError(
+                f"{option} {out} is an existing file; {TOOL} writes a new folder there, so give a new path"
+            )
         if not overwrite:
             raise OutputPathError(f"{option} {out} already exists; pass --overwrite to replace an output of {TOOL}")
         written = _written_files(path)
         if written is None:
-            raise OutputPathError(f"{option} {out} exists and was not written by {TOOL} (no {MARKER}); "
-                                  "--overwrite replaces only its own output folders: remove it yourself or "
-                                  "give a new path")
+            raise OutputPathError(
+                f"{option} {out} exists and was not written by {TOOL} (no {MARKER}); "
+                "--overwrite replaces only its own output folders: remove it yourself or "
+                "give a new path"
+            )
         foreign = [f for f in _all_files(path) if f not in written and f != MARKER]
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OutputPathError(f"{option} {out} holds files {TOOL} did not write ({shown}); move them out or "
-                                  "give a new path")
+            raise OutputPathError(
+                f"{option} {out} holds files {TOOL} did not write ({shown}); move them out or give a new path"
+            )
     _writable_parent(path, option)
     return path
 
@@ -237,7 +242,7 @@ def _png_software(path: Path) -> str | None:
                 data = f.read(length)
                 f.seek(4, os.SEEK_CUR)
                 if kind == b"tEXt" and data.startswith(b"Software\0"):
-                    return data[len(b"Software\0"):].decode("latin-1")
+                    return data[len(b"Software\0") :].decode("latin-1")
     except OSError:
         return None
 
@@ -258,8 +263,9 @@ def check_output_file(path: str | os.PathLike[str], *, option: str, inputs: Inpu
     if p.is_symlink():
         raise OutputPathError(f"{option} {path} is a symlink; give the file itself or a new path")
     if p.exists() and _png_software(p) != PNG_SOFTWARE:
-        raise OutputPathError(f"{option} {path} exists and is not a plot written by {TOOL}; remove it yourself "
-                              "or give a new path")
+        raise OutputPathError(
+            f"{option} {path} exists and is not a plot written by {TOOL}; remove it yourself or give a new path"
+        )
     _writable_parent(p, option)
     return p
 
@@ -340,8 +346,11 @@ def clean_stale_temps(parent: str | os.PathLike[str], *, report: bool = True) ->
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         if report:
-            print(f"note: removed {path} ({format_bytes(size)}), left by an interrupted {TOOL} run (pid {pid})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"note: removed {path} ({format_bytes(size)}), left by an interrupted {TOOL} run (pid {pid})",
+                file=sys.stderr,
+                flush=True,
+            )
     return removed
 
 

@@ -287,9 +287,13 @@ class Progress:
 
             console = Console(stderr=True) if self._stream is None else Console(file=self._stream)
             self._rich = RichProgress(
-                TextColumn(f"[bold]{escape(self.label)}"), BarColumn(), TextColumn("{task.fields[measures]}"),
-                TimeElapsedColumn(), TextColumn("{task.fields[detail]}", markup=False),
-                console=console, transient=False,
+                TextColumn(f"[bold]{escape(self.label)}"),
+                BarColumn(),
+                TextColumn("{task.fields[measures]}"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[detail]}", markup=False),
+                console=console,
+                transient=False,
             )
         done, total = self._work()
         fields = {"completed": done, "total": total, "measures": self._measures(), "detail": self.detail}

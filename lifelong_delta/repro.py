@@ -24,6 +24,7 @@ def repro_command(
     that do not change results, e.g. ``progress``); lists are one JSON value, which also carries items that
     start with ``--``. With nothing to pass, ``default`` (e.g. ``make cl-eval``) is returned if given.
     """
+
     def norm(value: Any) -> Any:  # a tuple default equals the list the CLI passes
         return list(value) if isinstance(value, tuple) else value
 

@@ -13,9 +13,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
 _DROPPED_ERROR_LINES = (
-    "Subtypes:", "Errors:", "Given value type:", "Given value:", "Does not validate against any",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Does not validate against any",
     "Expected a <class 'NoneType'>",
 )
 
@@ -44,8 +47,7 @@ def _plain_error(message: str) -> str:
     text = " ".join(one_line_error(re.sub(r"\.? ?Got value: .*", "", message)).split())
     text = re.sub(r'Parser key "([\w.]+)"', lambda m: "--" + m[1].split(".")[-1], text)
     text = re.sub(r"Expected a <class '(\w+)'>\.?", lambda m: f"expected {_article(m[1])} {m[1]}", text)
-    text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.?",
-                  lambda m: "expected one of " + m[1].replace("'", ""), text)
+    text = re.sub(r"Expected a typing\.Literal\[(.*?)\]\.?", lambda m: "expected one of " + m[1].replace("'", ""), text)
     if "arguments are required:" in text:  # "prune.base, prune.out" -> "--base, --out"
         head, _, names = text.partition("required:")
         text = head + "required: " + ", ".join("--" + n.strip().split(".")[-1] for n in names.split(","))
@@ -57,8 +59,11 @@ def _article(word: str) -> str:
 
 
 def _error_exit(parser: Any, message: str) -> None:
-    print(f"error: {_plain_error(message)} (see: {parser.prog.replace(' [options]', '')} --help)",
-          file=sys.stderr, flush=True)
+    print(
+        f"error: {_plain_error(message)} (see: {parser.prog.replace(' [options]', '')} --help)",
+        file=sys.stderr,
+        flush=True,
+    )
     parser.exit(2)
 
 
@@ -134,8 +139,11 @@ def lightning_main(args: list[str] | None = None) -> None:
         if os.environ.get("LIFELONG_DELTA_TRACEBACK"):
             raise
         msg = " ".join(one_line_error(str(err)).split())
-        print(f"error: {msg} ({type(err).__name__}; LIFELONG_DELTA_TRACEBACK=1 shows the traceback)",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: {msg} ({type(err).__name__}; LIFELONG_DELTA_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(1) from None
     finally:
         close_process_group()
@@ -153,8 +161,15 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def fit_run(configs: Sequence[str | os.PathLike[str]], overrides: Sequence[str], *, seed: int,
-            save_dir: str | os.PathLike[str], name: str, version: str) -> None:
+def fit_run(
+    configs: Sequence[str | os.PathLike[str]],
+    overrides: Sequence[str],
+    *,
+    seed: int,
+    save_dir: str | os.PathLike[str],
+    name: str,
+    version: str,
+) -> None:
     """One ``lightning fit`` of a study, in this process, as the ``lightning`` command runs it.
 
     Args:
@@ -163,13 +178,17 @@ def fit_run(configs: Sequence[str | os.PathLike[str]], overrides: Sequence[str],
         seed: Sets ``seed_everything`` and a ``ClassIncrementalDataModule``'s class order and data split.
         save_dir, name, version: Where the run's logger writes: ``save_dir/name/version``.
     """
-    args = ["fit", *(a for c in configs for a in ("-c", str(c))), *overrides,
-            f"--seed_everything={seed}",
-            f"--data.init_args.class_order_seed={seed}",
-            f"--data.init_args.seed={seed}",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
-            f"--trainer.logger.init_args.name={name}",
-            f"--trainer.logger.init_args.version={version}"]
+    args = [
+        "fit",
+        *(a for c in configs for a in ("-c", str(c))),
+        *overrides,
+        f"--seed_everything={seed}",
+        f"--data.init_args.class_order_seed={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        f"--trainer.logger.init_args.name={name}",
+        f"--trainer.logger.init_args.version={version}",
+    ]
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI reads sys.argv too and warns when both are given
     try:

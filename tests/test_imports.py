@@ -86,9 +86,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module in MODULES:
         targets = {_owner(target) for target, _ in _imports_of(module)}
-        graph[module] = {
-            t for t in targets if t is not None and t != module and not module.startswith(f"{t}.")
-        }
+        graph[module] = {t for t in targets if t is not None and t != module and not module.startswith(f"{t}.")}
     return graph
 
 
@@ -151,7 +149,7 @@ def test_the_components_do_not_import_a_study() -> None:
     for module, path in MODULES.items():
         if _is_study(module) or module in STUDY_IMPORTERS:
             continue
-        for target, name in _imports_of(module):
+        for target, _name in _imports_of(module):
             owner = _owner(target)
             if owner is not None and _is_study(owner):
                 found.add((path.relative_to(PACKAGE).as_posix(), owner))
@@ -193,8 +191,7 @@ def test_no_import_cycles() -> None:
 
 def test_repro_imports_only_the_standard_library() -> None:
     code = "import json, sys, lifelong_delta.repro; print(json.dumps(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if m.split(".")[0] in ("torch", "lightning", "numpy", "jsonargparse")]

@@ -33,9 +33,7 @@ def _tiny_results(path: Path) -> int:
 
 def _run(notebook: Path, cwd: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(notebook, as_version=4)
-    NotebookClient(
-        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
-    ).execute()
+    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 

@@ -27,8 +27,9 @@ def test_stale_temp_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path, c
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / ".out.tmp-x"
     stale.mkdir()
-    (stale / outputs.TEMP_MARKER).write_text(json.dumps({"tool": "lifelong-delta", "pid": int(dead.stdout),
-                                                         "started": None, "host": os.uname().nodename}))
+    (stale / outputs.TEMP_MARKER).write_text(
+        json.dumps({"tool": "lifelong-delta", "pid": int(dead.stdout), "started": None, "host": os.uname().nodename})
+    )
     user = tmp_path / ".cache"  # a hidden folder of the user's, no marker: never touched
     user.mkdir()
     assert outputs.clean_stale_temps(tmp_path) == [stale]
@@ -54,7 +55,11 @@ def test_atomic_file_follows_the_umask_and_cleans_up_on_error(tmp_path):
 
 def test_pretrain_refuses_a_cache_dir_that_is_a_file_before_training(tmp_path):
     (tmp_path / "afile").write_text("x")
-    res = subprocess.run([CLI, "pretrain", "--cache_dir", str(tmp_path / "afile"), "--epochs", "1"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [CLI, "pretrain", "--cache_dir", str(tmp_path / "afile"), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --cache_dir")
     assert "fit:" not in res.stderr  # refused before any training

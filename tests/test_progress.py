@@ -65,8 +65,9 @@ def test_percent_and_time_left_follow_the_bytes_when_known():
     clock.now = 12
     bar.update(120, nbytes=2_100_000_000, detail="model.layers.9.mlp.up_proj.weight")
     # 42 % of the bytes in 12 s: 2.9 GB left at 175 MB/s is 16.6 s; the tensors alone (41 %) would say 17.1 s
-    assert _lines(out)[-1] == ("pruning: 120/291 tensors, 2.1/5.0 GB (42%), 12 s elapsed, about 17 s left — "
-                               "model.layers.9.mlp.up_proj.weight")
+    assert _lines(out)[-1] == (
+        "pruning: 120/291 tensors, 2.1/5.0 GB (42%), 12 s elapsed, about 17 s left — model.layers.9.mlp.up_proj.weight"
+    )
     assert bar.fraction() == pytest.approx(0.42)
     assert bar.seconds_left(12) == pytest.approx(12 * 2.9 / 2.1)
     clock.now = 30
@@ -104,8 +105,10 @@ def test_unknown_total_has_no_percent_or_time_left():
 
 def test_a_failure_ends_with_where_it_stopped():
     clock, out = Clock(), io.StringIO()
-    with pytest.raises(RuntimeError), Progress("pruning", 3, unit="tensors", interval=0, stream=out,
-                                               clock=clock) as bar:
+    with (
+        pytest.raises(RuntimeError),
+        Progress("pruning", 3, unit="tensors", interval=0, stream=out, clock=clock) as bar,
+    ):
         bar.update(0, detail="w1")
         clock.now = 4
         raise RuntimeError("boom")
@@ -183,8 +186,16 @@ def test_format_bytes(args, text):
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0 s"), (0.4, "0 s"), (12.6, "13 s"), (59.4, "59 s"), (65, "1 min 05 s"), (3599, "59 min 59 s"),
-     (3720, "1 h 02 min"), (-3, "0 s")],
+    [
+        (0, "0 s"),
+        (0.4, "0 s"),
+        (12.6, "13 s"),
+        (59.4, "59 s"),
+        (65, "1 min 05 s"),
+        (3599, "59 min 59 s"),
+        (3720, "1 h 02 min"),
+        (-3, "0 s"),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -206,8 +217,10 @@ def test_a_terminal_gets_the_rich_bar_not_lines():
 
 
 def test_imports_no_torch_rich_or_lightning():
-    code = ("import json, sys, lifelong_delta.progress; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'rich', 'lightning', "
-            "'tqdm', 'numpy'})))")
+    code = (
+        "import json, sys, lifelong_delta.progress; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'rich', 'lightning', "
+        "'tqdm', 'numpy'})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(proc.stdout) == []

@@ -41,12 +41,7 @@ def _patterns(value: Sequence[str] | str, option: str) -> tuple[str, ...]:
 
 
 def _check_rate(value: float, option: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{option} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -81,9 +76,7 @@ class ParameterAnchor:
     #: subclasses whose importance is always 1 set this, so the penalty skips the multiply by ω.
     unit_importance: bool = False
 
-    def __init__(
-        self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), strength: float = 1.0
-    ) -> None:
+    def __init__(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), strength: float = 1.0) -> None:
         self.include = _patterns(include, "include")
         if not self.include:
             raise ValueError("include must hold at least one glob pattern, e.g. ['*']")
@@ -125,9 +118,7 @@ class ParameterAnchor:
             )
         for pat in self.include:
             if not any(fnmatch.fnmatchcase(name, pat) for name in names):
-                warnings.warn(
-                    f"{type(self).__name__}: include pattern {pat!r} matches no parameter", stacklevel=3
-                )
+                warnings.warn(f"{type(self).__name__}: include pattern {pat!r} matches no parameter", stacklevel=3)
         return selected
 
     # ------------------------------------------------------------------ importance (what subclasses override)
@@ -321,9 +312,7 @@ class ParameterAnchor:
             raise ValueError("anchor state is corrupt: reference and importance name different parameters")
         for name, ref in reference.items():
             if importance[name].shape != ref.shape:
-                raise ValueError(
-                    f"anchor state is corrupt: importance and reference of {name!r} differ in shape"
-                )
+                raise ValueError(f"anchor state is corrupt: importance and reference of {name!r} differ in shape")
         self._reference, self._importance = reference, importance
         self.num_snapshots = int(state.get("num_snapshots", 0))
         self._load_extra_state(state.get("extra", {}))

@@ -74,9 +74,7 @@ class EWCAnchor(ParameterAnchor):
             raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
         if accumulate == "sum" and gamma != 1.0:
             raise ValueError(f"gamma={gamma} only applies with accumulate='online'; set accumulate: online")
-        if n_samples is not None and (
-            isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
-        ):
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
             raise ValueError(f"n_samples must be a positive integer or null, got {n_samples!r}")
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -168,7 +166,5 @@ class EWCAnchor(ParameterAnchor):
 
 def _fold_seed(seed: int, snapshot: int, rank: int) -> int:
     """A 63-bit seed that differs per (seed, snapshot, rank)."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + snapshot * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (
-        1 << 63
-    )
+    mixed = (seed * 0x9E3779B97F4A7C15 + snapshot * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 63)
     return int(mixed)

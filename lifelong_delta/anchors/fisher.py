@@ -175,13 +175,9 @@ def diagonal_fisher(
         ValueError: for an unknown option, an unknown name, or when ``batches`` yields no sample.
     """
     _check_options(head, label, estimator)
-    if n_samples is not None and (
-        isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
-    ):
+    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer or None, got {n_samples!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     named = dict(model.named_parameters())
     unknown = [n for n in names if n not in named]
@@ -252,9 +248,7 @@ def _per_sample_step_(wrapper, params, x, y, head, label, generator, chunk_size,
     # fused attention kernels have no vmap batching rule (a slow per-sample fallback); the math one batches
     with sdpa_kernel([SDPBackend.MATH]):
         for start in range(0, len(x), chunk_size):
-            grads = per_sample_grad(
-                detached, x[start : start + chunk_size], targets[start : start + chunk_size]
-            )
+            grads = per_sample_grad(detached, x[start : start + chunk_size], targets[start : start + chunk_size])
             for name in params:
                 total[name].add_(grads["model." + name].float().square().sum(0))
     return len(x)

@@ -24,9 +24,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lifelong_delta.anchors.base import ParameterAnchor
+from lifelong_delta.delta.choices import RescaleName
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.matching import is_excluded
-from lifelong_delta.delta.choices import RescaleName
 from lifelong_delta.delta.methods import METHODS, PruneSpec, prune_tensor
 from lifelong_delta.delta.sharded import is_sharded, local_range, prune_local_shard_
 from lifelong_delta.delta.stats import tensor_prune_stats
@@ -82,21 +82,34 @@ class DeltaPruning(pl.Callback):
         if method not in METHODS:
             raise ValueError(f"DeltaPruning(method={method!r}): choose one of {sorted(METHODS)}")
         if METHODS[method].needs_input_norms:
-            raise ValueError(f"DeltaPruning(method={method!r}) needs calibration activations, which a callback does "
-                             "not collect; use method='magnitude', or prune the saved model with "
-                             f"`lifelong-delta prune --method {method} --calib_data FILE`")
+            raise ValueError(
+                f"DeltaPruning(method={method!r}) needs calibration activations, which a callback does "
+                "not collect; use method='magnitude', or prune the saved model with "
+                f"`lifelong-delta prune --method {method} --calib_data FILE`"
+            )
         if on not in ("fit_end", "validate", "test"):
             raise ValueError(f"DeltaPruning(on={on!r}): choose 'fit_end', 'validate' or 'test'")
         if isinstance(exclude, str):
             raise ValueError(f"DeltaPruning(exclude={exclude!r}) must be a list of patterns, e.g. [{exclude!r}]")
         if reference is not None and not isinstance(reference, (str, ParameterAnchor)):
-            raise TypeError(f"DeltaPruning(reference=...) must be a path or a ParameterAnchor, got "
-                            f"{type(reference).__name__}")
+            raise TypeError(
+                f"DeltaPruning(reference=...) must be a path or a ParameterAnchor, got {type(reference).__name__}"
+            )
         if isinstance(reference, str) and not Path(reference).exists():
-            raise ValueError(f"DeltaPruning(reference={reference!r}): path not found; give the pretrained model's "
-                             "directory or .safetensors file, or None to snapshot the weights at fit start")
-        self.spec = PruneSpec(method=method, p=p, q=q, rescale=rescale, structural_axis=structural_axis, seed=seed,
-                              exclude=tuple(exclude), force=force)
+            raise ValueError(
+                f"DeltaPruning(reference={reference!r}): path not found; give the pretrained model's "
+                "directory or .safetensors file, or None to snapshot the weights at fit start"
+            )
+        self.spec = PruneSpec(
+            method=method,
+            p=p,
+            q=q,
+            rescale=rescale,
+            structural_axis=structural_axis,
+            seed=seed,
+            exclude=tuple(exclude),
+            force=force,
+        )
         if self.spec.lacks_q:
             raise ValueError(f"DeltaPruning(method={method!r}) needs q (1-p <= q <= 1), e.g. q=0.2 for p=0.9")
         self.reference = reference
@@ -126,26 +139,33 @@ class DeltaPruning(pl.Callback):
     # -------------------------------------------------------------------------------------------------- runner
     def _targets(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The module's floating, non-excluded state-dict tensors, in state-dict order (shared storage)."""
-        return {n: t for n, t in pl_module.state_dict(keep_vars=False).items()
-                if t.is_floating_point() and not is_excluded(n, self.spec.exclude)}
+        return {
+            n: t
+            for n, t in pl_module.state_dict(keep_vars=False).items()
+            if t.is_floating_point() and not is_excluded(n, self.spec.exclude)
+        }
 
     def _reference(self) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor], Callable[[], None]]:
         """``({state-dict name: reference shape}, load(name), close())`` without reading any tensor yet."""
         if isinstance(self.reference, ParameterAnchor):
             refs, prefix = self.reference.reference, self.reference_prefix
             if not refs:
-                raise ValueError(f"DeltaPruning: the reference {type(self.reference).__name__} has no θ* yet; "
-                                 "snapshot it (or build the AdamR that anchors it) before pruning")
-            return {prefix + n: tuple(t.shape) for n, t in refs.items()}, lambda n: refs[n[len(prefix):]], lambda: None
+                raise ValueError(
+                    f"DeltaPruning: the reference {type(self.reference).__name__} has no θ* yet; "
+                    "snapshot it (or build the AdamR that anchors it) before pruning"
+                )
+            return {prefix + n: tuple(t.shape) for n, t in refs.items()}, lambda n: refs[n[len(prefix) :]], lambda: None
         if self.reference is None:
             if self._snapshot is None:
-                raise ValueError(f"DeltaPruning(on={self.on!r}) has no pretrained weights: pass reference=PATH "
-                                 "(no fit ran in this process to snapshot them)")
+                raise ValueError(
+                    f"DeltaPruning(on={self.on!r}) has no pretrained weights: pass reference=PATH "
+                    "(no fit ran in this process to snapshot them)"
+                )
             snap = self._snapshot
             return {n: tuple(t.shape) for n, t in snap.items()}, snap.__getitem__, lambda: None
         reader, prefix = CheckpointReader(self.reference), self.reference_prefix
         shapes = {prefix + r: reader.shape(r) for r in reader.names()}
-        return shapes, lambda n: reader.get(n[len(prefix):]), reader.close
+        return shapes, lambda n: reader.get(n[len(prefix) :]), reader.close
 
     @torch.no_grad()
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -156,13 +176,16 @@ class DeltaPruning(pl.Callback):
         try:
             names = [n for n in targets if n in shapes]
             if not names:
-                raise ValueError("DeltaPruning: no tensor of the model is in the reference"
-                                 + (f" {self.reference} (check reference_prefix)" if self.reference is not None
-                                    else ""))
+                raise ValueError(
+                    "DeltaPruning: no tensor of the model is in the reference"
+                    + (f" {self.reference} (check reference_prefix)" if self.reference is not None else "")
+                )
             for name in names:  # checked on every rank before any work, so no rank waits on a failed one
                 if shapes[name] != tuple(targets[name].shape):
-                    raise ValueError(f"DeltaPruning: tensor {name!r} has shape {list(targets[name].shape)} but "
-                                     f"{list(shapes[name])} in the reference; add it to exclude")
+                    raise ValueError(
+                        f"DeltaPruning: tensor {name!r} has shape {list(targets[name].shape)} but "
+                        f"{list(shapes[name])} in the reference; add it to exclude"
+                    )
             counts = self._prune_share(names, targets, load, trainer.world_size, trainer.global_rank)
         finally:
             close()
@@ -175,11 +198,19 @@ class DeltaPruning(pl.Callback):
         self.kept_fraction = after / before if before else 1.0
         self._done = True
         skipped = len(targets) - len(names)
-        rank_zero_info(f"DeltaPruning: {self.spec.method} p={self.spec.p:g} on {len(names)} tensors (kept fraction "
-                       f"{self.kept_fraction:.4f}" + (f", {skipped} not in the reference)" if skipped else ")"))
+        rank_zero_info(
+            f"DeltaPruning: {self.spec.method} p={self.spec.p:g} on {len(names)} tensors (kept fraction "
+            f"{self.kept_fraction:.4f}" + (f", {skipped} not in the reference)" if skipped else ")")
+        )
 
-    def _prune_share(self, names: list[str], targets: dict[str, torch.Tensor], load: Callable[[str], torch.Tensor],
-                     world: int, rank: int) -> torch.Tensor:
+    def _prune_share(
+        self,
+        names: list[str],
+        targets: dict[str, torch.Tensor],
+        load: Callable[[str], torch.Tensor],
+        world: int,
+        rank: int,
+    ) -> torch.Tensor:
         """Prune this rank's share (tensor ``i`` belongs to rank ``i % world``; every rank prunes its shard of a
         sharded parameter) IN PLACE, on the tensor's device.
 

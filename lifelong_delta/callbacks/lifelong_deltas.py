@@ -124,15 +124,19 @@ class LifelongDeltas(pl.Callback):
         head = {id(p) for p in net.get_classifier().parameters()}
         self.names = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in head]
         if not self.names:
-            raise ValueError("LifelongDeltas needs backbone parameters that train (model.init_args.trainable), "
-                             "e.g. ['blocks.*.attn.qkv.*', 'head.*']; only the head trains now")
+            raise ValueError(
+                "LifelongDeltas needs backbone parameters that train (model.init_args.trainable), "
+                "e.g. ['blocks.*.attn.qkv.*', 'head.*']; only the head trains now"
+            )
         if self.anchor is None:
             self.anchor = PretrainedAnchor(include=self.names)
             self.anchor.snapshot_(net)
         missing = [n for n in self.names if n not in self.anchor.reference]
         if missing:
-            raise ValueError(f"LifelongDeltas(anchor=...) has no reference for trained parameter {missing[0]!r} "
-                             f"({len(missing)} missing); include every parameter that trains")
+            raise ValueError(
+                f"LifelongDeltas(anchor=...) has no reference for trained parameter {missing[0]!r} "
+                f"({len(missing)} missing); include every parameter that trains"
+            )
         self._work = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "task_deltas")
         if trainer.is_global_zero:
             outputs.check_can_create(self._work, option="LifelongDeltas(out_dir)")
@@ -155,14 +159,23 @@ class LifelongDeltas(pl.Callback):
             return
         self.metrics = self.evaluate(pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics({f"lifelong/p{p}/{k}": v for p, m in self.metrics["by_p"].items()
-                                for k, v in m.items() if isinstance(v, float)}, step=trainer.global_step)
+            logger.log_metrics(
+                {
+                    f"lifelong/p{p}/{k}": v
+                    for p, m in self.metrics["by_p"].items()
+                    for k, v in m.items()
+                    if isinstance(v, float)
+                },
+                step=trainer.global_step,
+            )
         if trainer.is_global_zero:
             path = Path(trainer.log_dir or trainer.default_root_dir) / METRICS_FILE
             outputs.write_file(path, (json.dumps(self.metrics, indent=1) + "\n").encode())
-            lines = [f"  p={p}: task-IL {m['task_il_accuracy']:.4f}, class-IL {m['class_il_accuracy']:.4f}, "
-                     f"{m['bytes_per_task'] / 1024:.1f} KiB/task ({100 * m['bytes_fraction']:.2f} % of dense)"
-                     for p, m in self.metrics["by_p"].items()]
+            lines = [
+                f"  p={p}: task-IL {m['task_il_accuracy']:.4f}, class-IL {m['class_il_accuracy']:.4f}, "
+                f"{m['bytes_per_task'] / 1024:.1f} KiB/task ({100 * m['bytes_fraction']:.2f} % of dense)"
+                for p, m in self.metrics["by_p"].items()
+            ]
             print("\n".join([f"LifelongDeltas: wrote {path}", *lines]), flush=True)
 
     # --------------------------------------------------------------------------------------------- storing
@@ -179,16 +192,21 @@ class LifelongDeltas(pl.Callback):
         params = dict(net.named_parameters())
         trained = {n: params[n].detach().cpu().clone() for n in self.names}
         classes = pl_module._tasks[t]
-        self.head_rows[t] = (classes.start, {n: p.detach()[classes.start:classes.stop].clone()
-                                             for n, p in net.get_classifier().named_parameters()})
+        self.head_rows[t] = (
+            classes.start,
+            {n: p.detach()[classes.start : classes.stop].clone() for n, p in net.get_classifier().named_parameters()},
+        )
         ft = work / f"task{t}.safetensors"
         qs = {p: self._choose_q(pl_module, t, p, trained) for p in self.ps}
         if trainer.is_global_zero:
             _save(ft, trained)
             try:
                 for p in self.ps:
-                    spec = PruneSpec("darex-q", p, q=qs[p], seed=self.seed + t) if p > 0 else \
-                        PruneSpec("dare", 0.0, exclude=("*",))  # every tensor stored whole: θ_t exactly
+                    spec = (
+                        PruneSpec("darex-q", p, q=qs[p], seed=self.seed + t)
+                        if p > 0
+                        else PruneSpec("dare", 0.0, exclude=("*",))
+                    )  # every tensor stored whole: θ_t exactly
                     stream_pack(work / "base.safetensors", ft, self._pack_path(p, t), spec, progress=False)
             finally:
                 ft.unlink(missing_ok=True)
@@ -201,8 +219,10 @@ class LifelongDeltas(pl.Callback):
         if not self.reset:
             for n in self.names:
                 params[n].copy_(trained[n])
-        rank_zero_info(f"LifelongDeltas: task {t} packed at p = {', '.join(map(_p_label, self.ps))} "
-                       f"(q = {', '.join(f'{qs[p]:.4g}' for p in self.ps)})")
+        rank_zero_info(
+            f"LifelongDeltas: task {t} packed at p = {', '.join(map(_p_label, self.ps))} "
+            f"(q = {', '.join(f'{qs[p]:.4g}' for p in self.ps)})"
+        )
 
     @torch.no_grad()
     def _load_reference(self, net: torch.nn.Module) -> None:
@@ -215,8 +235,7 @@ class LifelongDeltas(pl.Callback):
         assert self._work is not None
         return self._work / f"p{_p_label(p)}" / f"task{t}.delta"
 
-    def _choose_q(self, pl_module: pl.LightningModule, t: int, p: float, trained: dict[str, torch.Tensor]
-                  ) -> float:
+    def _choose_q(self, pl_module: pl.LightningModule, t: int, p: float, trained: dict[str, torch.Tensor]) -> float:
         if p == 0:
             return 1.0
         if self.q == "dare":
@@ -260,7 +279,7 @@ class LifelongDeltas(pl.Callback):
             self._load_reference(net)
             for start, rows in self.head_rows.values():
                 for n, r in rows.items():
-                    classifier[n][start:start + r.shape[0]].copy_(r)
+                    classifier[n][start : start + r.shape[0]].copy_(r)
             by_p = {_p_label(p): self._evaluate_bank(p, net, tasks, loaders, pl_module.device) for p in self.ps}
         finally:
             for n, v in saved.items():
@@ -273,11 +292,18 @@ class LifelongDeltas(pl.Callback):
         for m in by_p.values():
             m["dense_bytes_per_task"] = float(dense + head)
             m["bytes_fraction"] = m["bytes_per_task"] / m["dense_bytes_per_task"]
-        return {"tasks": len(tasks), "confidence": self.confidence, "q_rule": self.q, "seed": self.seed,
-                "forward_passes_per_sample": {"task_il": 1, "class_il": len(tasks)}, "by_p": by_p}
+        return {
+            "tasks": len(tasks),
+            "confidence": self.confidence,
+            "q_rule": self.q,
+            "seed": self.seed,
+            "forward_passes_per_sample": {"task_il": 1, "class_il": len(tasks)},
+            "by_p": by_p,
+        }
 
-    def _evaluate_bank(self, p: float, net: torch.nn.Module, tasks: list[range], loaders: list[Any],
-                       device: torch.device) -> dict[str, Any]:
+    def _evaluate_bank(
+        self, p: float, net: torch.nn.Module, tasks: list[range], loaders: list[Any], device: torch.device
+    ) -> dict[str, Any]:
         """One pass over every loader per task delta: task-IL on the task's own data, and the most confident
         task's prediction for every sample."""
         bank, n_tasks = self.banks[p], len(tasks)
@@ -291,7 +317,7 @@ class LifelongDeltas(pl.Callback):
             with bank.use(f"task{t}"):
                 for j, loader in enumerate(loaders):
                     for x, y in loader:
-                        logits = net(x.to(device))[:, cls.start:cls.stop].float()
+                        logits = net(x.to(device))[:, cls.start : cls.stop].float()
                         p_t = logits.argmax(1).cpu() + cls.start
                         c_t = _confidence(logits, self.confidence).cpu()
                         if j == t:

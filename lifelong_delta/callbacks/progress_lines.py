@@ -77,7 +77,12 @@ class ProgressLines(pl.Callback):
             self._open(trainer, "validate", _finite(sum(trainer.num_val_batches)), "batches")
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if self._bar is None or trainer.sanity_checking:
@@ -95,7 +100,12 @@ class ProgressLines(pl.Callback):
         self._open(trainer, "test", _finite(sum(trainer.num_test_batches)), "batches")
 
     def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if self._bar is not None and self._stage == "test":
@@ -115,8 +125,9 @@ class ProgressLines(pl.Callback):
             self._bar.close()
         self._bar, self._stage = None, None
         if trainer.is_global_zero and not is_terminal(self._stream):
-            self._bar = Progress(stage, total, unit=unit, live=False, interval=self.interval, stream=self._stream,
-                                 clock=self._clock)
+            self._bar = Progress(
+                stage, total, unit=unit, live=False, interval=self.interval, stream=self._stream, clock=self._clock
+            )
             self._stage = stage
 
     def _close(self, stage: str, detail: str | None = None) -> None:

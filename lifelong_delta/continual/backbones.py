@@ -279,4 +279,3 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(net).eval()
     teacher.requires_grad_(False)
     return teacher
-

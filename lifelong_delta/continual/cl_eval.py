@@ -38,13 +38,30 @@ __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_mark
 
 #: offline methods in the order of the paper's tables (baselines, distillation, regularisation, prompting).
 METHODS: tuple[str, ...] = (
-    "ft", "ftpp", "predkd", "predkd_featkd", "predkd_ewc", "predkd_l2", "l2", "l2p", "dualprompt", "codap",
+    "ft",
+    "ftpp",
+    "predkd",
+    "predkd_featkd",
+    "predkd_ewc",
+    "predkd_l2",
+    "l2",
+    "l2p",
+    "dualprompt",
+    "codap",
     "joint",
 )
 LABELS = {
-    "ft": "FT", "ftpp": "FT++", "predkd": "PredKD", "predkd_featkd": "PredKD+FeatKD", "predkd_ewc": "PredKD+EWC",
-    "predkd_l2": "PredKD+L2", "l2": "L2 (ViT attention)", "l2p": "L2P", "dualprompt": "DualPrompt",
-    "codap": "CODA-P", "joint": "Joint (upper bound)",
+    "ft": "FT",
+    "ftpp": "FT++",
+    "predkd": "PredKD",
+    "predkd_featkd": "PredKD+FeatKD",
+    "predkd_ewc": "PredKD+EWC",
+    "predkd_l2": "PredKD+L2",
+    "l2": "L2 (ViT attention)",
+    "l2p": "L2P",
+    "dualprompt": "DualPrompt",
+    "codap": "CODA-P",
+    "joint": "Joint (upper bound)",
 }
 RESULT_COLUMNS = ("method", "seed", "average_accuracy", "forgetting", "bwt")
 _CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cl_eval"
@@ -61,8 +78,14 @@ def _run_one(config_dir: Path, method: str, seed: int, runs: Path, overrides: Se
     """One ``lightning fit`` of ``method`` with ``seed``; returns the run's ``cl_metrics.json``."""
     from lifelong_delta.runner import fit_run
 
-    fit_run([config_dir / "base.yaml", config_dir / f"{method}.yaml"], overrides, seed=seed, save_dir=runs,
-            name=method, version=f"seed{seed}")
+    fit_run(
+        [config_dir / "base.yaml", config_dir / f"{method}.yaml"],
+        overrides,
+        seed=seed,
+        save_dir=runs,
+        name=method,
+        version=f"seed{seed}",
+    )
     path = runs / method / f"seed{seed}" / "cl_metrics.json"
     if not path.is_file():
         raise RuntimeError(f"{method} seed {seed} finished without writing {path}")
@@ -80,8 +103,7 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
             raise ValueError(f"{path}: expected columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}")
         return [
-            {"method": r["method"], "seed": int(r["seed"]),
-             **{k: float(r[k]) for k in RESULT_COLUMNS[2:]}}
+            {"method": r["method"], "seed": int(r["seed"]), **{k: float(r[k]) for k in RESULT_COLUMNS[2:]}}
             for r in reader
         ]
 
@@ -116,8 +138,12 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None
             mean, std = _mean_std([100 * r[key] for r in by[m]])
             cells.append(f"{mean:.1f} ± {std:.1f}")
         lines.append(f"| {LABELS.get(m, m)} | {' | '.join(cells)} | {len(by[m])} |")
-    lines += ["", "A_N: accuracy over all classes after the last task; F_N: average forgetting; BWT: backward "
-              "transfer (Lopez-Paz & Ranzato 2017). Mean ± sample std over seeds.", ""]
+    lines += [
+        "",
+        "A_N: accuracy over all classes after the last task; F_N: average forgetting; BWT: backward "
+        "transfer (Lopez-Paz & Ranzato 2017). Mean ± sample std over seeds.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -140,8 +166,15 @@ def _plot(
         (("average_accuracy", "A_N (accuracy, all classes)", "C0"), ("forgetting", "F_N (forgetting)", "C3"))
     ):
         stats = [_mean_std([100 * r[key] for r in rows if r["method"] == m]) for m in methods]
-        ax.bar(x + (k - 0.5) * 0.38, [s[0] for s in stats], 0.38, yerr=[s[1] for s in stats], capsize=2,
-               color=colour, label=label)
+        ax.bar(
+            x + (k - 0.5) * 0.38,
+            [s[0] for s in stats],
+            0.38,
+            yerr=[s[1] for s in stats],
+            capsize=2,
+            color=colour,
+            label=label,
+        )
     ax.set_xticks(x, [LABELS.get(m, m) for m in methods], rotation=35, ha="right")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
@@ -166,8 +199,15 @@ def _plot(
         for a in range(arr.shape[0]):
             for b in range(arr.shape[1]):
                 if np.isfinite(arr[a, b]):
-                    ax.text(b, a, f"{arr[a, b]:.2f}", ha="center", va="center", fontsize=6,
-                            color="black" if arr[a, b] > 0.6 else "white")
+                    ax.text(
+                        b,
+                        a,
+                        f"{arr[a, b]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if arr[a, b] > 0.6 else "white",
+                    )
         ax.set_title(LABELS.get(m, m), fontsize=9)
         label_task_axes(ax, arr.shape[0], arr.shape[1], "after task i", "task j", fontsize=7)
     fig.suptitle("Accuracy matrices R[i][j], mean over seeds")
@@ -202,14 +242,22 @@ def cl_eval(
     Returns:
         Path of ``summary.md``.
     """
-    given = {"methods": methods, "skip": skip, "seeds": seeds, "stream": stream, "config_dir": config_dir,
-             "out_dir": out_dir, "override": override}
+    given = {
+        "methods": methods,
+        "skip": skip,
+        "seeds": seeds,
+        "stream": stream,
+        "config_dir": config_dir,
+        "out_dir": out_dir,
+        "override": override,
+    }
     root = _config_dir(stream, config_dir)
     methods = list(methods or [m for m in METHODS if (root / f"{m}.yaml").is_file()])
     skipped = set(skip or ())
     if skipped - set(methods):
-        raise ValueError(f"skip={sorted(skipped - set(methods))} names method(s) that are not run; "
-                         f"choose from {methods}")
+        raise ValueError(
+            f"skip={sorted(skipped - set(methods))} names method(s) that are not run; choose from {methods}"
+        )
     methods = [m for m in methods if m not in skipped]
     if not methods:
         raise ValueError("skip leaves no method to run")
@@ -250,11 +298,18 @@ def cl_eval(
     for r in rows:
         writer.writerow([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])])
     outputs.write_file(out / "results.csv", buf.getvalue().encode())
-    meta = {"stream": stream if config_dir is None else str(root), "seeds": seeds, "wall_time_s": wall,
-            "trained_runs": trained,
-            "command": repro_command("lifelong-delta cl-eval", cl_eval, given, default="make cl-eval")}
+    meta = {
+        "stream": stream if config_dir is None else str(root),
+        "seeds": seeds,
+        "wall_time_s": wall,
+        "trained_runs": trained,
+        "command": repro_command("lifelong-delta cl-eval", cl_eval, given, default="make cl-eval"),
+    }
     outputs.write_file(out / "summary.md", summary_markdown(rows, meta).encode())
     _plot(rows, matrices, out, meta["stream"])
-    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "
-          f"{out / 'accuracy_matrices.png'} ({wall / 60:.1f} min)", flush=True)
+    print(
+        f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'accuracy.png'} and "
+        f"{out / 'accuracy_matrices.png'} ({wall / 60:.1f} min)",
+        flush=True,
+    )
     return str(out / "summary.md")

@@ -201,8 +201,11 @@ class ClassIncrementalDataModule(L.LightningDataModule):
 
         mode = hf_image_mode(train, self.channels)
         self._subsets: dict[str, list[ImageSubset]] = {}
-        for split_name, source, per_class in (("train", train, train_idx), ("val", train, val_idx),
-                                              ("test", test, test_idx)):
+        for split_name, source, per_class in (
+            ("train", train, train_idx),
+            ("val", train, val_idx),
+            ("test", test, test_idx),
+        ):
             subsets = []
             for t in range(self.n_tasks):
                 chunks = [per_class[c] for c in order[self._bounds[t] : self._bounds[t + 1]]]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lifelong_delta.continual.heads import ClassSet, _columns
 
-__all__ = ["pred_kd_loss", "feat_kd_loss"]
+__all__ = ["feat_kd_loss", "pred_kd_loss"]
 
 
 def pred_kd_loss(

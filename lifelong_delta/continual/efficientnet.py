@@ -87,11 +87,18 @@ WHEELS: dict[str, LiteWheel] = {
 # expansion-1 first stage) has no expansion conv, so its BatchNorms are numbered from 1 like lukemelas' there.
 _BLOCK_NAMES = {
     "DepthwiseSeparableConv": {
-        "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn1",
+        "_project_conv": "conv_pw",
+        "_bn2": "bn2",
     },
     "InvertedResidual": {
-        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-        "_project_conv": "conv_pwl", "_bn2": "bn3",
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
     },
 }
 _TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -155,8 +162,9 @@ def convert_lukemelas_state_dict(state: Mapping[str, Tensor], net: nn.Module) ->
         raise ValueError("two checkpoint tensors map to the same timm name; the block layout does not match")
     missing = [k for k in own if k not in out]
     unknown = [k for k in out if k not in own]
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in out.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in out.items() if k in own and v.shape != own[k].shape
+    ]
     if missing or unknown or shapes:
         raise ValueError(
             f"checkpoint does not fit {type(net).__name__}: missing {missing[:3]}, unexpected {unknown[:3]}, "
@@ -247,8 +255,10 @@ def foolbox_imagenet(resolution: int = 224, crop_pct: float = 0.875) -> tuple[Te
     for f in files:
         im = Image.open(f).convert("RGB")
         scale = round(resolution / crop_pct) / min(im.size)
-        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
-                       Image.Resampling.BICUBIC)
+        im = im.resize(
+            (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
+            Image.Resampling.BICUBIC,
+        )
         left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
         images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))

@@ -51,9 +51,7 @@ def _columns(logits: torch.Tensor, classes: ClassSet) -> torch.Tensor:
     return logits.index_select(1, _as_index(classes, logits.shape[1], logits.device))
 
 
-def class_mask(
-    num_classes: int, active: ClassSet, device: torch.device | str | None = None
-) -> torch.Tensor:
+def class_mask(num_classes: int, active: ClassSet, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean mask of the active classes.
 
     Args:
@@ -107,9 +105,7 @@ def masked_loss(
     if loss == "bce":
         num_classes = logits.shape[1]
         one_hot = F.one_hot(targets, num_classes).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(
-            _columns(logits, active_classes), _columns(one_hot, active_classes)
-        )
+        return F.binary_cross_entropy_with_logits(_columns(logits, active_classes), _columns(one_hot, active_classes))
     raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
 
 

@@ -84,7 +84,9 @@ def _resolve_root(data_root: str | os.PathLike[str] | None) -> Path:
     if path.is_dir() and not (path / wnids()[0]).is_dir() and (path / "imagenet-r").is_dir():
         path = path / "imagenet-r"  # the archive's own top-level folder
     if not path.is_dir():
-        raise FileNotFoundError(f"ImageNet-R not found at {path}: {where} (or point {IMAGENET_R_ENV} / data_root at it)")
+        raise FileNotFoundError(
+            f"ImageNet-R not found at {path}: {where} (or point {IMAGENET_R_ENV} / data_root at it)"
+        )
     return path
 
 

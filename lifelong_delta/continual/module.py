@@ -384,8 +384,12 @@ class ContinualModule(L.LightningModule):
             return
         dm = self._datamodule()
         weights = dm.task_sizes("val") if hasattr(dm, "task_sizes") else None
-        extra = {"class_order": list(getattr(dm, "class_order", [])), "epochs_per_task": self.epochs_per_task,
-                 "evaluated_on": "val", "seed": os.environ.get("PL_GLOBAL_SEED")}
+        extra = {
+            "class_order": list(getattr(dm, "class_order", [])),
+            "epochs_per_task": self.epochs_per_task,
+            "evaluated_on": "val",
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+        }
         path = write_cl_metrics(rows, log_dir, weights=weights, extra=extra)
         print(f"wrote {path} and {path.with_name('accuracy_matrix.png')}", flush=True)
 

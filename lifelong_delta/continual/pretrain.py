@@ -72,14 +72,38 @@ def pretrain(
     Returns:
         The cache directory, e.g. ``~/.cache/lifelong_delta/vit28_fmnist`` expanded.
     """
-    _check_args(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                patch_size=patch_size, img_size=img_size, lr=lr)
+    _check_args(
+        epochs=epochs,
+        batch_size=batch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        patch_size=patch_size,
+        img_size=img_size,
+        lr=lr,
+    )
     out = expand_path(cache_dir) / name
     outputs.check_can_create(out, option="--cache_dir")
-    kwargs = {"img_size": img_size, "patch_size": patch_size, "in_chans": 1, "embed_dim": embed_dim,
-              "depth": depth, "num_heads": num_heads, "global_pool": "avg", "class_token": False}
-    options = {"backbone": backbone, "backbone_kwargs": kwargs, "dataset": dataset, "epochs": epochs,
-               "batch_size": batch_size, "lr": lr, "max_per_class": max_per_class, "seed": seed}
+    kwargs = {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "in_chans": 1,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "global_pool": "avg",
+        "class_token": False,
+    }
+    options = {
+        "backbone": backbone,
+        "backbone_kwargs": kwargs,
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_per_class": max_per_class,
+        "seed": seed,
+    }
     if augment:  # recorded only when on, so cache entries without the key still match
         options["augment"] = True
     if not force and _is_cached(out, options):
@@ -92,12 +116,25 @@ def pretrain(
 
 
 def _check_args(
-    *, epochs: int, batch_size: int, embed_dim: int, depth: int, num_heads: int, patch_size: int, img_size: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    patch_size: int,
+    img_size: int,
     lr: float,
 ) -> None:
     """Raise a ``ValueError`` naming the first of :func:`pretrain`'s sizes or rates that cannot build or train a ViT."""
-    for option, value in (("epochs", epochs), ("batch_size", batch_size), ("embed_dim", embed_dim),
-                          ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
+    for option, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("embed_dim", embed_dim),
+        ("depth", depth),
+        ("num_heads", num_heads),
+        ("patch_size", patch_size),
+    ):
         if value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
     if not lr > 0:
@@ -131,26 +168,41 @@ def _train(options: dict[str, Any], *, augment: bool) -> tuple[dict[str, torch.T
     backbone, kwargs, dataset, epochs = (options[k] for k in ("backbone", "backbone_kwargs", "dataset", "epochs"))
     L.seed_everything(options["seed"], verbose=False)
     dm = ClassIncrementalDataModule(
-        dataset=dataset, n_tasks=1, class_order_seed=None, seed=options["seed"], val_fraction=0.0,
-        batch_size=options["batch_size"], eval_batch_size=512, image_size=kwargs["img_size"], channels=1,
+        dataset=dataset,
+        n_tasks=1,
+        class_order_seed=None,
+        seed=options["seed"],
+        val_fraction=0.0,
+        batch_size=options["batch_size"],
+        eval_batch_size=512,
+        image_size=kwargs["img_size"],
+        channels=1,
         max_per_class=options["max_per_class"],
     )
     dm.setup("fit")
     model = _make_classifier()(backbone, dm.num_classes, kwargs, options["lr"], augment)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        enable_progress_bar=is_terminal(), callbacks=[ProgressLines()],  # a bar on a terminal, else lines
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=is_terminal(),
+        callbacks=[ProgressLines()],  # a bar on a terminal, else lines
     )
     steps = epochs * len(dm.train_dataloader())
-    print(f"pretraining {backbone} {kwargs} on {dataset}: {steps} steps, about "
-          f"{steps * _seconds_per_step(model.net, dm) / 60:.0f} min on this machine (cached afterwards)", flush=True)
+    print(
+        f"pretraining {backbone} {kwargs} on {dataset}: {steps} steps, about "
+        f"{steps * _seconds_per_step(model.net, dm) / 60:.0f} min on this machine (cached afterwards)",
+        flush=True,
+    )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=dm.train_dataloader())  # one seeded loader: a new order each epoch
     seconds = time.perf_counter() - start
     accuracy = _accuracy(model.net, dm.test_dataloader()[0])
-    print(f"pretrained {backbone} {kwargs} on {dataset} in {seconds:.0f} s: test accuracy {accuracy:.4f}",
-          flush=True)
+    print(f"pretrained {backbone} {kwargs} on {dataset} in {seconds:.0f} s: test accuracy {accuracy:.4f}", flush=True)
     config = {
         **options,
         "num_classes": dm.num_classes,

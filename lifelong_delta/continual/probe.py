@@ -82,8 +82,15 @@ def probe(
     config = json.loads((path / "config.json").read_text())
     name, kwargs = config.get("backbone", "vit_tiny_patch16_224"), dict(config["backbone_kwargs"])
     dm = ClassIncrementalDataModule(
-        dataset=dataset, n_tasks=n_tasks, classes_per_task=classes_per_task, class_order_seed=seed, seed=seed,
-        val_fraction=0.1, max_per_class=max_per_class, max_eval_per_class=300, image_size=kwargs.get("img_size"),
+        dataset=dataset,
+        n_tasks=n_tasks,
+        classes_per_task=classes_per_task,
+        class_order_seed=seed,
+        seed=seed,
+        val_fraction=0.1,
+        max_per_class=max_per_class,
+        max_eval_per_class=300,
+        image_size=kwargs.get("img_size"),
         channels=kwargs.get("in_chans"),
     )
     dm.setup("fit")

@@ -25,16 +25,16 @@ from torch.utils.data import Dataset
 from lifelong_delta.continual.imagenet_r import ImageFiles, imagenet_r_split
 
 __all__ = [
-    "BatchTransform",
-    "ImageSubset",
-    "hf_image_mode",
-    "TensorSplit",
-    "HFSplit",
-    "Split",
-    "load_source",
-    "read_idx",
     "DATA_ROOT_ENV",
     "FASHION_MNIST_DIR",
+    "BatchTransform",
+    "HFSplit",
+    "ImageSubset",
+    "Split",
+    "TensorSplit",
+    "hf_image_mode",
+    "load_source",
+    "read_idx",
 ]
 
 #: Environment variable used as ``data_root`` when the option is not given (for sources that read a directory).
@@ -372,9 +372,7 @@ class BatchTransform:
         if normalize and (self.std <= 0).any():
             raise ValueError(f"std must be > 0, got {self.std.tolist()}")
 
-    def __call__(
-        self, items: UInt8Batch | Sequence[tuple[torch.Tensor, Any]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, items: UInt8Batch | Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: a :class:`UInt8Batch` or a list of (uint8 [C, H, W], label). Returns (float x, int64 y)."""
         if isinstance(items, UInt8Batch):
             images, labels = items

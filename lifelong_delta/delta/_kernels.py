@@ -56,7 +56,7 @@ def tensor_key(seed: int, name: str) -> int:
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (the tensor name), got {type(name).__name__}")
-    payload = f"{int(seed)}\x00{name}".encode("utf-8")
+    payload = f"{int(seed)}\x00{name}".encode()
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
@@ -155,8 +155,9 @@ def _halves(n: int) -> list[tuple[int, int]]:
     return [(0, h), (h, n)]
 
 
-def merge_words(code: str, base: object, ft: object, out: object, key: int, offset: int, thresh: int,
-                scale: float) -> tuple[int, int, int, float, float]:
+def merge_words(
+    code: str, base: object, ft: object, out: object, key: int, offset: int, thresh: int, scale: float
+) -> tuple[int, int, int, float, float]:
     """Fused DARE merge of raw words with the prune statistics, for the flat data of one chunk.
 
     The compiled twin (``_words.c``) of the numba and torch merges: the same mask words and the same fp32 arithmetic,
@@ -183,8 +184,11 @@ def merge_words(code: str, base: object, ft: object, out: object, key: int, offs
     size = 2 if kind else 4
     b, f, o = (memoryview(x).cast("B") for x in (base, ft, out))  # type: ignore[arg-type]
     k0, k1 = split_key(key)
-    ranges = [(s0 + a, min(s1, s0 + z), k0, round_key(k1, hi), (lo0 + a) & 0xFFFFFFFF)
-              for s0, s1, lo0, hi in segments(offset, len(o) // size) for a, z in _halves(s1 - s0)]
+    ranges = [
+        (s0 + a, min(s1, s0 + z), k0, round_key(k1, hi), (lo0 + a) & 0xFFFFFFFF)
+        for s0, s1, lo0, hi in segments(offset, len(o) // size)
+        for a, z in _halves(s1 - s0)
+    ]
 
     def run(r: tuple[int, int, int, int, int]) -> tuple[int, int, float, float]:
         s, e, k0, k1, lo = r
@@ -200,8 +204,7 @@ def merge_words(code: str, base: object, ft: object, out: object, key: int, offs
     return nbad, int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])
 
 
-def select_words(size: int, src: object, dst: object, values: object | None, key: int, offset: int,
-                 thresh: int) -> int:
+def select_words(size: int, src: object, dst: object, values: object | None, key: int, offset: int, thresh: int) -> int:
     """The DARE mask over raw words of ``size`` bytes, without computing anything else (compiled).
 
     Gather (``values`` None): the kept words of ``src`` go, in order, to the front of ``dst``. Scatter: ``dst``
@@ -231,8 +234,9 @@ def select_words(size: int, src: object, dst: object, values: object | None, key
         if v is None:
             got = _words.select(size, src_part, d[kept * size :], None, k0, round_key(k1, hi), lo0, thresh)
         else:
-            got = _words.select(size, src_part, d[a * size : z * size], v[kept * size :], k0, round_key(k1, hi), lo0,
-                                thresh)
+            got = _words.select(
+                size, src_part, d[a * size : z * size], v[kept * size :], k0, round_key(k1, hi), lo0, thresh
+            )
         kept += got
     return kept
 
@@ -257,9 +261,18 @@ class ModelWords:
     mask: tuple[int, int, float] | None = None
 
 
-def merge_models_words(out_code: str, out: object, base_code: str, base: object, models: Sequence[ModelWords], *,
-                       consensus: bool, normalize: bool, lambda_: float, offset: int
-                       ) -> tuple[int, list[int], list[int]]:
+def merge_models_words(
+    out_code: str,
+    out: object,
+    base_code: str,
+    base: object,
+    models: Sequence[ModelWords],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    offset: int,
+) -> tuple[int, list[int], list[int]]:
     """``θ_pre + λ · τ`` of :mod:`lifelong_delta.delta.merge` on one chunk of raw words (compiled, GIL released).
 
     Element ``j`` is computed in fp32 with the operations of ``merge.merge_tensor`` in its order, so the output
@@ -284,8 +297,11 @@ def merge_models_words(out_code: str, out: object, base_code: str, base: object,
     b = memoryview(base).cast("B")  # type: ignore[arg-type]
     ms = [(WORD_CODES[m.code], memoryview(m.words).cast("B"), m) for m in models]  # type: ignore[arg-type]
     osize, bsize = (2 if WORD_CODES[out_code] else 4), (2 if WORD_CODES[base_code] else 4)
-    ranges = [(s0 + a, min(s1, s0 + z), lo0 + a, hi) for s0, s1, lo0, hi in segments(offset, len(o) // osize)
-              for a, z in _halves(s1 - s0)]
+    ranges = [
+        (s0 + a, min(s1, s0 + z), lo0 + a, hi)
+        for s0, s1, lo0, hi in segments(offset, len(o) // osize)
+        for a, z in _halves(s1 - s0)
+    ]
 
     def run(r: tuple[int, int, int, int]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
         s, e, lo, hi = r
@@ -300,21 +316,34 @@ def merge_models_words(out_code: str, out: object, base_code: str, base: object,
                 how, (key, thresh, scale) = 2, m.mask
                 k0, k1 = split_key(key)
                 k1 = round_key(k1, hi)
-            args.append((kind, words[s * size:e * size], m.weight, how, cut, limit, k0, k1, lo & 0xFFFFFFFF, thresh,
-                         scale))
-        return _words.merge_models(WORD_CODES[out_code], o[s * osize:e * osize], WORD_CODES[base_code],
-                                   b[s * bsize:e * bsize], tuple(args), consensus, normalize, lambda_,
-                                   lambda_ != 1.0)
+            args.append(
+                (kind, words[s * size : e * size], m.weight, how, cut, limit, k0, k1, lo & 0xFFFFFFFF, thresh, scale)
+            )
+        return _words.merge_models(
+            WORD_CODES[out_code],
+            o[s * osize : e * osize],
+            WORD_CODES[base_code],
+            b[s * bsize : e * bsize],
+            tuple(args),
+            consensus,
+            normalize,
+            lambda_,
+            lambda_ != 1.0,
+        )
 
     later = [_workers().submit(run, r) for r in ranges[1:]]  # this thread runs the first range itself
     parts = [run(ranges[0]), *(f.result() for f in later)] if ranges else []
     n = len(models)
-    return (sum(p[0] for p in parts), [sum(p[1][i] for p in parts) for i in range(n)],
-            [sum(p[2][i] for p in parts) for i in range(n)])
+    return (
+        sum(p[0] for p in parts),
+        [sum(p[1][i] for p in parts) for i in range(n)],
+        [sum(p[2][i] for p in parts) for i in range(n)],
+    )
 
 
-def magnitude_cut_words(base_code: str, base: object, models: Sequence[tuple[str, object, int]]
-                        ) -> list[tuple[int, int, int]]:
+def magnitude_cut_words(
+    base_code: str, base: object, models: Sequence[tuple[str, object, int]]
+) -> list[tuple[int, int, int]]:
     """TIES' cuts keeping the ``k`` largest ``|ft − base|`` (fp32) of each fine-tune's whole tensor of raw words
     (compiled; with two CPUs, two models at a time).
 

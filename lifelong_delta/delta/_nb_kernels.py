@@ -18,7 +18,6 @@ PAR_BLOCK = 1 << 14  # elements per parallel work item
 SERIAL_BELOW = 1 << 16  # smaller ranges run single-threaded (thread wake-ups cost more than they save)
 
 
-
 class _PoolGuard:
     """``with _LOCK:`` around numba's parallel kernels: one Python thread at a time in numba's thread pool, and
     torch's thread count as it was. Starting numba's OpenMP pool resets the OpenMP thread count that torch shares
@@ -36,8 +35,7 @@ class _PoolGuard:
     def __exit__(self, *exc: object) -> None:
         try:
             torch = sys.modules.get("torch")
-            if torch is not None and self._torch_threads is not None and \
-                    torch.get_num_threads() != self._torch_threads:
+            if torch is not None and self._torch_threads is not None and torch.get_num_threads() != self._torch_threads:
                 torch.set_num_threads(self._torch_threads)
         finally:
             self._lock.release()
@@ -49,6 +47,7 @@ _U32 = np.uint32
 _MIX1, _MIX2 = _U32(MIX1), _U32(MIX2)
 _ZERO = np.float32(0.0)
 
+
 @njit(inline="always", cache=True)
 def _lb32(x):  # pragma: no cover - compiled; casts keep LLVM in 32-bit lanes
     x = _U32(x ^ (x >> _U32(16)))
@@ -57,9 +56,11 @@ def _lb32(x):  # pragma: no cover - compiled; casts keep LLVM in 32-bit lanes
     x = _U32(x * _MIX2)
     return _U32(x ^ (x >> _U32(16)))
 
+
 @njit(inline="always", cache=True)
 def _word(k0, k1, lo0, i):  # pragma: no cover - compiled
     return _lb32(_U32(_lb32(_U32(_U32(lo0 + _U32(i)) ^ k0)) ^ k1))
+
 
 # Each op is written once over a range [start, stop); the parallel kernels split the tensor into
 # blocks of PAR_BLOCK elements (prange over blocks), the serial ones (small tensors: no thread
@@ -74,6 +75,7 @@ def _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, start, stop):  # pra
         out[i] = b + d * scale if _word(k0, k1, lo0, i) >= thresh else b
     return nbad
 
+
 @njit(inline="always", cache=True)
 def _dare_range(delta, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma: no cover
     nbad = 0
@@ -83,15 +85,18 @@ def _dare_range(delta, out, k0, k1, lo0, thresh, scale, start, stop):  # pragma:
         out[i] = d * scale if _word(k0, k1, lo0, i) >= thresh else _ZERO
     return nbad
 
+
 @njit(inline="always", cache=True)
 def _keep_range(out, k0, k1, lo0, thresh, start, stop):  # pragma: no cover
     for i in range(start, stop):
         out[i] = _word(k0, k1, lo0, i) >= thresh
 
+
 @njit(inline="always", cache=True)
 def _uniform_range(out, k0, k1, lo0, start, stop):  # pragma: no cover
     for i in range(start, stop):
         out[i] = np.float32(_word(k0, k1, lo0, i) >> _U32(8)) * np.float32(2.0**-24)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _par_merge(base, ft, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
@@ -101,9 +106,11 @@ def _par_merge(base, ft, out, k0, k1, lo0, thresh, scale):  # pragma: no cover -
         nbad += _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
     return nbad
 
+
 @njit(cache=True, nogil=True)
 def _ser_merge(base, ft, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
     return _merge_range(base, ft, out, k0, k1, lo0, thresh, scale, 0, out.size)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _par_dare(delta, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
@@ -113,9 +120,11 @@ def _par_dare(delta, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - com
         nbad += _dare_range(delta, out, k0, k1, lo0, thresh, scale, s, min(n, s + PAR_BLOCK))
     return nbad
 
+
 @njit(cache=True, nogil=True)
 def _ser_dare(delta, out, k0, k1, lo0, thresh, scale):  # pragma: no cover - compiled
     return _dare_range(delta, out, k0, k1, lo0, thresh, scale, 0, out.size)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _par_keep(out, k0, k1, lo0, thresh):  # pragma: no cover - compiled
@@ -124,13 +133,16 @@ def _par_keep(out, k0, k1, lo0, thresh):  # pragma: no cover - compiled
         s = blk * PAR_BLOCK
         _keep_range(out, k0, k1, lo0, thresh, s, min(n, s + PAR_BLOCK))
 
+
 @njit(cache=True, nogil=True)
 def _ser_keep(out, k0, k1, lo0, thresh):  # pragma: no cover - compiled
     _keep_range(out, k0, k1, lo0, thresh, 0, out.size)
 
+
 @njit(cache=True, nogil=True)
 def _ser_uniform(out, k0, k1, lo0):  # pragma: no cover - compiled
     _uniform_range(out, k0, k1, lo0, 0, out.size)
+
 
 @njit(parallel=True, cache=True, nogil=True)
 def _par_uniform(out, k0, k1, lo0):  # pragma: no cover - compiled
@@ -138,7 +150,6 @@ def _par_uniform(out, k0, k1, lo0):  # pragma: no cover - compiled
     for blk in prange((n + PAR_BLOCK - 1) // PAR_BLOCK):
         s = blk * PAR_BLOCK
         _uniform_range(out, k0, k1, lo0, s, min(n, s + PAR_BLOCK))
-
 
 
 _POOL_PID: int | None = None  # process that started numba's thread pool
@@ -157,7 +168,7 @@ def _parallel(n: int) -> bool:
     pid = os.getpid()
     if _POOL_PID is None:
         _POOL_PID = pid
-    if _POOL_PID != pid:
+    if pid != _POOL_PID:
         return False
     torch = sys.modules.get("torch")  # follow torch.set_num_threads where torch is in use; else the CPUs we may use
     wanted = torch.get_num_threads() if torch is not None else len(os.sched_getaffinity(0))
@@ -183,5 +194,3 @@ def nb_uniform(out: np.ndarray, key: int, offset: int) -> None:
         for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.size):
             run = _par_uniform if _parallel(s1 - s0) else _ser_uniform
             run(out[s0:s1], k0, k1, lo0)
-
-

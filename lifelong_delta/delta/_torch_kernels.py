@@ -69,6 +69,7 @@ def _hash_fn():
 
 def _torch_words(k0: int, k1: int, lo0: int, n: int, device: torch.device) -> torch.Tensor:
     """int32 words of counters ``lo0 .. lo0 + n - 1`` (same segment)."""
+
     def scalar(v: int) -> torch.Tensor:
         return torch.tensor(_s32(v), dtype=torch.int32, device=device)
 

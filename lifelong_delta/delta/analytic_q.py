@@ -24,7 +24,6 @@ import torch
 from lifelong_delta.delta.choices import Arithmetic
 from lifelong_delta.delta.darex import MaskedDelta
 
-
 __all__ = [
     "Arithmetic",
     "analytic_q_per_layer",
@@ -143,8 +142,9 @@ def analytic_row_q(
     _check_analytic_args(p, eta=eta, gamma=gamma, tie_rtol=tie_rtol, arithmetic=arithmetic)
     if arithmetic == "float16" or tie_rtol > 0:  # ties make the scan path-dependent: no blocking
         dtype = torch.float16 if arithmetic == "float16" else torch.float64
-        return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=dtype,
-                                tie_rtol=tie_rtol)
+        return _sequential_scan(
+            c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=dtype, tie_rtol=tie_rtol
+        )
     return _blocked_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step)
 
 
@@ -186,7 +186,7 @@ def _blocked_scan(
         res = _objective(s1, s2, p, q, eta, phi, const)  # [b, rows]
         prev_min = torch.cat([best[None], res[:-1]]).cummin(0).values
         improved, worse = res <= prev_min, res >= prev_min
-        stop_now = (stopped[None] | worse.cummax(0).values)  # [b, rows]: stopped after each q
+        stop_now = stopped[None] | worse.cummax(0).values  # [b, rows]: stopped after each q
         end = len(q)
         if stop_fraction is not None:
             hit = (stop_now.double().mean(1) >= stop_fraction).nonzero()
@@ -207,8 +207,9 @@ def _grid_start(p: float, step: float) -> int:
     return math.ceil((1.0 - p) * round(1.0 / step) - 1e-9)
 
 
-def _objective(s1: torch.Tensor, s2: torch.Tensor, p: float, q: float | torch.Tensor, eta: float, phi: float,
-               const: float) -> torch.Tensor:
+def _objective(
+    s1: torch.Tensor, s2: torch.Tensor, p: float, q: float | torch.Tensor, eta: float, phi: float, const: float
+) -> torch.Tensor:
     """``F_i(q)`` in the authors' order of operations; the dtype of ``s1`` and ``s2`` is the arithmetic (Python
     floats times a float16 tensor stay float16). ``q`` is a float, or a ``[b, 1]`` float64 tensor for a block of
     q values (the same float64 operations per element as a Python float)."""
@@ -218,8 +219,15 @@ def _objective(s1: torch.Tensor, s2: torch.Tensor, p: float, q: float | torch.Te
 
 
 def _sequential_scan(
-    c: torch.Tensor, p: float, *, eta: float, gamma: float, stop_fraction: float | None, step: float,
-    dtype: torch.dtype, tie_rtol: float = 0.0,
+    c: torch.Tensor,
+    p: float,
+    *,
+    eta: float,
+    gamma: float,
+    stop_fraction: float | None,
+    step: float,
+    dtype: torch.dtype,
+    tie_rtol: float = 0.0,
 ) -> torch.Tensor:
     """The authors' scan, one q per iteration, with c, the sums, the objective and the running best in ``dtype``.
 
@@ -248,13 +256,17 @@ def _sequential_scan(
 
 
 def analytic_row_q_sequential(
-    c: torch.Tensor, p: float, *, eta: float = 0.37, gamma: float = 0.95, stop_fraction: float | None = 0.8,
+    c: torch.Tensor,
+    p: float,
+    *,
+    eta: float = 0.37,
+    gamma: float = 0.95,
+    stop_fraction: float | None = 0.8,
     step: float = 0.001,
 ) -> torch.Tensor:
     """:func:`analytic_row_q` with ``arithmetic="float64"``, one q per iteration as the authors' code loops: the
     reference that the blocked scan is tested and benchmarked against (same result bit for bit, slower)."""
-    return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step,
-                            dtype=torch.float64)
+    return _sequential_scan(c, p, eta=eta, gamma=gamma, stop_fraction=stop_fraction, step=step, dtype=torch.float64)
 
 
 def analytic_q_per_layer(
@@ -274,8 +286,8 @@ def analytic_q_per_layer(
     is the mean over rows, clipped to ``[1 − p, 1]`` (the authors' does not clip; a float16 mean of rows at
     ``1 − p`` can land a rounding error below it). The layer's bias gets the layer's q; every other pruned tensor
     (embeddings, norms, a weight without calibration inputs) gets the mean of the layer qs, or ``1 − p`` when no
-    layer has one. This follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx (``utils/analyticalq.py``,
-    ``utils/deltaprune.py``).
+    layer has one. This follows ``optimal_q_calculation`` and ``rescale_q`` in https://github.com/vengdeng/DAREx
+    (``utils/analyticalq.py``, ``utils/deltaprune.py``).
 
     Source note: the objective is taken from the authors' code; the paper's own text (its equation numbers) was not
     available to us, so no equation is cited here. The parameter-free alternative derived in this project is
@@ -298,8 +310,9 @@ def analytic_q_per_layer(
     Raises:
         ValueError: a mean-input vector whose length is not the weight's ``in`` dimension, or bad eta/gamma.
     """
-    layer_q = analytic_weight_q(masked, mean_inputs, eta=eta, gamma=gamma, stop_fraction=stop_fraction,
-                                arithmetic=arithmetic, tie_rtol=tie_rtol)
+    layer_q = analytic_weight_q(
+        masked, mean_inputs, eta=eta, gamma=gamma, stop_fraction=stop_fraction, arithmetic=arithmetic, tie_rtol=tie_rtol
+    )
     return spread_weight_q(masked.names, layer_q, masked.p)
 
 
@@ -326,8 +339,15 @@ def analytic_weight_q(
             layer_q[name] = 1.0
             continue
         dtype = torch.float32 if arithmetic == "float16" else torch.float64
-        rows = analytic_row_q(_layer_contributions(masked, name, xbar, dtype), p, eta=eta, gamma=gamma,
-                              stop_fraction=stop_fraction, arithmetic=arithmetic, tie_rtol=tie_rtol)
+        rows = analytic_row_q(
+            _layer_contributions(masked, name, xbar, dtype),
+            p,
+            eta=eta,
+            gamma=gamma,
+            stop_fraction=stop_fraction,
+            arithmetic=arithmetic,
+            tie_rtol=tie_rtol,
+        )
         layer_q[name] = min(max(float(rows.mean()), 1.0 - p), 1.0)
     return layer_q
 

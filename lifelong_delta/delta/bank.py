@@ -34,7 +34,15 @@ import torch
 
 from lifelong_delta.delta.dtypes import dtype_name, torch_dtype
 from lifelong_delta.delta.io import CheckpointReader
-from lifelong_delta.delta.pack_format import CHUNK, DATA_FILE, KeptPositions, Manifest, TensorEntry, keep_words, read_manifest
+from lifelong_delta.delta.pack_format import (
+    CHUNK,
+    DATA_FILE,
+    KeptPositions,
+    Manifest,
+    TensorEntry,
+    keep_words,
+    read_manifest,
+)
 
 __all__ = ["DeltaBank"]
 
@@ -75,8 +83,10 @@ class _Write:
     def check(self) -> None:
         """Raises ValueError if the model's tensor no longer lives where :attr:`view` points."""
         if self.view.data_ptr() != self.tensor.data_ptr():
-            raise ValueError(f"tensor {self.key!r} of the model moved after bank.add (model.to(...) or .data = ...); "
-                             "make the bank after moving the model")
+            raise ValueError(
+                f"tensor {self.key!r} of the model moved after bank.add (model.to(...) or .data = ...); "
+                "make the bank after moving the model"
+            )
 
 
 @dataclass
@@ -238,8 +248,13 @@ class DeltaBank:
             return None
         for pack in self._packs.values():
             other = pack.writes.get(write.key)
-            if other is not None and other.index is not None and other.dim == write.dim and \
-                    other.index.shape == write.index.shape and torch.equal(other.index, write.index):
+            if (
+                other is not None
+                and other.index is not None
+                and other.dim == write.dim
+                and other.index.shape == write.index.shape
+                and torch.equal(other.index, write.index)
+            ):
                 return other.index
         return write.index
 
@@ -262,15 +277,14 @@ def _crc32(tensor: torch.Tensor, code: str) -> int:
     return zlib.crc32(data.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
 
 
-def _model_key(entry: TensorEntry, tensors: Mapping[str, torch.Tensor], prefix: tuple[str, str] | None
-               ) -> str | None:
+def _model_key(entry: TensorEntry, tensors: Mapping[str, torch.Tensor], prefix: tuple[str, str] | None) -> str | None:
     """The model's name of a pack tensor: its base name, its fine-tuned name, or (for whole tensors, which have
     no base name) the fine-tuned name mapped through the pack's prefix ``(fine-tuned, base)``, e.g. ``bert.``."""
     for key in (entry.base_name, entry.name):
         if key is not None and key in tensors:
             return key
     if prefix is not None and entry.name.startswith(prefix[0]):
-        key = prefix[1] + entry.name[len(prefix[0]):]
+        key = prefix[1] + entry.name[len(prefix[0]) :]
         return key if key in tensors else None
     return None
 
@@ -286,8 +300,9 @@ def _prefix(manifest: Manifest) -> tuple[str, str] | None:
     return None
 
 
-def _load(path: Path, manifest: Manifest, tensors: Mapping[str, torch.Tensor], base_crc: dict[tuple[str, str], int]
-          ) -> _Pack:
+def _load(
+    path: Path, manifest: Manifest, tensors: Mapping[str, torch.Tensor], base_crc: dict[tuple[str, str], int]
+) -> _Pack:
     """The writes and extra tensors of one pack, checked against the model's (base) tensors."""
     hint = f"{path} was not packed against this model"
     pack = _Pack({})
@@ -304,8 +319,10 @@ def _load(path: Path, manifest: Manifest, tensors: Mapping[str, torch.Tensor], b
                 raise ValueError(f"{hint}: it has no tensor {e.base_name!r}")
             tensor = tensors[key]
             if list(tensor.shape) != e.shape or not tensor.is_floating_point():
-                raise ValueError(f"{hint}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')} "
-                                 f"{list(tensor.shape)}, the pack's base had {dtype_name(e.base_dtype)} {e.shape}")
+                raise ValueError(
+                    f"{hint}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')} "
+                    f"{list(tensor.shape)}, the pack's base had {dtype_name(e.base_dtype)} {e.shape}"
+                )
             if (key, e.base_dtype) not in base_crc:
                 base_crc[key, e.base_dtype] = _crc32(tensor, e.base_dtype)
             if base_crc[key, e.base_dtype] != e.base_crc32:
@@ -316,8 +333,10 @@ def _load(path: Path, manifest: Manifest, tensors: Mapping[str, torch.Tensor], b
     for key, write in pack.writes.items():
         other = shared.setdefault(write.tensor.untyped_storage().data_ptr(), key)
         if other != key:
-            raise ValueError(f"{path} writes both {other!r} and {key!r}, which share memory in the model (tied "
-                             "weights); the bank cannot apply both")
+            raise ValueError(
+                f"{path} writes both {other!r} and {key!r}, which share memory in the model (tied "
+                "weights); the bank cannot apply both"
+            )
     return pack
 
 
@@ -328,12 +347,22 @@ def _view(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tenso
     return tensor.detach().view(shape)
 
 
-def _add_whole(pack: _Pack, entry: TensorEntry, value: torch.Tensor, key: str | None, tensor: torch.Tensor | None,
-               device: torch.device) -> None:
+def _add_whole(
+    pack: _Pack,
+    entry: TensorEntry,
+    value: torch.Tensor,
+    key: str | None,
+    tensor: torch.Tensor | None,
+    device: torch.device,
+) -> None:
     """A whole tensor of the pack: swapped into the model's tensor ``key`` of the same shape (skipped if it holds
     the same bytes), or kept aside as an extra on ``device``."""
-    if key is None or tensor is None or value.shape != tensor.shape or (
-            value.dtype != tensor.dtype and not (value.is_floating_point() and tensor.is_floating_point())):
+    if (
+        key is None
+        or tensor is None
+        or value.shape != tensor.shape
+        or (value.dtype != tensor.dtype and not (value.is_floating_point() and tensor.is_floating_point()))
+    ):
         pack.extra[entry.name] = value.to(device)
         return
     value = value.to(device=tensor.device, dtype=tensor.dtype)
@@ -341,8 +370,9 @@ def _add_whole(pack: _Pack, entry: TensorEntry, value: torch.Tensor, key: str | 
         pack.writes[key] = _Write(key, tensor, _view(key, tensor, tuple(tensor.shape)), 0, None, value)
 
 
-def _sparse_write(entry: TensorEntry, key: str, tensor: torch.Tensor, rd: CheckpointReader, manifest: Manifest
-                  ) -> _Write:
+def _sparse_write(
+    entry: TensorEntry, key: str, tensor: torch.Tensor, rd: CheckpointReader, manifest: Manifest
+) -> _Write:
     """The write of one pruned tensor into the model's tensor ``key``: the flat positions (or rows / columns) of
     its kept values, and the values, on the tensor's device in its dtype."""
     numel = math.prod(entry.shape)
@@ -357,14 +387,23 @@ def _sparse_write(entry: TensorEntry, key: str, tensor: torch.Tensor, rd: Checkp
         shape, dim = (numel,), 0
         if entry.kind == "mask":
             spec = manifest.spec()
-            found = [np.flatnonzero(keep_words(min(CHUNK, numel - start), spec, entry.name, start)) + start
-                     for start in range(0, numel, CHUNK)]
+            found = [
+                np.flatnonzero(keep_words(min(CHUNK, numel - start), spec, entry.name, start)) + start
+                for start in range(0, numel, CHUNK)
+            ]
             flat = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
         else:
             flat = KeptPositions(rd, f"index/{entry.name}").take(numel)
         if len(flat) != values.numel():
-            raise ValueError(f"tensor {entry.name!r}: the pack holds {values.numel()} values, its mask keeps "
-                             f"{len(flat)}")
+            raise ValueError(
+                f"tensor {entry.name!r}: the pack holds {values.numel()} values, its mask keeps {len(flat)}"
+            )
         index = torch.from_numpy(flat.astype(np.int32 if numel < 2**31 else np.int64))
-    return _Write(key, tensor, _view(key, tensor, shape), dim, index.to(tensor.device),
-                  values.to(device=tensor.device, dtype=tensor.dtype))
+    return _Write(
+        key,
+        tensor,
+        _view(key, tensor, shape),
+        dim,
+        index.to(tensor.device),
+        values.to(device=tensor.device, dtype=tensor.dtype),
+    )

@@ -38,8 +38,9 @@ __all__ = ["Calibration", "causal_lm_perplexity", "input_norms", "is_causal_lm",
 Batch = dict[str, torch.Tensor]
 
 
-def read_text_data(path: str | os.PathLike[str], *, need_labels: bool, limit: int | None = None,
-                   label2id: dict[str, int] | None = None) -> tuple[list[str], list[int] | None]:
+def read_text_data(
+    path: str | os.PathLike[str], *, need_labels: bool, limit: int | None = None, label2id: dict[str, int] | None = None
+) -> tuple[list[str], list[int] | None]:
     """Read ``text`` (and ``label``) columns from a CSV, TSV or JSONL file.
 
     Labels may be integers or names found in ``label2id`` (a model config's mapping).
@@ -81,8 +82,10 @@ def read_text_data(path: str | os.PathLike[str], *, need_labels: bool, limit: in
             if label2id and str(raw) in label2id:
                 labels.append(int(label2id[str(raw)]))
             else:
-                raise ValueError(f"--calib_data {path}: label {raw!r} is neither an integer nor one of the model's "
-                                 f"labels {sorted(label2id or {})}") from None
+                raise ValueError(
+                    f"--calib_data {path}: label {raw!r} is neither an integer nor one of the model's "
+                    f"labels {sorted(label2id or {})}"
+                ) from None
     return texts, labels
 
 
@@ -106,18 +109,23 @@ def load(
     import transformers
 
     if not (Path(finetuned) / "config.json").is_file():
-        raise ValueError(f"--finetuned {finetuned}: calibration needs a Hugging Face model directory with "
-                         "config.json (and tokenizer files)")
+        raise ValueError(
+            f"--finetuned {finetuned}: calibration needs a Hugging Face model directory with "
+            "config.json (and tokenizer files)"
+        )
     config = transformers.AutoConfig.from_pretrained(finetuned)
     arch = (config.architectures or [""])[0]
     cls = getattr(transformers, arch, None) or transformers.AutoModel
     if is_causal_lm(arch):
         need_labels = False
     elif need_labels and not arch.endswith("ForSequenceClassification"):
-        raise ValueError(f"--q_mode grid scores a classifier's accuracy or a causal LM's perplexity, but {finetuned} "
-                         f"is a {arch or 'model'} with neither head; use --q_mode unlabelled or analytic")
-    texts, labels = read_text_data(calib_data, need_labels=need_labels, limit=samples,
-                                   label2id=getattr(config, "label2id", None))
+        raise ValueError(
+            f"--q_mode grid scores a classifier's accuracy or a causal LM's perplexity, but {finetuned} "
+            f"is a {arch or 'model'} with neither head; use --q_mode unlabelled or analytic"
+        )
+    texts, labels = read_text_data(
+        calib_data, need_labels=need_labels, limit=samples, label2id=getattr(config, "label2id", None)
+    )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(finetuned)
     except (OSError, ValueError) as e:
@@ -125,24 +133,38 @@ def load(
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None and batch_size > 1:
-        raise ValueError(f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
-                         "pad calibration batches with; use --batch_size 1")
+        raise ValueError(
+            f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
+            "pad calibration batches with; use --batch_size 1"
+        )
     reader = CheckpointReader(finetuned)
     try:
         model = LayeredModel(cls, config, reader, what=f"--finetuned {finetuned}")
-        vocab = model.model.get_input_embeddings().num_embeddings if hasattr(model.model, "get_input_embeddings") \
-            else None
+        vocab = (
+            model.model.get_input_embeddings().num_embeddings if hasattr(model.model, "get_input_embeddings") else None
+        )
     except BaseException:
         reader.close()
         raise
     pad_id = tokenizer.pad_token_id
     if vocab is not None and batch_size > 1 and pad_id is not None and pad_id >= vocab:
         reader.close()
-        raise ValueError(f"--finetuned {finetuned}: its tokenizer pads with token id {pad_id}, outside the model's "
-                         f"{vocab} embeddings; use --batch_size 1")
-    batches = [dict(tokenizer(texts[i : i + batch_size], padding=batch_size > 1, truncation=True,
-                              max_length=max_length, return_tensors="pt"))
-               for i in range(0, len(texts), batch_size)]
+        raise ValueError(
+            f"--finetuned {finetuned}: its tokenizer pads with token id {pad_id}, outside the model's "
+            f"{vocab} embeddings; use --batch_size 1"
+        )
+    batches = [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size],
+                padding=batch_size > 1,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
     label_batches = None
     if labels is not None:
         label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
@@ -159,8 +181,9 @@ class Calibration:
         causal: The model is a causal LM (the grid q scores perplexity).
     """
 
-    def __init__(self, model: LayeredModel, batches: list[Batch], labels: list[torch.Tensor] | None, *,
-                 causal: bool) -> None:
+    def __init__(
+        self, model: LayeredModel, batches: list[Batch], labels: list[torch.Tensor] | None, *, causal: bool
+    ) -> None:
         self.model, self.batches, self.labels, self.causal = model, batches, labels, causal
 
     def close(self) -> None:
@@ -172,13 +195,23 @@ class Calibration:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def pruning(self, spec: PruneSpec, base: CheckpointReader, base_names: Mapping[str, str] | None = None,
-                input_norms: Mapping[str, torch.Tensor] | None = None) -> Pruning:
+    def pruning(
+        self,
+        spec: PruneSpec,
+        base: CheckpointReader,
+        base_names: Mapping[str, str] | None = None,
+        input_norms: Mapping[str, torch.Tensor] | None = None,
+    ) -> Pruning:
         """How ``spec``'s method prunes, for the q candidates: its keep-mask (DARE's random mask, the
         magnitude/WANDA top-k or the structural rows/columns), so a q found on it is the q of the streamed prune."""
         norms = dict(input_norms or {})
-        return Pruning(spec.p, spec.seed, lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)), base,
-                       dict(base_names or {}))
+        return Pruning(
+            spec.p,
+            spec.seed,
+            lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)),
+            base,
+            dict(base_names or {}),
+        )
 
     def _stats(self, names: Sequence[str]) -> tuple[dict[str, InputStats], dict[str, bool]]:
         """Input statistics of the measured weights among ``names`` on the fine-tuned model, and whether each
@@ -198,8 +231,14 @@ class Calibration:
                 norms[n] = torch.ones(shape[1])
         return norms
 
-    def analytic_q(self, pruning: Pruning, names: Sequence[str], eta: float = 0.37,
-                   arithmetic: Arithmetic = "float16", tie_rtol: float = 0.0) -> dict[str, float]:
+    def analytic_q(
+        self,
+        pruning: Pruning,
+        names: Sequence[str],
+        eta: float = 0.37,
+        arithmetic: Arithmetic = "float16",
+        tie_rtol: float = 0.0,
+    ) -> dict[str, float]:
         """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η).
 
         One pass measures mean(x_j) on the fine-tuned model; then each stage's deltas are read in turn.
@@ -220,19 +259,26 @@ class Calibration:
         """Global q by a coarse then fine grid: the highest accuracy on the labelled calibration set for a
         classifier, the lowest perplexity of the calibration text for a causal LM."""
         if self.causal:
-            return select_q_grid(lambda qs: self._evaluate(qs, pruning, names, _TokenLoss), pruning.p, mode="min",
-                                 batched=True)
+            return select_q_grid(
+                lambda qs: self._evaluate(qs, pruning, names, _TokenLoss), pruning.p, mode="min", batched=True
+            )
         if self.labels is None:
             raise ValueError(f"--q_mode grid needs labels to score a {type(self.model.model).__name__}")
         labels = self.labels
-        return select_q_grid(lambda qs: self._evaluate(qs, pruning, names, lambda: _Accuracy(labels)), pruning.p,
-                             mode="max", batched=True)
+        return select_q_grid(
+            lambda qs: self._evaluate(qs, pruning, names, lambda: _Accuracy(labels)),
+            pruning.p,
+            mode="max",
+            batched=True,
+        )
 
-    def _evaluate(self, qs: list[float], pruning: Pruning, names: Sequence[str], metric: Callable[[], Any]
-                  ) -> list[float]:
+    def _evaluate(
+        self, qs: list[float], pruning: Pruning, names: Sequence[str], metric: Callable[[], Any]
+    ) -> list[float]:
         scores = [metric() for _ in qs]
-        self.model.run(self.batches, qs, lambda c, b, out: scores[c].add(b, self.batches[b], out), pruning=pruning,
-                       pruned=names)
+        self.model.run(
+            self.batches, qs, lambda c, b, out: scores[c].add(b, self.batches[b], out), pruning=pruning, pruned=names
+        )
         return [s.value() for s in scores]
 
     def unlabelled_q(self, pruning: Pruning, names: Sequence[str]) -> QSearchResult:
@@ -250,8 +296,7 @@ class Calibration:
                 else:
                     diffs[c].append((h - ref[b]).abs().mean())
 
-            self.model.run(self.batches, candidates, finish, pruning=pruning, pruned=names,
-                           output_hidden_states=True)
+            self.model.run(self.batches, candidates, finish, pruning=pruning, pruned=names, output_hidden_states=True)
             return [float(torch.stack(d).mean()) for c, d in zip(candidates, diffs) if c is not None]
 
         return select_q_grid(distances, pruning.p, mode="min", batched=True)
@@ -285,8 +330,11 @@ class _TokenLoss:
         ids, mask = batch["input_ids"], batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
         logits = out.logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        self.total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                        ignore_index=-100, reduction="sum"))
+        self.total += float(
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         self.count += int((target != -100).sum())
 
     def value(self) -> float:
@@ -326,8 +374,11 @@ def _measured_weights(model: nn.Module, names: Sequence[str]) -> dict[str, bool]
     """``{weight name: stored input-major}`` for the weights among ``names`` whose inputs are measured: those of
     ``nn.Linear`` (``[out, in]``) and of GPT-2's ``Conv1D`` (``[in, out]``)."""
     wanted = set(names)
-    return {f"{m}.weight": is_input_major(mod) for m, mod in model.named_modules()
-            if (isinstance(mod, nn.Linear) or is_input_major(mod)) and f"{m}.weight" in wanted}
+    return {
+        f"{m}.weight": is_input_major(mod)
+        for m, mod in model.named_modules()
+        if (isinstance(mod, nn.Linear) or is_input_major(mod)) and f"{m}.weight" in wanted
+    }
 
 
 def _oriented(vectors: Mapping[str, torch.Tensor], input_major: Mapping[str, bool]) -> dict[str, torch.Tensor]:

@@ -39,11 +39,14 @@ def resolve_q(p: float, q: float | None, *, force: bool = False, name: str | Non
         raise ValueError(f"q={q} must be > 0: the kept entries are rescaled by 1/q{_where(name)}")
     if not force:
         if q > 1.0:
-            raise ValueError(f"q={q} is above 1 (it would shrink the kept delta); pass force=True to allow it"
-                             f"{_where(name)}")
+            raise ValueError(
+                f"q={q} is above 1 (it would shrink the kept delta); pass force=True to allow it{_where(name)}"
+            )
         if q < (1.0 - p) - 1e-12:
-            raise ValueError(f"q={q} is below 1-p={1.0 - p:g} (it over-amplifies the kept delta); "
-                             f"pass force=True to allow it{_where(name)}")
+            raise ValueError(
+                f"q={q} is below 1-p={1.0 - p:g} (it over-amplifies the kept delta); "
+                f"pass force=True to allow it{_where(name)}"
+            )
     return float(q)
 
 

@@ -205,8 +205,9 @@ def unpack(
     _check_inputs(delta=delta)
     read_manifest(delta)
     parse_size(out_shard_size)
-    outputs.check_output_dir(out, overwrite=overwrite,
-                             inputs={k: v for k, v in (("--base", base), ("--delta", delta)) if os.path.exists(v)})
+    outputs.check_output_dir(
+        out, overwrite=overwrite, inputs={k: v for k, v in (("--base", base), ("--delta", delta)) if os.path.exists(v)}
+    )
     from lifelong_delta.delta.hub import resolve_checkpoint
 
     base = resolve_checkpoint(base, option="--base")
@@ -221,21 +222,27 @@ def unpack(
 def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
     """Check the options of ``prune`` or ``pack`` and that no output touches an input, then run the command."""
     a = dict(args)
-    base, finetuned, out, method, p, q, q_mode = (a[k] for k in ("base", "finetuned", "out", "method", "p", "q",
-                                                                 "q_mode"))
+    base, finetuned, out, method, p, q, q_mode = (
+        a[k] for k in ("base", "finetuned", "out", "method", "p", "q", "q_mode")
+    )
     rescale, force, eta, analytic_tie_rtol, calib_data, overwrite, seed = (
-        a[k] for k in ("rescale", "force", "eta", "analytic_tie_rtol", "calib_data", "overwrite", "seed"))
+        a[k] for k in ("rescale", "force", "eta", "analytic_tie_rtol", "calib_data", "overwrite", "seed")
+    )
     calib_samples, batch_size, max_length = a["calib_samples"], a["batch_size"], a["max_length"]
     row = _method_row(method)
     if q is not None and q_mode is not None:
         raise ValueError("pass either --q or --q_mode, not both")
     if q_mode is not None and not row.takes_q:
-        raise ValueError(f"--q_mode chooses the rescale 1/q, but --method {method} always rescales by "
-                         f"{RESCALE_TEXT[row.default_rescale]}; use --method {' or '.join(q_alternatives(method))}")
+        raise ValueError(
+            f"--q_mode chooses the rescale 1/q, but --method {method} always rescales by "
+            f"{RESCALE_TEXT[row.default_rescale]}; use --method {' or '.join(q_alternatives(method))}"
+        )
     if q_mode == "analytic" and not row.random_mask:
         analytic = " or ".join(m for m, r in METHODS.items() if r.random_mask and r.takes_q)
-        raise ValueError(f"--q_mode analytic assumes DARE's independent random mask; use it with --method {analytic} "
-                         f"(got --method {method}), or --q_mode grid/unlabelled")
+        raise ValueError(
+            f"--q_mode analytic assumes DARE's independent random mask; use it with --method {analytic} "
+            f"(got --method {method}), or --q_mode grid/unlabelled"
+        )
     if q_mode is not None and rescale not in (None, "q"):
         raise ValueError(f"--q_mode chooses q for --rescale q, but --rescale is {rescale}; drop --rescale")
     if (rescale or row.default_rescale) == "q" and row.needs_q and q is None and q_mode is None:
@@ -255,21 +262,28 @@ def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
         raise ValueError(f"--q_mode {q_mode} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
     _check_inputs(calib_data=calib_data)
     given = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
-    outputs.check_output_dir(out, overwrite=overwrite,  # before a hub id is downloaded
-                             inputs={k: v for k, v in given.items() if v is not None and os.path.exists(v)})
+    outputs.check_output_dir(
+        out,
+        overwrite=overwrite,  # before a hub id is downloaded
+        inputs={k: v for k, v in given.items() if v is not None and os.path.exists(v)},
+    )
     base, finetuned = _checkpoints(base, finetuned)
     inputs = {"--base": base, "--finetuned": finetuned, "--calib_data": calib_data}
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    _say(f"{command}: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
-         f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}")
+    _say(
+        f"{command}: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
+        f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}"
+    )
     return _prune({**a, "base": base, "finetuned": finetuned, "command": command})
 
 
 def _method_row(method: str) -> Method:
     """The registry row of ``--method`` (a one-line error listing the methods otherwise)."""
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {method!r} (a method of your own: "
-                         "lifelong_delta.delta.methods.register_method)")
+        raise ValueError(
+            f"--method: expected one of {', '.join(METHODS)}, got {method!r} (a method of your own: "
+            "lifelong_delta.delta.methods.register_method)"
+        )
     return METHODS[method]
 
 
@@ -304,33 +318,51 @@ def _prune(args: dict) -> PruneSummary:
 
     a = args
     base, finetuned, out, method = a["base"], a["finetuned"], a["out"], a["method"]
-    spec = PruneSpec(method=method, p=a["p"], q=a["q"], rescale="q" if a["q_mode"] else a["rescale"],
-                     structural_axis=a["structural_axis"], structural_select=a["structural_select"], seed=a["seed"],
-                     exclude=_patterns(a["exclude"]), force=a["force"])
+    spec = PruneSpec(
+        method=method,
+        p=a["p"],
+        q=a["q"],
+        rescale="q" if a["q_mode"] else a["rescale"],
+        structural_axis=a["structural_axis"],
+        structural_select=a["structural_select"],
+        seed=a["seed"],
+        exclude=_patterns(a["exclude"]),
+        force=a["force"],
+    )
     q_mode = a["q_mode"]
     calibrating = q_mode is not None or METHODS[method].needs_input_norms
     what = f"--q_mode {q_mode}" if q_mode else f"--method {method}"
     if calibrating and a["calib_data"] is None:
         raise ValueError(f"{what} needs --calib_data FILE (CSV/TSV/JSONL with a 'text' column)")
     if calibrating and a["lora_prune"] != "product" and is_adapter_dir(finetuned):
-        raise ValueError(f"{what} calibrates the merged model, so it prunes the LoRA product B·A; "
-                         "drop --lora_prune factors")
+        raise ValueError(
+            f"{what} calibrates the merged model, so it prunes the LoRA product B·A; drop --lora_prune factors"
+        )
     if is_adapter_dir(finetuned):
         if calibrating:
             return _prune_adapter_via_merge(base, finetuned, out, a)
         from lifelong_delta.delta.lora_merge import stream_prune_lora
 
-        summary = stream_prune_lora(base, finetuned, out, spec, lora_prune=a["lora_prune"], overwrite=a["overwrite"],
-                                    out_shard_size=a["out_shard_size"], progress=a["progress"],
-                                    pack=a["command"] == "pack")
+        summary = stream_prune_lora(
+            base,
+            finetuned,
+            out,
+            spec,
+            lora_prune=a["lora_prune"],
+            overwrite=a["overwrite"],
+            out_shard_size=a["out_shard_size"],
+            progress=a["progress"],
+            pack=a["command"] == "pack",
+        )
         _report(summary, a, base)
         return summary
     if a["lora_prune"] != "product":
-        raise ValueError(f"--lora_prune {a['lora_prune']} needs a PEFT adapter directory as --finetuned "
-                         "(adapter_config.json + adapter_model.safetensors)")
+        raise ValueError(
+            f"--lora_prune {a['lora_prune']} needs a PEFT adapter directory as --finetuned "
+            "(adapter_config.json + adapter_model.safetensors)"
+        )
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, spec.exclude)  # fail on mismatches before loading any model
-    pruned = match.pruned
     if match.prefix is not None:
         _console().print(match.describe(), highlight=False, soft_wrap=True)
 
@@ -341,12 +373,28 @@ def _prune(args: dict) -> PruneSummary:
     if a["command"] == "pack":
         from lifelong_delta.delta.pack import stream_pack
 
-        summary = stream_pack(base, finetuned, out, spec, overwrite=a["overwrite"], progress=a["progress"],
-                              input_norms=input_norms, q_per_tensor=q_per_tensor)
+        summary = stream_pack(
+            base,
+            finetuned,
+            out,
+            spec,
+            overwrite=a["overwrite"],
+            progress=a["progress"],
+            input_norms=input_norms,
+            q_per_tensor=q_per_tensor,
+        )
     else:
-        summary = stream_prune(base, finetuned, out, spec, overwrite=a["overwrite"],
-                               out_shard_size=a["out_shard_size"], progress=a["progress"], input_norms=input_norms,
-                               q_per_tensor=q_per_tensor)
+        summary = stream_prune(
+            base,
+            finetuned,
+            out,
+            spec,
+            overwrite=a["overwrite"],
+            out_shard_size=a["out_shard_size"],
+            progress=a["progress"],
+            input_norms=input_norms,
+            q_per_tensor=q_per_tensor,
+        )
     _report(summary, a, finetuned)
     return summary
 
@@ -369,19 +417,31 @@ def _calibrate(
     a, q_mode, pruned = args, args["q_mode"], match.pruned
     input_norms = q_per_tensor = None
     free_large_allocations()
-    with cal.load(a["finetuned"], a["calib_data"], need_labels=q_mode == "grid", samples=a["calib_samples"],
-                  batch_size=a["batch_size"], max_length=a["max_length"]) as calib, CheckpointReader(a["base"]) as rb:
+    with (
+        cal.load(
+            a["finetuned"],
+            a["calib_data"],
+            need_labels=q_mode == "grid",
+            samples=a["calib_samples"],
+            batch_size=a["batch_size"],
+            max_length=a["max_length"],
+        ) as calib,
+        CheckpointReader(a["base"]) as rb,
+    ):
         if METHODS[spec.method].needs_input_norms:
             input_norms = calib.input_norms(pruned)
         if q_mode is not None:
             pruning = calib.pruning(spec, rb, match.base_names, input_norms)
             if q_mode == "analytic":
-                q_per_tensor = calib.analytic_q(pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"],
-                                                tie_rtol=a["analytic_tie_rtol"])
+                q_per_tensor = calib.analytic_q(
+                    pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"], tie_rtol=a["analytic_tie_rtol"]
+                )
             else:
                 result = calib.grid_q(pruning, pruned) if q_mode == "grid" else calib.unlabelled_q(pruning, pruned)
-                _console().print(f"chose q = {result.q:.4f} ({q_mode}); candidates: "
-                                 + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table))
+                _console().print(
+                    f"chose q = {result.q:.4f} ({q_mode}); candidates: "
+                    + ", ".join(f"{c:.4f}→{v:.4g}" for c, v in result.table)
+                )
                 spec = replace(spec, q=result.q)
     return spec, input_norms, q_per_tensor
 
@@ -393,8 +453,11 @@ def _report(summary: PruneSummary, args: dict, dense: str) -> None:
         from lifelong_delta.delta.pack_format import pack_size, read_manifest
 
         full, size = read_manifest(args["out"]).finetuned_bytes, pack_size(args["out"])
-        _console().print(f"packed {size / 2**20:.2f} MiB = {size / max(full, 1):.2%} of the "
-                         f"{full / 2**20:.1f} MiB of tensors of {dense} -> {args['out']}", highlight=False)
+        _console().print(
+            f"packed {size / 2**20:.2f} MiB = {size / max(full, 1):.2%} of the "
+            f"{full / 2**20:.1f} MiB of tensors of {dense} -> {args['out']}",
+            highlight=False,
+        )
 
 
 @contextmanager
@@ -499,9 +562,14 @@ def recommend(
 
     with _merged(base, finetuned, near=Path(tempfile.gettempdir()), progress=progress) as merged:
         result = stream_delta_stats(base, merged, _patterns(exclude), progress=progress)
-    rec = choose_method(result, target_p=target_p, has_labelled_data=has_labelled_data,
-                        has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune,
-                        low_rank=is_adapter_dir(finetuned))
+    rec = choose_method(
+        result,
+        target_p=target_p,
+        has_labelled_data=has_labelled_data,
+        has_unlabelled_data=has_unlabelled_data,
+        can_refinetune=can_refinetune,
+        low_rank=is_adapter_dir(finetuned),
+    )
     console = _console()
     console.print(f"[bold]recommendation:[/bold] {rec.label}")
     console.print(f"[bold]why:[/bold] {rec.reason}", highlight=False)

@@ -24,8 +24,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(nbad: int, name: str) -> None:
     if nbad:
-        raise ValueError(f"tensor {name!r} has {nbad} non-finite delta entries "
-                         "(NaN/inf in base or fine-tuned)")
+        raise ValueError(f"tensor {name!r} has {nbad} non-finite delta entries (NaN/inf in base or fine-tuned)")
 
 
 @torch.no_grad()
@@ -107,8 +106,9 @@ def dare_merge(
         ValueError: shape mismatch, bad ``p``/``q``, or non-finite delta (naming the tensor).
     """
     if base.shape != finetuned.shape:
-        raise ValueError(f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape "
-                         f"{tuple(finetuned.shape)}")
+        raise ValueError(
+            f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape {tuple(finetuned.shape)}"
+        )
     if not (base.is_floating_point() and finetuned.is_floating_point()):
         raise TypeError(f"tensor {name!r} is not floating ({base.dtype}, {finetuned.dtype}); copy it instead")
     q = resolve_q(p, q, force=force, name=name)
@@ -120,12 +120,18 @@ def dare_merge(
     if out is None:
         out = torch.empty(f.numel(), dtype=out_dtype, device=f.device)
     elif out.numel() != f.numel() or not out.is_contiguous() or out.device != f.device:
-        raise ValueError(f"out for tensor {name!r} must be a contiguous tensor of {f.numel()} elements on "
-                         f"{f.device}, got {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out for tensor {name!r} must be a contiguous tensor of {f.numel()} elements on "
+            f"{f.device}, got {tuple(out.shape)} on {out.device}"
+        )
     flat_out = out.view(-1)
     code = dtype_code(f.dtype)
-    if f.device.type == "cpu" and b.dtype == f.dtype == flat_out.dtype and code in _kernels.WORD_CODES \
-            and _kernels.use_words():
+    if (
+        f.device.type == "cpu"
+        and b.dtype == f.dtype == flat_out.dtype
+        and code in _kernels.WORD_CODES
+        and _kernels.use_words()
+    ):
         nbad = _kernels.merge_words(code, _words(b), _words(f), _words(flat_out), key, offset, thresh, scale)[0]
     else:
         run = _torch_kernels.nb_merge if _use_numba(f.device) else _torch_kernels.torch_merge

@@ -61,8 +61,15 @@ class MaskedDelta:
         names: Pruned tensor names, in state-dict order.
     """
 
-    def __init__(self, p: float, seed: int, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-                 keep: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
+    def __init__(
+        self,
+        p: float,
+        seed: int,
+        base: dict[str, torch.Tensor],
+        delta: dict[str, torch.Tensor],
+        keep: dict[str, torch.Tensor],
+        dtypes: dict[str, torch.dtype],
+    ) -> None:
         self.p, self.seed = p, seed
         self.base, self.delta, self.keep, self.dtypes = base, delta, keep, dtypes
         self.names = list(delta)
@@ -106,12 +113,10 @@ class MaskedDelta:
                 continue
             b = base_sd[name]
             if b.shape != ft.shape:
-                raise ValueError(f"tensor {name!r}: base shape {tuple(b.shape)} != fine-tuned shape "
-                                 f"{tuple(ft.shape)}")
+                raise ValueError(f"tensor {name!r}: base shape {tuple(b.shape)} != fine-tuned shape {tuple(ft.shape)}")
             d = ft.detach().to(torch.float32) - b.detach().to(device=ft.device, dtype=torch.float32)
             if not torch.isfinite(d).all():
-                raise ValueError(f"tensor {name!r} has non-finite delta entries "
-                                 "(NaN/inf in base or fine-tuned)")
+                raise ValueError(f"tensor {name!r} has non-finite delta entries (NaN/inf in base or fine-tuned)")
             base[name], delta[name], dtypes[name] = b.detach(), d, ft.dtype
             if keep_fn is None:
                 keep[name] = keep_mask(d.numel(), p, seed=seed, name=name, device=d.device).view(d.shape)

@@ -17,8 +17,15 @@ import re
 __all__ = ["WEIGHT_PATTERNS", "looks_like_hub_id", "resolve_checkpoint"]
 
 #: Files fetched for a hub id: what the streaming commands and the calibration read.
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken",
-                   "tokenizer*")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "tokenizer*",
+)
 
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 
@@ -58,22 +65,29 @@ def resolve_checkpoint(spec: str, *, option: str) -> str:
     where = f"not a local path, and hub model {repo}" + (f" at revision {revision}" if revision else "")
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        return snapshot_download(repo, revision=revision, allow_patterns=list(WEIGHT_PATTERNS),
-                                 local_files_only=offline)
+        return snapshot_download(
+            repo, revision=revision, allow_patterns=list(WEIGHT_PATTERNS), local_files_only=offline
+        )
     except LocalEntryNotFoundError:
         if offline:
-            raise ValueError(f"{option} {spec}: {where} is not in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it; unset "
-                             f"HF_HUB_OFFLINE, or download it where there is a network with `hf download {repo}`"
-                             ) from None
-        raise ValueError(f"{option} {spec}: {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                         "and could not be downloaded (no connection to the Hub?)") from None
+            raise ValueError(
+                f"{option} {spec}: {where} is not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it; unset "
+                f"HF_HUB_OFFLINE, or download it where there is a network with `hf download {repo}`"
+            ) from None
+        raise ValueError(
+            f"{option} {spec}: {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            "and could not be downloaded (no connection to the Hub?)"
+        ) from None
     except GatedRepoError:
-        raise ValueError(f"{option} {spec}: {where} is gated; accept its terms on the Hub and log in with "
-                         "`hf auth login` (or set HF_TOKEN)") from None
+        raise ValueError(
+            f"{option} {spec}: {where} is gated; accept its terms on the Hub and log in with "
+            "`hf auth login` (or set HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
-        raise ValueError(f"{option} {spec}: {where} does not exist on the Hub (or is private: log in with "
-                         "`hf auth login`)") from None
+        raise ValueError(
+            f"{option} {spec}: {where} does not exist on the Hub (or is private: log in with `hf auth login`)"
+        ) from None
     except RevisionNotFoundError:
         raise ValueError(f"{option} {spec}: {where}: the Hub has no such revision") from None
     except (HfHubHTTPError, OSError) as e:

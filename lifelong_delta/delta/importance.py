@@ -15,8 +15,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["InputRecorder", "InputStats", "collect_input_stats", "importance_keep", "importance_prune",
-           "importance_scores", "linear_modules", "n_keep"]
+__all__ = [
+    "InputRecorder",
+    "InputStats",
+    "collect_input_stats",
+    "importance_keep",
+    "importance_prune",
+    "importance_scores",
+    "linear_modules",
+    "n_keep",
+]
 
 Score = Literal["magnitude", "wanda"]
 Rescale = Literal["none", "dare", "q"]
@@ -76,6 +84,7 @@ class InputRecorder:
             acc[0] = s1 if acc[0] is None else acc[0] + s1
             acc[1] = s2 if acc[1] is None else acc[1] + s2
             acc[2] += x.shape[0]
+
         return fn
 
     def stats(self, names: Iterable[str]) -> dict[str, InputStats]:
@@ -95,8 +104,11 @@ class InputRecorder:
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{"<module path>.weight": module}`` of every ``nn.Linear`` (and GPT-2 ``Conv1D``) of ``model``."""
-    return {f"{path}.weight" if path else "weight": m for path, m in model.named_modules()
-            if isinstance(m, nn.Linear) or is_input_major(m)}
+    return {
+        f"{path}.weight" if path else "weight": m
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Linear) or is_input_major(m)
+    }
 
 
 def collect_input_stats(
@@ -123,8 +135,9 @@ def collect_input_stats(
     wanted = list(linears) if names is None else list(names)
     missing = [n for n in wanted if n not in linears]
     if missing:
-        raise ValueError(f"names: {missing[0]!r} is not the weight of an nn.Linear in the model "
-                         f"({len(missing)} such names)")
+        raise ValueError(
+            f"names: {missing[0]!r} is not the weight of an nn.Linear in the model ({len(missing)} such names)"
+        )
     recorder = InputRecorder()
     run = forward_fn or (lambda m, b: m(b))
     with recorder.attached({n: linears[n] for n in wanted}), torch.no_grad():
@@ -135,7 +148,7 @@ def collect_input_stats(
 
 def n_keep(n: int, p: float) -> int:
     """Entries kept out of ``n`` at drop rate ``p``: ``round((1 - p) * n)`` (Python rounding)."""
-    return int(round((1.0 - p) * n))
+    return round((1.0 - p) * n)
 
 
 def importance_scores(
@@ -158,11 +171,12 @@ def importance_scores(
     if score != "wanda":
         raise ValueError(f"score={score!r} is not one of 'magnitude', 'wanda'")
     if input_norms is None:
-        raise ValueError(f"score='wanda' needs input_norms for tensor {name!r} "
-                         "(collect them with collect_input_stats)")
+        raise ValueError(f"score='wanda' needs input_norms for tensor {name!r} (collect them with collect_input_stats)")
     if delta.dim() != 2 or input_norms.shape != (delta.shape[1],):
-        raise ValueError(f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}; "
-                         f"wanda needs a 2-D weight [out, in] and norms of shape [in]={delta.shape[-1]}")
+        raise ValueError(
+            f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}; "
+            f"wanda needs a 2-D weight [out, in] and norms of shape [in]={delta.shape[-1]}"
+        )
     return mag * input_norms.to(device=mag.device, dtype=torch.float32)
 
 
@@ -239,8 +253,10 @@ def importance_keep(
         # norms of shape [in, 1] mark a weight stored input-major ([in, out], GPT-2's Conv1D): rank within each
         # output column, as WANDA ranks within each output row of an [out, in] weight
         if d.dim() != 2 or input_norms.shape != (d.shape[0], 1):
-            raise ValueError(f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}; an input-major "
-                             f"weight [in, out] of shape {tuple(d.shape)} needs norms of shape [{d.shape[0]}, 1]")
+            raise ValueError(
+                f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}; an input-major "
+                f"weight [in, out] of shape {tuple(d.shape)} needs norms of shape [{d.shape[0]}, 1]"
+            )
         return importance_keep(d.T, p, score="wanda", input_norms=input_norms[:, 0], name=name).T.contiguous()
     if d.dim() < 2:
         flat = d.reshape(1, -1)

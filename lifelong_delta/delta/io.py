@@ -51,7 +51,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100_000_000
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-_WEIGHT_INDEXES = (INDEX_FILE, "pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
+_WEIGHT_INDEXES = (
+    INDEX_FILE,
+    "pytorch_model.bin.index.json",
+    "tf_model.h5.index.json",
+    "flax_model.msgpack.index.json",
+)
+
 
 def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a PEFT adapter directory (it holds ``adapter_config.json``)."""
@@ -148,8 +154,10 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed header entry") from None
         info = TensorInfo(path, code, shape, begin, end, data_start)
         if info.nbytes != info.numel * info.itemsize or data_start + end > size or begin > end:
-            raise CheckpointError(f"{path}: tensor {name!r} has byte range {begin}..{end} that does not match "
-                                  f"its shape {list(shape)} or the file size (truncated file?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has byte range {begin}..{end} that does not match "
+                f"its shape {list(shape)} or the file size (truncated file?)"
+            )
         infos[name] = info
     return infos, dict(metadata)
 
@@ -199,14 +207,19 @@ class CheckpointReader:
             except (OSError, ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to shard file "
-                                      f"names, got {type(weight_map).__name__}")
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(
+                    f"{index}: 'weight_map' must be an object mapping tensor names to shard file "
+                    f"names, got {type(weight_map).__name__}"
+                )
             for shard in dict.fromkeys(weight_map.values()):
                 parts = Path(shard).parts
                 if not parts or Path(shard).is_absolute() or ".." in parts or "\\" in shard:
-                    raise CheckpointError(f"{index} names shard {shard!r}, which is outside the model folder; "
-                                          "shard names must be file names inside it")
+                    raise CheckpointError(
+                        f"{index} names shard {shard!r}, which is outside the model folder; "
+                        "shard names must be file names inside it"
+                    )
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             for file in files:
                 if not file.is_file():
@@ -310,8 +323,13 @@ class CheckpointReader:
             return memoryview(b"")
         aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
         try:
-            mm = mmap.mmap(self._fd(info.file), pos - aligned + nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                           prot=mmap.PROT_READ, offset=aligned)
+            mm = mmap.mmap(
+                self._fd(info.file),
+                pos - aligned + nbytes,
+                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                prot=mmap.PROT_READ,
+                offset=aligned,
+            )
         except OSError as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e.strerror or e}") from None
         return memoryview(mm)[pos - aligned : pos - aligned + nbytes]

@@ -144,8 +144,10 @@ class LayeredModel:
             else:
                 self.source[names[0]] = src
         if missing:
-            raise ValueError(f"{what}: its weights lack {len(missing)} tensor(s) that a {cls.__name__} needs, e.g. "
-                             f"{missing[0]!r}; calibration needs the complete model")
+            raise ValueError(
+                f"{what}: its weights lack {len(missing)} tensor(s) that a {cls.__name__} needs, e.g. "
+                f"{missing[0]!r}; calibration needs the complete model"
+            )
         self._aliases = {names[0]: names for names in groups.values()}
         self.stages: list[list[str]] = [[] for _ in range(len(self.blocks) + 1)]  # [outer, block 0, block 1, ...]
         for first in self._aliases:
@@ -157,7 +159,7 @@ class LayeredModel:
         head = f"{self._prefix}."
         if not name.startswith(head):
             return 0
-        index = name[len(head):].split(".", 1)[0]
+        index = name[len(head) :].split(".", 1)[0]
         return int(index) + 1 if index.isdigit() and int(index) < len(self.blocks) else 0
 
     def names(self) -> list[str]:
@@ -185,8 +187,9 @@ class LayeredModel:
         wanted = set(pruned)
         names = [self.source[f] for f in firsts if self.source[f] in wanted]
         base = {n: pruning.base.get(pruning.base_names.get(n, n)) for n in names}
-        return MaskedDelta.build(base, {n: self._ft(n) for n in names}, pruning.p, seed=pruning.seed,
-                                 keep_fn=pruning.keep_fn)
+        return MaskedDelta.build(
+            base, {n: self._ft(n) for n in names}, pruning.p, seed=pruning.seed, keep_fn=pruning.keep_fn
+        )
 
     def _load(self, firsts: Sequence[str], candidate: Candidate, masked: MaskedDelta | None) -> None:
         for first in firsts:
@@ -208,8 +211,9 @@ class LayeredModel:
         alias_of = {a: first for first, names in self._aliases.items() for a in names}
         owned: dict[nn.Module, list[str]] = {}
         for path, module in self.model.named_modules():
-            firsts = [alias_of[f"{path}.{attr}" if path else attr] for attr, p in module._parameters.items()
-                      if p is not None]
+            firsts = [
+                alias_of[f"{path}.{attr}" if path else attr] for attr, p in module._parameters.items() if p is not None
+            ]
             firsts = [f for f in dict.fromkeys(firsts) if self._stage_of(f) == 0]
             if firsts:
                 owned[module] = firsts
@@ -308,8 +312,10 @@ class LayeredModel:
                     for bi, batch in enumerate(batches):
                         final = hidden[ci][bi]
                         if embeds:  # the blocks' input is replaced anyway: spare reading the embeddings
-                            batch = {**{k: v for k, v in batch.items() if k != "input_ids"},
-                                     "inputs_embeds": torch.zeros_like(final)}
+                            batch = {
+                                **{k: v for k, v in batch.items() if k != "input_ids"},
+                                "inputs_embeds": torch.zeros_like(final),
+                            }
                         with self._stubbed(self._finish_stub(final)):
                             out = self.model(**batch, output_hidden_states=output_hidden_states)
                         finish(ci, bi, out)
@@ -331,6 +337,7 @@ class LayeredModel:
                 if i == last:
                     raise _Stop
                 return calls[-1].hidden
+
             return forward
 
         with self._stubbed(stub):
@@ -339,8 +346,10 @@ class LayeredModel:
             except _Stop:
                 pass
         if len(calls) != len(self.blocks):
-            raise ValueError(f"{type(self.model).__name__} called {len(calls)} of its {len(self.blocks)} blocks; "
-                             "layer-by-layer calibration needs every block called once, in order")
+            raise ValueError(
+                f"{type(self.model).__name__} called {len(calls)} of its {len(self.blocks)} blocks; "
+                "layer-by-layer calibration needs every block called once, in order"
+            )
         return calls
 
     def _finish_stub(self, final: torch.Tensor) -> Callable[[int], Callable[..., Any]]:
@@ -353,7 +362,9 @@ class LayeredModel:
                 if i < last:
                     return _Call(args, kwargs).hidden
                 return (final, *([None] * (width - 1))) if width else final
+
             return forward
+
         return stub
 
     @contextmanager
@@ -376,8 +387,5 @@ def _blocks(model: nn.Module, what: str) -> tuple[nn.ModuleList, str]:
             if best is None or size > best[0]:
                 best = (size, path, module)
     if best is None:
-        raise ValueError(f"{what}: a {type(model).__name__} has no list of repeated layers to calibrate one at a "
-                         "time")
+        raise ValueError(f"{what}: a {type(model).__name__} has no list of repeated layers to calibrate one at a time")
     return best[2], best[1]
-
-

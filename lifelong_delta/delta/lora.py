@@ -61,11 +61,9 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     except (OSError, ValueError) as e:
         raise ValueError(f"adapter: cannot read {cfg_path}: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter: peft_type={config.get('peft_type')!r} in {cfg_path}; "
-                         "only LORA is supported")
+        raise ValueError(f"adapter: peft_type={config.get('peft_type')!r} in {cfg_path}; only LORA is supported")
     if config.get("use_dora"):
-        raise ValueError(f"adapter: {cfg_path} is a DoRA adapter (use_dora=true); "
-                         "only plain LoRA is supported")
+        raise ValueError(f"adapter: {cfg_path} is a DoRA adapter (use_dora=true); only plain LoRA is supported")
     st, binf = d / "adapter_model.safetensors", d / "adapter_model.bin"
     try:
         if st.is_file():
@@ -78,7 +76,7 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
             raise ValueError(f"adapter: no adapter_model.safetensors or adapter_model.bin in {d}")
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - any reader failure is an unreadable file for the user
+    except Exception as e:
         raise ValueError(f"adapter: cannot read the weights in {d}: {e}") from None
     return LoraAdapter(config=config, tensors=dict(tensors))
 
@@ -104,7 +102,7 @@ def lora_scaling(config: dict[str, Any], module_path: str) -> float:
 
 
 def _strip(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 def lora_delta_names(adapter: LoraAdapter) -> list[str]:
@@ -158,15 +156,16 @@ def lora_deltas(adapter: LoraAdapter, only: Collection[str] | None = None) -> di
             raise ValueError(f"adapter: module {path!r} has only one of {a_key}/{b_key}")
         a, b = f[a_key], f[b_key]
         if b.shape[1] != a.shape[0]:
-            raise ValueError(f"adapter: module {path!r} has {b_key} {tuple(b.shape)} and {a_key} "
-                             f"{tuple(a.shape)}, which do not compose")
+            raise ValueError(
+                f"adapter: module {path!r} has {b_key} {tuple(b.shape)} and {a_key} "
+                f"{tuple(a.shape)}, which do not compose"
+            )
         scaling = lora_scaling(adapter.config, path)
         if emb:
             delta = (b @ a).T  # A [r, num_embeddings], B [dim, r] → [num_embeddings, dim]
         elif a.dim() > 2:  # conv: A [r, in, *k], B [out, r, 1, ...]
             if any(s != 1 for s in b.shape[2:]):
-                raise ValueError(f"adapter: conv module {path!r} has a non-1x1 lora_B {tuple(b.shape)}; "
-                                 "not supported")
+                raise ValueError(f"adapter: conv module {path!r} has a non-1x1 lora_B {tuple(b.shape)}; not supported")
             delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
         else:
             delta = b @ a
@@ -184,9 +183,7 @@ def replaced_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return {_strip(k): t for k, t in adapter.tensors.items() if _FACTOR.match(_strip(k)) is None}
 
 
-def prune_lora_factors(
-    adapter: LoraAdapter, p: float, *, seed: int = 0, q: float | None = None
-) -> LoraAdapter:
+def prune_lora_factors(adapter: LoraAdapter, p: float, *, seed: int = 0, q: float | None = None) -> LoraAdapter:
     """DARE-prune the factors A and B separately (independent masks keyed by their names, each ×1/q).
 
     Since the masks are independent, ``E[B'A'] = BA``. Returns a new adapter; the input is not modified.

@@ -37,9 +37,9 @@ from lifelong_delta.delta.lora import (
 )
 from lifelong_delta.delta.matching import _listing, _prefix_candidates, is_excluded
 from lifelong_delta.delta.methods import PruneSpec, prune_delta
-from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.delta.stats import check_finite, tensor_prune_stats
 from lifelong_delta.delta.summary import PruneSummary
+from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.progress import Progress
 
 if TYPE_CHECKING:
@@ -59,10 +59,12 @@ def _base_names(adapter_names: list[str], base: CheckpointReader) -> dict[str, s
         return {n: n for n in adapter_names}
     base_set = set(base.names())
     for prefix, _ in sorted(_prefix_candidates(adapter_names, base_set).items(), key=lambda kv: -kv[1]):
-        if all(n.startswith(prefix) and n[len(prefix):] in base_set for n in adapter_names):
-            return {n: n[len(prefix):] for n in adapter_names}
-    raise ValueError(f"{len(missing)} tensor(s) of the LoRA adapter have no counterpart in the base model: "
-                     f"{_listing(missing)} (is --base the model the adapter was trained on?)")
+        if all(n.startswith(prefix) and n[len(prefix) :] in base_set for n in adapter_names):
+            return {n: n[len(prefix) :] for n in adapter_names}
+    raise ValueError(
+        f"{len(missing)} tensor(s) of the LoRA adapter have no counterpart in the base model: "
+        f"{_listing(missing)} (is --base the model the adapter was trained on?)"
+    )
 
 
 def _prune_factors(adapter: LoraAdapter, spec: PruneSpec, keys: set[str]) -> LoraAdapter:
@@ -132,8 +134,11 @@ def stream_prune_lora(
         to_base = _base_names(product_names + list(full), rb)
         from_base = {b: a for a, b in to_base.items()}
         factor_keys = _factor_keys(adapter, to_base, spec) if lora_prune == "factors" else {}
-        pruned_adapter = (_prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
-                          if factor_keys else adapter)
+        pruned_adapter = (
+            _prune_factors(adapter, spec, {k for keys in factor_keys.values() for k in keys})
+            if factor_keys
+            else adapter
+        )
         names = rb.names()
         nbytes = {name: rb.info(name).nbytes for name in names}
         adapted = [n for n in names if n in from_base]
@@ -141,9 +146,10 @@ def stream_prune_lora(
             sink: ShardedWriter | PackWriter = _pack_sink(out, rb, adapted, spec, overwrite=overwrite, inputs=inputs)
         else:
             sink = ShardedWriter(out, out_shard_size, overwrite=overwrite, inputs=inputs, command="prune")
-        with sink as writer, \
-                Progress("merging", len(names), unit="tensors", total_bytes=sum(nbytes.values()),
-                         enabled=progress) as bar:
+        with (
+            sink as writer,
+            Progress("merging", len(names), unit="tensors", total_bytes=sum(nbytes.values()), enabled=progress) as bar,
+        ):
             for name in names:
                 bar.update(0, detail=name)
                 a_name = from_base.get(name)
@@ -182,11 +188,14 @@ def _check_options(spec: PruneSpec, lora_prune: LoraPrune, pack: bool) -> None:
     if lora_prune not in ("product", "factors"):
         raise ValueError(f"--lora_prune {lora_prune!r} is not one of product, factors")
     if spec.row.needs_input_norms:
-        raise ValueError(f"--method {spec.method} needs calibration activations of a loaded model, which a LoRA "
-                         "adapter --finetuned does not support; use --method magnitude")
+        raise ValueError(
+            f"--method {spec.method} needs calibration activations of a loaded model, which a LoRA "
+            "adapter --finetuned does not support; use --method magnitude"
+        )
     if spec.lacks_q:
-        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
-                         "needs q: pass --q Q")
+        raise ValueError(
+            f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} needs q: pass --q Q"
+        )
     if pack and lora_prune != "product":
         raise ValueError("pack stores the pruned LoRA product B·A; drop --lora_prune factors")
 
@@ -213,8 +222,16 @@ def _pack_sink(
     from lifelong_delta.delta.matching import TensorMatch
     from lifelong_delta.delta.pack import PackWriter
 
-    return PackWriter(out, rb, TensorMatch(pruned=adapted, copied=[]), spec, overwrite=overwrite, inputs=inputs,
-                      copies_base=True, unmasked=[n for n in adapted if is_excluded(n, spec.exclude)])
+    return PackWriter(
+        out,
+        rb,
+        TensorMatch(pruned=adapted, copied=[]),
+        spec,
+        overwrite=overwrite,
+        inputs=inputs,
+        copies_base=True,
+        unmasked=[n for n in adapted if is_excluded(n, spec.exclude)],
+    )
 
 
 def _base_and_delta(
@@ -228,20 +245,23 @@ def _base_and_delta(
             finite.
     """
     if not b.is_floating_point():
-        raise ValueError(f"tensor {name!r} of the base model is not floating ({b.dtype}); "
-                         "the adapter cannot change it")
+        raise ValueError(f"tensor {name!r} of the base model is not floating ({b.dtype}); the adapter cannot change it")
     check_finite(name, b, "base")
     b32 = b.to(torch.float32)
     if a_name in full:
         delta = full[a_name].to(torch.float32) - b32
         if full[a_name].shape != b.shape:
-            raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but "
-                             f"{list(full[a_name].shape)} in the adapter")
+            raise ValueError(
+                f"tensor {name!r} has shape {list(b.shape)} in the base model but "
+                f"{list(full[a_name].shape)} in the adapter"
+            )
     else:
         delta = lora_deltas(adapter, only={a_name})[a_name]
         if delta.shape != b.shape:
-            raise ValueError(f"tensor {name!r} has shape {list(b.shape)} in the base model but the "
-                             f"adapter's delta has shape {list(delta.shape)}")
+            raise ValueError(
+                f"tensor {name!r} has shape {list(b.shape)} in the base model but the "
+                f"adapter's delta has shape {list(delta.shape)}"
+            )
     if not torch.isfinite(delta).all():
         raise ValueError(f"tensor {name!r}: the adapter's delta has non-finite values")
     return b32, delta

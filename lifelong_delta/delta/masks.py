@@ -26,13 +26,13 @@ from lifelong_delta.delta._kernels import MASK_BITS, Backend, drop_threshold, ge
 __all__ = [
     "MASK_BITS",
     "Backend",
-    "tensor_key",
     "drop_threshold",
-    "keep_mask",
-    "uniform",
     "get_backend",
-    "set_backend",
+    "keep_mask",
     "numba_available",
+    "set_backend",
+    "tensor_key",
+    "uniform",
 ]
 
 

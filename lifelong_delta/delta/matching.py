@@ -72,11 +72,14 @@ class TensorMatch:
         if self.prefix is None:
             return None
         pb, pf = self.prefix
-        line = (f"tensor names differ by a prefix: base '{pb}X' = fine-tuned '{pf}X' "
-                f"({len(self.pruned)} tensors matched)")
+        line = (
+            f"tensor names differ by a prefix: base '{pb}X' = fine-tuned '{pf}X' ({len(self.pruned)} tensors matched)"
+        )
         if self.finetuned_only:
-            line += (f"; {len(self.finetuned_only)} only in the fine-tuned model, copied unchanged: "
-                     f"{_listing(self.finetuned_only)}")
+            line += (
+                f"; {len(self.finetuned_only)} only in the fine-tuned model, copied unchanged: "
+                f"{_listing(self.finetuned_only)}"
+            )
         if self.base_only:
             line += f"; {len(self.base_only)} only in the base model, not used: {_listing(self.base_only)}"
         return line
@@ -87,13 +90,14 @@ def _prefix_candidates(names: Sequence[str], others: set[str]) -> dict[str, int]
     counts: dict[str, int] = {}
     for n in names:
         for i, ch in enumerate(n):
-            if ch == "." and n[i + 1:] in others:
+            if ch == "." and n[i + 1 :] in others:
                 counts[n[: i + 1]] = counts.get(n[: i + 1], 0) + 1
     return counts
 
 
-def _match_by_prefix(base_float: list[str], ft_float: list[str]) -> tuple[str, str, dict[str, str], list[str],
-                                                                           list[str]] | None:
+def _match_by_prefix(
+    base_float: list[str], ft_float: list[str]
+) -> tuple[str, str, dict[str, str], list[str], list[str]] | None:
     """The consistent prefix mapping between two name lists, or None.
 
     One side's names carry an extra dotted prefix P (``bert.``, ``model.``). The mapping is accepted when every name
@@ -105,7 +109,7 @@ def _match_by_prefix(base_float: list[str], ft_float: list[str]) -> tuple[str, s
     options += [(c, p, "") for p, c in _prefix_candidates(base_float, ft_set).items()]
     for _, pb, pf in sorted(options, key=lambda o: (-o[0], o[1], o[2])):
         if pf:
-            mapped = {n: n[len(pf):] for n in ft_float if n.startswith(pf)}
+            mapped = {n: n[len(pf) :] for n in ft_float if n.startswith(pf)}
             if not all(b in base_set for b in mapped.values()):
                 continue
             if set(mapped.values()) != base_set:
@@ -137,16 +141,22 @@ def match_tensors(base: _Checkpoint, finetuned: _Checkpoint, exclude: Sequence[s
         ValueError: naming the missing/extra tensors (when no prefix mapping explains them) or the first tensor whose
             shape differs.
     """
+
     def floating(ckpt: _Checkpoint, name: str) -> bool:
         return ckpt.code(name) in FLOAT_CODES and not is_excluded(name, tuple(exclude))
 
     ft_names = finetuned.names()
     for n in ft_names:
-        if n in base and not is_excluded(n, tuple(exclude)) and (
-                (base.code(n) in FLOAT_CODES) != (finetuned.code(n) in FLOAT_CODES)):
-            raise ValueError(f"tensor {n!r} is {dtype_name(base.code(n))} in the base model but "
-                             f"{dtype_name(finetuned.code(n))} in the fine-tuned model; a delta needs both "
-                             f"floating (pass --exclude '{n}' to copy the fine-tuned one unchanged)")
+        if (
+            n in base
+            and not is_excluded(n, tuple(exclude))
+            and ((base.code(n) in FLOAT_CODES) != (finetuned.code(n) in FLOAT_CODES))
+        ):
+            raise ValueError(
+                f"tensor {n!r} is {dtype_name(base.code(n))} in the base model but "
+                f"{dtype_name(finetuned.code(n))} in the fine-tuned model; a delta needs both "
+                f"floating (pass --exclude '{n}' to copy the fine-tuned one unchanged)"
+            )
     pruned = [n for n in ft_names if floating(finetuned, n)]
     missing = [n for n in pruned if n not in base]
     extra = [n for n in base.names() if floating(base, n) and not (n in finetuned and floating(finetuned, n))]
@@ -156,21 +166,34 @@ def match_tensors(base: _Checkpoint, finetuned: _Checkpoint, exclude: Sequence[s
             pb, pf, mapped, ft_only, base_only = found
             for n, b in mapped.items():
                 if base.shape(b) != finetuned.shape(n):
-                    raise ValueError(f"tensor {n!r} has shape {list(finetuned.shape(n))} in the fine-tuned model but "
-                                     f"{list(base.shape(b))} as {b!r} in the base model")
+                    raise ValueError(
+                        f"tensor {n!r} has shape {list(finetuned.shape(n))} in the fine-tuned model but "
+                        f"{list(base.shape(b))} as {b!r} in the base model"
+                    )
             kept = [n for n in ft_names if n in mapped]
-            return TensorMatch(pruned=kept, copied=[n for n in ft_names if n not in mapped],
-                               base_names={n: b for n, b in mapped.items() if n != b}, finetuned_only=ft_only,
-                               base_only=base_only, prefix=(pb, pf))
+            return TensorMatch(
+                pruned=kept,
+                copied=[n for n in ft_names if n not in mapped],
+                base_names={n: b for n, b in mapped.items() if n != b},
+                finetuned_only=ft_only,
+                base_only=base_only,
+                prefix=(pb, pf),
+            )
     if missing:
-        raise ValueError(f"{len(missing)} tensor(s) of the fine-tuned model are missing from the base model: "
-                         f"{_listing(missing)} (pass --exclude PATTERN to copy them unchanged)")
+        raise ValueError(
+            f"{len(missing)} tensor(s) of the fine-tuned model are missing from the base model: "
+            f"{_listing(missing)} (pass --exclude PATTERN to copy them unchanged)"
+        )
     if extra:
-        raise ValueError(f"{len(extra)} tensor(s) of the base model are missing from the fine-tuned model: "
-                         f"{_listing(extra)} (pass --exclude PATTERN to skip them)")
+        raise ValueError(
+            f"{len(extra)} tensor(s) of the base model are missing from the fine-tuned model: "
+            f"{_listing(extra)} (pass --exclude PATTERN to skip them)"
+        )
     for n in pruned:
         if base.shape(n) != finetuned.shape(n):
-            raise ValueError(f"tensor {n!r} has shape {list(base.shape(n))} in the base model but "
-                             f"{list(finetuned.shape(n))} in the fine-tuned model")
+            raise ValueError(
+                f"tensor {n!r} has shape {list(base.shape(n))} in the base model but "
+                f"{list(finetuned.shape(n))} in the fine-tuned model"
+            )
     kept = set(pruned)
     return TensorMatch(pruned=pruned, copied=[n for n in ft_names if n not in kept])

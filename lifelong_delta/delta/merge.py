@@ -118,8 +118,10 @@ def _numbers(option: str, values: Sequence[float], n: int | None) -> tuple[float
     if len(out) == 1:
         return out * n
     if len(out) != n:
-        raise ValueError(f"{option} has {len(out)} values for {n} models; give one for every model, in the order "
-                         f"of the models, or one for all")
+        raise ValueError(
+            f"{option} has {len(out)} values for {n} models; give one for every model, in the order "
+            f"of the models, or one for all"
+        )
     return out
 
 
@@ -159,19 +161,24 @@ class MergeSpec:
         n = len(weights)
         object.__setattr__(self, "weights", weights)
         if row.sparsify == "none" and self.density is not None:
-            raise ValueError(f"{self.method} keeps every delta entry; drop density (or --p), or use ties or a DARE "
-                             "merge")
+            raise ValueError(
+                f"{self.method} keeps every delta entry; drop density (or --p), or use ties or a DARE merge"
+            )
         if row.sparsify == "random":
             from lifelong_delta.delta.methods import METHODS
 
             if row.mask_method not in METHODS or not METHODS[row.mask_method].elementwise:
-                raise ValueError(f"merge method {self.method!r} draws the mask of pruning method "
-                                 f"{row.mask_method!r}, which is not a registered element-wise method (one of "
-                                 f"{', '.join(m for m, r in METHODS.items() if r.elementwise)})")
+                raise ValueError(
+                    f"merge method {self.method!r} draws the mask of pruning method "
+                    f"{row.mask_method!r}, which is not a registered element-wise method (one of "
+                    f"{', '.join(m for m, r in METHODS.items() if r.elementwise)})"
+                )
         if row.sparsify != "none":
             if self.density is None:
-                raise ValueError(f"{self.method} needs density, the kept fraction of each delta in (0, 1] "
-                                 "(--density D, or --p P for the drop rate 1 - D)")
+                raise ValueError(
+                    f"{self.method} needs density, the kept fraction of each delta in (0, 1] "
+                    "(--density D, or --p P for the drop rate 1 - D)"
+                )
             density = _numbers("density", self.density, n)
             bad = [d for d in density if not 0.0 < d <= 1.0]
             if bad:
@@ -184,13 +191,17 @@ class MergeSpec:
             assert self.density is not None
             for i, (qi, di) in enumerate(zip(q, self.density, strict=True)):
                 if not di <= qi <= 1.0:
-                    raise ValueError(f"q {qi:g} of model {i + 1} is outside [density, 1] = [{di:g}, 1]: below its "
-                                     "density it over-amplifies the kept delta, above 1 it shrinks it")
+                    raise ValueError(
+                        f"q {qi:g} of model {i + 1} is outside [density, 1] = [{di:g}, 1]: below its "
+                        "density it over-amplifies the kept delta, above 1 it shrinks it"
+                    )
             object.__setattr__(self, "q", q)
         if row.consensus and self.normalized and any(w < 0 for w in weights):
-            raise ValueError(f"{self.method} with normalize divides by the signed sum of the agreeing weights "
-                             "(mergekit's rule), which undoes a negative weight; pass normalize false (--normalize "
-                             "false) to subtract a task")
+            raise ValueError(
+                f"{self.method} with normalize divides by the signed sum of the agreeing weights "
+                "(mergekit's rule), which undoes a negative weight; pass normalize false (--normalize "
+                "false) to subtract a task"
+            )
         if isinstance(self.lambda_, bool) or not math.isfinite(float(self.lambda_)):
             raise ValueError(f"lambda must be a finite number, got {self.lambda_}")
 
@@ -268,7 +279,7 @@ def magnitude_cut(delta: torch.Tensor, density: float, *, name: str = "") -> Mag
     equal_kept = k - int((a > value).sum())
     limit, seen = 0, 0
     for start in range(0, n, _SCAN):
-        eq = a[start:start + _SCAN] == value
+        eq = a[start : start + _SCAN] == value
         count = int(eq.sum())
         if seen + count >= equal_kept:
             limit = start + int(eq.nonzero()[equal_kept - seen - 1]) + 1
@@ -296,8 +307,9 @@ def magnitude_keep(delta: torch.Tensor, cut: MagnitudeCut, *, offset: int = 0) -
     return keep | equal
 
 
-def sparsify(delta: torch.Tensor, spec: MergeSpec, i: int, *, name: str, offset: int = 0,
-             cut: MagnitudeCut | None = None) -> torch.Tensor:
+def sparsify(
+    delta: torch.Tensor, spec: MergeSpec, i: int, *, name: str, offset: int = 0, cut: MagnitudeCut | None = None
+) -> torch.Tensor:
     """``δ̂_i``: model ``i``'s delta trimmed (TIES), dropped and rescaled (DARE, DAREx-q) or kept (task arithmetic).
 
     Args:
@@ -364,8 +376,14 @@ def combine(sparse: Sequence[torch.Tensor], spec: MergeSpec) -> torch.Tensor:
     return mixed
 
 
-def merge_deltas(deltas: Sequence[torch.Tensor], spec: MergeSpec, *, name: str, offset: int = 0,
-                 cuts: Sequence[MagnitudeCut] | None = None) -> torch.Tensor:
+def merge_deltas(
+    deltas: Sequence[torch.Tensor],
+    spec: MergeSpec,
+    *,
+    name: str,
+    offset: int = 0,
+    cuts: Sequence[MagnitudeCut] | None = None,
+) -> torch.Tensor:
     """``λ · τ`` of the fp32 deltas of one tensor (whole, or flat chunks starting at ``offset``).
 
     Args:
@@ -378,8 +396,10 @@ def merge_deltas(deltas: Sequence[torch.Tensor], spec: MergeSpec, *, name: str, 
     Returns:
         fp32 tensor of the deltas' shape.
     """
-    sparse = [sparsify(d, spec, i, name=name, offset=offset, cut=cuts[i] if cuts is not None else None)
-              for i, d in enumerate(deltas)]
+    sparse = [
+        sparsify(d, spec, i, name=name, offset=offset, cut=cuts[i] if cuts is not None else None)
+        for i, d in enumerate(deltas)
+    ]
     merged = combine(sparse, spec)
     if spec.lambda_ != 1.0:
         merged *= spec.lambda_
@@ -425,8 +445,9 @@ def merge_tensor(
         deltas = []
         for i, f in enumerate(finetuned):
             if f.shape != base.shape:
-                raise ValueError(f"tensor {name!r}: fine-tuned #{i + 1} has shape {list(f.shape)}, the base "
-                                 f"{list(base.shape)}")
+                raise ValueError(
+                    f"tensor {name!r}: fine-tuned #{i + 1} has shape {list(f.shape)}, the base {list(base.shape)}"
+                )
             f = f.detach().to(device=b.device, dtype=torch.float32)
             check_finite(name, f, f"fine-tuned #{i + 1}")
             deltas.append(f - b)

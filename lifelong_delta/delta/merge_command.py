@@ -141,34 +141,65 @@ def merge(
     from lifelong_delta.delta.hub import resolve_checkpoint
     from lifelong_delta.delta.io import parse_size
 
-    given = {"--base": base, "--models": models, "--method": method, "--weights": weights, "--density": density,
-             "--p": p, "--q": q, "--lambda": lambda_, "--normalize": normalize, "--dtype": dtype}
+    given = {
+        "--base": base,
+        "--models": models,
+        "--method": method,
+        "--weights": weights,
+        "--density": density,
+        "--p": p,
+        "--q": q,
+        "--lambda": lambda_,
+        "--normalize": normalize,
+        "--dtype": dtype,
+    }
     if mergekit_config is not None:
         request = _from_config(mergekit_config, seed, {k: v for k, v in given.items() if v is not None}, files_from)
     else:
         request = _from_flags(base, models, method, weights, density, p, q, lambda_, normalize, seed, dtype, files_from)
     parse_size(out_shard_size)
-    named = {"--mergekit_config": mergekit_config, "--base": request.base,
-             **{f"--models[{i + 1}]": m for i, m in enumerate(request.models)}}
-    outputs.check_output_dir(out, overwrite=overwrite,  # before a hub id is downloaded
-                             inputs={k: v for k, v in named.items() if v is not None and os.path.exists(v)})
-    resolved = {"--mergekit_config": mergekit_config, "--base": resolve_checkpoint(request.base, option="--base"),
-                **{f"--models[{i + 1}]": resolve_checkpoint(m, option="--models")
-                   for i, m in enumerate(request.models)}}
+    named = {
+        "--mergekit_config": mergekit_config,
+        "--base": request.base,
+        **{f"--models[{i + 1}]": m for i, m in enumerate(request.models)},
+    }
+    outputs.check_output_dir(
+        out,
+        overwrite=overwrite,  # before a hub id is downloaded
+        inputs={k: v for k, v in named.items() if v is not None and os.path.exists(v)},
+    )
+    resolved = {
+        "--mergekit_config": mergekit_config,
+        "--base": resolve_checkpoint(request.base, option="--base"),
+        **{f"--models[{i + 1}]": resolve_checkpoint(m, option="--models") for i, m in enumerate(request.models)},
+    }
     outputs.check_output_dir(out, overwrite=overwrite, inputs=resolved)
     spec = request.spec
     base_path, model_paths = resolved["--base"], [resolved[f"--models[{i + 1}]"] for i in range(spec.n_models)]
     items = _plan(base_path, model_paths, tuple(exclude or ()), request.dtype)
     _say(f"merge: {spec.method} of {spec.n_models} fine-tune(s) of {base_path}, {_settings(spec)} -> {out}")
-    result = _stream(items, base_path, model_paths, spec, out, files_from=request.files_from, inputs=resolved,
-                     overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
-    print(f"merged {result.merged} tensors ({spec.method}, {spec.n_models} models); copied {result.from_base} from "
-          f"the base and {result.from_first} from the first model; wrote {result.out}")
+    result = _stream(
+        items,
+        base_path,
+        model_paths,
+        spec,
+        out,
+        files_from=request.files_from,
+        inputs=resolved,
+        overwrite=overwrite,
+        out_shard_size=out_shard_size,
+        progress=progress,
+    )
+    print(
+        f"merged {result.merged} tensors ({spec.method}, {spec.n_models} models); copied {result.from_base} from "
+        f"the base and {result.from_first} from the first model; wrote {result.out}"
+    )
     return result
 
 
 def _settings(spec: MergeSpec) -> str:
     """The merge's numbers in one line: weights, densities, q's, λ, normalize, seed."""
+
     def values(xs: Sequence[float]) -> str:
         return ", ".join(f"{x:.4g}" for x in xs)
 
@@ -183,9 +214,20 @@ def _settings(spec: MergeSpec) -> str:
     return ", ".join(parts)
 
 
-def _from_flags(base: str | None, models: list[str] | None, method: str | None, weights: list[float] | None,
-                density: list[float] | None, p: list[float] | None, q: list[float] | None, lambda_: float | None,
-                normalize: bool | None, seed: int, dtype: str | None, files_from: str) -> _Request:
+def _from_flags(
+    base: str | None,
+    models: list[str] | None,
+    method: str | None,
+    weights: list[float] | None,
+    density: list[float] | None,
+    p: list[float] | None,
+    q: list[float] | None,
+    lambda_: float | None,
+    normalize: bool | None,
+    seed: int,
+    dtype: str | None,
+    files_from: str,
+) -> _Request:
     """The merge the flags describe (one-line errors naming the flag)."""
     if base is None:
         raise ValueError("--base is required (or --mergekit_config FILE, a mergekit YAML config)")
@@ -201,11 +243,19 @@ def _from_flags(base: str | None, models: list[str] | None, method: str | None, 
             raise ValueError(f"--p {bad[0]:g} is outside [0, 1): p is the drop rate of each delta")
         density = [1.0 - x for x in p]
     if weights is not None and len(weights) != len(models):
-        raise ValueError(f"--weights has {len(weights)} value(s) for {len(models)} model(s) (--models); give one "
-                         "weight per model, in the same order")
-    spec = MergeSpec(method, tuple(weights or [1.0] * len(models)),  # type: ignore[arg-type]
-                     density=None if density is None else tuple(density), q=None if q is None else tuple(q),
-                     lambda_=1.0 if lambda_ is None else lambda_, normalize=normalize, seed=seed)
+        raise ValueError(
+            f"--weights has {len(weights)} value(s) for {len(models)} model(s) (--models); give one "
+            "weight per model, in the same order"
+        )
+    spec = MergeSpec(
+        method,
+        tuple(weights or [1.0] * len(models)),  # type: ignore[arg-type]
+        density=None if density is None else tuple(density),
+        q=None if q is None else tuple(q),
+        lambda_=1.0 if lambda_ is None else lambda_,
+        normalize=normalize,
+        seed=seed,
+    )
     return _Request(base, tuple(models), spec, dtype, files_from)
 
 
@@ -223,8 +273,14 @@ def _from_config(config: str, seed: int, conflicting: dict[str, object], files_f
         _say(f"merge: note: {note}")
     _say(f"merge: --mergekit_config {config} = {cfg.flags()}")
     try:
-        spec = MergeSpec(cfg.method, cfg.weights, density=cfg.density,  # type: ignore[arg-type]
-                         lambda_=cfg.lambda_, normalize=cfg.normalize, seed=seed)
+        spec = MergeSpec(
+            cfg.method,
+            cfg.weights,
+            density=cfg.density,  # type: ignore[arg-type]
+            lambda_=cfg.lambda_,
+            normalize=cfg.normalize,
+            seed=seed,
+        )
     except ValueError as e:
         raise ValueError(f"--mergekit_config {config}: {e}") from None
     return _Request(cfg.base, cfg.models, spec, cfg.dtype, cfg.files_from)
@@ -235,8 +291,9 @@ def _listing(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - _LIST} more" if len(names) > _LIST else "")
 
 
-def _check_same_layout(first: CheckpointReader, other: CheckpointReader, first_path: str, other_path: str,
-                       exclude: tuple[str, ...]) -> None:
+def _check_same_layout(
+    first: CheckpointReader, other: CheckpointReader, first_path: str, other_path: str, exclude: tuple[str, ...]
+) -> None:
     """``other`` has exactly ``first``'s tensors: names, shapes, and which are floating. Tensors matched by
     ``exclude`` are taken from the first model alone, so another model's may differ or be missing (a task head of
     another label count)."""
@@ -254,11 +311,15 @@ def _check_same_layout(first: CheckpointReader, other: CheckpointReader, first_p
         if is_excluded(n, exclude):
             continue
         if other.shape(n) != first.shape(n):
-            raise ValueError(f"{where}: tensor {n!r} has shape {list(other.shape(n))} there but "
-                             f"{list(first.shape(n))} in the first model")
+            raise ValueError(
+                f"{where}: tensor {n!r} has shape {list(other.shape(n))} there but "
+                f"{list(first.shape(n))} in the first model"
+            )
         if (other.code(n) in FLOAT_CODES) != (first.code(n) in FLOAT_CODES):
-            raise ValueError(f"{where}: tensor {n!r} is {dtype_name(other.code(n))} there but "
-                             f"{dtype_name(first.code(n))} in the first model")
+            raise ValueError(
+                f"{where}: tensor {n!r} is {dtype_name(other.code(n))} there but "
+                f"{dtype_name(first.code(n))} in the first model"
+            )
 
 
 def _base_counterpart(name: str, match: TensorMatch, rb: CheckpointReader) -> str | None:
@@ -267,8 +328,8 @@ def _base_counterpart(name: str, match: TensorMatch, rb: CheckpointReader) -> st
         return name
     if match.prefix is not None:
         pb, pf = match.prefix
-        if name.startswith(pf) and pb + name[len(pf):] in rb:
-            return pb + name[len(pf):]
+        if name.startswith(pf) and pb + name[len(pf) :] in rb:
+            return pb + name[len(pf) :]
     return None
 
 
@@ -290,9 +351,11 @@ def _plan(base: str, models: Sequence[str], exclude: tuple[str, ...], dtype: str
             raise ValueError(f"--models: {e}") from None
         heads = [n for n in match.finetuned_only if not is_excluded(n, exclude)]
         if heads:
-            raise ValueError(f"{len(heads)} floating tensor(s) of the fine-tuned models have no counterpart in the "
-                             f"base model: {_listing(heads)}; pass --exclude PATTERN to take them unchanged from "
-                             f"the first model ({models[0]})")
+            raise ValueError(
+                f"{len(heads)} floating tensor(s) of the fine-tuned models have no counterpart in the "
+                f"base model: {_listing(heads)}; pass --exclude PATTERN to take them unchanged from "
+                f"the first model ({models[0]})"
+            )
         merged = set(match.pruned)
         items = []
         for n in first.names():
@@ -310,21 +373,24 @@ def _plan(base: str, models: Sequence[str], exclude: tuple[str, ...], dtype: str
     return items
 
 
-def _merged_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec,
-                   outs: _Ring) -> Iterator[object]:
+def _merged_chunks(
+    item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec, outs: _Ring
+) -> Iterator[object]:
     """One merged tensor, chunk by chunk: on raw words where the compiled kernel serves its dtypes (into ``outs``),
     else in torch."""
     from lifelong_delta.delta import merge_words
 
     codes = [item.code, rb.code(item.source_name), *(r.code(item.name) for r in readers)]
     if merge_words.applies(spec, codes):
-        return merge_words.merged_chunks(item.name, item.source_name, item.code, rb, readers, spec, _CHUNK_ELEMENTS,
-                                         outs)
+        return merge_words.merged_chunks(
+            item.name, item.source_name, item.code, rb, readers, spec, _CHUNK_ELEMENTS, outs
+        )
     return _torch_chunks(item, rb, readers, spec)
 
 
-def _torch_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec
-                  ) -> Iterator[torch.Tensor]:
+def _torch_chunks(
+    item: _Item, rb: CheckpointReader, readers: Sequence[CheckpointReader], spec: MergeSpec
+) -> Iterator[torch.Tensor]:
     """One merged tensor through torch, chunk by chunk (TIES' cuts from each model's whole delta first)."""
     import torch
 
@@ -349,8 +415,15 @@ def _torch_chunks(item: _Item, rb: CheckpointReader, readers: Sequence[Checkpoin
     numel = math.prod(item.shape)
     for start in range(0, numel, _CHUNK_ELEMENTS):
         count = min(_CHUNK_ELEMENTS, numel - start)
-        yield merge_tensor(rb.get_flat(base_name, start, count), [r.get_flat(name, start, count) for r in readers],
-                           spec, name=name, offset=start, cuts=cuts, out_dtype=out_dtype)
+        yield merge_tensor(
+            rb.get_flat(base_name, start, count),
+            [r.get_flat(name, start, count) for r in readers],
+            spec,
+            name=name,
+            offset=start,
+            cuts=cuts,
+            out_dtype=out_dtype,
+        )
 
 
 def _copied_chunks(reader: CheckpointReader, item: _Item, outs: _Ring) -> Iterator[object]:
@@ -374,8 +447,19 @@ def _copied_chunks(reader: CheckpointReader, item: _Item, outs: _Ring) -> Iterat
             yield reader.read_into(item.source_name, start, count, outs.take(count * info.itemsize))
 
 
-def _stream(items: Sequence[_Item], base: str, models: Sequence[str], spec: MergeSpec, out: str, *, files_from: str,
-            inputs: outputs.Inputs, overwrite: bool, out_shard_size: str, progress: bool) -> MergeResult:
+def _stream(
+    items: Sequence[_Item],
+    base: str,
+    models: Sequence[str],
+    spec: MergeSpec,
+    out: str,
+    *,
+    files_from: str,
+    inputs: outputs.Inputs,
+    overwrite: bool,
+    out_shard_size: str,
+    progress: bool,
+) -> MergeResult:
     """Write every planned tensor into a new checkpoint at ``out`` (atomically)."""
     from pathlib import Path
 
@@ -391,11 +475,20 @@ def _stream(items: Sequence[_Item], base: str, models: Sequence[str], spec: Merg
         readers = [stack.enter_context(CheckpointReader(m)) for m in models]
         metadata = {k: v for k, v in readers[0].metadata.items() if isinstance(v, str)}
         nbytes = {it.name: math.prod(it.shape) * readers[0].info(it.name).itemsize for it in items}
-        writer = stack.enter_context(ShardedWriter(
-            out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs, command="merge",
-            layout=[(it.name, it.code, it.shape) for it in items]))
-        bar = stack.enter_context(Progress("merging", len(items), unit="tensors", total_bytes=sum(nbytes.values()),
-                                           enabled=progress))
+        writer = stack.enter_context(
+            ShardedWriter(
+                out,
+                out_shard_size,
+                overwrite=overwrite,
+                metadata=metadata,
+                inputs=inputs,
+                command="merge",
+                layout=[(it.name, it.code, it.shape) for it in items],
+            )
+        )
+        bar = stack.enter_context(
+            Progress("merging", len(items), unit="tensors", total_bytes=sum(nbytes.values()), enabled=progress)
+        )
         for it in items:
             bar.update(0, detail=it.name)
             if it.source == "merge":

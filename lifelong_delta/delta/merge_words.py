@@ -31,8 +31,11 @@ def applies(spec: MergeSpec, codes: Iterable[str]) -> bool:
     not switched off (:func:`~lifelong_delta.delta._kernels.use_words`), every dtype is F32 or BF16, and a random
     mask, if the method draws one, is DARE's."""
     row = spec.row
-    return (_kernels.use_words() and (row.sparsify != "random" or row.mask_method == "dare")
-            and all(c in _kernels.WORD_CODES for c in codes))
+    return (
+        _kernels.use_words()
+        and (row.sparsify != "random" or row.mask_method == "dare")
+        and all(c in _kernels.WORD_CODES for c in codes)
+    )
 
 
 def _bits(value: float) -> int:
@@ -49,8 +52,9 @@ def _check_words(name: str, code: str, words: object, which: str) -> None:
         raise non_finite_error(name, which, bad)
 
 
-def magnitude_cut_words(base_code: str, base: object, ft_code: str, ft: object, density: float, *,
-                        name: str = "") -> MagnitudeCut:
+def magnitude_cut_words(
+    base_code: str, base: object, ft_code: str, ft: object, density: float, *, name: str = ""
+) -> MagnitudeCut:
     """:func:`~lifelong_delta.delta.merge.magnitude_cut` of the delta ``ft − base`` of a whole tensor's raw words.
 
     Args:
@@ -75,8 +79,18 @@ def _cut(name: str, k: int, found: tuple[int, int, int]) -> MagnitudeCut:
     return MagnitudeCut(struct.unpack("<f", struct.pack("<I", bits))[0], limit)
 
 
-def merge_chunk(out_code: str, out: object, base_code: str, base: object, finetuned: Sequence[tuple[str, object]],
-                spec: MergeSpec, *, name: str, offset: int = 0, cuts: Sequence[MagnitudeCut] | None = None) -> None:
+def merge_chunk(
+    out_code: str,
+    out: object,
+    base_code: str,
+    base: object,
+    finetuned: Sequence[tuple[str, object]],
+    spec: MergeSpec,
+    *,
+    name: str,
+    offset: int = 0,
+    cuts: Sequence[MagnitudeCut] | None = None,
+) -> None:
     """``merge_tensor(base, finetuned, spec, name=name, offset=offset, cuts=cuts)`` on raw words, written to ``out``.
 
     Args:
@@ -106,12 +120,23 @@ def merge_chunk(out_code: str, out: object, base_code: str, base: object, finetu
             cut = (_bits(cuts[i].value), cuts[i].limit)
         elif row.sparsify == "random":
             assert spec.density is not None
-            mask = (_kernels.tensor_key(spec.mask_seed(i), name), _kernels.drop_threshold(1.0 - spec.density[i]),
-                    scale_of(spec.rescale_q(i)))
+            mask = (
+                _kernels.tensor_key(spec.mask_seed(i), name),
+                _kernels.drop_threshold(1.0 - spec.density[i]),
+                scale_of(spec.rescale_q(i)),
+            )
         models.append(_kernels.ModelWords(code, words, spec.weights[i], cut, mask))
     bad_base, bad_models, bad_deltas = _kernels.merge_models_words(
-        out_code, out, base_code, base, models, consensus=row.consensus, normalize=spec.normalized,
-        lambda_=spec.lambda_, offset=offset)
+        out_code,
+        out,
+        base_code,
+        base,
+        models,
+        consensus=row.consensus,
+        normalize=spec.normalized,
+        lambda_=spec.lambda_,
+        offset=offset,
+    )
     if bad_base:
         raise non_finite_error(name, "base", bad_base)
     for i, bad in enumerate(bad_models):
@@ -123,13 +148,14 @@ def merge_chunk(out_code: str, out: object, base_code: str, base: object, finetu
                 raise ValueError(f"tensor {name!r} has {bad} non-finite delta entries (NaN/inf in base or fine-tuned)")
 
 
-def _cuts(name: str, base_code: str, base: object, finetuned: Sequence[tuple[str, object]], spec: MergeSpec, *,
-          first: int = 0) -> list[MagnitudeCut]:
+def _cuts(
+    name: str, base_code: str, base: object, finetuned: Sequence[tuple[str, object]], spec: MergeSpec, *, first: int = 0
+) -> list[MagnitudeCut]:
     """TIES' cut of each model's whole delta, with the errors of the torch command in its order (base, then each
     model's words, then its delta). Finite deltas have finite inputs, so the inputs are counted only after a cut
     met a NaN/inf delta. ``finetuned`` holds the models from position ``first`` on."""
     assert spec.density is not None
-    density = spec.density[first:first + len(finetuned)]
+    density = spec.density[first : first + len(finetuned)]
     ks = [max(int(d * _numel(code, words)), 0) for d, (code, words) in zip(density, finetuned, strict=True)]
     found = _kernels.magnitude_cut_words(base_code, base, [(c, w, k) for (c, w), k in zip(finetuned, ks)])
     cuts = []
@@ -141,8 +167,16 @@ def _cuts(name: str, base_code: str, base: object, finetuned: Sequence[tuple[str
     return cuts
 
 
-def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader, readers: Sequence[CheckpointReader],
-                  spec: MergeSpec, chunk_elements: int, outs: _Ring | None = None) -> Iterator[memoryview]:
+def merged_chunks(
+    name: str,
+    base_name: str,
+    out_code: str,
+    rb: CheckpointReader,
+    readers: Sequence[CheckpointReader],
+    spec: MergeSpec,
+    chunk_elements: int,
+    outs: _Ring | None = None,
+) -> Iterator[memoryview]:
     """One merged tensor of ``lifelong-delta merge`` as consecutive chunks of output words.
 
     TIES first reads the base and each model's whole tensor (mapped, not copied), two models at a time, for its cut;
@@ -165,7 +199,7 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
         base = rb.view(base_name, 0, numel)
         cuts = []
         for i in range(0, len(readers), 2):  # two whole tensors mapped at a time, cut in parallel
-            pair = [(c, r.view(name, 0, numel)) for c, r in zip(codes[i:i + 2], readers[i:i + 2], strict=True)]
+            pair = [(c, r.view(name, 0, numel)) for c, r in zip(codes[i : i + 2], readers[i : i + 2], strict=True)]
             cuts += _cuts(name, base_code, base, pair, spec, first=i)
         del base
     size = itemsize(out_code)
@@ -173,7 +207,15 @@ def merged_chunks(name: str, base_name: str, out_code: str, rb: CheckpointReader
     for start in range(0, numel, chunk_elements):
         count = min(chunk_elements, numel - start)
         out = outs.take(count * size)
-        merge_chunk(out_code, out, base_code, rb.view(base_name, start, count),
-                    [(c, r.view(name, start, count)) for c, r in zip(codes, readers, strict=True)], spec, name=name,
-                    offset=start, cuts=cuts)
+        merge_chunk(
+            out_code,
+            out,
+            base_code,
+            rb.view(base_name, start, count),
+            [(c, r.view(name, start, count)) for c, r in zip(codes, readers, strict=True)],
+            spec,
+            name=name,
+            offset=start,
+            cuts=cuts,
+        )
         yield out

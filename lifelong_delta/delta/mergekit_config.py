@@ -81,8 +81,16 @@ class MergekitConfig:
 
     def flags(self) -> str:
         """The equivalent ``lifelong-delta merge`` flags (without ``--out``)."""
-        parts = ["--base", str(self.base), "--models", *map(str, self.models), "--method", self.method,
-                 "--weights", *(f"{w:g}" for w in self.weights)]
+        parts = [
+            "--base",
+            str(self.base),
+            "--models",
+            *map(str, self.models),
+            "--method",
+            self.method,
+            "--weights",
+            *(f"{w:g}" for w in self.weights),
+        ]
         parts += ["--density", *(f"{d:g}" for d in self.density)] if self.density else []
         parts += ["--lambda", f"{self.lambda_:g}", "--normalize", str(self.normalize).lower()]
         parts += ["--dtype", self.dtype] if self.dtype else []
@@ -116,8 +124,9 @@ def _mapping(where: str, value: Any) -> dict[str, Any]:
 def _unknown(where: str, keys: Any, allowed: tuple[str, ...]) -> None:
     extra = [k for k in keys if k not in allowed]
     if extra:
-        raise ValueError(f"{where}: {extra[0]!r} is not supported by lifelong-delta merge (it reads "
-                         f"{', '.join(allowed)})")
+        raise ValueError(
+            f"{where}: {extra[0]!r} is not supported by lifelong-delta merge (it reads {', '.join(allowed)})"
+        )
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -133,8 +142,9 @@ def _read(path: str) -> dict[str, Any]:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"--mergekit_config {path}: not valid YAML{at}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"--mergekit_config {path}: a mergekit config is a YAML mapping (merge_method, base_model, "
-                         "models, ...)")
+        raise ValueError(
+            f"--mergekit_config {path}: a mergekit config is a YAML mapping (merge_method, base_model, models, ...)"
+        )
     return raw
 
 
@@ -150,8 +160,10 @@ def load_mergekit_config(path: str | os.PathLike[str]) -> MergekitConfig:
     _unknown(at, raw, _TOP_KEYS)
     method_name = raw.get("merge_method")
     if method_name not in MERGEKIT_METHODS:
-        raise ValueError(f"{at}: merge_method {method_name!r} is not one lifelong-delta merge runs (it runs "
-                         f"{', '.join(MERGEKIT_METHODS)})")
+        raise ValueError(
+            f"{at}: merge_method {method_name!r} is not one lifelong-delta merge runs (it runs "
+            f"{', '.join(MERGEKIT_METHODS)})"
+        )
     method, default_normalize = MERGEKIT_METHODS[method_name]
     base = raw.get("base_model")
     if not isinstance(base, str) or not base:
@@ -164,14 +176,18 @@ def load_mergekit_config(path: str | os.PathLike[str]) -> MergekitConfig:
     files_from = "first"
     if "tokenizer_source" in raw:
         if raw["tokenizer_source"] != "base":
-            raise ValueError(f"{at}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base'; "
-                             "without it the files of the first model are copied)")
+            raise ValueError(
+                f"{at}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base'; "
+                "without it the files of the first model are copied)"
+            )
         files_from = "base"
     glob = _mapping(f"{at}: parameters", raw.get("parameters"))
     _unknown(f"{at}: parameters", glob, _GLOBAL_PARAMETERS)
     if "rescale" in glob and _flag(f"{at}: parameters.rescale", glob["rescale"]) != method.startswith("dare"):
-        raise ValueError(f"{at}: parameters.rescale {glob['rescale']} is not supported for {method_name} (DARE "
-                         "merges rescale by 1/density, the others do not rescale)")
+        raise ValueError(
+            f"{at}: parameters.rescale {glob['rescale']} is not supported for {method_name} (DARE "
+            "merges rescale by 1/density, the others do not rescale)"
+        )
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{at}: models must be a non-empty list of {{model: ..., parameters: ...}}")
@@ -200,8 +216,14 @@ def load_mergekit_config(path: str | os.PathLike[str]) -> MergekitConfig:
     if method == "task-arithmetic" and any(d != 1.0 for d in densities):
         notes.append("density is ignored by task_arithmetic (as in mergekit)")
     return MergekitConfig(
-        base=base, models=tuple(models), method=method, weights=tuple(weights),
+        base=base,
+        models=tuple(models),
+        method=method,
+        weights=tuple(weights),
         density=None if method == "task-arithmetic" else tuple(densities),
         lambda_=_number(f"{at}: parameters.lambda", glob.get("lambda", 1.0)),
         normalize=_flag(f"{at}: parameters.normalize", glob.get("normalize", default_normalize)),
-        dtype=dtype, files_from=files_from, notes=tuple(notes))
+        dtype=dtype,
+        files_from=files_from,
+        notes=tuple(notes),
+    )

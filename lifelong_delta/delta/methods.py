@@ -24,8 +24,18 @@ from lifelong_delta.delta.matching import is_excluded
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["METHODS", "KeepFn", "Method", "PruneSpec", "keep_mask_for", "masked_delta", "prune_delta",
-           "prune_tensor", "q_alternatives", "register_method"]
+__all__ = [
+    "METHODS",
+    "KeepFn",
+    "Method",
+    "PruneSpec",
+    "keep_mask_for",
+    "masked_delta",
+    "prune_delta",
+    "prune_tensor",
+    "q_alternatives",
+    "register_method",
+]
 
 _F = TypeVar("_F", bound=Callable[..., object])
 Lines = Literal["rows", "columns"]
@@ -54,8 +64,15 @@ class KeepFn(Protocol):
     ‖x_j‖₂ (or ``None``).
     """
 
-    def __call__(self, name: str, delta: torch.Tensor, spec: PruneSpec, *,
-                 input_norms: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor: ...
+    def __call__(
+        self,
+        name: str,
+        delta: torch.Tensor,
+        spec: PruneSpec,
+        *,
+        input_norms: torch.Tensor | None = None,
+        offset: int = 0,
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -100,15 +117,20 @@ class Method:
 
     def __post_init__(self) -> None:
         if not callable(self.keep):
-            raise TypeError(f"Method(keep={self.keep!r}) must be a function (name, delta, spec, *, input_norms, "
-                            "offset) -> bool mask")
+            raise TypeError(
+                f"Method(keep={self.keep!r}) must be a function (name, delta, spec, *, input_norms, "
+                "offset) -> bool mask"
+            )
         bad = [r for r in (self.default_rescale, *self.rescales) if r not in _RESCALES]
         if bad or not self.rescales:
-            raise ValueError(f"Method(rescales={self.rescales!r}, default_rescale={self.default_rescale!r}): "
-                             f"each must be one of {', '.join(_RESCALES)}")
+            raise ValueError(
+                f"Method(rescales={self.rescales!r}, default_rescale={self.default_rescale!r}): "
+                f"each must be one of {', '.join(_RESCALES)}"
+            )
         if self.default_rescale not in self.rescales:
-            raise ValueError(f"Method(default_rescale={self.default_rescale!r}) is not among its rescales "
-                             f"{self.rescales!r}")
+            raise ValueError(
+                f"Method(default_rescale={self.default_rescale!r}) is not among its rescales {self.rescales!r}"
+            )
         if self.random_mask and not self.elementwise:
             raise ValueError("Method(random_mask=True) is DARE's element-wise mask: set elementwise=True too")
 
@@ -153,27 +175,33 @@ class PruneSpec:
         row = METHODS[self.method]
         if self.rescale is None:
             # a q given to a method whose default is no rescale means "rescale by 1/q"
-            self.rescale = "q" if self.q is not None and row.default_rescale == "none" and row.takes_q \
-                else row.default_rescale
+            self.rescale = (
+                "q" if self.q is not None and row.default_rescale == "none" and row.takes_q else row.default_rescale
+            )
         if self.rescale not in _RESCALES:
             raise ValueError(f"rescale={self.rescale!r} is not one of 'none', 'dare', 'q'")
         if self.rescale not in row.rescales:
-            how = f"it always uses {row.default_rescale!r}" if len(row.rescales) == 1 else \
-                f"it takes {', '.join(map(repr, row.rescales))}"
-            raise ValueError(f"rescale={self.rescale!r} does not apply to method={self.method!r} ({how}); "
-                             "drop the option")
+            how = (
+                f"it always uses {row.default_rescale!r}"
+                if len(row.rescales) == 1
+                else f"it takes {', '.join(map(repr, row.rescales))}"
+            )
+            raise ValueError(
+                f"rescale={self.rescale!r} does not apply to method={self.method!r} ({how}); drop the option"
+            )
         if self.q is not None and not row.takes_q:
             instead = " or ".join(f"method={m!r}" for m in q_alternatives(self.method))
-            raise ValueError(f"q is set but method={self.method!r} rescales by {RESCALE_TEXT[row.default_rescale]}"
-                             f"; use {instead} to rescale by 1/q")
+            raise ValueError(
+                f"q is set but method={self.method!r} rescales by {RESCALE_TEXT[row.default_rescale]}"
+                f"; use {instead} to rescale by 1/q"
+            )
         if self.rescale in ("none", "dare") and self.q is not None:
             raise ValueError(f"q is set but rescale={self.rescale!r}; use rescale='q' or drop q")
         resolve_q(self.p, self.q, force=self.force)  # p in [0, 1); q in [1-p, 1] unless force
         if self.structural_axis not in ("rows", "columns"):
             raise ValueError(f"structural_axis={self.structural_axis!r} is not one of 'rows', 'columns'")
         if self.structural_select not in ("random", "importance"):
-            raise ValueError(f"structural_select={self.structural_select!r} is not one of "
-                             "'random', 'importance'")
+            raise ValueError(f"structural_select={self.structural_select!r} is not one of 'random', 'importance'")
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(self.exclude)
@@ -238,15 +266,19 @@ def _q_divisor(name: str, spec: PruneSpec, q: float | None) -> float | None:
         return None
     q_eff = spec.q if q is None else q
     if q_eff is None and spec.row.needs_q:
-        raise ValueError(f"method={spec.method!r} needs q for tensor {name!r}: set q, or choose it with a q search "
-                         "and pass prune_tensor(..., q=...)")
+        raise ValueError(
+            f"method={spec.method!r} needs q for tensor {name!r}: set q, or choose it with a q search "
+            "and pass prune_tensor(..., q=...)"
+        )
     return q_eff
 
 
 def _check_offset(name: str, spec: PruneSpec, offset: int) -> None:
     if offset and not spec.row.elementwise:
-        raise ValueError(f"method {spec.method!r} is not element-wise, so it cannot prune a part of tensor {name!r} "
-                         f"(offset {offset}) on its own")
+        raise ValueError(
+            f"method {spec.method!r} is not element-wise, so it cannot prune a part of tensor {name!r} "
+            f"(offset {offset}) on its own"
+        )
 
 
 @_no_grad
@@ -282,8 +314,9 @@ def prune_tensor(
     import torch
 
     if base.shape != finetuned.shape:
-        raise ValueError(f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape "
-                         f"{tuple(finetuned.shape)}")
+        raise ValueError(
+            f"tensor {name!r}: base shape {tuple(base.shape)} != fine-tuned shape {tuple(finetuned.shape)}"
+        )
     if not (finetuned.is_floating_point() and base.is_floating_point()) or is_excluded(name, spec.exclude):
         return finetuned
     if finetuned.numel() == 0:  # nothing to prune (and no row to take a top-k of)
@@ -295,8 +328,9 @@ def prune_tensor(
     if spec.row.random_mask:
         from lifelong_delta.delta.dare import dare_merge
 
-        return dare_merge(base, finetuned, spec.p, seed=spec.seed, name=name, q=divisor, offset=offset,
-                          force=spec.force)
+        return dare_merge(
+            base, finetuned, spec.p, seed=spec.seed, name=name, q=divisor, offset=offset, force=spec.force
+        )
     b = base.detach().to(device=finetuned.device, dtype=torch.float32)
     d = finetuned.detach().to(torch.float32) - b
     pruned = masked_delta(name, d, spec, q=divisor, input_norms=input_norms, offset=offset)
@@ -394,39 +428,45 @@ def prune_delta(
 
 
 # ---------------------------------------------------------------------------------------- the built-in keep functions
-def _dare_keep(name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None,
-               offset: int = 0) -> torch.Tensor:
+def _dare_keep(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """DARE's Bernoulli(1 − p) keep-mask, a hash of (seed, name, flat index)."""
     from lifelong_delta.delta.masks import keep_mask
 
-    return keep_mask(delta.numel(), spec.p, seed=spec.seed, name=name, offset=offset,
-                     device=delta.device).view(delta.shape)
+    return keep_mask(delta.numel(), spec.p, seed=spec.seed, name=name, offset=offset, device=delta.device).view(
+        delta.shape
+    )
 
 
-def _magnitude_keep(name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None,
-                    offset: int = 0) -> torch.Tensor:
+def _magnitude_keep(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """The top ``round((1 − p)·n)`` |δ| of each output row."""
     from lifelong_delta.delta.importance import importance_keep
 
     return importance_keep(delta, spec.p, score="magnitude", name=name).view(delta.shape)
 
 
-def _wanda_keep(name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None,
-                offset: int = 0) -> torch.Tensor:
+def _wanda_keep(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """The top ``round((1 − p)·n)`` |δ_ij|·‖x_j‖₂ of each output row."""
     from lifelong_delta.delta.importance import importance_keep
 
     return importance_keep(delta, spec.p, score="wanda", input_norms=input_norms, name=name).view(delta.shape)
 
 
-def _structural_keep(name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None,
-                     offset: int = 0) -> torch.Tensor:
+def _structural_keep(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """Whole rows or columns of the ``[shape[0], -1]`` matrix (0/1-D tensors: single elements)."""
     from lifelong_delta.delta.structural import _as_matrix, structural_keep
 
     axis = spec.structural_axis if delta.dim() >= 2 else "rows"
-    keep = structural_keep(delta, spec.p, axis=axis, select=spec.structural_select, seed=spec.seed, name=name,
-                           input_norms=input_norms)
+    keep = structural_keep(
+        delta, spec.p, axis=axis, select=spec.structural_select, seed=spec.seed, name=name, input_norms=input_norms
+    )
     mat = _as_matrix(delta)
     return (keep[:, None] if axis == "rows" else keep[None, :]).expand(mat.shape).reshape(delta.shape)
 
@@ -438,17 +478,34 @@ def _structural_lines(spec: PruneSpec) -> Lines:
 # One explicit registry: users pick a method by string.
 METHODS: dict[str, Method] = {
     # DARE, Yu et al., "Language Models are Super Mario", https://arxiv.org/abs/2311.03099
-    "dare": Method(_dare_keep, "https://arxiv.org/abs/2311.03099", "dare", rescales=("dare",), seeded=True,
-                   elementwise=True, random_mask=True),
+    "dare": Method(
+        _dare_keep,
+        "https://arxiv.org/abs/2311.03099",
+        "dare",
+        rescales=("dare",),
+        seeded=True,
+        elementwise=True,
+        random_mask=True,
+    ),
     # DAREx-q, Deng et al., "DARE the Extreme", https://arxiv.org/abs/2410.09344 (§4): DARE's mask, rescale 1/q
-    "darex-q": Method(_dare_keep, "https://arxiv.org/abs/2410.09344", "q", rescales=("q",), needs_q=True,
-                      seeded=True, elementwise=True, random_mask=True),
+    "darex-q": Method(
+        _dare_keep,
+        "https://arxiv.org/abs/2410.09344",
+        "q",
+        rescales=("q",),
+        needs_q=True,
+        seeded=True,
+        elementwise=True,
+        random_mask=True,
+    ),
     # Magnitude pruning of the delta (importance-based DPP), https://arxiv.org/abs/2410.09344 (§5)
     "magnitude": Method(_magnitude_keep, "https://arxiv.org/abs/2410.09344", "none", needs_q=True, row_local=True),
     # WANDA (Sun et al.) https://arxiv.org/abs/2306.11695, on the delta as in https://arxiv.org/abs/2410.09344
-    "wanda": Method(_wanda_keep, "https://arxiv.org/abs/2306.11695", "none", needs_q=True, needs_input_norms=True,
-                    row_local=True),
+    "wanda": Method(
+        _wanda_keep, "https://arxiv.org/abs/2306.11695", "none", needs_q=True, needs_input_norms=True, row_local=True
+    ),
     # Structural (row/column) delta pruning with DAREx-q rescale, https://arxiv.org/abs/2410.09344 (§5)
-    "structural": Method(_structural_keep, "https://arxiv.org/abs/2410.09344", "q", seeded=True,
-                         lines=_structural_lines),
+    "structural": Method(
+        _structural_keep, "https://arxiv.org/abs/2410.09344", "q", seeded=True, lines=_structural_lines
+    ),
 }

@@ -23,9 +23,21 @@ from lifelong_delta.delta.dtypes import itemsize
 from lifelong_delta.delta.io import CheckpointReader, non_weight_files
 from lifelong_delta.delta.matching import TensorMatch
 from lifelong_delta.delta.methods import PruneSpec
-from lifelong_delta.delta.pack_format import (DATA_FILE, FILES_DIR, HEAD_BYTES, MANIFEST, Manifest, TensorEntry,
-                                              as_code, file_sha256, fingerprint, keep_words, manifest_for,
-                                              varint_encode, as_words)
+from lifelong_delta.delta.pack_format import (
+    DATA_FILE,
+    FILES_DIR,
+    HEAD_BYTES,
+    MANIFEST,
+    Manifest,
+    TensorEntry,
+    as_code,
+    as_words,
+    file_sha256,
+    fingerprint,
+    keep_words,
+    manifest_for,
+    varint_encode,
+)
 from lifelong_delta.delta.writer import ShardedWriter, _chunk_bytes
 
 if TYPE_CHECKING:
@@ -54,22 +66,33 @@ class PackWriter:
             unpruned): stored as ``gaps``.
     """
 
-    def __init__(self, out: str | os.PathLike[str], rb: CheckpointReader, match: TensorMatch, spec: PruneSpec, *,
-                 overwrite: bool = False, inputs: outputs.Inputs = {}, copies_base: bool = False,
-                 unmasked: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        rb: CheckpointReader,
+        match: TensorMatch,
+        spec: PruneSpec,
+        *,
+        overwrite: bool = False,
+        inputs: outputs.Inputs = {},
+        copies_base: bool = False,
+        unmasked: Iterable[str] = (),
+    ) -> None:
         self.rb, self.match, self.spec = rb, match, spec
         self._pruned = set(match.pruned)
         self._copies_base = copies_base
         self._unmasked = set(unmasked)
-        self._writer = ShardedWriter(out, 1 << 62, overwrite=overwrite, inputs=inputs, command="pack",
-                                     file_name=DATA_FILE)
+        self._writer = ShardedWriter(
+            out, 1 << 62, overwrite=overwrite, inputs=inputs, command="pack", file_name=DATA_FILE
+        )
         self.tensors: list[TensorEntry] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.add_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
-    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None,
-                   chunks: Iterable[object]) -> None:
+    def add_chunks(
+        self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None, chunks: Iterable[object]
+    ) -> None:
         from lifelong_delta.delta.dtypes import dtype_code
 
         code = dtype if isinstance(dtype, str) else dtype_code(dtype)
@@ -80,15 +103,17 @@ class PackWriter:
             entry.base_crc32 = 0
             for chunk in chunks:
                 entry.base_crc32 = zlib.crc32(_chunk_bytes(name, chunk, code), entry.base_crc32)
-            entry.base_head_crc32 = zlib.crc32(self.rb.view(name, 0, min(self.rb.info(name).numel,
-                                                                         HEAD_BYTES // itemsize(code))))
+            entry.base_head_crc32 = zlib.crc32(
+                self.rb.view(name, 0, min(self.rb.info(name).numel, HEAD_BYTES // itemsize(code)))
+            )
         elif name not in self._pruned:
             self._writer.add_chunks(f"tensor/{name}", code, shape, chunks)
         else:
             base_name = self.match.base_name(name)
             entry.base_name, entry.base_dtype = base_name, self.rb.code(base_name)
-            head = self.rb.view(base_name, 0, min(self.rb.info(base_name).numel, HEAD_BYTES // itemsize(
-                entry.base_dtype)))
+            head = self.rb.view(
+                base_name, 0, min(self.rb.info(base_name).numel, HEAD_BYTES // itemsize(entry.base_dtype))
+            )
             entry.base_head_crc32 = zlib.crc32(head)
             row = self.spec.row
             if row.random_mask and name not in self._unmasked:
@@ -163,16 +188,20 @@ class PackWriter:
         self._writer.add_chunks(f"values/{entry.name}", entry.dtype, None, [np.ascontiguousarray(values)])
         self._writer.add_chunks(f"index/{entry.name}", "U32", None, [lines])
 
-    def commit(self, manifest: Manifest, files_from: str | os.PathLike[str] | None,
-               base_dir: str | os.PathLike[str] | None) -> Path:
+    def commit(
+        self, manifest: Manifest, files_from: str | os.PathLike[str] | None, base_dir: str | os.PathLike[str] | None
+    ) -> Path:
         """Write the manifest and the non-weight files, and move the pack into place."""
         manifest.tensors = self.tensors
         manifest.base_fingerprint = fingerprint(self.tensors)
         if files_from is not None:
             for rel in non_weight_files(files_from):
                 digest = file_sha256(Path(files_from) / rel)
-                same = base_dir is not None and (Path(base_dir) / rel).is_file() and \
-                    file_sha256(Path(base_dir) / rel) == digest
+                same = (
+                    base_dir is not None
+                    and (Path(base_dir) / rel).is_file()
+                    and file_sha256(Path(base_dir) / rel) == digest
+                )
                 manifest.files[rel] = {"sha256": digest, "stored": not same}
                 if not same:
                     (self._writer.tmp / FILES_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +245,14 @@ def stream_pack(
         manifest = manifest_for(spec, rf, q_per_tensor)
         summary = prune_summary(spec, match, out, q_per_tensor)
         with PackWriter(out, rb, match, spec, overwrite=overwrite, inputs=inputs) as writer:
-            summary.tensors.extend(prune_into(writer, rb, rf, match, spec, progress=progress,
-                                              input_norms=input_norms, q_per_tensor=q_per_tensor))
-            writer.commit(manifest, files_from=finetuned if Path(finetuned).is_dir() else None,
-                          base_dir=base if Path(base).is_dir() else None)
+            summary.tensors.extend(
+                prune_into(
+                    writer, rb, rf, match, spec, progress=progress, input_norms=input_norms, q_per_tensor=q_per_tensor
+                )
+            )
+            writer.commit(
+                manifest,
+                files_from=finetuned if Path(finetuned).is_dir() else None,
+                base_dir=base if Path(base).is_dir() else None,
+            )
     return summary

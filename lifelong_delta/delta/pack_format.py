@@ -4,8 +4,9 @@
 A pack is a directory (``X.delta``) of three parts:
 
 * ``delta.safetensors``: per fine-tuned tensor, what ``prune`` changed. The values are the *output* words of
-  ``prune`` (``θ_pre + rescaled δ`` in the fine-tuned dtype), so that :func:`~lifelong_delta.delta.unpack.stream_unpack` rebuilds ``prune``'s
-  output bit for bit by writing them over the base.
+  ``prune`` (``θ_pre + rescaled δ`` in the fine-tuned dtype), so that
+  :func:`~lifelong_delta.delta.unpack.stream_unpack` rebuilds ``prune``'s output bit for bit by writing them over the
+  base.
 * ``manifest.json``: the method and its settings, the layout and safetensors metadata of the fine-tune, a
   fingerprint of the base, and per tensor how its kept entries are found (``kind``):
 
@@ -47,8 +48,18 @@ from lifelong_delta.delta.io import CheckpointReader
 if TYPE_CHECKING:
     from lifelong_delta.delta.methods import PruneSpec
 
-__all__ = ["FORMAT", "KeptPositions", "Manifest", "TensorEntry", "fingerprint", "manifest_for", "pack_size",
-           "read_manifest", "varint_decode", "varint_encode"]
+__all__ = [
+    "FORMAT",
+    "KeptPositions",
+    "Manifest",
+    "TensorEntry",
+    "fingerprint",
+    "manifest_for",
+    "pack_size",
+    "read_manifest",
+    "varint_decode",
+    "varint_encode",
+]
 
 FORMAT = "lifelong-delta-pack"
 VERSION = 1
@@ -102,10 +113,17 @@ class Manifest:
         """The :class:`PruneSpec` the pack was made with."""
         from lifelong_delta.delta.methods import PruneSpec
 
-        return PruneSpec(method=self.method, p=self.p, q=self.q, rescale=self.rescale,  # type: ignore[arg-type]
-                         structural_axis=self.structural_axis,  # type: ignore[arg-type]
-                         structural_select=self.structural_select,  # type: ignore[arg-type]
-                         seed=self.seed, exclude=tuple(self.exclude), force=True)
+        return PruneSpec(
+            method=self.method,
+            p=self.p,
+            q=self.q,
+            rescale=self.rescale,  # type: ignore[arg-type]
+            structural_axis=self.structural_axis,  # type: ignore[arg-type]
+            structural_select=self.structural_select,  # type: ignore[arg-type]
+            seed=self.seed,
+            exclude=tuple(self.exclude),
+            force=True,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":")) + "\n"
@@ -134,19 +152,30 @@ def read_manifest(pack: str | os.PathLike[str]) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"{pack}: {MANIFEST} is not a lifelong-delta pack manifest")
     if raw.get("version", 0) > VERSION:
-        raise ValueError(f"{pack}: pack version {raw['version']} is newer than this lifelong-delta reads "
-                         f"({VERSION}); upgrade lifelong-delta")
+        raise ValueError(
+            f"{pack}: pack version {raw['version']} is newer than this lifelong-delta reads "
+            f"({VERSION}); upgrade lifelong-delta"
+        )
     raw["tensors"] = [TensorEntry(**t) for t in raw["tensors"]]
     return Manifest(**raw)
 
 
 def manifest_for(spec: PruneSpec, rf: CheckpointReader, q_per_tensor: Mapping[str, float] | None) -> Manifest:
     """A manifest of the settings and fine-tune metadata (the tensors are filled in by :class:`PackWriter`)."""
-    return Manifest(method=spec.method, p=spec.p, q=spec.q, rescale=spec.rescale, seed=spec.seed,
-                    structural_axis=spec.structural_axis, structural_select=spec.structural_select,
-                    exclude=list(spec.exclude), q_per_tensor=dict(q_per_tensor) if q_per_tensor else None,
-                    metadata={k: v for k, v in rf.metadata.items() if isinstance(v, str)}, tensors=[],
-                    finetuned_bytes=sum(rf.info(n).nbytes for n in rf.names()))
+    return Manifest(
+        method=spec.method,
+        p=spec.p,
+        q=spec.q,
+        rescale=spec.rescale,
+        seed=spec.seed,
+        structural_axis=spec.structural_axis,
+        structural_select=spec.structural_select,
+        exclude=list(spec.exclude),
+        q_per_tensor=dict(q_per_tensor) if q_per_tensor else None,
+        metadata={k: v for k, v in rf.metadata.items() if isinstance(v, str)},
+        tensors=[],
+        finetuned_bytes=sum(rf.info(n).nbytes for n in rf.names()),
+    )
 
 
 def pack_size(pack: str | os.PathLike[str]) -> int:

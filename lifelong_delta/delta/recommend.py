@@ -128,12 +128,20 @@ def recommend(
     if numbers["rel_norm"] > th.large_rel_norm and not low_rank:
         return _for_a_large_delta(facts, numbers, th, has_data=has_data, can_refinetune=can_refinetune)
     if numbers["rel_norm"] > th.large_rel_norm:
-        small = (f"{facts} is above {th.large_rel_norm:g}, yet it is a LoRA product B·A (importance pruning breaks "
-                 "its rank-r rows; random dropping with a rescale keeps them in expectation)")
+        small = (
+            f"{facts} is above {th.large_rel_norm:g}, yet it is a LoRA product B·A (importance pruning breaks "
+            "its rank-r rows; random dropping with a rescale keeps them in expectation)"
+        )
     else:
         small = f"{facts} is at most {th.large_rel_norm:g}: the delta is small"
-    return _for_a_small_delta(small, numbers, th, has_labelled_data=has_labelled_data,
-                              has_unlabelled_data=has_unlabelled_data, can_refinetune=can_refinetune)
+    return _for_a_small_delta(
+        small,
+        numbers,
+        th,
+        has_labelled_data=has_labelled_data,
+        has_unlabelled_data=has_unlabelled_data,
+        can_refinetune=can_refinetune,
+    )
 
 
 def _measure(stats: DeltaStats, target_p: float, th: Thresholds) -> tuple[dict[str, float], str]:
@@ -152,8 +160,10 @@ def _measure(stats: DeltaStats, target_p: float, th: Thresholds) -> tuple[dict[s
         "max_safe_p": max_safe_p(r, th.dare_noise_ok),
         "target_p": target_p,
     }
-    facts = (f"‖δ‖/‖θ_pre‖ = {r:.2e} over the weight matrices (mean δ = {pooled.mean:.2e}, std δ = {pooled.std:.2e}, "
-             f"mean |δ| = {pooled.mean_abs:.2e}; largest {worst.rel_norm:.2e} in {worst.name})")
+    facts = (
+        f"‖δ‖/‖θ_pre‖ = {r:.2e} over the weight matrices (mean δ = {pooled.mean:.2e}, std δ = {pooled.std:.2e}, "
+        f"mean |δ| = {pooled.mean_abs:.2e}; largest {worst.rel_norm:.2e} in {worst.name})"
+    )
     return numbers, facts
 
 
@@ -166,19 +176,26 @@ def _for_a_large_delta(
     large = f"{facts} is above {th.large_rel_norm:g}: the delta is large, so random dropping (DARE) fails"
     if can_refinetune and target_p >= th.extreme_p:
         return Recommendation(
-            "refinetune-adamr", None,
+            "refinetune-adamr",
+            None,
             f"{large}, and at p = {target_p:g} post-hoc importance pruning loses much of the fine-tune too. "
             "Re-fine-tune with AdamR (L2 pull toward θ_pre) to shrink the delta's mean and variance, then prune "
             "with DAREx-q (or AdamR-L1, then magnitude pruning).",
-            numbers, ("wanda" if has_data else "magnitude",),
+            numbers,
+            ("wanda" if has_data else "magnitude",),
         )
     method: Choice = "wanda" if has_data else "magnitude"
-    why = ("WANDA (|δ|·‖x‖ per output row) uses your calibration inputs" if has_data
-           else "magnitude pruning needs no data (with inputs, WANDA is better)")
+    why = (
+        "WANDA (|δ|·‖x‖ per output row) uses your calibration inputs"
+        if has_data
+        else "magnitude pruning needs no data (with inputs, WANDA is better)"
+    )
     return Recommendation(
-        method, None,
+        method,
+        None,
         f"{large}; importance-based pruning keeps the entries that matter: {why}.",
-        numbers, ("refinetune-adamr",) if can_refinetune else (),
+        numbers,
+        ("refinetune-adamr",) if can_refinetune else (),
     )
 
 
@@ -196,33 +213,52 @@ def _for_a_small_delta(
     target_p, r, rho, p_safe = numbers["target_p"], numbers["rel_norm"], numbers["dare_noise"], numbers["max_safe_p"]
     if rho <= th.dare_noise_ok:
         return Recommendation(
-            "dare", None,
+            "dare",
+            None,
             f"{small}, and at p = {target_p:g} DARE's relative output noise sqrt(p/(1-p))·‖δ‖/‖θ_pre‖ = {rho:.3f} "
             f"is at most {th.dare_noise_ok:g} (plain DARE is safe up to p ≈ {p_safe:.3f}).",
-            numbers, ("darex-q",),
+            numbers,
+            ("darex-q",),
         )
     if can_refinetune and rho > th.refinetune_noise:
         return Recommendation(
-            "refinetune-adamr", None,
+            "refinetune-adamr",
+            None,
             f"{small}, but at p = {target_p:g} DARE's relative output noise sqrt(p/(1-p))·‖δ‖/‖θ_pre‖ = {rho:.3f} "
             f"is above {th.refinetune_noise:g}, where even DAREx-q loses much of the fine-tune. Re-fine-tune with "
             "AdamR (L2 pull toward θ_pre; a larger λ if it already was) to shrink the delta, then prune with DAREx-q; "
             f"or keep this model and lower p to about {max_safe_p(r, th.refinetune_noise):.3f}.",
-            numbers, ("darex-q",),
+            numbers,
+            ("darex-q",),
         )
-    noisy = (f"{small}, but at p = {target_p:g} DARE's rescaling 1/(1-p) = {1 / (1 - target_p):.3g} gives relative "
-             f"output noise {rho:.3f} > {th.dare_noise_ok:g} (plain DARE is safe only up to p ≈ {p_safe:.3f}); "
-             "DAREx-q rescales by 1/q with q > 1-p instead")
+    noisy = (
+        f"{small}, but at p = {target_p:g} DARE's rescaling 1/(1-p) = {1 / (1 - target_p):.3g} gives relative "
+        f"output noise {rho:.3f} > {th.dare_noise_ok:g} (plain DARE is safe only up to p ≈ {p_safe:.3f}); "
+        "DAREx-q rescales by 1/q with q > 1-p instead"
+    )
     if has_labelled_data:
-        return Recommendation("darex-q", "grid", f"{noisy}, and with labelled validation data q is best chosen by a "
-                              "coarse-then-fine grid on the validation metric.", numbers, ("darex-q unlabelled",))
+        return Recommendation(
+            "darex-q",
+            "grid",
+            f"{noisy}, and with labelled validation data q is best chosen by a "
+            "coarse-then-fine grid on the validation metric.",
+            numbers,
+            ("darex-q unlabelled",),
+        )
     if has_unlabelled_data:
-        return Recommendation("darex-q", "unlabelled", f"{noisy}; without labels, choose q by minimising the "
-                              "last-layer output change on unlabelled inputs (one batch is enough).", numbers,
-                              ("darex-q analytic",))
+        return Recommendation(
+            "darex-q",
+            "unlabelled",
+            f"{noisy}; without labels, choose q by minimising the "
+            "last-layer output change on unlabelled inputs (one batch is enough).",
+            numbers,
+            ("darex-q analytic",),
+        )
     return Recommendation(
-        "darex-q", "unlabelled",
+        "darex-q",
+        "unlabelled",
         f"{noisy}. You have no data: one batch of unlabelled inputs is enough to pick q by the last-layer output "
         f"change; otherwise lower p to about {p_safe:.3f} and use plain DARE.",
-        numbers, (f"dare with p <= {p_safe:.3f}",),
+        numbers,
+        (f"dare with p <= {p_safe:.3f}",),
     )

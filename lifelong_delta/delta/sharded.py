@@ -45,8 +45,10 @@ def local_range(t: torch.Tensor) -> tuple[int, int]:
     if all(isinstance(pl, Replicate) for pl in placements):
         return 0, t.numel()
     if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
-        raise ValueError(f"a DTensor placed as {placements} is not one contiguous range of the flat tensor; "
-                         "shard it on dim 0 (FSDP2's fully_shard does)")
+        raise ValueError(
+            f"a DTensor placed as {placements} is not one contiguous range of the flat tensor; "
+            "shard it on dim 0 (FSDP2's fully_shard does)"
+        )
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
@@ -55,8 +57,9 @@ def local_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, spec: PruneSpec,
-                       q: float | None = None) -> TensorPruneStats:
+def prune_local_shard_(
+    name: str, param: torch.Tensor, reference: torch.Tensor, spec: PruneSpec, q: float | None = None
+) -> TensorPruneStats:
     """Prune this rank's local shard of DTensor ``param`` IN PLACE against the full ``reference`` tensor.
 
     Computed in fp32 on the shard's device and written in the parameter's dtype, like
@@ -77,8 +80,10 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     """
     if not spec.row.elementwise:
         usable = " or ".join(m for m, row in METHODS.items() if row.elementwise)
-        raise ValueError(f"method {spec.method!r} ranks whole rows or tensors, so it cannot prune the shard of "
-                         f"{name!r} alone; use {usable} on sharded parameters, or prune the saved model")
+        raise ValueError(
+            f"method {spec.method!r} ranks whole rows or tensors, so it cannot prune the shard of "
+            f"{name!r} alone; use {usable} on sharded parameters, or prune the saved model"
+        )
     if tuple(reference.shape) != tuple(param.shape):
         raise ValueError(f"tensor {name!r} has shape {list(param.shape)} but {list(reference.shape)} in the reference")
     offset, numel = local_range(param)
@@ -86,7 +91,7 @@ def prune_local_shard_(name: str, param: torch.Tensor, reference: torch.Tensor, 
     if is_sharded(reference):
         ref = reference.to_local()
     else:
-        ref = reference.detach().reshape(-1)[offset: offset + numel].view(local.shape)
+        ref = reference.detach().reshape(-1)[offset : offset + numel].view(local.shape)
     current = local.detach()
     ref = ref.to(current.device)  # a CPU reference next to a GPU shard: the statistics below compare the two too
     merged = prune_tensor(name, ref, current, spec, q=q, offset=offset)

@@ -122,10 +122,13 @@ class DeltaStats:
         cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], exclude: Sequence[str] = ()
     ) -> DeltaStats:
         """In-memory counterpart of :func:`lifelong_delta.delta.commands.stats` (handy in tests and notebooks)."""
-        return cls(tuple(
-            layer_stats(n, base[n], t) for n, t in finetuned.items()
-            if t.is_floating_point() and n in base and not is_excluded(n, tuple(exclude))
-        ))
+        return cls(
+            tuple(
+                layer_stats(n, base[n], t)
+                for n, t in finetuned.items()
+                if t.is_floating_point() and n in base and not is_excluded(n, tuple(exclude))
+            )
+        )
 
     @staticmethod
     def pool(layers: Sequence[LayerStats], name: str = "(all)") -> LayerStats:
@@ -162,9 +165,18 @@ class DeltaStats:
         for col in ("tensor", "numel", "mean δ", "std δ", "mean |δ|", "max |δ|", "‖δ‖", "‖δ‖/‖θ_pre‖"):
             table.add_column(col, justify="left" if col == "tensor" else "right")
         for i, s in enumerate([*rows, self.total]):
-            table.add_row(s.name, f"{s.numel:,}", f"{s.mean:.3e}", f"{s.std:.3e}", f"{s.mean_abs:.3e}",
-                          f"{s.max_abs:.3e}", f"{s.norm:.4g}", f"{s.rel_norm:.3e}",
-                          end_section=i == len(rows) - 1, style="bold" if i == len(rows) else None)
+            table.add_row(
+                s.name,
+                f"{s.numel:,}",
+                f"{s.mean:.3e}",
+                f"{s.std:.3e}",
+                f"{s.mean_abs:.3e}",
+                f"{s.max_abs:.3e}",
+                f"{s.norm:.4g}",
+                f"{s.rel_norm:.3e}",
+                end_section=i == len(rows) - 1,
+                style="bold" if i == len(rows) else None,
+            )
         return table
 
 

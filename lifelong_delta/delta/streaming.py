@@ -88,16 +88,16 @@ class TensorSink(Protocol):
 
     def add(self, name: str, tensor: torch.Tensor) -> None: ...
 
-    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None,
-                   chunks: Iterable[object]) -> None: ...
+    def add_chunks(
+        self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None, chunks: Iterable[object]
+    ) -> None: ...
 
 
 def _words_apply(spec: PruneSpec, rb: CheckpointReader, rf: CheckpointReader, name: str, base_name: str) -> bool:
     """Whether tensor ``name`` takes the compiled kernel on raw words: a random-mask method, base and fine-tune of
     one dtype the kernel reads (bf16, fp32), and the kernel built and not switched off."""
     code = rf.code(name)
-    return (spec.row.random_mask and code in _kernels.WORD_CODES and rb.code(base_name) == code
-            and _kernels.use_words())
+    return spec.row.random_mask and code in _kernels.WORD_CODES and rb.code(base_name) == code and _kernels.use_words()
 
 
 def _count_non_finite(code: str, data: memoryview) -> int:
@@ -109,8 +109,9 @@ def _count_non_finite(code: str, data: memoryview) -> int:
     return int(np.count_nonzero(~np.isfinite(values)))
 
 
-def _chunk_reads(name: str, rb: CheckpointReader, rf: CheckpointReader, base_name: str, bufs: _Buffers | None
-                 ) -> Iterator[tuple[int, int, memoryview, memoryview]]:
+def _chunk_reads(
+    name: str, rb: CheckpointReader, rf: CheckpointReader, base_name: str, bufs: _Buffers | None
+) -> Iterator[tuple[int, int, memoryview, memoryview]]:
     """``(start, count, base bytes, fine-tuned bytes)`` of consecutive chunks of one tensor: read into reused
     buffers, or with ``bufs=None`` read-only views of the files (no copy; see :meth:`CheckpointReader.view`)."""
     numel = math.prod(rf.shape(name))
@@ -127,8 +128,16 @@ def _chunk_reads(name: str, rb: CheckpointReader, rf: CheckpointReader, base_nam
         yield start, count, b, f
 
 
-def _prune_words(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
-                 q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
+def _prune_words(
+    name: str,
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    writer: TensorSink,
+    spec: PruneSpec,
+    q: float | None,
+    base_name: str,
+    bufs: _Buffers,
+) -> TensorPruneStats:
     """DARE / DAREx-q of one bf16 or fp32 tensor, chunk by chunk on raw words, statistics included; no torch.
 
     The merged words equal ``prune_tensor(name, base, finetuned, spec, q=q)`` cast to the stored dtype (tested).
@@ -168,8 +177,16 @@ def _copy(name: str, rf: CheckpointReader, writer: TensorSink, bufs: _Buffers) -
     writer.add_chunks(name, info.code, info.shape, chunks())
 
 
-def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
-                 q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
+def _prune_whole(
+    name: str,
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    writer: TensorSink,
+    spec: PruneSpec,
+    q: float | None,
+    norms: torch.Tensor | None,
+    base_name: str,
+) -> TensorPruneStats:
     """Methods that need the whole tensor (top-k per row, structural): base, fine-tuned and output in memory."""
     from lifelong_delta.delta.methods import prune_tensor
     from lifelong_delta.delta.stats import check_finite, tensor_prune_stats
@@ -182,8 +199,16 @@ def _prune_whole(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: 
     return tensor_prune_stats(name, b, f, merged)
 
 
-def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
-                q: float | None, norms: torch.Tensor | None, base_name: str) -> TensorPruneStats:
+def _prune_rows(
+    name: str,
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    writer: TensorSink,
+    spec: PruneSpec,
+    q: float | None,
+    norms: torch.Tensor | None,
+    base_name: str,
+) -> TensorPruneStats:
     """A row-local method (top-k within each output row) a block of rows at a time, about one chunk each: the
     blocks concatenate to exactly ``prune_tensor(name, base, finetuned, spec, ...)`` of the whole tensor (tested),
     and memory holds one block's base, fine-tuned and output values, not the tensor's."""
@@ -210,8 +235,16 @@ def _prune_rows(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: T
     return acc.result()
 
 
-def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer: TensorSink, spec: PruneSpec,
-                   q: float | None, base_name: str, bufs: _Buffers) -> TensorPruneStats:
+def _prune_chunked(
+    name: str,
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    writer: TensorSink,
+    spec: PruneSpec,
+    q: float | None,
+    base_name: str,
+    bufs: _Buffers,
+) -> TensorPruneStats:
     """An element-wise method chunk by chunk with torch: DARE / DAREx-q where :func:`_prune_words` does not take
     them (fp16, mixed dtypes, the torch back end), any other element-wise method always. Masks are a function of
     the flat element index (``offset``), so the chunks concatenate to exactly
@@ -233,8 +266,9 @@ def _prune_chunked(name: str, rb: CheckpointReader, rf: CheckpointReader, writer
             try:
                 if spec.row.random_mask:
                     out = torch.frombuffer(bufs.out.take(count * f_dtype.itemsize), dtype=torch.uint8).view(f_dtype)
-                    merged = dare_merge(b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start,
-                                        force=spec.force, out=out)
+                    merged = dare_merge(
+                        b, f, spec.p, seed=spec.seed, name=name, q=q_eff, offset=start, force=spec.force, out=out
+                    )
                 else:
                     merged = prune_tensor(name, b, f, spec, q=q, offset=start)
             except ValueError:
@@ -297,18 +331,31 @@ def _mapping_note(match: TensorMatch) -> str | None:
     return f"base '{pb}X' = fine-tuned '{pf}X'"
 
 
-def prune_summary(spec: PruneSpec, match: TensorMatch, out: str | os.PathLike[str],
-                  q_per_tensor: Mapping[str, float] | None = None) -> PruneSummary:
+def prune_summary(
+    spec: PruneSpec, match: TensorMatch, out: str | os.PathLike[str], q_per_tensor: Mapping[str, float] | None = None
+) -> PruneSummary:
     """An empty :class:`PruneSummary` of a prune (its per-tensor statistics are added as tensors are pruned)."""
     q_shown = "per tensor" if q_per_tensor else spec.q
-    return PruneSummary(spec.method, spec.p, q_shown, copied=list(match.copied), out=str(out),
-                        finetuned_only=list(match.finetuned_only), name_mapping=_mapping_note(match),
-                        q_per_tensor=dict(q_per_tensor) if q_per_tensor else None)
+    return PruneSummary(
+        spec.method,
+        spec.p,
+        q_shown,
+        copied=list(match.copied),
+        out=str(out),
+        finetuned_only=list(match.finetuned_only),
+        name_mapping=_mapping_note(match),
+        q_per_tensor=dict(q_per_tensor) if q_per_tensor else None,
+    )
 
 
-def match_for_prune(rb: CheckpointReader, rf: CheckpointReader, spec: PruneSpec, *,
-                    input_norms: Mapping[str, torch.Tensor] | None = None,
-                    q_per_tensor: Mapping[str, float] | None = None) -> TensorMatch:
+def match_for_prune(
+    rb: CheckpointReader,
+    rf: CheckpointReader,
+    spec: PruneSpec,
+    *,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
+    q_per_tensor: Mapping[str, float] | None = None,
+) -> TensorMatch:
     """The tensors to prune, checked against everything ``spec``'s method needs, before any tensor is read.
 
     Raises:
@@ -319,12 +366,16 @@ def match_for_prune(rb: CheckpointReader, rf: CheckpointReader, spec: PruneSpec,
         missing = [n for n in match.pruned if len(rf.shape(n)) == 2 and n not in (input_norms or {})]
         if missing:
             free = [m for m, row in METHODS.items() if row.row_local and not row.needs_input_norms]
-            raise ValueError(f"--method {spec.method} needs calibration input norms, which are missing for "
-                             f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
-                             "them with --exclude" + (f", or use --method {free[0]}" if free else ""))
+            raise ValueError(
+                f"--method {spec.method} needs calibration input norms, which are missing for "
+                f"{len(missing)} weight matrices, e.g. {missing[0]!r}; pass --calib_data, exclude "
+                "them with --exclude" + (f", or use --method {free[0]}" if free else "")
+            )
     if spec.lacks_q and not q_per_tensor:
-        raise ValueError(f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
-                         "needs q: pass --q Q or --q_mode")
+        raise ValueError(
+            f"--method {spec.method}{'' if spec.row.rescales == ('q',) else ' with --rescale q'} "
+            "needs q: pass --q Q or --q_mode"
+        )
     return match
 
 
@@ -376,10 +427,14 @@ def stream_prune(
         summary = prune_summary(spec, match, out, q_per_tensor)
         metadata = {k: v for k, v in rf.metadata.items() if isinstance(v, str)}
         layout = [(name, rf.code(name), rf.shape(name)) for name in rf.names()]  # every output keeps its dtype
-        with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs,
-                           command="prune", layout=layout) as writer:
-            summary.tensors.extend(prune_into(writer, rb, rf, match, spec, progress=progress,
-                                              input_norms=input_norms, q_per_tensor=q_per_tensor))
+        with ShardedWriter(
+            out, out_shard_size, overwrite=overwrite, metadata=metadata, inputs=inputs, command="prune", layout=layout
+        ) as writer:
+            summary.tensors.extend(
+                prune_into(
+                    writer, rb, rf, match, spec, progress=progress, input_norms=input_norms, q_per_tensor=q_per_tensor
+                )
+            )
             writer.commit(copy_files_from=finetuned if Path(finetuned).is_dir() else None)
     return summary
 
@@ -452,8 +507,9 @@ def stream_delta_stats(
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         match = match_tensors(rb, rf, exclude)
         nbytes = {name: rf.info(name).nbytes for name in match.pruned}
-        with Progress("reading", len(match.pruned), unit="tensors", total_bytes=sum(nbytes.values()),
-                      enabled=progress) as bar:
+        with Progress(
+            "reading", len(match.pruned), unit="tensors", total_bytes=sum(nbytes.values()), enabled=progress
+        ) as bar:
             for name in match.pruned:
                 bar.update(0, detail=name)
                 numel, parts = math.prod(rf.shape(name)), []

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["structural_prune", "structural_keep"]
+__all__ = ["structural_keep", "structural_prune"]
 
 Axis = Literal["rows", "columns"]
 Select = Literal["random", "importance"]
@@ -57,8 +57,9 @@ def structural_keep(
         scores = m.norm(dim=1 - dim)
         if input_norms is not None and axis == "columns" and delta.dim() == 2:
             if input_norms.shape != (n,):
-                raise ValueError(f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}, "
-                                 f"expected [{n}]")
+                raise ValueError(
+                    f"input_norms for tensor {name!r} has shape {tuple(input_norms.shape)}, expected [{n}]"
+                )
             scores = scores * input_norms.to(device=scores.device, dtype=torch.float32)
     order = torch.sort(scores, descending=True, stable=True).indices
     keep = torch.zeros(n, dtype=torch.bool, device=delta.device)

@@ -74,7 +74,11 @@ class PruneSummary:
         rows = [
             ("tensors pruned", f"{len(self.tensors):,}"),
             ("tensors copied unchanged", f"{len(self.copied):,}"),
-            *([("only in the fine-tuned model (copied)", _listing(self.finetuned_only))] if self.finetuned_only else []),
+            *(
+                [("only in the fine-tuned model (copied)", _listing(self.finetuned_only))]
+                if self.finetuned_only
+                else []
+            ),
             *([("name mapping", self.name_mapping)] if self.name_mapping else []),
             ("delta entries", f"{self.numel:,}"),
             ("kept fraction (nonzero δ after / before)", f"{self.kept_fraction:.4f}"),
@@ -84,8 +88,9 @@ class PruneSummary:
         if self.q_per_tensor:
             qs = [self.q_per_tensor[t.name] for t in self.tensors if t.name in self.q_per_tensor]
             if qs:
-                rows.append(("q per tensor: min / median / max",
-                             f"{min(qs):.4g} / {statistics.median(qs):.4g} / {max(qs):.4g}"))
+                rows.append(
+                    ("q per tensor: min / median / max", f"{min(qs):.4g} / {statistics.median(qs):.4g} / {max(qs):.4g}")
+                )
         if self.out:
             rows.append(("output", self.out))
         for row in rows:
@@ -94,11 +99,21 @@ class PruneSummary:
 
     def as_dict(self) -> dict[str, object]:
         """Plain-data form, e.g. for JSON."""
-        return {"method": self.method, "p": self.p, "q": self.q, "tensors_pruned": len(self.tensors),
-                "tensors_copied": len(self.copied), "finetuned_only": list(self.finetuned_only),
-                "name_mapping": self.name_mapping, "numel": self.numel, "kept_fraction": self.kept_fraction,
-                "norm_before": self.norm_before, "norm_after": self.norm_after, "out": self.out,
-                "q_per_tensor": self.q_per_tensor}
+        return {
+            "method": self.method,
+            "p": self.p,
+            "q": self.q,
+            "tensors_pruned": len(self.tensors),
+            "tensors_copied": len(self.copied),
+            "finetuned_only": list(self.finetuned_only),
+            "name_mapping": self.name_mapping,
+            "numel": self.numel,
+            "kept_fraction": self.kept_fraction,
+            "norm_before": self.norm_before,
+            "norm_after": self.norm_after,
+            "out": self.out,
+            "q_per_tensor": self.q_per_tensor,
+        }
 
 
 class PruneStatsAccumulator:
@@ -130,10 +145,16 @@ class PruneStatsAccumulator:
         self.sq_before += float(torch.dot(d, d))
         self.sq_after += float(torch.dot(dm, dm))
         # a - b == 0 exactly iff a == b for finite floats, so the fp32 differences count changed entries
-        self.nnz_before += int(torch.count_nonzero(d if finetuned.dtype == base.dtype else
-                                                   finetuned.reshape(-1) != base.reshape(-1).to(finetuned.dtype)))
-        self.nnz_after += int(torch.count_nonzero(dm if merged.dtype == base.dtype else
-                                                  merged.reshape(-1) != base.reshape(-1).to(merged.dtype)))
+        self.nnz_before += int(
+            torch.count_nonzero(
+                d if finetuned.dtype == base.dtype else finetuned.reshape(-1) != base.reshape(-1).to(finetuned.dtype)
+            )
+        )
+        self.nnz_after += int(
+            torch.count_nonzero(
+                dm if merged.dtype == base.dtype else merged.reshape(-1) != base.reshape(-1).to(merged.dtype)
+            )
+        )
 
     def add_counts(self, numel: int, nnz_before: int, nnz_after: int, sq_before: float, sq_after: float) -> None:
         """Add one chunk's statistics computed elsewhere (the fused kernel of
@@ -145,5 +166,6 @@ class PruneStatsAccumulator:
         self.sq_after += sq_after
 
     def result(self) -> TensorPruneStats:
-        return TensorPruneStats(self.name, self.numel, self.nnz_before, self.nnz_after, math.sqrt(self.sq_before),
-                                math.sqrt(self.sq_after))
+        return TensorPruneStats(
+            self.name, self.numel, self.nnz_before, self.nnz_after, math.sqrt(self.sq_before), math.sqrt(self.sq_after)
+        )

@@ -22,9 +22,21 @@ from lifelong_delta import outputs
 from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.dtypes import itemsize
 from lifelong_delta.delta.io import CheckpointReader
-from lifelong_delta.delta.pack_format import (CHUNK, DATA_FILE, FILES_DIR, HEAD_BYTES, KeptPositions, Manifest,
-                                              TensorEntry, as_code, file_sha256, keep_words, read_manifest,
-                                              read_words, as_words)
+from lifelong_delta.delta.pack_format import (
+    CHUNK,
+    DATA_FILE,
+    FILES_DIR,
+    HEAD_BYTES,
+    KeptPositions,
+    Manifest,
+    TensorEntry,
+    as_code,
+    as_words,
+    file_sha256,
+    keep_words,
+    read_manifest,
+    read_words,
+)
 from lifelong_delta.delta.writer import ShardedWriter
 
 __all__ = ["check_base", "stream_unpack"]
@@ -45,8 +57,10 @@ def check_base(manifest: Manifest, rb: CheckpointReader, *, base: str | os.PathL
         if e.base_name not in rb:
             raise ValueError(f"{hint}: it has no tensor {e.base_name!r}")
         if rb.code(e.base_name) != e.base_dtype or list(rb.shape(e.base_name)) != e.shape:
-            raise ValueError(f"{hint}: tensor {e.base_name!r} is {rb.code(e.base_name)} {list(rb.shape(e.base_name))}"
-                             f", the pack's base had {e.base_dtype} {e.shape}")
+            raise ValueError(
+                f"{hint}: tensor {e.base_name!r} is {rb.code(e.base_name)} {list(rb.shape(e.base_name))}"
+                f", the pack's base had {e.base_dtype} {e.shape}"
+            )
         head = rb.view(e.base_name, 0, min(rb.info(e.base_name).numel, HEAD_BYTES // itemsize(e.base_dtype or "U8")))
         if zlib.crc32(head) != e.base_head_crc32:
             raise ValueError(f"{hint}: tensor {e.base_name!r} has other values")
@@ -57,8 +71,9 @@ def check_base(manifest: Manifest, rb: CheckpointReader, *, base: str | os.PathL
                 raise ValueError(f"{hint}: its file {rel} is missing or differs")
 
 
-def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointReader, manifest: Manifest
-                     ) -> Iterator[np.ndarray]:
+def _unpacked_chunks(
+    entry: TensorEntry, rb: CheckpointReader, rd: CheckpointReader, manifest: Manifest
+) -> Iterator[np.ndarray]:
     """The output words of one pruned tensor, a chunk at a time: the base, cast to the fine-tuned dtype, with the
     kept entries written over it; the base's CRC checked at the end."""
     assert entry.base_name is not None and entry.base_dtype is not None
@@ -112,8 +127,16 @@ def _unpacked_chunks(entry: TensorEntry, rb: CheckpointReader, rd: CheckpointRea
     _check_crc(entry, crc)
 
 
-def _scatter(base: np.ndarray, out: np.ndarray, rd: CheckpointReader, key: str, used: int, entry: TensorEntry,
-             manifest: Manifest, start: int) -> int:
+def _scatter(
+    base: np.ndarray,
+    out: np.ndarray,
+    rd: CheckpointReader,
+    key: str,
+    used: int,
+    entry: TensorEntry,
+    manifest: Manifest,
+    start: int,
+) -> int:
     """``out`` = the words ``base`` of a ``mask`` chunk with the stored values at the kept entries (compiled);
     returns how many values it used. The values are read for the mask's expected count plus a margin, and again in
     the rare chunk that keeps more."""
@@ -130,8 +153,10 @@ def _scatter(base: np.ndarray, out: np.ndarray, rd: CheckpointReader, key: str, 
 
 def _check_crc(entry: TensorEntry, crc: int) -> None:
     if crc != entry.base_crc32:
-        raise ValueError(f"--base is not the base the delta was packed against: tensor {entry.base_name!r} has "
-                         "other values (nothing was written)")
+        raise ValueError(
+            f"--base is not the base the delta was packed against: tensor {entry.base_name!r} has "
+            "other values (nothing was written)"
+        )
 
 
 def stream_unpack(
@@ -158,9 +183,18 @@ def stream_unpack(
         check_base(manifest, rb, base=str(base), pack=str(pack))
         layout = [(e.name, e.dtype, e.shape) for e in manifest.tensors]
         total = sum(math.prod(e.shape) * itemsize(e.dtype) for e in manifest.tensors)
-        with ShardedWriter(out, out_shard_size, overwrite=overwrite, metadata=manifest.metadata, inputs=inputs,
-                           command="unpack", layout=layout) as writer, \
-                Progress("unpacking", len(layout), unit="tensors", total_bytes=total, enabled=progress) as bar:
+        with (
+            ShardedWriter(
+                out,
+                out_shard_size,
+                overwrite=overwrite,
+                metadata=manifest.metadata,
+                inputs=inputs,
+                command="unpack",
+                layout=layout,
+            ) as writer,
+            Progress("unpacking", len(layout), unit="tensors", total_bytes=total, enabled=progress) as bar,
+        ):
             for e in manifest.tensors:
                 bar.update(0, detail=e.name)
                 if e.kind == "copy":

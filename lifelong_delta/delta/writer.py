@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ShardedWriter"]
 
+
 def _chunk_bytes(name: str, chunk: object, code: str) -> memoryview:
     """The bytes of one chunk: a torch tensor of dtype ``code`` (any shape, any device), or a C-contiguous buffer
     holding ``code`` values (a numpy array, ``bytes``, a ``memoryview``)."""
@@ -139,8 +140,9 @@ class ShardedWriter:
             self._plan = self._plan_shards(layout)
             self._next = [name for shard in self._plan for name, *_ in shard][::-1]
 
-    def _plan_shards(self, layout: Sequence[tuple[str, str | torch.dtype, Sequence[int]]]
-                     ) -> list[list[tuple[str, str, tuple[int, ...], int, int]]]:
+    def _plan_shards(
+        self, layout: Sequence[tuple[str, str | torch.dtype, Sequence[int]]]
+    ) -> list[list[tuple[str, str, tuple[int, ...], int, int]]]:
         """Shards as lists of ``(name, code, shape, begin, end)``, by the same rule as the unplanned path."""
         shards: list[list[tuple[str, str, tuple[int, ...], int, int]]] = [[]]
         used, seen = 0, set()
@@ -178,8 +180,9 @@ class ShardedWriter:
         """Append one torch tensor (its bytes are queued for writing; the caller may free it afterwards)."""
         self.add_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
-    def add_chunks(self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None,
-                   chunks: Iterable[object]) -> None:
+    def add_chunks(
+        self, name: str, dtype: str | torch.dtype, shape: Sequence[int] | None, chunks: Iterable[object]
+    ) -> None:
         """Append one tensor given as consecutive pieces of its flattened data (each written as it arrives).
 
         Args:
@@ -206,8 +209,10 @@ class ShardedWriter:
             if self._body is None:
                 self._open_planned_shard()
             if self._planned_entries[name][:2] != (code, shape):
-                raise ValueError(f"tensor {name!r} has {code} {list(shape)}, but the layout planned "
-                                 f"{self._planned_entries[name][0]} {list(self._planned_entries[name][1])}")
+                raise ValueError(
+                    f"tensor {name!r} has {code} {list(shape)}, but the layout planned "
+                    f"{self._planned_entries[name][0]} {list(self._planned_entries[name][1])}"
+                )
             self._next.pop()
         else:
             if self._entries and self._body_bytes + (nbytes or 0) > self.max_shard_bytes:

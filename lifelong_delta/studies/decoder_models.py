@@ -68,12 +68,16 @@ def _save(lm: Any, tokenizer: Any, directory: Path) -> None:
 
 def _fit(model: Any, blocks: torch.Tensor, spec: TrainSpec, log: StudyLog, label: str) -> list[float]:
     tokens = spec.steps * spec.batch_size * blocks.shape[1]
-    log.say(f"{label}: {spec.steps} steps of {spec.batch_size} x {blocks.shape[1]} tokens "
-            f"({tokens / 1e6:.2f} M tokens, {tokens / max(blocks.numel(), 1):.2f} epochs), {spec.optimizer} "
-            f"lr {spec.lr:g}" + (f" λ {spec.reg:g}" if spec.reg else ""))
+    log.say(
+        f"{label}: {spec.steps} steps of {spec.batch_size} x {blocks.shape[1]} tokens "
+        f"({tokens / 1e6:.2f} M tokens, {tokens / max(blocks.numel(), 1):.2f} epochs), {spec.optimizer} "
+        f"lr {spec.lr:g}" + (f" λ {spec.reg:g}" if spec.reg else "")
+    )
     with log.bar(label, spec.steps, unit="steps") as bar:
+
         def on_step(step: int, loss: float) -> None:
             bar.update(1, detail=f"loss {loss:.3f}")
+
         losses = train_lm_(model, blocks, spec, on_step)
     return losses
 
@@ -81,12 +85,22 @@ def _fit(model: Any, blocks: torch.Tensor, spec: TrainSpec, log: StudyLog, label
 def _curve(losses: Sequence[float], points: int = 20) -> list[list[float]]:
     """``[[step, mean loss of the steps since the previous point], ...]`` at about ``points`` steps."""
     every = max(1, len(losses) // points)
-    return [[i + every, round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4)]
-            for i in range(0, len(losses), every)]
+    return [
+        [i + every, round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4)]
+        for i in range(0, len(losses), every)
+    ]
 
 
-def pretrained_base(path: Path, docs: dict[str, list[str]], corpus: dict[str, Any], model: LMSpec,
-                    spec: TrainSpec, log: StudyLog, *, force: bool = False) -> Path:
+def pretrained_base(
+    path: Path,
+    docs: dict[str, list[str]],
+    corpus: dict[str, Any],
+    model: LMSpec,
+    spec: TrainSpec,
+    log: StudyLog,
+    *,
+    force: bool = False,
+) -> Path:
     """The pretrained base in ``path``: a BPE tokenizer and a Llama trained on ``docs["train"]``.
 
     Args:
@@ -104,17 +118,24 @@ def pretrained_base(path: Path, docs: dict[str, list[str]], corpus: dict[str, An
         start = time.perf_counter()
         tok = train_tokenizer(docs["train"], model.vocab_size)
         train, val = pack(tok, docs["train"], model.seq_len), pack(tok, docs["val"], model.seq_len)
-        log.say(f"pretraining corpus: {len(docs['train'])} documents, {train.numel() / 1e6:.2f} M tokens "
-                f"(BPE vocabulary {tok.vocab_size}, trained in {time.perf_counter() - start:.1f} s); "
-                f"held out {len(docs['val'])} documents, {val.numel()} tokens")
+        log.say(
+            f"pretraining corpus: {len(docs['train'])} documents, {train.numel() / 1e6:.2f} M tokens "
+            f"(BPE vocabulary {tok.vocab_size}, trained in {time.perf_counter() - start:.1f} s); "
+            f"held out {len(docs['val'])} documents, {val.numel()} tokens"
+        )
         torch.manual_seed(spec.seed)
         lm = _new_lm(model, log)
         losses = _fit(lm, train, spec, log, "pretraining")
         ppl = causal_lm_perplexity(lm, batches(val, 32)) if len(val) else float("nan")
         log.say(f"pretrained: held-out perplexity {ppl:.1f} (loss {losses[-1]:.3f} at the last step)")
         _save(lm, tok, tmp)
-        return {"parameters": sum(p.numel() for p in lm.parameters()), "train_tokens": train.numel(),
-                "val_tokens": val.numel(), "val_perplexity": ppl, "loss_curve": _curve(losses)}
+        return {
+            "parameters": sum(p.numel() for p in lm.parameters()),
+            "train_tokens": train.numel(),
+            "val_tokens": val.numel(),
+            "val_perplexity": ppl,
+            "loss_curve": _curve(losses),
+        }
 
     out, built = ensure_model(path, hparams, build, force=force)
     if not built:
@@ -127,13 +148,25 @@ def _new_lm(model: LMSpec, log: StudyLog) -> Any:
 
     lm = LlamaForCausalLM(model.config())
     n = sum(p.numel() for p in lm.parameters())
-    log.say(f"Llama: {n / 1e6:.1f} M parameters ({model.layers} layers, width {model.hidden_size}, "
-            f"{model.heads} heads / {model.kv_heads} key-value heads, vocabulary {model.vocab_size})")
+    log.say(
+        f"Llama: {n / 1e6:.1f} M parameters ({model.layers} layers, width {model.hidden_size}, "
+        f"{model.heads} heads / {model.kv_heads} key-value heads, vocabulary {model.vocab_size})"
+    )
     return lm
 
 
-def finetuned(path: Path, base: Path, recipe: str, blocks: torch.Tensor, val: torch.Tensor, corpus: dict[str, Any],
-              spec: TrainSpec, log: StudyLog, *, force: bool = False) -> Path:
+def finetuned(
+    path: Path,
+    base: Path,
+    recipe: str,
+    blocks: torch.Tensor,
+    val: torch.Tensor,
+    corpus: dict[str, Any],
+    spec: TrainSpec,
+    log: StudyLog,
+    *,
+    force: bool = False,
+) -> Path:
     """A fine-tune of ``base`` on ``blocks`` (the fine-tune corpus's training blocks) with ``recipe``.
 
     ``spec`` gives the steps, batch and learning rate; the recipe sets the optimiser and λ. ``val`` blocks give
@@ -151,8 +184,13 @@ def finetuned(path: Path, base: Path, recipe: str, blocks: torch.Tensor, val: to
         ppl = causal_lm_perplexity(lm, batches(val, 32))
         log.say(f"fine-tuned {recipe}: validation perplexity {ppl:.2f}")
         _save(lm, AutoTokenizer.from_pretrained(str(base)), tmp)
-        return {"recipe": recipe, "note": r.note, "base": str(base), "val_perplexity": ppl,
-                "loss_curve": _curve(losses)}
+        return {
+            "recipe": recipe,
+            "note": r.note,
+            "base": str(base),
+            "val_perplexity": ppl,
+            "loss_curve": _curve(losses),
+        }
 
     out, built = ensure_model(path, hparams, build, force=force)
     if not built:

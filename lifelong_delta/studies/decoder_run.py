@@ -88,8 +88,9 @@ class EvalSets:
         return sum(b["input_ids"].numel() for b in bs)
 
 
-def plan_cells(finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float],
-               seeds: Sequence[int]) -> list[Cell]:
+def plan_cells(
+    finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float], seeds: Sequence[int]
+) -> list[Cell]:
     """Every cell of the study, in evaluation order: per fine-tune ``unpruned`` and ``pretrained``, then each p with
     every method (every seed for the random ones, the first seed for magnitude and WANDA)."""
     cells = []
@@ -188,8 +189,9 @@ class DecoderRun:
 
     def _unlabelled(self, masked: RescaledDelta, p: float) -> tuple[float, int]:
         restore_(self.model, {n: self.ft[n] for n in self.delta})  # the reference is the fine-tuned model
-        res = select_q_unlabelled(self.model, masked, self.sets.calib, _last_hidden, p,
-                                  q_grid(p, self.s.q_grid_size), self.s.q_fine_steps)
+        res = select_q_unlabelled(
+            self.model, masked, self.sets.calib, _last_hidden, p, q_grid(p, self.s.q_grid_size), self.s.q_fine_steps
+        )
         mark_dirty(self.model)  # select_q_unlabelled restored the fine-tuned weights
         return res.q, len(res.table)
 
@@ -199,8 +201,13 @@ class DecoderRun:
         if method == "darex-q-analytic":
             qs, eta = self._analytic(masked)
             layer = [qs[n] for n in self._calibration()[0] if n in qs] or list(qs.values())
-            return qs, {"q": statistics.median(layer), "q_min": min(layer), "q_max": max(layer),
-                        "candidates": len(self.s.etas), "eta": eta}
+            return qs, {
+                "q": statistics.median(layer),
+                "q_min": min(layer),
+                "q_max": max(layer),
+                "candidates": len(self.s.etas),
+                "eta": eta,
+            }
         q, n = self._grid(masked, p) if method == "darex-q-grid" else self._unlabelled(masked, p)
         return q, {"q": q, "q_min": q, "q_max": q, "candidates": n}
 
@@ -215,8 +222,11 @@ class DecoderRun:
             if q_info:
                 result.q_rows.append({**asdict(cell), **q_info})
             if bar is not None:
-                bar.update(1, detail=f"{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}: "
-                                     f"perplexity {row['perplexity']:.4g}")
+                bar.update(
+                    1,
+                    detail=f"{cell.finetune} {cell.method} p={cell.p:g} seed={cell.seed}: "
+                    f"perplexity {row['perplexity']:.4g}",
+                )
 
         groups: dict[tuple[float, int], dict[str, Cell]] = {}
         for c in cells:
@@ -251,7 +261,13 @@ class DecoderRun:
     def info(self) -> dict[str, Any]:
         """Facts about the delta: ‖δ‖/‖θ_pre‖ over the weight matrices, mean |δ|, the number of pruned entries."""
         pooled = DeltaStats.pool(self.stats.matrices or self.stats.layers)
-        return {"finetune": self.finetune, "dir": str(self.dir), "rel_norm": pooled.rel_norm,
-                "mean_abs_delta": pooled.mean_abs, "std_delta": pooled.std, "pruned_tensors": len(self.delta),
-                "pruned_numel": sum(d.numel() for d in self.delta.values()),
-                "nonzero_delta": sum(len(z.idx) for z in self.nonzero.values())}
+        return {
+            "finetune": self.finetune,
+            "dir": str(self.dir),
+            "rel_norm": pooled.rel_norm,
+            "mean_abs_delta": pooled.mean_abs,
+            "std_delta": pooled.std,
+            "pruned_tensors": len(self.delta),
+            "pruned_numel": sum(d.numel() for d in self.delta.values()),
+            "nonzero_delta": sum(len(z.idx) for z in self.nonzero.values()),
+        }

@@ -33,8 +33,7 @@ import torch
 
 from lifelong_delta import outputs
 
-__all__ = ["INFO_FILE", "LMSpec", "TrainSpec", "cache_root", "ensure_model", "read_info", "train_lm_",
-           "weights_sha256"]
+__all__ = ["INFO_FILE", "LMSpec", "TrainSpec", "cache_root", "ensure_model", "read_info", "train_lm_", "weights_sha256"]
 
 INFO_FILE = "train.json"
 
@@ -76,10 +75,17 @@ class LMSpec:
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            max_position_embeddings=self.seq_len, tie_word_embeddings=self.tie_embeddings,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.seq_len,
+            tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
         )
 
 
@@ -134,8 +140,10 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer
         from lifelong_delta.optim import AdamR
 
         return AdamR(params, lr=spec.lr, betas=spec.betas, reg=spec.reg, variant="l2")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
 
 
@@ -147,8 +155,9 @@ def _schedule(step: int, spec: TrainSpec) -> float:
     return max(0.0, (spec.steps - step) / max(1, spec.steps - warm))
 
 
-def train_lm_(model: torch.nn.Module, blocks: torch.Tensor, spec: TrainSpec,
-              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def train_lm_(
+    model: torch.nn.Module, blocks: torch.Tensor, spec: TrainSpec, on_step: Callable[[int, float], None] | None = None
+) -> list[float]:
     """Train the causal LM ``model`` IN PLACE on ``blocks`` (``LongTensor[n, seq_len]``) for ``spec.steps`` steps.
 
     Each epoch visits the blocks in a fresh order from ``torch.Generator`` seeded with ``spec.seed``; a step takes
@@ -203,8 +212,9 @@ def read_info(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def ensure_model(path: Path, hparams: dict[str, Any], build: Callable[[Path], dict[str, Any]], *,
-                 force: bool = False) -> tuple[Path, bool]:
+def ensure_model(
+    path: Path, hparams: dict[str, Any], build: Callable[[Path], dict[str, Any]], *, force: bool = False
+) -> tuple[Path, bool]:
     """The cached model directory ``path``, built once by ``build(tmp_dir)`` (which returns facts for train.json).
 
     Returns:
@@ -227,8 +237,13 @@ def ensure_model(path: Path, hparams: dict[str, Any], build: Callable[[Path], di
     start = time.perf_counter()
     with outputs.atomic_dir(path) as tmp:
         facts = build(tmp)
-        record = {"hparams": hparams, **facts, "wall_time_s": round(time.perf_counter() - start, 1),
-                  "torch_threads": torch.get_num_threads(), "versions": _versions()}
+        record = {
+            "hparams": hparams,
+            **facts,
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
+        }
         (tmp / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return path, True
 
@@ -237,5 +252,4 @@ def _versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__}
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}

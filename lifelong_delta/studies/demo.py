@@ -63,28 +63,47 @@ def _run(config: Path, name: str, extra: Sequence[str], seed: int, runs: Path) -
 
 def _row(label: str, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     last = metrics["accuracy_matrix"][-1]
-    return {"label": label, "average_accuracy": float(metrics["average_accuracy"]),
-            "forgetting": float(metrics["forgetting"]), "task0": float(last[0]), "seconds": seconds,
-            "matrix": metrics["accuracy_matrix"], "class_order": metrics.get("class_order", [])}
+    return {
+        "label": label,
+        "average_accuracy": float(metrics["average_accuracy"]),
+        "forgetting": float(metrics["forgetting"]),
+        "task0": float(last[0]),
+        "seconds": seconds,
+        "matrix": metrics["accuracy_matrix"],
+        "class_order": metrics.get("class_order", []),
+    }
 
 
 def summary_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
     """A Markdown table of A_N, F_N and task 0 at the end (in %), one row per method, in the given order."""
-    lines = [f"# {title}", "", "| method | A_N (%) ↑ | F_N (%) ↓ | task 0 at the end (%) | run time |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| method | A_N (%) ↑ | F_N (%) ↓ | task 0 at the end (%) | run time |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['label']} | {100 * r['average_accuracy']:.1f} | {100 * r['forgetting']:.1f} | "
-                     f"{100 * r['task0']:.1f} | {r['seconds']:.0f} s |")
-    lines += ["", "A_N: accuracy over all classes after the last task; F_N: average forgetting (drop from each "
-              "task's best accuracy to its last).", ""]
+        lines.append(
+            f"| {r['label']} | {100 * r['average_accuracy']:.1f} | {100 * r['forgetting']:.1f} | "
+            f"{100 * r['task0']:.1f} | {r['seconds']:.0f} s |"
+        )
+    lines += [
+        "",
+        "A_N: accuracy over all classes after the last task; F_N: average forgetting (drop from each "
+        "task's best accuracy to its last).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     width = max(len(r["label"]) for r in rows)
     lines = [f"  {'method':<{width}}  {'A_N (all classes)':>17}  {'F_N (forgetting)':>16}  {'task 0 at the end':>17}"]
-    lines += [f"  {r['label']:<{width}}  {100 * r['average_accuracy']:>15.1f} %  {100 * r['forgetting']:>14.1f} %  "
-              f"{100 * r['task0']:>15.1f} %" for r in rows]
+    lines += [
+        f"  {r['label']:<{width}}  {100 * r['average_accuracy']:>15.1f} %  {100 * r['forgetting']:>14.1f} %  "
+        f"{100 * r['task0']:>15.1f} %"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -102,10 +121,18 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax = fig.add_subplot(1, len(rows), i + 1)
         ax.imshow(np.ma.masked_invalid(arr), cmap="viridis", vmin=0, vmax=1)
         for a, b in zip(*np.nonzero(np.isfinite(arr))):
-            ax.text(b, a, f"{arr[a, b]:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if arr[a, b] > 0.6 else "white")
-        ax.set_title(f"{r['label']}\nA_N {100 * r['average_accuracy']:.1f} %, F_N {100 * r['forgetting']:.1f} %",
-                     fontsize=9)
+            ax.text(
+                b,
+                a,
+                f"{arr[a, b]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if arr[a, b] > 0.6 else "white",
+            )
+        ax.set_title(
+            f"{r['label']}\nA_N {100 * r['average_accuracy']:.1f} %, F_N {100 * r['forgetting']:.1f} %", fontsize=9
+        )
         label_task_axes(ax, arr.shape[0], arr.shape[1], "after task i", "task j", fontsize=8)
     fig.tight_layout()
     outputs.write_png(path, fig, dpi=110)
@@ -136,28 +163,39 @@ def demo(
     outputs.check_can_create(out_dir, option="--out_dir")
     out = Path(out_dir)
     runs = out / "runs"
-    plan = [("ft", "FT (plain fine-tuning)", FT_OVERRIDES), ("ftpp", "FT++ (past logits masked)", FTPP_OVERRIDES),
-            ("method", method_label, ())]
+    plan = [
+        ("ft", "FT (plain fine-tuning)", FT_OVERRIDES),
+        ("ftpp", "FT++ (past logits masked)", FTPP_OVERRIDES),
+        ("method", method_label, ()),
+    ]
     rows = []
     for i, (name, label, extra) in enumerate(plan):
         print(f"demo [{i + 1}/{len(plan)}] {label}: lightning fit -c {config} {' '.join(extra)}".rstrip(), flush=True)
         start = time.perf_counter()
         metrics = _run(cfg, name, [*extra, *(override or [])], seed, runs)
         rows.append(_row(label, metrics, time.perf_counter() - start))
-        print(f"demo [{i + 1}/{len(plan)}] {label}: A_N {100 * rows[-1]['average_accuracy']:.1f} % in "
-              f"{rows[-1]['seconds']:.0f} s", flush=True)
+        print(
+            f"demo [{i + 1}/{len(plan)}] {label}: A_N {100 * rows[-1]['average_accuracy']:.1f} % in "
+            f"{rows[-1]['seconds']:.0f} s",
+            flush=True,
+        )
 
     order = rows[0]["class_order"]
     title = f"Class-incremental stream of {cfg.name}, seed {seed} (class order {order})"
     outputs.write_file(out / "summary.md", summary_markdown(rows, title).encode())
     _plot(rows, out / "accuracy_matrices.png")
     ft, ftpp, method = rows
-    print(f"\nwrote {out / 'summary.md'} and {out / 'accuracy_matrices.png'}\n"
-          f"each run's logs, cl_metrics.json and accuracy_matrix.png: {runs}/<ft|ftpp|method>/seed{seed}/\n",
-          flush=True)
+    print(
+        f"\nwrote {out / 'summary.md'} and {out / 'accuracy_matrices.png'}\n"
+        f"each run's logs, cl_metrics.json and accuracy_matrix.png: {runs}/<ft|ftpp|method>/seed{seed}/\n",
+        flush=True,
+    )
     print(f"{title}:", flush=True)
     print(_table(rows), flush=True)
-    print(f"  {method_label} - FT: {100 * (method['average_accuracy'] - ft['average_accuracy']):+.1f} points of A_N, "
-          f"{100 * (method['forgetting'] - ft['forgetting']):+.1f} points of F_N; {method_label} - FT++: "
-          f"{100 * (method['average_accuracy'] - ftpp['average_accuracy']):+.1f} points of A_N", flush=True)
+    print(
+        f"  {method_label} - FT: {100 * (method['average_accuracy'] - ft['average_accuracy']):+.1f} points of A_N, "
+        f"{100 * (method['forgetting'] - ft['forgetting']):+.1f} points of F_N; {method_label} - FT++: "
+        f"{100 * (method['average_accuracy'] - ftpp['average_accuracy']):+.1f} points of A_N",
+        flush=True,
+    )
     return str(out / "summary.md")

@@ -53,17 +53,26 @@ METHODS: dict[str, tuple[str, ...]] = {
 GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of dense, at <= 2 % of its bytes
 
 
-def _run_one(base: Path, configs: Sequence[Path], method: str, stream: str, seed: int, runs: Path,
-             overrides: Sequence[str]) -> Path:
+def _run_one(
+    base: Path, configs: Sequence[Path], method: str, stream: str, seed: int, runs: Path, overrides: Sequence[str]
+) -> Path:
     """One ``lightning fit`` of ``method``'s configs on ``stream`` with ``seed``; returns its metrics file."""
     from lifelong_delta.runner import fit_run
 
-    fit_run([base, *configs], [*STREAMS[stream][0], *overrides], seed=seed, save_dir=runs / stream, name=method,
-            version=f"seed{seed}")
+    fit_run(
+        [base, *configs],
+        [*STREAMS[stream][0], *overrides],
+        seed=seed,
+        save_dir=runs / stream,
+        name=method,
+        version=f"seed{seed}",
+    )
     path = _metrics_path(runs, method, stream, seed)
     if not path.is_file():
-        raise RuntimeError(f"{stream} seed {seed} finished without writing {path}; does the config add "
-                           "lifelong_delta.callbacks.LifelongDeltas to trainer.callbacks?")
+        raise RuntimeError(
+            f"{stream} seed {seed} finished without writing {path}; does the config add "
+            "lifelong_delta.callbacks.LifelongDeltas to trainer.callbacks?"
+        )
     return path
 
 
@@ -83,8 +92,17 @@ def _best_continual(path: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
     if not by:
         return []
     best = max(by, key=lambda m: (len(by[m]), statistics.fmean(float(r["average_accuracy"]) for r in by[m])))
-    return [{"method": best, "seed": int(r["seed"]), "p": None, "task_il_accuracy": None,
-             "class_il_accuracy": float(r["average_accuracy"]), "bytes_per_task": None} for r in by[best]]
+    return [
+        {
+            "method": best,
+            "seed": int(r["seed"]),
+            "p": None,
+            "task_il_accuracy": None,
+            "class_il_accuracy": float(r["average_accuracy"]),
+            "bytes_per_task": None,
+        }
+        for r in by[best]
+    ]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -99,18 +117,26 @@ def _cell(rows: Sequence[dict[str, Any]], key: str, scale: float = 100.0, digits
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]],
-                     meta: dict[str, Any]) -> str:
+def summary_markdown(
+    rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int, float], dict[str, Any]], meta: dict[str, Any]
+) -> str:
     """Per stream: mean ± std over seeds of every (method, p), then the goals at p = 0.99."""
-    lines = ["# Lifelong deltas: one packed DAREx delta per task", "",
-             f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); this call trained "
-             f"{meta['trained_runs']} of {meta['runs']} runs in {meta['wall_time_s'] / 60:.1f} min (finished runs are "
-             f"reused). Reproduce: `{meta['command']}`.", ""]
+    lines = [
+        "# Lifelong deltas: one packed DAREx delta per task",
+        "",
+        f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); this call trained "
+        f"{meta['trained_runs']} of {meta['runs']} runs in {meta['wall_time_s'] / 60:.1f} min (finished runs are "
+        f"reused). Reproduce: `{meta['command']}`.",
+        "",
+    ]
     for stream in dict.fromkeys(r["stream"] for r in rows):
         mine = [r for r in rows if r["stream"] == stream]
-        lines += [f"## Stream {stream} (split MNIST)", "",
-                  "| method | p | task-IL (%) | class-IL (%) | bytes / task | % of dense | q | seeds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Stream {stream} (split MNIST)",
+            "",
+            "| method | p | task-IL (%) | class-IL (%) | bytes / task | % of dense | q | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
         for r in mine:
             groups.setdefault((r["method"], r["p"]), []).append(r)
@@ -121,36 +147,48 @@ def summary_markdown(rows: Sequence[dict[str, Any]], extra: dict[tuple[str, int,
                 frac = _cell(info, "bytes_fraction", digits=2)
                 q = "1" if p == 0 else f"{statistics.fmean(x for i in info for x in i['q']):.3f}"
                 label = "dense" if p == 0 else f"{p:g}"
-                lines.append(f"| {method} | {label} | {_cell(group, 'task_il_accuracy')} | "
-                             f"{_cell(group, 'class_il_accuracy')} | {kib[0]:.1f} KiB | {frac} | {q} | {len(group)} |")
+                lines.append(
+                    f"| {method} | {label} | {_cell(group, 'task_il_accuracy')} | "
+                    f"{_cell(group, 'class_il_accuracy')} | {kib[0]:.1f} KiB | {frac} | {q} | {len(group)} |"
+                )
             else:
-                lines.append(f"| {method} (best of the continual study) | – | – | "
-                             f"{_cell(group, 'class_il_accuracy')} | – | – | – | {len(group)} |")
+                lines.append(
+                    f"| {method} (best of the continual study) | – | – | "
+                    f"{_cell(group, 'class_il_accuracy')} | – | – | – | {len(group)} |"
+                )
         lines += ["", *(g for method in METHODS for g in _goals(stream, method, mine, extra)), ""]
-    lines += ["Task-IL: the task id is given and the task's delta is swapped in (one forward pass per sample). "
-              "Class-IL: no task id; every sample goes through each task's delta and the highest sigmoid wins "
-              "(as many forward passes as tasks). Mean ± sample std over seeds. Bytes per task: the pack's files "
-              "(kept values and manifest) plus the task's head rows; dense: the QKV delta and the head rows in "
-              "fp32.", ""]
+    lines += [
+        "Task-IL: the task id is given and the task's delta is swapped in (one forward pass per sample). "
+        "Class-IL: no task id; every sample goes through each task's delta and the highest sigmoid wins "
+        "(as many forward passes as tasks). Mean ± sample std over seeds. Bytes per task: the pack's files "
+        "(kept values and manifest) plus the task's head rows; dense: the QKV delta and the head rows in "
+        "fp32.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _goals(stream: str, method: str, rows: Sequence[dict[str, Any]],
-           extra: dict[tuple[str, str, int, float], dict[str, Any]]) -> list[str]:
+def _goals(
+    stream: str, method: str, rows: Sequence[dict[str, Any]], extra: dict[tuple[str, str, int, float], dict[str, Any]]
+) -> list[str]:
     def of(p: float) -> list[dict[str, Any]]:
         return [r for r in rows if r["method"] == method and r["p"] == p]
 
     dense, extreme = of(0.0), of(0.99)
     if not dense or not extreme:
         return []
-    gap = 100 * (statistics.fmean(r["task_il_accuracy"] for r in dense)
-                 - statistics.fmean(r["task_il_accuracy"] for r in extreme))
+    gap = 100 * (
+        statistics.fmean(r["task_il_accuracy"] for r in dense)
+        - statistics.fmean(r["task_il_accuracy"] for r in extreme)
+    )
     frac = statistics.fmean(extra[(stream, method, r["seed"], 0.99)]["bytes_fraction"] for r in extreme)
     tasks = extra[(stream, method, extreme[0]["seed"], 0.99)]["tasks"]
     ok = "met" if gap <= GOAL_POINTS and frac <= GOAL_BYTES else "**not met**"
-    return [f"{method}, goal at p = 0.99 ({ok}): task-IL {gap:.2f} points below dense (goal ≤ {GOAL_POINTS:g}), at "
-            f"{100 * frac:.2f} % of the dense bytes per task (goal ≤ {100 * GOAL_BYTES:g} %). Class-IL costs "
-            f"{tasks} forward passes per sample ({tasks} tasks)."]
+    return [
+        f"{method}, goal at p = 0.99 ({ok}): task-IL {gap:.2f} points below dense (goal ≤ {GOAL_POINTS:g}), at "
+        f"{100 * frac:.2f} % of the dense bytes per task (goal ≤ {100 * GOAL_BYTES:g} %). Class-IL costs "
+        f"{tasks} forward passes per sample ({tasks} tasks)."
+    ]
 
 
 def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
@@ -169,13 +207,25 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
         ps = sorted({r["p"] for r in rows if r["stream"] == stream and r["method"] in METHODS})
         x = np.arange(len(ps))
         for i, (key, method) in enumerate(bars):
-            stats = [_mean_std([100 * r[key] for r in rows if r["stream"] == stream and r["method"] == method
-                                and r["p"] == p] or [float("nan")]) for p in ps]
+            stats = [
+                _mean_std(
+                    [100 * r[key] for r in rows if r["stream"] == stream and r["method"] == method and r["p"] == p]
+                    or [float("nan")]
+                )
+                for p in ps
+            ]
             kind = "task-IL" if key == "task_il_accuracy" else "class-IL"
-            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [s[0] for s in stats], width,
-                   yerr=[s[1] for s in stats], capsize=2, color="C0" if kind == "task-IL" else "C1",
-                   alpha=1.0 if method == methods[0] else 0.55, hatch=None if method == methods[0] else "//",
-                   label=f"{kind}, {method}")
+            ax.bar(
+                x + (i - (len(bars) - 1) / 2) * width,
+                [s[0] for s in stats],
+                width,
+                yerr=[s[1] for s in stats],
+                capsize=2,
+                color="C0" if kind == "task-IL" else "C1",
+                alpha=1.0 if method == methods[0] else 0.55,
+                hatch=None if method == methods[0] else "//",
+                label=f"{kind}, {method}",
+            )
         best = [r for r in rows if r["stream"] == stream and r["method"] not in METHODS]
         if best:
             level = 100 * statistics.fmean(r["class_il_accuracy"] for r in best)
@@ -219,8 +269,15 @@ def lifelong_eval(
     Returns:
         Path of ``summary.md``.
     """
-    given = {"seeds": seeds, "streams": streams, "out_dir": out_dir, "methods": methods, "config_dir": config_dir,
-             "base_config": base_config, "override": override}
+    given = {
+        "seeds": seeds,
+        "streams": streams,
+        "out_dir": out_dir,
+        "methods": methods,
+        "config_dir": config_dir,
+        "base_config": base_config,
+        "override": override,
+    }
     seeds = [0, 1, 2] if seeds is None else list(seeds)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
@@ -258,8 +315,9 @@ def lifelong_eval(
             metrics = json.loads(_metrics_path(runs, method, stream, s).read_text())
             for label, m in metrics["by_p"].items():
                 p = float(label)
-                rows.append({"stream": stream, "method": method, "seed": s, "p": p,
-                             **{k: float(m[k]) for k in COLUMNS[4:]}})
+                rows.append(
+                    {"stream": stream, "method": method, "seed": s, "p": p, **{k: float(m[k]) for k in COLUMNS[4:]}}
+                )
                 extra[(stream, method, s, p)] = {**m, "tasks": metrics["tasks"]}
     if base_config is None:  # the continual study ran on this base config's streams
         for stream in streams:
@@ -270,15 +328,30 @@ def lifelong_eval(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
     for r in rows:
-        writer.writerow([r["stream"], r["method"], r["seed"], "" if r["p"] is None else f"{r['p']:g}",
-                         *("" if r[k] is None else f"{r[k]:.6f}" if k != "bytes_per_task" else f"{r[k]:.0f}"
-                           for k in COLUMNS[4:])])
+        writer.writerow(
+            [
+                r["stream"],
+                r["method"],
+                r["seed"],
+                "" if r["p"] is None else f"{r['p']:g}",
+                *(
+                    "" if r[k] is None else f"{r[k]:.6f}" if k != "bytes_per_task" else f"{r[k]:.0f}"
+                    for k in COLUMNS[4:]
+                ),
+            ]
+        )
     outputs.write_file(out / "results.csv", buf.getvalue().encode())
-    meta = {"seeds": seeds, "wall_time_s": wall, "trained_runs": len(todo), "runs": len(plan),
-            "command": repro_command("lifelong-delta lifelong-eval", lifelong_eval, given,
-                                     default="make lifelong-eval")}
+    meta = {
+        "seeds": seeds,
+        "wall_time_s": wall,
+        "trained_runs": len(todo),
+        "runs": len(plan),
+        "command": repro_command("lifelong-delta lifelong-eval", lifelong_eval, given, default="make lifelong-eval"),
+    }
     outputs.write_file(out / "summary.md", summary_markdown(rows, extra, meta).encode())
     _plot(rows, out)
-    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'} and {out / 'accuracy.png'} ({wall / 60:.1f} min)",
-          flush=True)
+    print(
+        f"wrote {out / 'results.csv'}, {out / 'summary.md'} and {out / 'accuracy.png'} ({wall / 60:.1f} min)",
+        flush=True,
+    )
     return str(out / "summary.md")

@@ -48,8 +48,17 @@ from lifelong_delta.delta.merge import MERGE_METHODS, MergeSpec, merge_tensor
 from lifelong_delta.repro import repro_command
 from lifelong_delta.studies.prune_eval_data import TaskSplits, accuracy, finetune_hparams, task_splits
 
-__all__ = ["DENSITIES", "METHODS", "MergeCell", "RecipeRun", "encoder_checkpoint", "merge_encoder", "merge_eval",
-           "plan_merges", "spec_of"]
+__all__ = [
+    "DENSITIES",
+    "METHODS",
+    "MergeCell",
+    "RecipeRun",
+    "encoder_checkpoint",
+    "merge_encoder",
+    "merge_eval",
+    "plan_merges",
+    "spec_of",
+]
 
 DEFAULT_CACHE_DIR = "~/.cache/lifelong_delta/finetunes"
 METHODS: tuple[str, ...] = tuple(MERGE_METHODS)
@@ -71,8 +80,9 @@ def _random(method: str) -> bool:
     return MERGE_METHODS[method].sparsify == "random"
 
 
-def plan_merges(recipes: Sequence[str], methods: Sequence[str], densities: Sequence[float],
-                seeds: Sequence[int]) -> list[MergeCell]:
+def plan_merges(
+    recipes: Sequence[str], methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]
+) -> list[MergeCell]:
     """Every merge the study evaluates, in order.
 
     Task arithmetic runs once (density 1; it keeps every entry); TIES once per density (deterministic); the DARE
@@ -81,7 +91,7 @@ def plan_merges(recipes: Sequence[str], methods: Sequence[str], densities: Seque
     cells = []
     for recipe in recipes:
         for m in methods:
-            for d in ([1.0] if MERGE_METHODS[m].sparsify == "none" else sorted(densities)):
+            for d in [1.0] if MERGE_METHODS[m].sparsify == "none" else sorted(densities):
                 use = seeds if _random(m) and d < 1.0 else seeds[:1]
                 cells.extend(MergeCell(recipe, m, float(d), s) for s in use)
     return cells
@@ -94,8 +104,9 @@ def spec_of(cell: MergeCell, n_models: int) -> MergeSpec:
 
 
 @torch.no_grad()
-def merge_encoder(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], spec: MergeSpec,
-                  names: Sequence[str]) -> dict[str, Tensor]:
+def merge_encoder(
+    base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], spec: MergeSpec, names: Sequence[str]
+) -> dict[str, Tensor]:
     """The merged tensors ``names`` in memory, one whole tensor at a time (what ``lifelong-delta merge`` streams).
 
     Args:
@@ -110,8 +121,9 @@ def merge_encoder(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, T
     return {n: merge_tensor(base[n], [f[n] for f in finetuned], spec, name=n) for n in names}
 
 
-def encoder_names(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]],
-                  exclude: Sequence[str] = HEAD) -> list[str]:
+def encoder_names(
+    base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], exclude: Sequence[str] = HEAD
+) -> list[str]:
     """The floating tensors of ``base`` not matched by ``exclude``; every fine-tune must have them, same shapes."""
     names = [n for n, t in base.items() if t.is_floating_point() and not is_excluded(n, exclude)]
     for i, f in enumerate(finetuned):
@@ -121,8 +133,12 @@ def encoder_names(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, T
     return names
 
 
-def encoder_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], head_from: str | os.PathLike[str],
-                       exclude: Sequence[str] = HEAD) -> Path:
+def encoder_checkpoint(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    head_from: str | os.PathLike[str],
+    exclude: Sequence[str] = HEAD,
+) -> Path:
     """Copy an HF classifier directory with its head replaced by ``head_from``'s: the inputs ``lifelong-delta
     merge`` and ``mergekit-yaml`` take when the fine-tunes' heads differ in shape (TREC has 6 classes, VADER 2).
 
@@ -147,10 +163,12 @@ def encoder_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     src, out, head_from = Path(src), Path(out), Path(head_from)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {n: t for n, t in load_file(str(src / "model.safetensors")).items() if not is_excluded(n, exclude)}
-    tensors.update({n: t for n, t in load_file(str(head_from / "model.safetensors")).items()
-                    if is_excluded(n, exclude)})
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors.update(
+        {n: t for n, t in load_file(str(head_from / "model.safetensors")).items() if is_excluded(n, exclude)}
+    )
+    save_file(
+        {n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     for f in src.iterdir():
         if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("finetune.json", "config.json"):
             shutil.copy(f, out / f.name)
@@ -170,8 +188,15 @@ class RecipeRun:
         exclude: the task-specific tensors (the heads), never merged.
     """
 
-    def __init__(self, recipe: str, tasks: Sequence[str], base_dirs: Mapping[str, Path], ft_dirs: Mapping[str, Path],
-                 splits: Mapping[str, TaskSplits], exclude: Sequence[str] = HEAD) -> None:
+    def __init__(
+        self,
+        recipe: str,
+        tasks: Sequence[str],
+        base_dirs: Mapping[str, Path],
+        ft_dirs: Mapping[str, Path],
+        splits: Mapping[str, TaskSplits],
+        exclude: Sequence[str] = HEAD,
+    ) -> None:
         from safetensors.torch import load_file
 
         from lifelong_delta.text.module import load_classifier
@@ -184,8 +209,10 @@ class RecipeRun:
             other = load_file(str(Path(base_dirs[t]) / "model.safetensors"))
             differ = [n for n in self.names if n not in other or not torch.equal(other[n], self.base[n])]
             if differ:
-                raise ValueError(f"the bases of {tasks[0]} and {t} differ in {differ[0]!r}: a merge needs one "
-                                 f"pretrained encoder ({base_dirs[tasks[0]]}, {base_dirs[t]})")
+                raise ValueError(
+                    f"the bases of {tasks[0]} and {t} differ in {differ[0]!r}: a merge needs one "
+                    f"pretrained encoder ({base_dirs[tasks[0]]}, {base_dirs[t]})"
+                )
         self.models = {t: load_classifier(ft_dirs[t]).eval() for t in tasks}
         for t, model in self.models.items():
             missing = [n for n in self.names if n not in model.state_dict()]
@@ -209,8 +236,17 @@ class RecipeRun:
         encoders = {"base": self.base, **{f"finetune-{t}": f for t, f in zip(self.tasks, self.finetuned)}}
         for label, enc in encoders.items():
             for t, acc in self.accuracies(enc).items():
-                rows.append({"recipe": self.recipe, "method": label, "density": "", "seed": "", "task": t,
-                             "accuracy": acc, "merge_s": ""})
+                rows.append(
+                    {
+                        "recipe": self.recipe,
+                        "method": label,
+                        "density": "",
+                        "seed": "",
+                        "task": t,
+                        "accuracy": acc,
+                        "merge_s": "",
+                    }
+                )
         return rows
 
     def run(self, cells: Sequence[MergeCell], bar: Any = None) -> list[dict[str, Any]]:
@@ -221,20 +257,40 @@ class RecipeRun:
             merged = merge_encoder(self.base, self.finetuned, spec_of(c, len(self.tasks)), self.names)
             seconds = time.perf_counter() - start
             for t, acc in self.accuracies(merged).items():
-                rows.append({"recipe": c.recipe, "method": c.method, "density": c.density, "seed": c.seed, "task": t,
-                             "accuracy": acc, "merge_s": round(seconds, 3)})
+                rows.append(
+                    {
+                        "recipe": c.recipe,
+                        "method": c.method,
+                        "density": c.density,
+                        "seed": c.seed,
+                        "task": t,
+                        "accuracy": acc,
+                        "merge_s": round(seconds, 3),
+                    }
+                )
             if bar is not None:
                 bar.update(1, detail=f"{c.recipe} {c.method} density={c.density:g} seed={c.seed}")
         return rows
 
 
-def _check(tasks: Sequence[str], recipes: Sequence[str], methods: Sequence[str], densities: Sequence[float],
-           seeds: Sequence[int], max_test: int | None, jobs: int | None, threads: int | None) -> None:
+def _check(
+    tasks: Sequence[str],
+    recipes: Sequence[str],
+    methods: Sequence[str],
+    densities: Sequence[float],
+    seeds: Sequence[int],
+    max_test: int | None,
+    jobs: int | None,
+    threads: int | None,
+) -> None:
     from lifelong_delta.text.data import TASKS
     from lifelong_delta.text.finetune import RECIPES
 
-    for option, values, allowed in (("tasks", tasks, TASKS), ("recipes", recipes, tuple(RECIPES)),
-                                    ("methods", methods, METHODS)):
+    for option, values, allowed in (
+        ("tasks", tasks, TASKS),
+        ("recipes", recipes, tuple(RECIPES)),
+        ("methods", methods, METHODS),
+    ):
         if not values:
             raise ValueError(f"{option}: give at least one of {', '.join(allowed)}")
         bad = [v for v in values if v not in allowed]
@@ -313,11 +369,13 @@ def merge_eval(
 def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], recipes: Sequence[str]) -> None:
     from lifelong_delta.text.finetune import all_finetunes, finetune_dir
 
-    missing = [r for r in recipes if any(not (finetune_dir(t, r, cache_dir) / "finetune.json").is_file()
-                                         for t in tasks)]
+    missing = [
+        r for r in recipes if any(not (finetune_dir(t, r, cache_dir) / "finetune.json").is_file() for t in tasks)
+    ]
     if missing:
-        print(f"fine-tunes of {', '.join(missing)} are not all cached in {cache_dir}; fine-tuning them first",
-              flush=True)
+        print(
+            f"fine-tunes of {', '.join(missing)} are not all cached in {cache_dir}; fine-tuning them first", flush=True
+        )
         all_finetunes(cache_dir, tasks=list(tasks), recipes=missing)  # type: ignore[arg-type]
 
 
@@ -357,42 +415,56 @@ def _run(args: dict[str, Any], start: float) -> dict[str, str]:
 
     tasks, recipes, cache = tuple(args["tasks"]), args["recipes"], args["cache_dir"]
     base_dirs = {t: finetune_dir(t, "base", cache) for t in tasks}
-    splits = {t: task_splits(finetune_hparams(finetune_dir(t, recipes[0], cache)), args["max_test"], 1, 1,
-                             args["batch_size"]) for t in tasks}
+    splits = {
+        t: task_splits(finetune_hparams(finetune_dir(t, recipes[0], cache)), args["max_test"], 1, 1, args["batch_size"])
+        for t in tasks
+    }
     cells = plan_merges(recipes, args["methods"], args["densities"], args["seeds"])
     jobs = max(1, args["jobs"] or os.cpu_count() or 1)
     shares = max(1, jobs // len(recipes))
     units = []
     for r in recipes:
         mine = [c for c in cells if c.recipe == r]
-        units += [_Unit(r, k, tasks, base_dirs, {t: finetune_dir(t, r, cache) for t in tasks}, splits,
-                        tuple(mine[k::shares])) for k in range(min(shares, max(len(mine), 1)))]
+        units += [
+            _Unit(r, k, tasks, base_dirs, {t: finetune_dir(t, r, cache) for t in tasks}, splits, tuple(mine[k::shares]))
+            for k in range(min(shares, max(len(mine), 1)))
+        ]
     jobs = min(jobs, len(units))
     sizes = ", ".join(f"{t} test {splits[t].test.n} of {splits[t].test_full}" for t in tasks)
-    print(f"merge-eval: {len(cells)} merges of {len(tasks)} fine-tunes x {len(recipes)} recipe(s), each evaluated on "
-          f"{len(tasks)} task(s) ({sizes}), in {jobs} process(es)", flush=True)
+    print(
+        f"merge-eval: {len(cells)} merges of {len(tasks)} fine-tunes x {len(recipes)} recipe(s), each evaluated on "
+        f"{len(tasks)} task(s) ({sizes}), in {jobs} process(es)",
+        flush=True,
+    )
     with Progress("merge-eval", len(cells), unit="merges", enabled=args["progress"]) as bar:
         bar.update(0, detail=f"loading {recipes[0]}")
         per_unit = _run_units(units, jobs, bar)
     order = {(c.recipe, c.method, c.density, c.seed): i for i, c in enumerate(cells)}
     refs = [r for rows in per_unit for r in rows if r["density"] == ""]
-    merged = sorted((r for rows in per_unit for r in rows if r["density"] != ""),
-                    key=lambda r: (order[r["recipe"], r["method"], r["density"], r["seed"]], tasks.index(r["task"])))
+    merged = sorted(
+        (r for rows in per_unit for r in rows if r["density"] != ""),
+        key=lambda r: (order[r["recipe"], r["method"], r["density"], r["seed"]], tasks.index(r["task"])),
+    )
     refs.sort(key=lambda r: recipes.index(r["recipe"]))
     wall = time.perf_counter() - start
     meta = {
-        "command": repro_command("lifelong-delta merge-eval", merge_eval, args, skip=("progress", "jobs"),
-                                 default="make merge-eval"),
+        "command": repro_command(
+            "lifelong-delta merge-eval", merge_eval, args, skip=("progress", "jobs"), default="make merge-eval"
+        ),
         "wall_time_s": round(wall, 1),
         **{k: args[k] for k in ("tasks", "recipes", "methods", "densities", "seeds", "max_test", "cache_dir")},
-        "weights": 1.0, "lambda": 1.0, "exclude": list(HEAD),
+        "weights": 1.0,
+        "lambda": 1.0,
+        "exclude": list(HEAD),
         "normalize": {m: MERGE_METHODS[m].normalize for m in args["methods"]},
-        "threads": torch.get_num_threads(), "jobs": jobs,
-        "splits": {t: {"test": splits[t].test.n, "test_full": splits[t].test_full, "majority": splits[t].majority}
-                   for t in tasks},
+        "threads": torch.get_num_threads(),
+        "jobs": jobs,
+        "splits": {
+            t: {"test": splits[t].test.n, "test_full": splits[t].test_full, "majority": splits[t].majority}
+            for t in tasks
+        },
         "merge_s_median": statistics.median(float(r["merge_s"]) for r in merged) if merged else math.nan,
     }
     paths = write_outputs(Path(os.path.expanduser(args["out"])), refs + merged, meta)
     print(f"merge-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return paths
-

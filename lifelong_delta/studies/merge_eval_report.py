@@ -20,8 +20,14 @@ from typing import Any
 from lifelong_delta import outputs
 from lifelong_delta.studies.prune_eval_report import Agg
 
-__all__ = ["RESULT_COLUMNS", "aggregate", "plot_accuracy_vs_density", "read_results", "summary_markdown",
-           "write_outputs"]
+__all__ = [
+    "RESULT_COLUMNS",
+    "aggregate",
+    "plot_accuracy_vs_density",
+    "read_results",
+    "summary_markdown",
+    "write_outputs",
+]
 
 RESULT_COLUMNS = ("recipe", "method", "density", "seed", "task", "accuracy", "merge_s")
 METHOD_STYLE = {
@@ -60,8 +66,16 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         def opt(text: str, kind: type) -> Any:
             return kind(text) if text != "" else None
 
-        return [{**r, "density": opt(r["density"], float), "seed": opt(r["seed"], int),
-                 "accuracy": float(r["accuracy"]), "merge_s": opt(r["merge_s"], float)} for r in reader]
+        return [
+            {
+                **r,
+                "density": opt(r["density"], float),
+                "seed": opt(r["seed"], int),
+                "accuracy": float(r["accuracy"]),
+                "merge_s": opt(r["merge_s"], float),
+            }
+            for r in reader
+        ]
 
 
 def _density(r: Mapping[str, Any]) -> float | None:
@@ -74,16 +88,14 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[Key, Agg]:
     groups: dict[Key, list[float]] = {}
     for r in rows:
         groups.setdefault((r["recipe"], r["method"], _density(r), r["task"]), []).append(float(r["accuracy"]))
-    return {k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for k, v in groups.items()}
+    return {k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
 def _ordered(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _normalised(agg: Mapping[Key, Agg], recipe: str, method: str, density: float, tasks: Sequence[str]
-                ) -> float | None:
+def _normalised(agg: Mapping[Key, Agg], recipe: str, method: str, density: float, tasks: Sequence[str]) -> float | None:
     """Mean over tasks of the merge's accuracy over the task's own fine-tune's (the merging papers' metric)."""
     parts = []
     for t in tasks:
@@ -101,21 +113,33 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
     recipes = _ordered(r["recipe"] for r in rows)
     densities = sorted({d for r in rows if (d := _density(r)) is not None})
     normalize = meta.get("normalize", {})
-    lines = [f"# Merging fine-tunes: {' + '.join(t.upper() for t in tasks)} MiniLM (`lifelong-delta merge`)", "",
-             f"Wall time {meta.get('wall_time_s', math.nan) / 60:.1f} min with {meta.get('jobs', 1)} process(es) of "
-             f"{meta.get('threads', '?')} torch thread(s). Reproduce: `{meta.get('command', 'make merge-eval')}`.",
-             "", "## Set-up", ""]
+    lines = [
+        f"# Merging fine-tunes: {' + '.join(t.upper() for t in tasks)} MiniLM (`lifelong-delta merge`)",
+        "",
+        f"Wall time {meta.get('wall_time_s', math.nan) / 60:.1f} min with {meta.get('jobs', 1)} process(es) of "
+        f"{meta.get('threads', '?')} torch thread(s). Reproduce: `{meta.get('command', 'make merge-eval')}`.",
+        "",
+        "## Set-up",
+        "",
+    ]
     for t, sp in meta.get("splits", {}).items():
-        sub = ("the whole test split" if sp["test"] == sp["test_full"] else
-               f"a stratified subsample of {sp['test']} of the {sp['test_full']} test examples, the same for every row")
+        sub = (
+            "the whole test split"
+            if sp["test"] == sp["test_full"]
+            else f"a stratified subsample of {sp['test']} of the {sp['test_full']} test examples, "
+            "the same for every row"
+        )
         lines.append(f"- **{t}**: {sub}; chance (majority class) {100 * sp['majority']:.1f} %.")
     lines += [
         f"- Merged: every encoder tensor of the fine-tunes of one recipe, in the order {', '.join(tasks)}; the heads "
         f"(`{', '.join(meta.get('exclude', []))}`) are task-specific and not merged. Task T is evaluated with the "
         "merged encoder and T's own head.",
         f"- Weights {meta.get('weights', 1):g} each, λ = {meta.get('lambda', 1):g}; normalize (divide by the "
-        "(agreeing) weights) for " + (", ".join(m for m, n in normalize.items() if n) or "none") + ", not for "
-        + (", ".join(m for m, n in normalize.items() if not n) or "none") + ". With two models task arithmetic "
+        "(agreeing) weights) for "
+        + (", ".join(m for m, n in normalize.items() if n) or "none")
+        + ", not for "
+        + (", ".join(m for m, n in normalize.items() if not n) or "none")
+        + ". With two models task arithmetic "
         "adds both deltas in full. DAREx-q rescales by 1/√density.",
         f"- Mask seeds {meta.get('seeds')} for the DARE merges (model i draws seed + i); TIES is deterministic (one "
         "run); at density 1 the DARE mask keeps everything (one run). Cells: accuracy in %, mean ± sample std over "
@@ -137,24 +161,34 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
         methods = _ordered(r["method"] for r in rows if r["recipe"] == rc and _density(r) is not None)
         for t in tasks:
             own = agg.get((rc, f"finetune-{t}", None, t))
-            lines += ["", f"## {rc}, {t}: test accuracy (%) of the merge"
-                      + (f" (own fine-tune {own.cell()})" if own else ""), "",
-                      "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
-                      "|---|" + "---|" * len(densities)]
+            lines += [
+                "",
+                f"## {rc}, {t}: test accuracy (%) of the merge" + (f" (own fine-tune {own.cell()})" if own else ""),
+                "",
+                "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+                "|---|" + "---|" * len(densities),
+            ]
             for m in methods:
                 cells = [agg[(rc, m, d, t)].cell() if (rc, m, d, t) in agg else "–" for d in densities]
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", f"## {rc}: mean over tasks of accuracy / own fine-tune's accuracy", "",
-                  "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
-                  "|---|" + "---|" * len(densities)]
+        lines += [
+            "",
+            f"## {rc}: mean over tasks of accuracy / own fine-tune's accuracy",
+            "",
+            "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |",
+            "|---|" + "---|" * len(densities),
+        ]
         for m in methods:
             vals = [_normalised(agg, rc, m, d, tasks) for d in densities]
             lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None,
-                             chance: Mapping[str, float] | None = None) -> Any:
+def plot_accuracy_vs_density(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str] | None = None,
+    chance: Mapping[str, float] | None = None,
+) -> Any:
     """Accuracy against density: one panel per (recipe, task), one line per method (error bars: std over seeds).
 
     Dashed: the task's own fine-tune; dash-dotted: the base encoder with the task's head; dotted: the majority class;
@@ -172,8 +206,9 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
     agg = aggregate(rows)
     tasks = _ordered(r["task"] for r in rows)
     recipes = _ordered(r["recipe"] for r in rows)
-    fig, axes = plt.subplots(len(recipes), len(tasks), figsize=(3.6 * len(tasks) + 1.8, 2.9 * len(recipes) + 0.6),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(recipes), len(tasks), figsize=(3.6 * len(tasks) + 1.8, 2.9 * len(recipes) + 0.6), squeeze=False, sharex=True
+    )
     handles: dict[str, Any] = {}
     for i, rc in enumerate(recipes):
         for j, t in enumerate(tasks):
@@ -192,8 +227,17 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
                     handles.setdefault(m, ax.axhline(100 * pts[0][1].mean, color="k", lw=1, alpha=0.6))
                     continue
                 color, marker = METHOD_STYLE.get(m, (None, "."))
-                h = ax.errorbar([d for d, _ in pts], [100 * a.mean for _, a in pts], yerr=[100 * a.std for _, a in pts],
-                                color=color, marker=marker, ms=4, lw=1.2, capsize=2, label=m)
+                h = ax.errorbar(
+                    [d for d, _ in pts],
+                    [100 * a.mean for _, a in pts],
+                    yerr=[100 * a.std for _, a in pts],
+                    color=color,
+                    marker=marker,
+                    ms=4,
+                    lw=1.2,
+                    capsize=2,
+                    label=m,
+                )
                 handles.setdefault(m, h)
             ax.set_xscale("log")
             ax.set_title(f"{rc}: {t}", fontsize=9)
@@ -214,8 +258,12 @@ def plot_accuracy_vs_density(rows: Sequence[Mapping[str, Any]], path: str | os.P
 
 def write_outputs(out: Path, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, str]:
     """Write every output file of the study into ``out`` (atomically) and return their paths."""
-    paths = {"results": out / "results.csv", "summary": out / "summary.md", "plot": out / "accuracy_vs_density.png",
-             "meta": out / "meta.json"}
+    paths = {
+        "results": out / "results.csv",
+        "summary": out / "summary.md",
+        "plot": out / "accuracy_vs_density.png",
+        "meta": out / "meta.json",
+    }
     outputs.write_file(paths["results"], _csv_bytes(rows))
     outputs.write_file(paths["summary"], summary_markdown(rows, meta).encode())
     outputs.write_file(paths["meta"], (json.dumps(meta, indent=2, default=str) + "\n").encode())

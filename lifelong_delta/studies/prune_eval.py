@@ -100,11 +100,7 @@ def _check(args: dict[str, Any], s: Settings) -> None:
     ps, seeds = args["ps"], args["seeds"]
     if not ps or any(isinstance(p, bool) or not 0.0 < float(p) < 1.0 for p in ps):
         raise ValueError(f"ps: drop rates must be in (0, 1), got {list(ps)}")
-    if (
-        not seeds
-        or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
+    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: give distinct integer mask seeds, got {list(seeds)}")
     if args["low_p_seeds"] < 1:
         raise ValueError(f"low_p_seeds must be >= 1, got {args['low_p_seeds']}")
@@ -130,9 +126,7 @@ def _check_settings(s: Settings) -> None:
     if not (math.isfinite(s.analytic_tie_rtol) and 0 <= s.analytic_tie_rtol < 1):
         raise ValueError(f"analytic_tie_rtol must be in [0, 1), got {s.analytic_tie_rtol}")
     if s.q_grid_size < 2 or s.q_fine_steps < 0:
-        raise ValueError(
-            f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}"
-        )
+        raise ValueError(f"q_grid_size must be >= 2 and q_fine_steps >= 0, got {s.q_grid_size}, {s.q_fine_steps}")
 
 
 def _ensure_finetunes(cache_dir: str, tasks: Sequence[str], finetunes: Sequence[str], backbone: str) -> None:
@@ -268,8 +262,9 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     units, ps, first = plan.units, args["ps"], args["finetunes"][0]
     unit_cost = unit_costs(plan)
     jobs = max(1, min(args["jobs"] or os.cpu_count() or 1, len(units)))
-    sizes = ", ".join(f"{t} test {plan.splits[t, first].test.n} of {plan.splits[t, first].test_full}"
-                      for t in args["tasks"])
+    sizes = ", ".join(
+        f"{t} test {plan.splits[t, first].test.n} of {plan.splits[t, first].test_full}" for t in args["tasks"]
+    )
     print(
         f"prune-eval: {len(plan.cells)} evaluations of {len(plan.dirs)} fine-tunes ({sizes}) in {jobs} process(es); "
         f"about {makespan(list(unit_cost.values()), jobs) / 60:.0f} minutes at this machine's current speed",
@@ -287,9 +282,7 @@ def _run(args: dict[str, Any], s: Settings, start: float) -> dict[str, str]:
     wall = time.perf_counter() - start
     meta = _meta(args, plan, jobs, wall, [results[u][3] for u in units])
     paths = write_outputs(Path(os.path.expanduser(args["out"])), rows, qrows, recs, meta)
-    print(
-        f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
-    )
+    print(f"prune-eval finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return paths
 
 
@@ -340,8 +333,14 @@ def _unit_outputs(run: FinetuneRun, cells: Sequence[Cell], ps: Sequence[float], 
 
 
 def _worker(
-    unit: tuple[str, str], cells: list[Cell], ft_dir: Path, base_dir: Path, splits: Any, s: Settings,
-    ps: list[float], bar: Any,
+    unit: tuple[str, str],
+    cells: list[Cell],
+    ft_dir: Path,
+    base_dir: Path,
+    splits: Any,
+    s: Settings,
+    ps: list[float],
+    bar: Any,
 ) -> tuple:
     """One fine-tune of the study, in a worker process of :func:`~lifelong_delta.progress.run_spawned`."""
     run = FinetuneRun(*unit, ft_dir, base_dir, splits, s)
@@ -359,6 +358,7 @@ def _run_parallel(
     from lifelong_delta.progress import run_spawned
 
     order = sorted(plan.units, key=lambda u: -unit_cost[u])
-    calls = [(u, plan.unit_cells[u], plan.dirs[u], plan.base_dirs[u[0]], plan.splits[u], plan.settings, ps)
-             for u in order]
+    calls = [
+        (u, plan.unit_cells[u], plan.dirs[u], plan.base_dirs[u[0]], plan.splits[u], plan.settings, ps) for u in order
+    ]
     return dict(zip(order, run_spawned(_worker, calls, jobs, bar)))

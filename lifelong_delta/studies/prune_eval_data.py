@@ -40,9 +40,7 @@ class EvalSet:
     tokens: int
 
     @classmethod
-    def build(
-        cls, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int = 32
-    ) -> EvalSet:
+    def build(cls, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int = 32) -> EvalSet:
         """Sort ``[N, L]`` token tensors by length and cut them into trimmed batches.
 
         Batches hold ``batch_size`` examples, or fewer for a small set (at least 8, and at least four batches

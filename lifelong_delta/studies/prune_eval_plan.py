@@ -19,9 +19,7 @@ __all__ = ["EXTREME_METHODS", "METHODS", "Cell", "StudyPlan", "makespan", "plan_
 #: Every method of the study, ``unpruned`` first.
 METHODS: tuple[str, ...] = ("unpruned", *METHOD_ORDER)
 #: Deterministic methods (their registry rows are not ``seeded``): one row per p, with the first seed.
-SEEDLESS = frozenset(
-    {"unpruned", *(m for m in METHOD_ORDER if m in PRUNE_METHODS and not PRUNE_METHODS[m].seeded)}
-)
+SEEDLESS = frozenset({"unpruned", *(m for m in METHOD_ORDER if m in PRUNE_METHODS and not PRUNE_METHODS[m].seeded)})
 EXTREME_P = 0.999
 #: the methods run at p >= EXTREME_P by default
 EXTREME_METHODS: tuple[str, ...] = ("darex-q-grid", "darex-q-analytic", "magnitude", "wanda")
@@ -96,8 +94,7 @@ def plan_study(args: dict[str, Any], s: Settings) -> StudyPlan:
     tasks, finetunes, cache_dir, backbone = args["tasks"], args["finetunes"], args["cache_dir"], args["backbone"]
     dirs = {(t, f): finetune_dir(t, f, cache_dir, backbone=backbone) for t in tasks for f in finetunes}
     splits = {
-        k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size)
-        for k, d in dirs.items()
+        k: task_splits(finetune_hparams(d), s.max_test, s.max_val, s.n_calib, s.batch_size) for k, d in dirs.items()
     }
     cells = plan_cells(
         tasks,

@@ -60,11 +60,7 @@ class Agg:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return (
-            f"{value:.6g}"
-            if abs(value) < 1e-3 and value != 0
-            else f"{value:.6f}".rstrip("0").rstrip(".") or "0"
-        )
+        return f"{value:.6g}" if abs(value) < 1e-3 and value != 0 else f"{value:.6f}".rstrip("0").rstrip(".") or "0"
     return str(value)
 
 
@@ -82,26 +78,16 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
-            raise ValueError(
-                f"{path}: expected the columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}"
-            )
-        return [
-            {**r, "p": float(r["p"]), "seed": int(r["seed"]), "accuracy": float(r["accuracy"])}
-            for r in reader
-        ]
+            raise ValueError(f"{path}: expected the columns {','.join(RESULT_COLUMNS)}, got {reader.fieldnames}")
+        return [{**r, "p": float(r["p"]), "seed": int(r["seed"]), "accuracy": float(r["accuracy"])} for r in reader]
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, float], Agg]:
     """``{(task, finetune, method, p): Agg}`` over the seeds of each cell."""
     groups: dict[tuple[str, str, str, float], list[float]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(
-            float(r["accuracy"])
-        )
-    return {
-        k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-        for k, v in groups.items()
-    }
+        groups.setdefault((r["task"], r["finetune"], r["method"], float(r["p"])), []).append(float(r["accuracy"]))
+    return {k: Agg(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -113,15 +99,11 @@ def best_method(
     agg: Mapping[tuple[str, str, str, float], Agg], task: str, finetune: str, p: float
 ) -> tuple[str, Agg] | None:
     """The pruning method with the highest mean accuracy at ``p`` (None if nothing was evaluated there)."""
-    cands = [
-        (k[2], a) for k, a in agg.items() if k[:2] == (task, finetune) and k[3] == p and k[2] != "unpruned"
-    ]
+    cands = [(k[2], a) for k, a in agg.items() if k[:2] == (task, finetune) and k[3] == p and k[2] != "unpruned"]
     return max(cands, key=lambda ma: ma[1].mean) if cands else None
 
 
-def _verdict(
-    pick: str, agg: Mapping[tuple[str, str, str, float], Agg], task: str, ft: str, p: float
-) -> list[str]:
+def _verdict(pick: str, agg: Mapping[tuple[str, str, str, float], Agg], task: str, ft: str, p: float) -> list[str]:
     best = best_method(agg, task, ft, p)
     mine = agg.get((task, ft, pick, p))
     if best is None:
@@ -195,10 +177,7 @@ def _setup_section(meta: Mapping[str, Any]) -> list[str]:
         "## Set-up",
         "",
         *split_bits,
-        (
-            "- Pruned: every encoder tensor, embeddings included; left alone: "
-            f"`{', '.join(s.get('exclude', []))}`."
-        ),
+        (f"- Pruned: every encoder tensor, embeddings included; left alone: `{', '.join(s.get('exclude', []))}`."),
         (
             f"- q candidates: {s.get('q_grid_size')} geometric in [1−p, 1], then {s.get('q_fine_steps')} "
             "fine steps around the best. Magnitude and WANDA keep the top 1−p of each row without rescaling."
@@ -286,9 +265,7 @@ def _q_section(q_rows: Sequence[Mapping[str, Any]], ps: Sequence[float]) -> list
     return lines
 
 
-def _recommend_section(
-    recs: Sequence[Mapping[str, Any]], agg: Mapping[tuple[str, str, str, float], Agg]
-) -> list[str]:
+def _recommend_section(recs: Sequence[Mapping[str, Any]], agg: Mapping[tuple[str, str, str, float], Agg]) -> list[str]:
     """``recommend``'s pick per (task, fine-tune, p) against the best method of the accuracy table."""
     lines = [
         "",
@@ -364,9 +341,7 @@ def plot_accuracy_vs_p(
                 handles["unpruned"] = ax.axhline(100 * un.mean, color="k", ls="--", lw=1)
             if chance and task in chance:
                 handles["chance (majority class)"] = ax.axhline(100 * chance[task], color="0.5", ls=":", lw=1)
-            methods = _ordered(
-                (k[2] for k in agg if k[:2] == (task, ft) and k[2] != "unpruned"), METHOD_ORDER
-            )
+            methods = _ordered((k[2] for k in agg if k[:2] == (task, ft) and k[2] != "unpruned"), METHOD_ORDER)
             for k, m in enumerate(methods):
                 pts = [(p, agg[(task, ft, m, p)]) for p in ps if (task, ft, m, p) in agg]
                 color, marker = METHOD_STYLE.get(m, (None, "."))

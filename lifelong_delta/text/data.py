@@ -46,8 +46,8 @@ from lifelong_delta.continual.data import mix_seed
 __all__ = [
     "DEFAULT_MAX_LENGTH",
     "TASKS",
-    "TextTask",
     "TextClassificationDataModule",
+    "TextTask",
     "load_task",
     "load_trec",
     "load_vader",
@@ -139,8 +139,7 @@ def load_trec(path: str | Path | None = None) -> TextTask:
         text = text.strip()
         if coarse not in TREC_LABELS or not text:
             raise ValueError(
-                f"{file}:{lineno}: expected 'COARSE:fine question' with COARSE in {TREC_LABELS}, "
-                f"got {line[:60]!r}"
+                f"{file}:{lineno}: expected 'COARSE:fine question' with COARSE in {TREC_LABELS}, got {line[:60]!r}"
             )
         if first.setdefault(text, coarse) != coarse:
             conflicting.add(text)
@@ -218,8 +217,9 @@ def stratified_split(
         ``{"train": idx, "val": idx, "test": idx}``, int64 index tensors that partition ``range(N)``.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction and test_fraction must be in [0, 1) with sum < 1, got "
-                         f"{val_fraction} and {test_fraction}")
+        raise ValueError(
+            f"val_fraction and test_fraction must be in [0, 1) with sum < 1, got {val_fraction} and {test_fraction}"
+        )
     parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
@@ -364,9 +364,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(
-                f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}"
-            )
+            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
         caps = {"max_train_examples": max_train_examples, "max_eval_examples": max_eval_examples}
         for name, cap in caps.items():
             if cap is not None and cap < 1:
@@ -393,9 +391,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def split_indices(self) -> dict[str, Tensor]:
         """Indices into :func:`load_task` of each split after the caps (a pure function of the arguments)."""
         data = load_task(self.task, self.neutral_margin)
-        splits = stratified_split(
-            data.labels, self.val_fraction, self.test_fraction, self.seed, salt=self.task
-        )
+        splits = stratified_split(data.labels, self.val_fraction, self.test_fraction, self.seed, salt=self.task)
         cap = self.max_eval_examples
         caps = {"train": self.max_train_examples, "val": cap, "test": cap}
         return {name: stratified_take(idx, data.labels, caps[name]) for name, idx in splits.items()}
@@ -405,9 +401,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             return
         data = load_task(self.task, self.neutral_margin)
         tokens = tokenize(data.texts, self.tokenizer_dir or minilm_dir(), self.max_length)
-        self.datasets = {
-            name: _TokenDataset(tokens, data.labels, idx) for name, idx in self.split_indices().items()
-        }
+        self.datasets = {name: _TokenDataset(tokens, data.labels, idx) for name, idx in self.split_indices().items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if not self.datasets:

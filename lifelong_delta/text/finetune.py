@@ -98,16 +98,37 @@ _EPOCHS = {"trec": 2, "vader": 1}
 #: MiniLM on TREC).
 RECIPES: dict[str, Recipe] = {
     "adamw": Recipe("adamw", lr=1e-4, epochs=_EPOCHS, note="the standard fine-tune"),
-    "adamr-l2": Recipe("adamr", lr=1e-4, epochs=_EPOCHS, reg=0.05, variant="l2",
-                       note="DAREx-L2: decoupled L2 pull toward the base, small deltas"),
-    "adamr-l1": Recipe("adamr", lr=1e-4, epochs=_EPOCHS, reg=1e-5, variant="l1",
-                       note="decoupled L1 pull toward the base, sparse deltas"),
-    "adamw-large": Recipe("adamw", lr=4e-4, epochs=_EPOCHS,
-                          note="large deltas (4x the lr), where importance pruning should beat random drop"),
-    "lora": Recipe("adamw", lr=1e-3, epochs=_EPOCHS, lora_r=8,
-                   note="LoRA r=8 on query/value, classifier trained"),
-    "adamr-l2-large": Recipe("adamr", lr=4e-4, epochs=_EPOCHS, reg=0.05, variant="l2",
-                             note="AdamR-L2 at adamw-large's lr: does the pull keep a large-lr delta prunable?"),
+    "adamr-l2": Recipe(
+        "adamr",
+        lr=1e-4,
+        epochs=_EPOCHS,
+        reg=0.05,
+        variant="l2",
+        note="DAREx-L2: decoupled L2 pull toward the base, small deltas",
+    ),
+    "adamr-l1": Recipe(
+        "adamr",
+        lr=1e-4,
+        epochs=_EPOCHS,
+        reg=1e-5,
+        variant="l1",
+        note="decoupled L1 pull toward the base, sparse deltas",
+    ),
+    "adamw-large": Recipe(
+        "adamw",
+        lr=4e-4,
+        epochs=_EPOCHS,
+        note="large deltas (4x the lr), where importance pruning should beat random drop",
+    ),
+    "lora": Recipe("adamw", lr=1e-3, epochs=_EPOCHS, lora_r=8, note="LoRA r=8 on query/value, classifier trained"),
+    "adamr-l2-large": Recipe(
+        "adamr",
+        lr=4e-4,
+        epochs=_EPOCHS,
+        reg=0.05,
+        variant="l2",
+        note="AdamR-L2 at adamw-large's lr: does the pull keep a large-lr delta prunable?",
+    ),
 }
 #: The recipes ``make finetune`` / ``make prune-eval`` train by default. ``adamr-l2-large`` is opt-in
 #: (``make prune-eval-large``; docs/reproduction.md, finding 3).
@@ -132,7 +153,10 @@ def _root(cache_dir: str | os.PathLike) -> Path:
 
 
 def finetune_dir(
-    task: str, recipe: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, seed: int = 0,
+    task: str,
+    recipe: str,
+    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+    seed: int = 0,
     backbone: str = "minilm",
 ) -> Path:
     """``<cache_dir>/<task>/<recipe>`` (``<recipe>-seed<k>`` for seed k != 0; ``recipe="base"``: the base).
@@ -212,8 +236,13 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------- base
-def base_model(task: TaskName = "trec", cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0,
-               force: bool = False, backbone: str = "minilm") -> str:
+def base_model(
+    task: TaskName = "trec",
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    seed: int = 0,
+    force: bool = False,
+    backbone: str = "minilm",
+) -> str:
     """Write (once) the base directory of a task: the pretrained encoder with a seeded, fresh classifier head.
 
     Args:
@@ -240,12 +269,17 @@ def base_model(task: TaskName = "trec", cache_dir: str = DEFAULT_CACHE_DIR, seed
         model = load_classifier(pretrained, label_names=label_names)
         _save_model(model, tmp)
         _save_tokenizer(tmp, backbone)
-        _write_json(tmp / INFO_FILE, {
-            "recipe": "base", "hparams": hparams, "pretrained": str(pretrained),
-            "note": f"pretrained {get_backbone(backbone).label} + classifier head initialised with "
-                    "torch.manual_seed(seed); every fine-tune of this task starts from this directory, so "
-                    "delta = finetuned - base covers every tensor",
-        })
+        _write_json(
+            tmp / INFO_FILE,
+            {
+                "recipe": "base",
+                "hparams": hparams,
+                "pretrained": str(pretrained),
+                "note": f"pretrained {get_backbone(backbone).label} + classifier head initialised with "
+                "torch.manual_seed(seed); every fine-tune of this task starts from this directory, so "
+                "delta = finetuned - base covers every tensor",
+            },
+        )
     return str(path)
 
 
@@ -261,20 +295,41 @@ def _train_cap(task: str, backbone: str) -> int | None:
     return own[task] if own is not None else DEFAULT_TRAIN_CAP[task]
 
 
-def _hparams(task: str, recipe: str, seed: int, epochs: int | None, lr: float | None, reg: float | None,
-             batch_size: int, max_length: int | None, max_train_examples: int | None,
-             max_eval_examples: int | None, backbone: str) -> dict[str, Any]:
+def _hparams(
+    task: str,
+    recipe: str,
+    seed: int,
+    epochs: int | None,
+    lr: float | None,
+    reg: float | None,
+    batch_size: int,
+    max_length: int | None,
+    max_train_examples: int | None,
+    max_eval_examples: int | None,
+    backbone: str,
+) -> dict[str, Any]:
     r = RECIPES[recipe]
     return {
-        "backbone": backbone, "task": task, "recipe": recipe, "seed": seed, "split_seed": 0,
-        "optimizer": r.optimizer, "lr": r.lr if lr is None else lr,
-        "reg": r.reg if reg is None else reg, "variant": r.variant,
-        "epochs": _epochs(task, recipe, backbone) if epochs is None else epochs, "batch_size": batch_size,
-        "warmup_fraction": r.warmup_fraction, "schedule": "linear warm-up, linear decay to 0",
-        "lora_r": r.lora_r, "lora_alpha": 2 * r.lora_r, "lora_dropout": 0.1 if r.lora_r else 0.0,
+        "backbone": backbone,
+        "task": task,
+        "recipe": recipe,
+        "seed": seed,
+        "split_seed": 0,
+        "optimizer": r.optimizer,
+        "lr": r.lr if lr is None else lr,
+        "reg": r.reg if reg is None else reg,
+        "variant": r.variant,
+        "epochs": _epochs(task, recipe, backbone) if epochs is None else epochs,
+        "batch_size": batch_size,
+        "warmup_fraction": r.warmup_fraction,
+        "schedule": "linear warm-up, linear decay to 0",
+        "lora_r": r.lora_r,
+        "lora_alpha": 2 * r.lora_r,
+        "lora_dropout": 0.1 if r.lora_r else 0.0,
         "lora_target_modules": list(get_backbone(backbone).lora_targets) if r.lora_r else [],
         "max_length": max_length or DEFAULT_MAX_LENGTH[task],
-        "max_train_examples": max_train_examples, "max_eval_examples": max_eval_examples,
+        "max_train_examples": max_train_examples,
+        "max_eval_examples": max_eval_examples,
         "unregularized": ["classifier.*"],
     }
 
@@ -361,8 +416,10 @@ def finetune(
     with outputs.atomic_dir(path) as tmp, _quiet_lightning():
         info, wall = _train(tmp, h, base, progress=progress, callbacks=callbacks)
         _write_json(tmp / INFO_FILE, info)
-    print(f"{task}/{recipe}: val_acc {info['val_acc']:.4f} test_acc {info['test_acc']:.4f} in {wall / 60:.1f} min "
-          f"-> {path}")
+    print(
+        f"{task}/{recipe}: val_acc {info['val_acc']:.4f} test_acc {info['test_acc']:.4f} in {wall / 60:.1f} min "
+        f"-> {path}"
+    )
     return str(path)
 
 
@@ -386,21 +443,37 @@ def _train(
     start = time.perf_counter()
     L.seed_everything(h["seed"], verbose=False)
     dm = TextClassificationDataModule(
-        h["task"], seed=0, shuffle_seed=h["seed"], max_length=h["max_length"], batch_size=h["batch_size"],
-        max_train_examples=h["max_train_examples"], max_eval_examples=h["max_eval_examples"],
-        tokenizer_dir=str(get_backbone(h["backbone"]).locate()))
+        h["task"],
+        seed=0,
+        shuffle_seed=h["seed"],
+        max_length=h["max_length"],
+        batch_size=h["batch_size"],
+        max_train_examples=h["max_train_examples"],
+        max_eval_examples=h["max_eval_examples"],
+        tokenizer_dir=str(get_backbone(h["backbone"]).locate()),
+    )
     r = RECIPES[h["recipe"]]
     module = SequenceClassifier(
-        model_dir=base, optimizer=_optimizer_factory(h), warmup_fraction=r.warmup_fraction,
-        lora_r=r.lora_r, lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"],
-        lora_target_modules=h["lora_target_modules"] or None)
+        model_dir=base,
+        optimizer=_optimizer_factory(h),
+        warmup_fraction=r.warmup_fraction,
+        lora_r=r.lora_r,
+        lora_alpha=h["lora_alpha"],
+        lora_dropout=h["lora_dropout"],
+        lora_target_modules=h["lora_target_modules"] or None,
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=h["epochs"],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=h["epochs"],
         logger=CSVLogger(tmp, name="logs", version=""),
-        enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
         enable_progress_bar=progress and is_terminal(),  # not a terminal: ProgressLines prints lines
         callbacks=[*callbacks, *([ProgressLines()] if progress else [])],
-        log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))))
+        log_every_n_steps=max(1, min(10, len(dm.train_dataloader()))),
+    )
     trainer.fit(module, datamodule=dm)
     val_acc = float(trainer.callback_metrics["val_acc"])
     test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
@@ -408,8 +481,13 @@ def _train(
     _save_tokenizer(tmp, h["backbone"])
     wall = time.perf_counter() - start
     info = {
-        "recipe": h["recipe"], "note": r.note, "hparams": h, "base": base,
-        "val_acc": val_acc, "test_acc": test_acc, "wall_time_s": round(wall, 1),
+        "recipe": h["recipe"],
+        "note": r.note,
+        "hparams": h,
+        "base": base,
+        "val_acc": val_acc,
+        "test_acc": test_acc,
+        "wall_time_s": round(wall, 1),
         "steps": int(trainer.global_step),
         "torch_threads": torch.get_num_threads(),  # the weights depend on it (CPU reductions)
         "n_examples": {k: len(v) for k, v in dm.datasets.items()},
@@ -446,8 +524,13 @@ def estimate_seconds(
     sizes = {k: len(v) for k, v in dm.split_indices().items()}
     r = RECIPES[recipe]
     n_epochs = _epochs(task, recipe, backbone) if epochs is None else epochs
-    per_step = (_SECONDS_PER_STEP[task] * batch_size / 32 * get_backbone(backbone).step_cost
-                * (_LORA_STEP_FRACTION if r.lora_r else 1.0))
+    per_step = (
+        _SECONDS_PER_STEP[task]
+        * batch_size
+        / 32
+        * get_backbone(backbone).step_cost
+        * (_LORA_STEP_FRACTION if r.lora_r else 1.0)
+    )
     steps = math.ceil(sizes["train"] / batch_size) * n_epochs
     evals = (sizes["val"] * n_epochs + sizes["test"]) / 32 * _SECONDS_PER_STEP[task] / 3  # forward only
     evals *= get_backbone(backbone).step_cost
@@ -483,8 +566,7 @@ def all_finetunes(
         for r in recipes:
             _check_task_recipe(t, r, backbone)
     jobs = [(t, r) for t in tasks for r in recipes]
-    pending = {(t, r) for t, r in jobs
-               if force or _read_info(finetune_dir(t, r, cache_dir, seed, backbone)) is None}
+    pending = {(t, r) for t, r in jobs if force or _read_info(finetune_dir(t, r, cache_dir, seed, backbone)) is None}
     estimates = {job: estimate_seconds(*job, epochs=epochs, backbone=backbone) for job in pending}
     label = get_backbone(backbone).label
     print(
@@ -498,8 +580,19 @@ def all_finetunes(
         for t, r in jobs:
             bar.update(0, detail=f"{t}/{r}")
             start = time.perf_counter()
-            paths.append(finetune(t, r, cache_dir, epochs=epochs, seed=seed, force=force, progress=False,
-                                  callbacks=[_steps_in_detail(bar, f"{t}/{r}")], backbone=backbone))
+            paths.append(
+                finetune(
+                    t,
+                    r,
+                    cache_dir,
+                    epochs=epochs,
+                    seed=seed,
+                    force=force,
+                    progress=False,
+                    callbacks=[_steps_in_detail(bar, f"{t}/{r}")],
+                    backbone=backbone,
+                )
+            )
             if (t, r) in pending:
                 spent, estimated = spent + time.perf_counter() - start, estimated + estimates.pop((t, r))
                 bar.update(1)

@@ -47,8 +47,9 @@ def param_groups(model: torch.nn.Module, unregularized: Sequence[str]) -> list[d
     return [g for g in ({"params": rest}, {"params": free, "reg": 0.0}) if g["params"]]
 
 
-def load_classifier(model_dir: str | os.PathLike, num_labels: int | None = None,
-                    label_names: Sequence[str] | None = None) -> torch.nn.Module:
+def load_classifier(
+    model_dir: str | os.PathLike, num_labels: int | None = None, label_names: Sequence[str] | None = None
+) -> torch.nn.Module:
     """``AutoModelForSequenceClassification.from_pretrained`` offline, quietly.
 
     Args:
@@ -73,9 +74,7 @@ def load_classifier(model_dir: str | os.PathLike, num_labels: int | None = None,
     hf_logging.set_verbosity_error()  # "newly initialised classifier" and unused position_ids are expected
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), local_files_only=True, **kwargs
-        )
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -131,8 +130,9 @@ class SequenceClassifier(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps module modes: dropout on
         self.num_labels = int(self.model.config.num_labels)
         if lora_r > 0:
-            self.model = _wrap_lora(self.model, lora_r, lora_alpha, lora_dropout,
-                                    list(lora_target_modules or ["query", "value"]))
+            self.model = _wrap_lora(
+                self.model, lora_r, lora_alpha, lora_dropout, list(lora_target_modules or ["query", "value"])
+            )
         self.optimizer = optimizer
         self.warmup_fraction = warmup_fraction
         self.unregularized = list(["classifier.*"] if unregularized is None else unregularized)
@@ -207,9 +207,7 @@ class SequenceClassifier(L.LightningModule):
             hf_logging.enable_progress_bar()
 
 
-def _wrap_lora(
-    model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: list[str]
-) -> torch.nn.Module:
+def _wrap_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: list[str]) -> torch.nn.Module:
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:

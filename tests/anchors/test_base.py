@@ -158,9 +158,7 @@ def test_pull_math_weighted_and_unit():
     perturb_(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     anchor.pull_(model, rate=0.2)
-    torch.testing.assert_close(
-        model[2].weight.detach(), before["2.weight"] - 0.2 * omega * (before["2.weight"] - ref)
-    )
+    torch.testing.assert_close(model[2].weight.detach(), before["2.weight"] - 0.2 * omega * (before["2.weight"] - ref))
     torch.testing.assert_close(model[0].weight.detach(), before["0.weight"])  # not anchored: untouched
 
     l2 = L2Anchor(include=["0.bias"])
@@ -193,9 +191,7 @@ def test_grown_head_penalised_on_leading_slice_and_new_rows_free():
     perturb_(model)
     params = dict(model.named_parameters())
     omega = {n: 0.5 * r.abs() for n, r in ref.items()}
-    hand = sum(
-        (omega[n] * (params[n][tuple(slice(0, s) for s in r.shape)] - r) ** 2).sum() for n, r in ref.items()
-    )
+    hand = sum((omega[n] * (params[n][tuple(slice(0, s) for s in r.shape)] - r) ** 2).sum() for n, r in ref.items())
     pen = anchor.penalty(model)
     torch.testing.assert_close(pen, hand.detach())
     pen.backward()

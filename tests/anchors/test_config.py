@@ -30,11 +30,7 @@ def parser() -> ArgumentParser:
 def test_yaml_builds_anchors():
     p = parser()
     l2, ewc = p.instantiate_classes(p.parse_string(YAML)).anchors
-    assert (
-        isinstance(l2, L2Anchor)
-        and l2.include == ("blocks.[0-4].attn.qkv.*", "head.*")
-        and l2.strength == 100.0
-    )
+    assert isinstance(l2, L2Anchor) and l2.include == ("blocks.[0-4].attn.qkv.*", "head.*") and l2.strength == 100.0
     assert isinstance(ewc, EWCAnchor) and (ewc.label, ewc.accumulation, ewc.gamma, ewc.n_samples) == (
         "sampled",
         "online",
@@ -83,10 +79,19 @@ def test_pretrained_anchor_next_to_a_previous_task_anchor_from_yaml(tmp_path):
     from lifelong_delta.anchors import PretrainedAnchor
 
     cli = LightningCLI(
-        subclass_mode_model=True, subclass_mode_data=True, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        run=False,
         auto_configure_optimizers=False,
-        args=["-c", str(CONFIGS / "cl_eval" / "mnist" / "base.yaml"), "-c", str(CONFIGS / "cl_pretrained_anchor.yaml"),
-              "-c", str(_tiny_overrides(tmp_path))],
+        args=[
+            "-c",
+            str(CONFIGS / "cl_eval" / "mnist" / "base.yaml"),
+            "-c",
+            str(CONFIGS / "cl_pretrained_anchor.yaml"),
+            "-c",
+            str(_tiny_overrides(tmp_path)),
+        ],
     )
     l2, pre = cli.model.anchors
     assert isinstance(l2, L2Anchor) and isinstance(pre, PretrainedAnchor) and pre.include == l2.include

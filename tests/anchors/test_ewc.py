@@ -31,9 +31,7 @@ def test_ewc_penalty_matches_hand_computation():
     model, data = tiny(), batches(0)
     anchor = EWCAnchor(include=["2.*"], label="argmax", estimator="batch")
     anchor.snapshot_(model, batches=data, head="bce")
-    fisher = diagonal_fisher(
-        model, ["2.weight", "2.bias"], data, head="bce", label="argmax", estimator="batch"
-    )
+    fisher = diagonal_fisher(model, ["2.weight", "2.bias"], data, head="bce", label="argmax", estimator="batch")
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     perturb_(model)
     params = dict(model.named_parameters())

@@ -19,10 +19,7 @@ def tiny() -> nn.Module:
 
 def data(n_batches: int = 3, batch: int = 5):
     g = torch.Generator().manual_seed(2)
-    return [
-        (torch.randn(batch, 4, generator=g), torch.randint(0, 3, (batch,), generator=g))
-        for _ in range(n_batches)
-    ]
+    return [(torch.randn(batch, 4, generator=g), torch.randint(0, 3, (batch,), generator=g)) for _ in range(n_batches)]
 
 
 def nll(logits: torch.Tensor, target: torch.Tensor, head: str) -> torch.Tensor:
@@ -107,9 +104,7 @@ def test_logits_fn_masks_classes_and_n_samples_caps():
     batches = [(x, y.clamp_max(1)) for x, y in batches]
     for estimator in ("per_sample", "batch"):
         got = diagonal_fisher(model, names, batches, logits_fn=current_task, estimator=estimator, n_samples=7)
-        want = brute_force(
-            model, names, batches, "softmax", "true", estimator, 0, logits_fn=current_task, cap=7
-        )
+        want = brute_force(model, names, batches, "softmax", "true", estimator, 0, logits_fn=current_task, cap=7)
         torch.testing.assert_close(got["3.weight"], want["3.weight"], rtol=1e-5, atol=1e-7)
         assert torch.equal(got["3.weight"][0], torch.zeros(6))  # the masked class row gets no gradient
 
@@ -122,8 +117,7 @@ def test_sampled_softmax_fisher_is_unbiased_for_the_true_fisher():
     logits = model(x)[0]
     p = logits.softmax(-1).detach()
     exact = sum(
-        p[c]
-        * torch.autograd.grad(F.cross_entropy(logits[None], torch.tensor([c])), w, retain_graph=True)[0] ** 2
+        p[c] * torch.autograd.grad(F.cross_entropy(logits[None], torch.tensor([c])), w, retain_graph=True)[0] ** 2
         for c in range(3)
     )
     xs = x.expand(4000, 4)
@@ -145,9 +139,7 @@ def test_sampled_bce_fisher_is_unbiased_for_the_true_fisher():
     b = model[3].bias
     logits = model(x)[0]
     s = logits.sigmoid().detach()
-    exact = sum(
-        s[c] * (1 - s[c]) * torch.autograd.grad(logits[c], b, retain_graph=True)[0] ** 2 for c in range(3)
-    )
+    exact = sum(s[c] * (1 - s[c]) * torch.autograd.grad(logits[c], b, retain_graph=True)[0] ** 2 for c in range(3))
     xs = x.expand(4000, 4)
     mc = diagonal_fisher(
         model,

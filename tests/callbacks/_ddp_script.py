@@ -1,11 +1,12 @@
 """Run by tests/callbacks/test_delta_pruning.py: fit + prune at fit end, then validate + prune vs a reference.
 
-Usage: python _ddp_script.py OUT_DIR {single,ddp}, or ``run(out_dir, mode)`` in-process. For ``ddp`` the test
-starts both ranks itself (``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT`` set, as torchrun does), so the two
-processes import in parallel instead of Lightning's launcher re-running the script after rank 0 has imported
-everything. Rank 0 writes OUT_DIR/fit.safetensors (the model pruned at fit end against the fit-start snapshot) and OUT_DIR/validate.safetensors (a second model pruned at the start of
-``validate`` against OUT_DIR/reference.safetensors). The training loss ignores the batch, so DDP's gradient average
-of identical gradients equals the single-process gradient and the trained weights agree bit for bit.
+Usage: python _ddp_script.py OUT_DIR {single,ddp}, or ``run(out_dir, mode)`` in-process. For ``ddp`` the test starts
+both ranks itself (``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT`` set, as torchrun does), so the two processes import in
+parallel instead of Lightning's launcher re-running the script after rank 0 has imported everything. Rank 0 writes
+OUT_DIR/fit.safetensors (the model pruned at fit end against the fit-start snapshot) and OUT_DIR/validate.safetensors (a
+second model pruned at the start of ``validate`` against OUT_DIR/reference.safetensors). The training loss ignores the
+batch, so DDP's gradient average of identical gradients equals the single-process gradient and the trained weights agree
+bit for bit.
 """
 
 import os
@@ -14,12 +15,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
 
-from lifelong_delta.callbacks import DeltaPruning  # noqa: E402
+from lifelong_delta.callbacks import DeltaPruning
 
 
 class Tiny(pl.LightningModule):
@@ -46,14 +47,32 @@ class Tiny(pl.LightningModule):
 
 def run(out: Path, mode: str) -> None:
     data = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2)
-    kwargs = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"} if mode == "ddp" else {"accelerator": "cpu",
-                                                                                            "devices": 1}
+    kwargs = (
+        {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+        if mode == "ddp"
+        else {"accelerator": "cpu", "devices": 1}
+    )
     fit_cb = DeltaPruning(p=0.6, method="dare", seed=11, exclude=["net.2.bias"])
-    val_cb = DeltaPruning(p=0.5, method="darex-q", q=0.7, seed=5, reference=str(out / "reference.safetensors"),
-                          reference_prefix="net.", on="validate")
-    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[fit_cb, val_cb], num_sanity_val_steps=0,
-                         limit_val_batches=1, **kwargs)
+    val_cb = DeltaPruning(
+        p=0.5,
+        method="darex-q",
+        q=0.7,
+        seed=5,
+        reference=str(out / "reference.safetensors"),
+        reference_prefix="net.",
+        on="validate",
+    )
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[fit_cb, val_cb],
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        **kwargs,
+    )
     model = Tiny()
     trainer.fit(model, data, data)
     assert trainer.world_size == (2 if mode == "ddp" else 1), trainer.world_size

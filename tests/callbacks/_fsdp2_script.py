@@ -20,13 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
 
-from lifelong_delta.callbacks import DeltaPruning  # noqa: E402
+from lifelong_delta.callbacks import DeltaPruning
 
 EXCLUDE = ("fc2.bias",)
 RUNS = {  # method name: DeltaPruning keyword arguments (and whether the reference is OUT_DIR/reference.safetensors)
@@ -69,8 +69,10 @@ class Tiny(pl.LightningModule):
 
 def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every state-dict tensor in full (a collective: every rank must call it), as CPU copies."""
-    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
-            for n, t in module.state_dict().items()}
+    return {
+        n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+        for n, t in module.state_dict().items()
+    }
 
 
 class Capture(pl.Callback):
@@ -91,22 +93,39 @@ def fit(kwargs: dict) -> dict:
     """Fit a fresh ``Tiny`` under FSDP2 with ``DeltaPruning(**kwargs)``; return what rank 0 saves."""
     capture, pruning = Capture(), DeltaPruning(exclude=EXCLUDE, **kwargs)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[capture, pruning])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture, pruning],
+    )
     model = Tiny()
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2))
     assert trainer.world_size == 2, trainer.world_size
-    placements = {n: str(tuple(t.placements)) if isinstance(t, DTensor) else None
-                  for n, t in model.state_dict().items()}
-    return {"pretrained": capture.start, "finetuned": capture.end, "pruned": full_state(model),
-            "kept_fraction": pruning.kept_fraction, "placements": placements, "rank": trainer.global_rank}
+    placements = {
+        n: str(tuple(t.placements)) if isinstance(t, DTensor) else None for n, t in model.state_dict().items()
+    }
+    return {
+        "pretrained": capture.start,
+        "finetuned": capture.end,
+        "pruned": full_state(model),
+        "kept_fraction": pruning.kept_fraction,
+        "placements": placements,
+        "rank": trainer.global_rank,
+    }
 
 
 def run(out: Path) -> None:
     reference = str(out / "reference.safetensors")
-    results = {method: fit({**kwargs, "reference": reference if from_file else None})
-               for method, (kwargs, from_file) in RUNS.items()}
+    results = {
+        method: fit({**kwargs, "reference": reference if from_file else None})
+        for method, (kwargs, from_file) in RUNS.items()
+    }
     if results["dare"]["rank"] == 0:
         torch.save(results, out / "fsdp2.pt")
 

@@ -24,9 +24,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _trainer(callbacks, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                      num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        **kwargs,
+    )
 
 
 def _data() -> DataLoader:
@@ -69,15 +80,23 @@ def test_fit_end_prunes_against_fit_start_snapshot():
 
 def test_validate_and_test_prune_once_against_reference(tmp_path):
     ref = Tiny()
-    save_file({k[len("net."):]: v.contiguous() for k, v in ref.state_dict().items() if k.startswith("net.")},
-              tmp_path / "ref.safetensors")
+    save_file(
+        {k[len("net.") :]: v.contiguous() for k, v in ref.state_dict().items() if k.startswith("net.")},
+        tmp_path / "ref.safetensors",
+    )
     ft = Tiny()
     with torch.no_grad():
         for p in ft.parameters():
             p.add_(0.1)
     ft_sd = {k: v.clone() for k, v in ft.state_dict().items()}
-    cb = DeltaPruning(p=0.5, method="darex-q", q=0.8, reference=str(tmp_path / "ref.safetensors"),
-                      reference_prefix="net.", on="validate")
+    cb = DeltaPruning(
+        p=0.5,
+        method="darex-q",
+        q=0.8,
+        reference=str(tmp_path / "ref.safetensors"),
+        reference_prefix="net.",
+        on="validate",
+    )
     trainer = _trainer([cb])
     trainer.validate(ft, _data())
     trainer.validate(ft, _data())  # a second validate does not prune again
@@ -172,17 +191,19 @@ def test_anchor_reference_is_held_once_by_adamr_the_anchor_and_the_callback():
 
     class Spy(pl.Callback):  # what the callback reads, one tensor at a time, while it prunes
         def on_fit_end(self, trainer, pl_module):
-            shapes, load, close = cb._reference()
+            shapes, load, _close = cb._reference()
             seen.update({n: load(n) for n in shapes})
 
     trainer = _trainer([Spy(), cb])
     trainer.fit(model, _data())
     opt = trainer.optimizers[0]
     assert opt.anchor is anchor and cb._snapshot is None
-    ptrs = {"adamr": {p.data_ptr() for p in opt.pretrained.values()},
-            "anchor": {t.data_ptr() for t in anchor.reference.values()},
-            "adamr state": {t.data_ptr() for t in opt.state_dict()["anchor"]["reference"].values()},
-            "callback": {t.data_ptr() for t in seen.values()}}
+    ptrs = {
+        "adamr": {p.data_ptr() for p in opt.pretrained.values()},
+        "anchor": {t.data_ptr() for t in anchor.reference.values()},
+        "adamr state": {t.data_ptr() for t in opt.state_dict()["anchor"]["reference"].values()},
+        "callback": {t.data_ptr() for t in seen.values()},
+    }
     assert len(ptrs["anchor"]) == 4 and all(v == ptrs["anchor"] for v in ptrs.values()), ptrs
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert _reference_bytes(anchor, cb, opt.pretrained, seen) == param_bytes  # θ_pre once, pull cache included
@@ -220,7 +241,7 @@ def test_anchor_reference_with_a_prefix_and_errors():
     _trainer([cb]).test(model, _data())
     spec = PruneSpec("dare", 0.5)
     for name in ("net.0.weight", "net.2.bias"):
-        ref = anchor.reference[name[len("net."):]]
+        ref = anchor.reference[name[len("net.") :]]
         assert torch.equal(model.state_dict()[name], prune_tensor(name, ref, tuned[name], spec))
     with pytest.raises(ValueError, match="no tensor of the model is in the reference.*check reference_prefix"):
         _trainer([DeltaPruning(p=0.5, reference=anchor, on="test")]).test(Tiny(), _data())
@@ -239,10 +260,26 @@ def _run_ddp(out: Path) -> None:
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(out), "ddp"], env=env, cwd=out,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(out), "ddp"],
+                env=env,
+                cwd=out,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-4000:]
@@ -258,14 +295,18 @@ def test_ddp_two_gloo_processes_bit_identical_to_one(tmp_path):
     for mode in ("single", "ddp"):
         d = tmp_path / mode
         d.mkdir()
-        save_file({k[len("net."):]: v.contiguous() for k, v in ref.state_dict().items() if k.startswith("net.")},
-                  d / "reference.safetensors")
+        save_file(
+            {k[len("net.") :]: v.contiguous() for k, v in ref.state_dict().items() if k.startswith("net.")},
+            d / "reference.safetensors",
+        )
         torch.save(ft.state_dict(), d / "finetuned.pt")
     run(tmp_path / "single", "single")
     _run_ddp(tmp_path / "ddp")
     for stage in ("fit", "validate"):
-        one, two = load_file(tmp_path / "single" / f"{stage}.safetensors"), load_file(tmp_path / "ddp" /
-                                                                                        f"{stage}.safetensors")
+        one, two = (
+            load_file(tmp_path / "single" / f"{stage}.safetensors"),
+            load_file(tmp_path / "ddp" / f"{stage}.safetensors"),
+        )
         assert one.keys() == two.keys()
         for k in one:
             assert torch.equal(one[k], two[k]), (stage, k)

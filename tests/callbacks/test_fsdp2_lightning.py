@@ -18,8 +18,12 @@ from safetensors.torch import save_file
 from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
 
-pytestmark = [pytest.mark.ddp, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                                   reason="torch.distributed with gloo is not available")]
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+    ),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_fsdp2_script.py")
@@ -33,11 +37,27 @@ def _launch(out: Path) -> None:
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0",
-               "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(out)], env=env, cwd=out,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(out)],
+                env=env,
+                cwd=out,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
     finally:
@@ -55,8 +75,10 @@ def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from tests.callbacks._fsdp2_script import Tiny
 
     out = tmp_path_factory.mktemp("fsdp2")
-    save_file({n: t.contiguous() for n, t in Tiny().state_dict().items() if t.is_floating_point()},
-              out / "reference.safetensors")
+    save_file(
+        {n: t.contiguous() for n, t in Tiny().state_dict().items() if t.is_floating_point()},
+        out / "reference.safetensors",
+    )
     _launch(out)
     return torch.load(out / "fsdp2.pt")
 

@@ -37,16 +37,32 @@ class _Record(L.Callback):
         self.end.append(self._params(module))
 
 
-def _fit(tmp_path: Path, callback: LifelongDeltas, n_tasks: int = 3) -> tuple[ContinualModule, _Record,
-                                                                                 ClassIncrementalDataModule]:
+def _fit(
+    tmp_path: Path, callback: LifelongDeltas, n_tasks: int = 3
+) -> tuple[ContinualModule, _Record, ClassIncrementalDataModule]:
     L.seed_everything(0, verbose=False)
     record = _Record()
     module = ContinualModule(backbone_kwargs=TINY_VIT, trainable=TRAINED, epochs_per_task=1)
-    data = ClassIncrementalDataModule(dataset="digits", n_tasks=n_tasks, classes_per_task=2, val_fraction=0.2,
-                                      batch_size=16, eval_batch_size=64, max_per_class=40)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=n_tasks, num_sanity_val_steps=0,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        logger=CSVLogger(tmp_path, name="run"), callbacks=[record, callback])
+    data = ClassIncrementalDataModule(
+        dataset="digits",
+        n_tasks=n_tasks,
+        classes_per_task=2,
+        val_fraction=0.2,
+        batch_size=16,
+        eval_batch_size=64,
+        max_per_class=40,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=n_tasks,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[record, callback],
+    )
     trainer.fit(module, datamodule=data)
     return module, record, data
 
@@ -92,8 +108,9 @@ def test_the_pruned_bank_is_prunes_dare_with_the_tasks_seed_and_q(run) -> None:
                 assert torch.equal(params[n], expected), (t, n)
 
 
-def _brute_force(module: ContinualModule, data: ClassIncrementalDataModule, thetas: list[dict[str, torch.Tensor]]
-                 ) -> tuple[float, float]:
+def _brute_force(
+    module: ContinualModule, data: ClassIncrementalDataModule, thetas: list[dict[str, torch.Tensor]]
+) -> tuple[float, float]:
     """Task-IL and class-IL accuracy by loading each task's weights into the model, sample by sample."""
     net, tasks = module.net, module._tasks
     params = dict(net.named_parameters())
@@ -106,7 +123,7 @@ def _brute_force(module: ContinualModule, data: ClassIncrementalDataModule, thet
         for t, cls in enumerate(tasks):
             for n, v in thetas[t].items():
                 params[n].copy_(v)
-            logits = net(x)[:, cls.start:cls.stop]
+            logits = net(x)[:, cls.start : cls.stop]
             scores.append((torch.sigmoid(logits).amax(1), logits.argmax(1) + cls.start))
         for n, v in saved.items():
             params[n].copy_(v)
@@ -159,9 +176,16 @@ def test_bad_options_are_one_line_errors() -> None:
 def test_only_the_head_training_is_refused(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     module = ContinualModule(backbone_kwargs=TINY_VIT, trainable=["head.*"])
-    data = ClassIncrementalDataModule(dataset="digits", n_tasks=2, classes_per_task=2, val_fraction=0.2,
-                                      max_per_class=10)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[LifelongDeltas()])
+    data = ClassIncrementalDataModule(
+        dataset="digits", n_tasks=2, classes_per_task=2, val_fraction=0.2, max_per_class=10
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[LifelongDeltas()],
+    )
     with pytest.raises(ValueError, match="backbone parameters that train"):
         trainer.fit(module, datamodule=data)

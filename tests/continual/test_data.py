@@ -133,7 +133,7 @@ def test_batch_transform_math():
     torch.testing.assert_close(x, torch.tensor([[[[(luma - 0.2) / 0.5, (1 - 0.2) / 0.5]]]]))
     assert y.tolist() == [4]
     x, _ = BatchTransform(image_size=4, normalize=False)([(images[0], 1), (images[0], 2)])
-    assert x.shape == (2, 3, 4, 4) and 0.0 <= x.min() and x.max() <= 1.0
+    assert x.shape == (2, 3, 4, 4) and x.min() >= 0.0 and x.max() <= 1.0
 
 
 def test_mnist_shapes_and_sizes():
@@ -192,8 +192,14 @@ def test_trainer_serves_the_modules_current_task():
     dm = _digits(n_tasks=2, max_per_class=6, max_eval_per_class=2, batch_size=16)
     module = _Probe()
     trainer = L.Trainer(
-        max_epochs=2, reload_dataloaders_every_n_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm)
     assert module.train_labels == {0: set(dm.task_classes(0)), 1: set(dm.task_classes(1))}
@@ -213,8 +219,14 @@ def test_hf_imagefolder_source(tmp_path):
         for k in range(5):
             _png(root / name / f"{k}.png", (10 + k, 12), mode="L" if (c, k) == (1, 3) else "RGB", seed=10 * c + k)
     dm = ClassIncrementalDataModule(
-        "imagefolder", data_root=str(root), n_tasks=3, class_order_seed=None, image_size=8, val_fraction=0.0,
-        batch_size=4, hf_kwargs={"cache_dir": str(tmp_path / "hf")},
+        "imagefolder",
+        data_root=str(root),
+        n_tasks=3,
+        class_order_seed=None,
+        image_size=8,
+        val_fraction=0.0,
+        batch_size=4,
+        hf_kwargs={"cache_dir": str(tmp_path / "hf")},
     )
     assert dm.class_order == [0, 1, 2] and dm.num_classes == 3
     assert dm.task_sizes("train") == [4, 4, 4] and dm.task_sizes_test == [1, 1, 1]
@@ -231,7 +243,11 @@ def test_hf_imagefolder_with_train_and_test_folders(tmp_path):
             for k in range(n):
                 _png(tmp_path / "d" / split / name / f"{k}.png", (6, 6), seed=k)
     dm = ClassIncrementalDataModule(
-        "imagefolder", data_root=str(tmp_path / "d"), n_tasks=2, val_fraction=0.0, channels=1,
+        "imagefolder",
+        data_root=str(tmp_path / "d"),
+        n_tasks=2,
+        val_fraction=0.0,
+        channels=1,
         hf_kwargs={"cache_dir": str(tmp_path / "hf")},
     )
     assert dm.task_sizes("train") == [3, 3] and dm.task_sizes_test == [2, 2]
@@ -258,7 +274,10 @@ def test_missing_column_names_the_option(tmp_path):
     _png(tmp_path / "i" / "a" / "0.png", (4, 4))
     _png(tmp_path / "i" / "b" / "0.png", (4, 4))
     dm = ClassIncrementalDataModule(
-        "imagefolder", data_root=str(tmp_path / "i"), n_tasks=2, label_key="fine_label",
+        "imagefolder",
+        data_root=str(tmp_path / "i"),
+        n_tasks=2,
+        label_key="fine_label",
         hf_kwargs={"cache_dir": str(tmp_path / "hf")},
     )
     with pytest.raises(ValueError, match="label_key="):

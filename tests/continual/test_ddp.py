@@ -20,8 +20,18 @@ LIGHTNING = Path(sys.executable).parent / "lightning"
 @pytest.mark.ddp
 def test_ddp_two_cpu_processes_finish_and_write_metrics(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    args = [str(LIGHTNING), "fit", "-c", str(ROOT / "configs" / "cl_tiny.yaml"),
-            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    args = [
+        str(LIGHTNING),
+        "fit",
+        "-c",
+        str(ROOT / "configs" / "cl_tiny.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    ]
     run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr

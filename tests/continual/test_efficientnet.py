@@ -106,18 +106,36 @@ def test_the_head_is_fresh_unless_asked_and_shaped(state: dict[str, torch.Tensor
 def test_trains_in_continual_module_with_an_l2_anchor_on_a_block_pattern(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     dm = ClassIncrementalDataModule(  # 8-px grayscale digits -> 3 channels, 32 px, [-1, 1]
-        dataset="digits", n_tasks=2, classes_per_task=2, val_fraction=0.2, batch_size=8, max_per_class=8,
-        max_eval_per_class=4, image_size=32, channels=3, mean=efficientnet.MEAN, std=efficientnet.STD,
+        dataset="digits",
+        n_tasks=2,
+        classes_per_task=2,
+        val_fraction=0.2,
+        batch_size=8,
+        max_per_class=8,
+        max_eval_per_class=4,
+        image_size=32,
+        channels=3,
+        mean=efficientnet.MEAN,
+        std=efficientnet.STD,
     )
     block = "blocks.5.*"
     anchor = L2Anchor(include=[block], strength=10.0)
     m = ContinualModule(
-        backbone=BACKBONE, pretrained=PRETRAINED, anchors=[anchor], feat_kd=0.5,
+        backbone=BACKBONE,
+        pretrained=PRETRAINED,
+        anchors=[anchor],
+        feat_kd=0.5,
         trainable=[block, "conv_head.*", "bn2.*", "classifier.*"],
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run", version=0), limit_train_batches=2,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        limit_train_batches=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
     trainer.fit(m, dm)

@@ -57,8 +57,9 @@ def test_split_is_a_per_file_rule_with_labels_by_wnid(fake_root: Path) -> None:
 
 def test_stream_of_10_tasks_by_20_classes(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(IMAGENET_R_ENV, str(fake_root / "imagenet-r"))
-    dm = ClassIncrementalDataModule(dataset="imagenet_r", n_tasks=10, classes_per_task=20, image_size=8,
-                                    channels=3, val_fraction=0.0, batch_size=16)
+    dm = ClassIncrementalDataModule(
+        dataset="imagenet_r", n_tasks=10, classes_per_task=20, image_size=8, channels=3, val_fraction=0.0, batch_size=16
+    )
     dm.setup("fit")
     assert dm.num_classes == 200 and dm.task_classes(9) == range(180, 200)
     split = imagenet_r_split(fake_root)
@@ -81,9 +82,22 @@ def test_missing_directory_is_one_line_saying_where(tmp_path: Path, monkeypatch,
 
     cfg = ROOT / "configs" / "cl_eval" / "imagenet_r"
     with pytest.raises(SystemExit) as exit_info:
-        lightning_main(["fit", "-c", str(cfg / "base.yaml"), "-c", str(cfg / "l2p.yaml"),
-                        "--model.init_args.num_classes", "null", "--data.init_args.num_workers", "0",
-                        "--data.init_args.data_root", str(tmp_path / "nope"), f"--trainer.default_root_dir={tmp_path}"])
+        lightning_main(
+            [
+                "fit",
+                "-c",
+                str(cfg / "base.yaml"),
+                "-c",
+                str(cfg / "l2p.yaml"),
+                "--model.init_args.num_classes",
+                "null",
+                "--data.init_args.num_workers",
+                "0",
+                "--data.init_args.data_root",
+                str(tmp_path / "nope"),
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ImageNet-R not found at") and IMAGENET_R_ENV in err

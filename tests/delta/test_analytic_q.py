@@ -104,9 +104,7 @@ def test_analytic_row_q_early_stop_and_bad_arguments():
     assert torch.equal(analytic_row_q(c2, 0.9, eta=0.5, tie_rtol=0.0, **f64), early2)
 
 
-@pytest.mark.parametrize(
-    ("p", "eta", "stop"), [(0.5, 0.37, 0.8), (0.9, 0.1, 0.8), (0.99, 1.5, 0.5), (0.95, 0.7, None)]
-)
+@pytest.mark.parametrize(("p", "eta", "stop"), [(0.5, 0.37, 0.8), (0.9, 0.1, 0.8), (0.99, 1.5, 0.5), (0.95, 0.7, None)])
 def test_blocked_scan_equals_the_sequential_scan(p, eta, stop):
     torch.manual_seed(3)
     # rows of many scales and signs, so they stop at different q (some only after several blocks of q values)
@@ -131,8 +129,12 @@ def test_phi_is_a_subgaussian_proxy_of_the_bernoulli_mask(p):
 def test_analytic_q_per_layer_wires_rows_bias_and_fallback():
     torch.manual_seed(4)
     p, eta = 0.8, 0.6
-    base = {"l.weight": torch.zeros(3, 4), "l.bias": torch.zeros(3), "e.weight": torch.zeros(5, 2),
-            "n.weight": torch.zeros(4)}
+    base = {
+        "l.weight": torch.zeros(3, 4),
+        "l.bias": torch.zeros(3),
+        "e.weight": torch.zeros(5, 2),
+        "n.weight": torch.zeros(4),
+    }
     ft = {k: torch.randn(v.shape) for k, v in base.items()}
     masked = MaskedDelta.build(base, ft, p)
     xbar = torch.rand(4) + 0.5
@@ -154,16 +156,19 @@ def test_input_major_weights_are_read_transposed():
     p = 0.7
     w, b = torch.randn(3, 4), torch.randn(3)  # out 3, in 4
     xbar = torch.rand(4) + 0.5
-    out_major = MaskedDelta.build({"l.weight": torch.zeros(3, 4), "l.bias": torch.zeros(3)},
-                                  {"l.weight": w, "l.bias": b}, p)
-    in_major = MaskedDelta.build({"l.weight": torch.zeros(4, 3), "l.bias": torch.zeros(3)},
-                                 {"l.weight": w.T.contiguous(), "l.bias": b}, p)
+    out_major = MaskedDelta.build(
+        {"l.weight": torch.zeros(3, 4), "l.bias": torch.zeros(3)}, {"l.weight": w, "l.bias": b}, p
+    )
+    in_major = MaskedDelta.build(
+        {"l.weight": torch.zeros(4, 3), "l.bias": torch.zeros(3)}, {"l.weight": w.T.contiguous(), "l.bias": b}, p
+    )
     for arithmetic in ("float16", "float64"):
         want = analytic_q_per_layer(out_major, {"l.weight": xbar}, arithmetic=arithmetic)
         got = analytic_q_per_layer(in_major, {"l.weight": xbar[:, None]}, arithmetic=arithmetic)
         assert got == want
-    assert min_mse_q_per_layer(in_major, {"l.weight": xbar[:, None]}) == min_mse_q_per_layer(out_major,
-                                                                                              {"l.weight": xbar})
+    assert min_mse_q_per_layer(in_major, {"l.weight": xbar[:, None]}) == min_mse_q_per_layer(
+        out_major, {"l.weight": xbar}
+    )
     with pytest.raises(ValueError, match=r"expected \[4, 1\]"):
         analytic_q_per_layer(in_major, {"l.weight": xbar[:3, None]})
 

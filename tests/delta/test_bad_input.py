@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lifelong_delta.delta.commands import prune
-from lifelong_delta.delta.io import CheckpointError
 from lifelong_delta.outputs import OutputPathError
 from tests.delta._checkpoints import leftovers, make_pair, perturbed, read_checkpoint, tiny_state, write_checkpoint
 
@@ -55,8 +54,9 @@ def test_shape_mismatch(tmp_path):
     ft_sd = perturbed(base_sd)
     ft_sd["layers.1.weight"] = torch.zeros(8, 9)
     base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
-    _expect_error(tmp_path, r"tensor 'layers\.1\.weight' has shape \[8, 8\] in the base model but \[8, 9\]",
-                  base=base, ft=ft)
+    _expect_error(
+        tmp_path, r"tensor 'layers\.1\.weight' has shape \[8, 8\] in the base model but \[8, 9\]", base=base, ft=ft
+    )
 
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
@@ -66,8 +66,16 @@ def test_p_outside_unit_interval(tmp_path, p):
 
 def test_q_below_one_minus_p_unless_forced(tmp_path):
     _expect_error(tmp_path, r"q=0\.05 is below 1-p=0\.1.*force", method="darex-q", p=0.9, q=0.05)
-    summary = prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "forced"), method="darex-q",
-                    p=0.9, q=0.05, force=True, progress=False)
+    summary = prune(
+        str(tmp_path / "base"),
+        str(tmp_path / "ft"),
+        str(tmp_path / "forced"),
+        method="darex-q",
+        p=0.9,
+        q=0.05,
+        force=True,
+        progress=False,
+    )
     assert summary.q == 0.05 and (tmp_path / "forced").is_dir()
 
 
@@ -144,7 +152,7 @@ def test_bad_options(tmp_path, kwargs, match):
 
 
 def test_bad_calibration_file(tmp_path):
-    base, ft = make_pair(tmp_path)
+    _base, _ft = make_pair(tmp_path)
     data = tmp_path / "calib.csv"
     data.write_text("sentence\nhello\n")
     with pytest.raises(ValueError, match="calib_data .*calib.csv: every row needs a 'text' column"):
@@ -168,8 +176,17 @@ def test_cli_bad_input_exit_status_and_one_line(tmp_path, case):
     out = tmp_path / "out"
     if case == "exists":
         out.mkdir()
-    args = ["prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out), "--p",
-            "1.2" if case == "p" else "0.5"]
+    args = [
+        "prune",
+        "--base",
+        str(base),
+        "--finetuned",
+        str(ft),
+        "--out",
+        str(out),
+        "--p",
+        "1.2" if case == "p" else "0.5",
+    ]
     res = _cli(*args)
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("prune: ")]

@@ -20,13 +20,23 @@ def _bert_bf16(root: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     save_pair(BertForSequenceClassification(config).to(torch.bfloat16).eval(), root)
 
 
-_PAIRS = {"bert": tiny_bert_pair, "bert-bf16": _bert_bf16,
-          "llama-tied": lambda root: tiny_llama_pair(root, tie_word_embeddings=True)}
+_PAIRS = {
+    "bert": tiny_bert_pair,
+    "bert-bf16": _bert_bf16,
+    "llama-tied": lambda root: tiny_llama_pair(root, tie_word_embeddings=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +54,20 @@ def pairs(tmp_path_factory):
 
 
 def _pack(root: Path, out: str, *flags: str, finetuned: str = "ft") -> Path:
-    main(["pack", "--base", str(root / "base"), "--finetuned", str(root / finetuned), "--out", str(root / out),
-          "--progress", "false", *flags])
+    main(
+        [
+            "pack",
+            "--base",
+            str(root / "base"),
+            "--finetuned",
+            str(root / finetuned),
+            "--out",
+            str(root / out),
+            "--progress",
+            "false",
+            *flags,
+        ]
+    )
     return root / out
 
 
@@ -81,17 +103,29 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("kind", "flags"), [
-    ("bert", ("--method", "dare", "--p", "0.9")),
-    ("bert", ("--method", "darex-q", "--p", "0.9", "--q", "0.5")),
-    ("bert", ("--method", "magnitude", "--p", "0.9")),
-    ("bert", ("--method", "structural", "--p", "0.5", "--structural_axis", "rows")),
-    ("bert", ("--method", "structural", "--p", "0.5", "--structural_axis", "columns")),
-    ("bert-bf16", ("--method", "dare", "--p", "0.9")),
-    ("bert-bf16", ("--method", "magnitude", "--p", "0.9")),
-    ("llama-tied", ("--method", "dare", "--p", "0.9")),
-], ids=["dare", "darex-q", "magnitude", "structural-rows", "structural-columns", "bf16-dare", "bf16-magnitude",
-        "llama-tied-embeddings"])
+@pytest.mark.parametrize(
+    ("kind", "flags"),
+    [
+        ("bert", ("--method", "dare", "--p", "0.9")),
+        ("bert", ("--method", "darex-q", "--p", "0.9", "--q", "0.5")),
+        ("bert", ("--method", "magnitude", "--p", "0.9")),
+        ("bert", ("--method", "structural", "--p", "0.5", "--structural_axis", "rows")),
+        ("bert", ("--method", "structural", "--p", "0.5", "--structural_axis", "columns")),
+        ("bert-bf16", ("--method", "dare", "--p", "0.9")),
+        ("bert-bf16", ("--method", "magnitude", "--p", "0.9")),
+        ("llama-tied", ("--method", "dare", "--p", "0.9")),
+    ],
+    ids=[
+        "dare",
+        "darex-q",
+        "magnitude",
+        "structural-rows",
+        "structural-columns",
+        "bf16-dare",
+        "bf16-magnitude",
+        "llama-tied-embeddings",
+    ],
+)
 def test_active_model_is_unpack_output_bit_for_bit(pairs, kind, flags):
     root = pairs(kind)
     name = "-".join(flags[1::2]).replace(".", "")
@@ -110,11 +144,12 @@ def test_active_model_is_unpack_output_bit_for_bit(pairs, kind, flags):
 
 def test_base_is_bit_identical_after_1000_switches(pairs):
     root = pairs("bert")
-    packs = {"dare": _pack(root, "s-dare.delta", "--method", "dare", "--p", "0.9", "--exclude", "classifier.*"),
-             "darex-q": _pack(root, "s-darex.delta", "--method", "darex-q", "--p", "0.9", "--q", "0.5"),
-             "magnitude": _pack(root, "s-mag.delta", "--method", "magnitude", "--p", "0.8"),
-             "columns": _pack(root, "s-col.delta", "--method", "structural", "--p", "0.5",
-                              "--structural_axis", "columns")}
+    packs = {
+        "dare": _pack(root, "s-dare.delta", "--method", "dare", "--p", "0.9", "--exclude", "classifier.*"),
+        "darex-q": _pack(root, "s-darex.delta", "--method", "darex-q", "--p", "0.9", "--q", "0.5"),
+        "magnitude": _pack(root, "s-mag.delta", "--method", "magnitude", "--p", "0.8"),
+        "columns": _pack(root, "s-col.delta", "--method", "structural", "--p", "0.5", "--structural_axis", "columns"),
+    }
     model = _model(root / "base")
     original = _snapshot(model)
     bank = DeltaBank(model)
@@ -222,8 +257,10 @@ def test_heads_travel_with_the_delta(pairs):
     bank.add("two", same)
     bank.add("six", other)
     assert bank.extra("two") == {}
-    assert {k: list(v.shape) for k, v in bank.extra("six").items()} == {"classifier.weight": [6, 32],
-                                                                       "classifier.bias": [6]}
+    assert {k: list(v.shape) for k, v in bank.extra("six").items()} == {
+        "classifier.weight": [6, 32],
+        "classifier.bias": [6],
+    }
     ids = torch.tensor([[101, 2054, 2003, 102]])
     with torch.no_grad(), bank.use("two"):
         assert torch.equal(model.classifier.weight, read_checkpoint(root / "ft")["classifier.weight"])
@@ -261,8 +298,25 @@ def test_encoder_base_with_prefixed_finetune(pairs):
 
     root = pairs("bert")
     BertForSequenceClassification.from_pretrained(root / "base").bert.save_pretrained(root / "encoder")
-    main(["pack", "--base", str(root / "encoder"), "--finetuned", str(root / "ft"), "--out", str(root / "p.delta"),
-          "--method", "magnitude", "--p", "0.9", "--exclude", "*encoder.layer.0.*", "--progress", "false"])
+    main(
+        [
+            "pack",
+            "--base",
+            str(root / "encoder"),
+            "--finetuned",
+            str(root / "ft"),
+            "--out",
+            str(root / "p.delta"),
+            "--method",
+            "magnitude",
+            "--p",
+            "0.9",
+            "--exclude",
+            "*encoder.layer.0.*",
+            "--progress",
+            "false",
+        ]
+    )
     model = _model(root / "encoder")
     original = _snapshot(model)
     bank = DeltaBank(model)
@@ -271,8 +325,9 @@ def test_encoder_base_with_prefixed_finetune(pairs):
     stream_unpack(root / "encoder", root / "p.delta", root / "p.unpacked", progress=False)
     unpacked = read_checkpoint(root / "p.unpacked")
     with bank.use("ft"):
-        assert _differing(model, {k.removeprefix("bert."): v for k, v in unpacked.items() if k.startswith("bert.")}
-                          ) == []
+        assert (
+            _differing(model, {k.removeprefix("bert."): v for k, v in unpacked.items() if k.startswith("bert.")}) == []
+        )
         assert all(torch.equal(v, unpacked[k]) for k, v in bank.extra("ft").items())
     assert _differing(model, original) == []
 
@@ -282,7 +337,20 @@ def test_a_pack_writing_both_of_two_tied_weights_is_refused(pairs, tmp_path):
     model = _model(root / "base")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # embed_tokens and lm_head, untied
     base, ft = make_pair(tmp_path, base_sd=state, ft_sd=perturbed(state), shard_size="10GB")
-    main(["pack", "--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "t.delta"), "--p", "0.9",
-          "--progress", "false"])
+    main(
+        [
+            "pack",
+            "--base",
+            str(base),
+            "--finetuned",
+            str(ft),
+            "--out",
+            str(tmp_path / "t.delta"),
+            "--p",
+            "0.9",
+            "--progress",
+            "false",
+        ]
+    )
     with pytest.raises(ValueError, match="share memory in the model"):
         DeltaBank(model).add("ft", tmp_path / "t.delta")

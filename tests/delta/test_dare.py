@@ -62,8 +62,10 @@ def test_chunked_equals_whole(backend):
     base, ft = torch.randn(9001), torch.randn(9001)
     whole = dare_merge(base, ft, 0.4, seed=3, name="c")
     cut = 4444
-    parts = [dare_merge(base[:cut], ft[:cut], 0.4, seed=3, name="c"),
-             dare_merge(base[cut:], ft[cut:], 0.4, seed=3, name="c", offset=cut)]
+    parts = [
+        dare_merge(base[:cut], ft[:cut], 0.4, seed=3, name="c"),
+        dare_merge(base[cut:], ft[cut:], 0.4, seed=3, name="c", offset=cut),
+    ]
     assert torch.equal(torch.cat(parts), whole)
     d = ft - base
     parts = [dare(d[:cut], 0.4, seed=3, name="c"), dare(d[cut:], 0.4, seed=3, name="c", offset=cut)]
@@ -99,8 +101,10 @@ def test_numba_and_torch_merge_agree_bit_for_bit(dtype):
     for b in ("numba", "torch"):  # numba: the compiled kernel for one fp32/bf16 dtype, numba for the others
         masks.set_backend(b)
         try:
-            res[b] = (dare_merge(base, ft, 0.85, seed=9, name="x", q=0.4, offset=17),
-                      dare(ft.float() - base.float(), 0.85, seed=9, name="x", offset=17))
+            res[b] = (
+                dare_merge(base, ft, 0.85, seed=9, name="x", q=0.4, offset=17),
+                dare(ft.float() - base.float(), 0.85, seed=9, name="x", offset=17),
+            )
         finally:
             masks.set_backend("auto")
     assert torch.equal(res["numba"][0], res["torch"][0]) and torch.equal(res["numba"][1], res["torch"][1])
@@ -151,9 +155,16 @@ def _fused(base: torch.Tensor, ft: torch.Tensor, p: float, seed: int, name: str,
     from lifelong_delta.delta import _kernels
 
     out = torch.empty_like(ft)
-    counts = _kernels.merge_words(dtype_code(ft.dtype), _words(base), _words(ft), _words(out),
-                                  _kernels.tensor_key(seed, name), offset, _kernels.drop_threshold(p),
-                                  scale_of(q if q is not None else 1 - p))
+    counts = _kernels.merge_words(
+        dtype_code(ft.dtype),
+        _words(base),
+        _words(ft),
+        _words(out),
+        _kernels.tensor_key(seed, name),
+        offset,
+        _kernels.drop_threshold(p),
+        scale_of(q if q is not None else 1 - p),
+    )
     return out, counts
 
 

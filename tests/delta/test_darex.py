@@ -10,10 +10,16 @@ from lifelong_delta.delta.darex import MaskedDelta, default_coarse_grid, select_
 
 def _pair(dtype=torch.float32):
     torch.manual_seed(0)
-    base = {"a.weight": torch.randn(8, 5).to(dtype), "a.bias": torch.randn(8).to(dtype),
-            "b.weight": torch.randn(3, 8).to(dtype), "steps": torch.tensor(3)}
-    ft = {k: (v.float() + 0.1 * torch.randn(v.shape)).to(dtype) if v.is_floating_point() else v + 1
-          for k, v in base.items()}
+    base = {
+        "a.weight": torch.randn(8, 5).to(dtype),
+        "a.bias": torch.randn(8).to(dtype),
+        "b.weight": torch.randn(3, 8).to(dtype),
+        "steps": torch.tensor(3),
+    }
+    ft = {
+        k: (v.float() + 0.1 * torch.randn(v.shape)).to(dtype) if v.is_floating_point() else v + 1
+        for k, v in base.items()
+    }
     return base, ft
 
 
@@ -86,8 +92,7 @@ def test_grid_search_finds_the_optimum_of_a_known_function():
     assert abs(res.q - 0.537) <= fine_step / 2 + 1e-9
     assert len(calls) == len(set(calls)) == len(res.table) == 6 + 4  # the middle fine q is the coarse best
     assert max(res.table, key=lambda t: t[1])[0] == res.q
-    res_min = select_q_grid(lambda q: (q - 0.3) ** 2, 0.9, coarse=[0.1, 0.25, 0.4, 1.0], fine_steps=5,
-                            mode="min")
+    res_min = select_q_grid(lambda q: (q - 0.3) ** 2, 0.9, coarse=[0.1, 0.25, 0.4, 1.0], fine_steps=5, mode="min")
     assert res_min.q == pytest.approx(0.3)
     assert select_q_grid(lambda q: q, 0.5, fine_steps=0).q == 1.0  # edge optimum, no fine grid
     with pytest.raises(ValueError, match="mode="):
@@ -105,8 +110,7 @@ def test_unlabelled_q_on_a_tiny_mlp():
     ft_state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(10, 6) for _ in range(3)]
     masked = MaskedDelta.build(pre.state_dict(), model.state_dict(), 0.7, seed=2)
-    res = select_q_unlabelled(model, masked, batches, lambda m, x: m(x), grid=[0.3, 0.5, 0.7, 1.0],
-                              fine_steps=2)
+    res = select_q_unlabelled(model, masked, batches, lambda m, x: m(x), grid=[0.3, 0.5, 0.7, 1.0], fine_steps=2)
     for k, v in model.state_dict().items():  # the model is left as it was
         assert torch.equal(v, ft_state[k])
     assert min(res.table, key=lambda t: t[1])[0] == res.q and 5 <= len(res.table) <= 6

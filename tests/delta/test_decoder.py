@@ -21,12 +21,20 @@ from lifelong_delta.delta.methods import PruneSpec
 from tests.delta._checkpoints import read_checkpoint, tiny_gpt2_pair, tiny_llama_pair, whole_model
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
-TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
-        "pruning deltas of language models", "one more line of text for the batch"]
+TEXT = [
+    "the cat sat on the mat",
+    "a longer sentence about the weather today and tomorrow",
+    "hello",
+    "pruning deltas of language models",
+    "one more line of text for the batch",
+]
 
 
-@pytest.fixture(scope="module", params=[("llama", True), ("llama", False), ("qwen2", True), ("mistral", False)],
-                ids=["llama-tied", "llama-untied", "qwen2-tied", "mistral-untied"])
+@pytest.fixture(
+    scope="module",
+    params=[("llama", True), ("llama", False), ("qwen2", True), ("mistral", False)],
+    ids=["llama-tied", "llama-untied", "qwen2-tied", "mistral-untied"],
+)
 def llama(request, tmp_path_factory) -> tuple[Path, Path]:
     arch, tied = request.param
     root = tmp_path_factory.mktemp(arch)
@@ -36,17 +44,42 @@ def llama(request, tmp_path_factory) -> tuple[Path, Path]:
     return root, data
 
 
-CASES = [("wanda", None), ("darex-q", "grid"), ("darex-q", "unlabelled"), ("darex-q", "analytic"),
-         ("magnitude", "grid"), ("structural", "unlabelled")]
+CASES = [
+    ("wanda", None),
+    ("darex-q", "grid"),
+    ("darex-q", "unlabelled"),
+    ("darex-q", "analytic"),
+    ("magnitude", "grid"),
+    ("structural", "unlabelled"),
+]
 
 
 @pytest.mark.parametrize(("method", "q_mode"), CASES, ids=[f"{m}-{q}" for m, q in CASES])
 def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_mode):
     root, data = llama
-    args = [CLI, "prune", "--base", root / "base", "--finetuned", root / "ft", "--out", tmp_path / "out",
-            "--method", method, "--p", "0.5", "--calib_data", data, "--batch_size", "2", "--progress", "false"]
-    res = subprocess.run([*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True,
-                         text=True, timeout=300)
+    args = [
+        CLI,
+        "prune",
+        "--base",
+        root / "base",
+        "--finetuned",
+        root / "ft",
+        "--out",
+        tmp_path / "out",
+        "--method",
+        method,
+        "--p",
+        "0.5",
+        "--calib_data",
+        data,
+        "--batch_size",
+        "2",
+        "--progress",
+        "false",
+    ]
+    res = subprocess.run(
+        [*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     base, ft, out = (read_checkpoint(p) for p in (root / "base", root / "ft", tmp_path / "out"))
     assert out.keys() == ft.keys()  # a tied lm_head stays absent, an untied one is pruned like any matrix
@@ -61,8 +94,7 @@ def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_m
         assert table[min(table, key=lambda q: abs(q - chosen))] == best
 
 
-REST = [("dare", None), ("magnitude", "unlabelled"), ("wanda", "grid"), ("wanda", "unlabelled"),
-        ("structural", "grid")]
+REST = [("dare", None), ("magnitude", "unlabelled"), ("wanda", "grid"), ("wanda", "unlabelled"), ("structural", "grid")]
 
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
@@ -75,10 +107,29 @@ def test_the_other_method_and_q_mode_pairs_prune_a_causal_lm(tmp_path, arch, met
         tiny_llama_pair(tmp_path, tie_word_embeddings=True)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    args = [CLI, "prune", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--out", tmp_path / "out",
-            "--method", method, "--p", "0.5", "--calib_data", data, "--batch_size", "2", "--progress", "false"]
-    res = subprocess.run([*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True,
-                         text=True, timeout=300)
+    args = [
+        CLI,
+        "prune",
+        "--base",
+        tmp_path / "base",
+        "--finetuned",
+        tmp_path / "ft",
+        "--out",
+        tmp_path / "out",
+        "--method",
+        method,
+        "--p",
+        "0.5",
+        "--calib_data",
+        data,
+        "--batch_size",
+        "2",
+        "--progress",
+        "false",
+    ]
+    res = subprocess.run(
+        [*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert ("chose q" in res.stdout) == (q_mode is not None)
     base, ft, out = (read_checkpoint(tmp_path / d) for d in ("base", "ft", "out"))
@@ -112,8 +163,15 @@ def test_wanda_measures_every_linear_of_the_decoder_layers(llama):
     with cal.load(str(root / "ft"), str(data), need_labels=False, samples=5, batch_size=2, max_length=64) as calib:
         norms = calib.input_norms(names)
     for layer in range(2):
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for proj in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             n = f"model.layers.{layer}.{proj}.weight"
             assert n in norms and not torch.equal(norms[n], torch.ones_like(norms[n])), n
     assert torch.equal(norms["model.embed_tokens.weight"], torch.ones(32))  # no per-column input: magnitude
@@ -126,11 +184,25 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     tiny_gpt2_pair(tmp_path)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--p", "0.5", "--calib_data", data,
-              "--batch_size", "2"]
+    common = [
+        "--base",
+        tmp_path / "base",
+        "--finetuned",
+        tmp_path / "ft",
+        "--p",
+        "0.5",
+        "--calib_data",
+        data,
+        "--batch_size",
+        "2",
+    ]
 
-    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "w"), "--method", "wanda"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "w"), "--method", "wanda"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     calib = cal.load(str(tmp_path / "ft"), str(data), need_labels=False, samples=5, batch_size=2, max_length=128)
     name = "transformer.h.0.attn.c_attn.weight"  # [in 32, out 96]
@@ -143,22 +215,33 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
         want[(delta[:, j].abs() * norms[:, 0]).topk(16).indices, j] = True
     assert torch.equal(out != base, want)
 
-    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q",
-                          "--q_mode", "analytic"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q", "--q_mode", "analytic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     loaded = whole_model(tmp_path / "ft")
-    means = {n: s.mean for n, s in collect_input_stats(loaded, calib.batches, lambda m, b: m(**b),
-                                                       names=[name]).items()}
+    means = {
+        n: s.mean for n, s in collect_input_stats(loaded, calib.batches, lambda m, b: m(**b), names=[name]).items()
+    }
     bias = name[: -len("weight")] + "bias"
     with calib, CheckpointReader(tmp_path / "base") as rb:
-        got = calib.analytic_q(calib.pruning(PruneSpec("darex-q", 0.5, q=0.5), rb), [name, bias],
-                               arithmetic="float64")[name]  # float16 keeps a small delta's q at 1 - p: no contrast
+        got = calib.analytic_q(calib.pruning(PruneSpec("darex-q", 0.5, q=0.5), rb), [name, bias], arithmetic="float64")[
+            name
+        ]  # float16 keeps a small delta's q at 1 - p: no contrast
     want = analytic_q_per_layer(_transposed_masked(tmp_path, name), {name: means[name]}, arithmetic="float64")[name]
-    transposed_wrongly = analytic_q_per_layer(_transposed_masked(tmp_path, name, transpose=False),
-                                              {name: means[name].repeat(3)[:96]}, arithmetic="float64")[name]
+    transposed_wrongly = analytic_q_per_layer(
+        _transposed_masked(tmp_path, name, transpose=False), {name: means[name].repeat(3)[:96]}, arithmetic="float64"
+    )[name]
     assert got == want and want != transposed_wrongly
-    res = subprocess.run([CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q",
-                          "--q_mode", "grid"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q", "--q_mode", "grid"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0 and "chose q" in res.stdout, res.stderr
 
 

@@ -39,8 +39,11 @@ def _cache_repo(cache: Path, repo: str, src: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @pytest.fixture
@@ -69,11 +72,35 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
 def test_hub_ids_prune_from_the_cache_like_local_folders(tmp_path, hub):
     cache, env = hub
     before = _tree(cache)
-    res = _run(env, "prune", "--base", "acme/base", "--finetuned", "acme/ft@main", "--out", tmp_path / "out",
-               "--p", "0.7", "--seed", "3")
+    res = _run(
+        env,
+        "prune",
+        "--base",
+        "acme/base",
+        "--finetuned",
+        "acme/ft@main",
+        "--out",
+        tmp_path / "out",
+        "--p",
+        "0.7",
+        "--seed",
+        "3",
+    )
     assert res.returncode == 0, res.stderr
-    local = _run(env, "prune", "--base", tmp_path / "src" / "base", "--finetuned", tmp_path / "src" / "ft",
-                 "--out", tmp_path / "local", "--p", "0.7", "--seed", "3")
+    local = _run(
+        env,
+        "prune",
+        "--base",
+        tmp_path / "src" / "base",
+        "--finetuned",
+        tmp_path / "src" / "ft",
+        "--out",
+        tmp_path / "local",
+        "--p",
+        "0.7",
+        "--seed",
+        "3",
+    )
     assert local.returncode == 0, local.stderr
     got, want = read_checkpoint(tmp_path / "out"), read_checkpoint(tmp_path / "local")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -95,7 +122,7 @@ def test_an_uncached_hub_id_offline_is_one_line_naming_the_cache(tmp_path, hub):
 
 
 def test_without_a_network_a_cached_id_still_resolves_and_an_uncached_one_says_so(tmp_path, hub):
-    cache, env = hub
+    _cache, env = hub
     env = {**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
     res = _run(env, "prune", "--base", "acme/base", "--finetuned", "acme/ft", "--out", tmp_path / "out")
     assert res.returncode == 0, res.stderr
@@ -108,8 +135,9 @@ def test_output_into_a_cached_snapshot_is_refused(tmp_path, hub):
     cache, env = hub
     snapshot = next((cache / "models--acme--ft" / "snapshots").iterdir())
     before = _tree(cache)
-    line = _error_line(_run(env, "prune", "--base", "acme/base", "--finetuned", "acme/ft", "--out",
-                            snapshot / "pruned"))
+    line = _error_line(
+        _run(env, "prune", "--base", "acme/base", "--finetuned", "acme/ft", "--out", snapshot / "pruned")
+    )
     assert "--finetuned" in line
     assert _tree(cache) == before and not (snapshot / "pruned").exists()
 
@@ -121,9 +149,18 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, hub):
         assert line == f"error: --base {spec}: not found"
 
 
-@pytest.mark.parametrize(("spec", "hub_id"), [
-    ("meta-llama/Llama-3.1-8B", True), ("Qwen/Qwen2.5-0.5B@main", True), ("org/name@refs/pr/1", True),
-    ("gpt2", False), ("./a/b", False), ("/abs/x", False), ("a/b/c", False), ("a/model.safetensors", False),
-])
+@pytest.mark.parametrize(
+    ("spec", "hub_id"),
+    [
+        ("meta-llama/Llama-3.1-8B", True),
+        ("Qwen/Qwen2.5-0.5B@main", True),
+        ("org/name@refs/pr/1", True),
+        ("gpt2", False),
+        ("./a/b", False),
+        ("/abs/x", False),
+        ("a/b/c", False),
+        ("a/model.safetensors", False),
+    ],
+)
 def test_looks_like_hub_id(spec, hub_id):
     assert looks_like_hub_id(spec) is hub_id

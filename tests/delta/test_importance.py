@@ -33,8 +33,9 @@ def test_wanda_differs_from_magnitude_when_norms_matter():
     norms = torch.tensor([10.0, 1.0, 1.0, 1.0])
     mag = importance_prune(d, 0.5, score="magnitude")
     assert torch.equal(mag != 0, torch.tensor([[False, False, True, True]]))
-    assert torch.equal(importance_prune(d, 0.5, score="wanda", input_norms=norms) != 0,
-                       torch.tensor([[True, False, False, True]]))
+    assert torch.equal(
+        importance_prune(d, 0.5, score="wanda", input_norms=norms) != 0, torch.tensor([[True, False, False, True]])
+    )
 
 
 def test_one_d_uses_global_magnitude_and_nd_uses_rows():

@@ -58,7 +58,7 @@ def test_roundtrip_sharded_and_single(tmp_path, size):
     for f in [out / f for f in files if f.endswith(".safetensors")]:
         with safe_open(f, "pt") as sf:
             assert sf.metadata() == {"format": "pt"}
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
                 assert torch.equal(sf.get_tensor(k), ts[k]) and sf.get_tensor(k).dtype == ts[k].dtype
     r = CheckpointReader(out)
     assert set(r.names()) == set(ts) and len(r) == len(ts)
@@ -81,10 +81,19 @@ def test_raw_reads_and_views_are_the_stored_bytes(tmp_path):
     for k, v in ts.items():
         raw = v.contiguous().view(-1).view(torch.uint8).numpy()
         size, n = v.element_size(), v.numel()
-        assert r.code(k) == {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                             torch.float64: "F64", torch.int64: "I64", torch.bool: "BOOL"}[v.dtype]
+        assert (
+            r.code(k)
+            == {
+                torch.float32: "F32",
+                torch.bfloat16: "BF16",
+                torch.float16: "F16",
+                torch.float64: "F64",
+                torch.int64: "I64",
+                torch.bool: "BOOL",
+            }[v.dtype]
+        )
         for start, count in ((0, n), (min(3, n), max(n - 5, 0)), (max(n - 1, 0), min(n, 1)), (n, 0)):
-            want = raw[start * size:(start + count) * size]
+            want = raw[start * size : (start + count) * size]
             buf = bytearray(count * size)
             assert bytes(r.read_into(k, start, count, buf)) == want.tobytes()
             view = r.view(k, start, count)
@@ -131,11 +140,10 @@ def test_reader_get_owns_memory(tmp_path):
 
 def test_failure_leaves_nothing(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="boom"):
-        with ShardedWriter(out, "1KB") as w:
-            w.add("a", torch.ones(1000))
-            w.add("b", torch.ones(1000))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ShardedWriter(out, "1KB") as w:
+        w.add("a", torch.ones(1000))
+        w.add("b", torch.ones(1000))
+        raise RuntimeError("boom")
     assert not out.exists()
     assert os.listdir(tmp_path) == []  # the temporary directory is gone too
 
@@ -169,13 +177,27 @@ def test_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
 def test_copy_non_weight_files(tmp_path):
     src = tmp_path / "src"
     (src / "1_Pooling").mkdir(parents=True)
-    for f in ["config.json", "tokenizer.json", "vocab.txt", "generation_config.json", "model.safetensors",
-              "pytorch_model.bin", INDEX_FILE, ".gitattributes", "1_Pooling/config.json"]:
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "vocab.txt",
+        "generation_config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        INDEX_FILE,
+        ".gitattributes",
+        "1_Pooling/config.json",
+    ]:
         (src / f).write_text("{}")
     dst = tmp_path / "dst"
     copied = copy_non_weight_files(src, dst)
-    assert sorted(copied) == ["1_Pooling/config.json", "config.json", "generation_config.json", "tokenizer.json",
-                              "vocab.txt"]
+    assert sorted(copied) == [
+        "1_Pooling/config.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "vocab.txt",
+    ]
     assert (dst / "1_Pooling" / "config.json").exists() and not (dst / "model.safetensors").exists()
 
 
@@ -208,8 +230,9 @@ def test_truncated_file_and_unreadable_permissions(tmp_path):
     with pytest.raises(CheckpointError, match="no safetensors weights"):
         CheckpointReader(d)
     save_file({"a": torch.ones(3)}, d / "model-00001-of-00002.safetensors")
-    (d / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                           "b": "model-00002-of-00002.safetensors"}}))
+    (d / INDEX_FILE).write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors, which is missing"):
         CheckpointReader(d)
     if os.geteuid() != 0:  # root reads anything
@@ -265,10 +288,9 @@ def test_planned_layout_is_enforced(tmp_path):
 
 
 def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path):
-    with pytest.raises(ValueError, match="closed file"):
-        with ShardedWriter(tmp_path / "out") as w:
-            w.add("a", torch.ones(4))
-            w._body.close()  # the next queued write fails in the helper thread
-            w.add("b", torch.ones(4))
-            w.commit()
+    with pytest.raises(ValueError, match="closed file"), ShardedWriter(tmp_path / "out") as w:
+        w.add("a", torch.ones(4))
+        w._body.close()  # the next queued write fails in the helper thread
+        w.add("b", torch.ones(4))
+        w.commit()
     assert sorted(os.listdir(tmp_path)) == []

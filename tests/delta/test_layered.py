@@ -19,11 +19,22 @@ from lifelong_delta.delta.darex import MaskedDelta, select_q_grid, select_q_unla
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
-from tests.delta._checkpoints import (read_checkpoint, save_pair, tiny_bert_pair, tiny_gpt2_pair, tiny_llama_pair,
-                                     whole_model)
+from tests.delta._checkpoints import (
+    read_checkpoint,
+    save_pair,
+    tiny_bert_pair,
+    tiny_gpt2_pair,
+    tiny_llama_pair,
+    whole_model,
+)
 
-TEXT = ["the cat sat on the mat", "a longer sentence about the weather today and tomorrow", "hello",
-        "pruning deltas of language models", "one more line of text for the batch"]
+TEXT = [
+    "the cat sat on the mat",
+    "a longer sentence about the weather today and tomorrow",
+    "hello",
+    "pruning deltas of language models",
+    "one more line of text for the batch",
+]
 
 
 def _mpnet(root: Path) -> None:
@@ -31,8 +42,15 @@ def _mpnet(root: Path) -> None:
     from transformers import MPNetConfig, MPNetForSequenceClassification
 
     torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=80, num_labels=2)
+    config = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        num_labels=2,
+    )
     save_pair(MPNetForSequenceClassification(config), root)
 
 
@@ -90,13 +108,19 @@ def test_input_norms_equal_the_whole_models(pair):
         assert torch.equal(got[n], want[n]), (arch, n)
 
 
-def _reference_masked(model: torch.nn.Module, root: Path, names: list[str], spec: PruneSpec,
-                      norms: dict[str, torch.Tensor] | None = None) -> MaskedDelta:
+def _reference_masked(
+    model: torch.nn.Module, root: Path, names: list[str], spec: PruneSpec, norms: dict[str, torch.Tensor] | None = None
+) -> MaskedDelta:
     sd = model.state_dict()
     with CheckpointReader(root / "base") as rb:
         base = {n: rb.get(n) for n in names if n in sd}
-    return MaskedDelta.build(base, {n: sd[n] for n in base}, spec.p, seed=spec.seed,
-                             keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=(norms or {}).get(n)))
+    return MaskedDelta.build(
+        base,
+        {n: sd[n] for n in base},
+        spec.p,
+        seed=spec.seed,
+        keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=(norms or {}).get(n)),
+    )
 
 
 @pytest.mark.parametrize("method", ["darex-q", "wanda"])
@@ -118,8 +142,7 @@ def test_grid_q_table_equals_the_whole_models(pair, method):
             if calib.causal:
                 return cal.causal_lm_perplexity(model, calib.batches)
             with torch.no_grad():
-                right = sum(int((model(**b).logits.argmax(-1) == y).sum()) for b, y in zip(calib.batches,
-                                                                                           calib.labels))
+                right = sum(int((model(**b).logits.argmax(-1) == y).sum()) for b, y in zip(calib.batches, calib.labels))
             return right / sum(len(y) for y in calib.labels)
 
         want = select_q_grid(metric, spec.p, mode="min" if calib.causal else "max")
@@ -127,8 +150,13 @@ def test_grid_q_table_equals_the_whole_models(pair, method):
         # the pruned candidates' logits themselves, not only the metric (accuracy on 5 rows is coarse)
         logits: dict[tuple[int, int], torch.Tensor] = {}
         qs = [0.3, 0.65]
-        calib.model.run(calib.batches, qs, lambda c, b, out: logits.__setitem__((c, b), out.logits),
-                        pruning=calib.pruning(spec, rb, input_norms=norms), pruned=names)
+        calib.model.run(
+            calib.batches,
+            qs,
+            lambda c, b, out: logits.__setitem__((c, b), out.logits),
+            pruning=calib.pruning(spec, rb, input_norms=norms),
+            pruned=names,
+        )
         for c, q in enumerate(qs):
             masked.apply_(model, q)
             for b, batch in enumerate(calib.batches):
@@ -144,8 +172,13 @@ def test_unlabelled_q_table_equals_the_whole_models(pair):
     model = whole_model(root / "ft")
     with _open(root, data) as calib, CheckpointReader(root / "base") as rb:
         got = calib.unlabelled_q(calib.pruning(spec, rb), names)
-        want = select_q_unlabelled(model, _reference_masked(model, root, names, spec), calib.batches,
-                                   lambda m, b: m(**b, output_hidden_states=True).hidden_states[-1], spec.p)
+        want = select_q_unlabelled(
+            model,
+            _reference_masked(model, root, names, spec),
+            calib.batches,
+            lambda m, b: m(**b, output_hidden_states=True).hidden_states[-1],
+            spec.p,
+        )
     assert got.table == want.table and got.q == want.q, arch
 
 

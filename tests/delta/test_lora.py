@@ -46,9 +46,17 @@ def _peft_roundtrip(tmp_path, base, **cfg):
 def test_deltas_equal_peft_merge(tmp_path, use_rslora):
     torch.manual_seed(0)
     base = Tiny()
-    merged = _peft_roundtrip(tmp_path, base, r=4, lora_alpha=8, use_rslora=use_rslora,
-                             target_modules=["emb", "lin", "conv", "proj"], modules_to_save=["head"],
-                             rank_pattern={"proj": 2}, alpha_pattern={"conv": 3})
+    merged = _peft_roundtrip(
+        tmp_path,
+        base,
+        r=4,
+        lora_alpha=8,
+        use_rslora=use_rslora,
+        target_modules=["emb", "lin", "conv", "proj"],
+        modules_to_save=["head"],
+        rank_pattern={"proj": 2},
+        alpha_pattern={"conv": 3},
+    )
     adapter = load_lora_adapter(tmp_path)
     deltas = lora_deltas(adapter)
     assert set(deltas) == {"emb.weight", "lin.weight", "conv.weight", "proj.weight"}
@@ -75,8 +83,7 @@ def test_fan_in_fan_out_matches_peft(tmp_path):
 
     torch.manual_seed(1)
     base = G()
-    merged = _peft_roundtrip(tmp_path, base, r=3, lora_alpha=6, target_modules=["c_attn"],
-                             fan_in_fan_out=True)
+    merged = _peft_roundtrip(tmp_path, base, r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True)
     d = lora_deltas(load_lora_adapter(tmp_path))["c_attn.weight"]
     torch.testing.assert_close(base.c_attn.weight + d, merged["c_attn.weight"], rtol=1e-5, atol=1e-5)
 

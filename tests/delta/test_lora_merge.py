@@ -34,9 +34,17 @@ def _adapter(path: Path, prefix: str = "", *, head: bool = True) -> dict[str, to
         tensors["base_model.model.classifier.weight"] = torch.randn(3, 8, generator=g)
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": R, "lora_alpha": ALPHA, "target_modules": ["layers.0", "layers.2"],
-        "modules_to_save": ["classifier"] if head else None}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": R,
+                "lora_alpha": ALPHA,
+                "target_modules": ["layers.0", "layers.2"],
+                "modules_to_save": ["classifier"] if head else None,
+            }
+        )
+    )
     return tensors
 
 
@@ -59,10 +67,30 @@ def _dare_keep(name, numel, p, seed):
 def test_cli_prunes_the_lora_product_like_a_brute_force_merge(tmp_path):
     base_sd, tensors = _setup(tmp_path)
     out, p, seed = tmp_path / "out", 0.6, 3
-    res = subprocess.run([CLI, "prune", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "adapter"),
-                          "--method", "dare", "--p", str(p), "--seed", str(seed), "--out", str(out),
-                          "--out-shard-size", "1KB"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "200"})
+    res = subprocess.run(
+        [
+            CLI,
+            "prune",
+            "--base",
+            str(tmp_path / "base"),
+            "--finetuned",
+            str(tmp_path / "adapter"),
+            "--method",
+            "dare",
+            "--p",
+            str(p),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--out-shard-size",
+            "1KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "prune summary" in res.stdout
     got = read_checkpoint(out)
@@ -85,8 +113,18 @@ def test_cli_prunes_the_lora_product_like_a_brute_force_merge(tmp_path):
 def test_prune_factors_and_magnitude_product(tmp_path):
     base_sd, tensors = _setup(tmp_path)
     p, q, seed = 0.5, 0.7, 1
-    prune(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "f"), method="darex-q", p=p, q=q,
-          seed=seed, lora_prune="factors", exclude=["layers.2.*"], progress=False)
+    prune(
+        str(tmp_path / "base"),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "f"),
+        method="darex-q",
+        p=p,
+        q=q,
+        seed=seed,
+        lora_prune="factors",
+        exclude=["layers.2.*"],
+        progress=False,
+    )
     got = read_checkpoint(tmp_path / "f")
     a_key, b_key = "base_model.model.layers.0.lora_A.weight", "base_model.model.layers.0.lora_B.weight"
     a = tensors[a_key].double() * _dare_keep(a_key, R * 8, p, seed).view(R, 8) / q
@@ -97,8 +135,14 @@ def test_prune_factors_and_magnitude_product(tmp_path):
     want2 = base_sd["layers.2.weight"].double() + _dense(tensors, "layers.2")
     torch.testing.assert_close(got["layers.2.weight"].double(), want2, rtol=0, atol=1e-5)
 
-    summary = prune(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "m"), method="magnitude",
-                    p=0.75, progress=False)
+    summary = prune(
+        str(tmp_path / "base"),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "m"),
+        method="magnitude",
+        p=0.75,
+        progress=False,
+    )
     got = read_checkpoint(tmp_path / "m")
     delta = _dense(tensors, "layers.0")
     for i in range(8):  # top round(0.25 * 8) = 2 |δ| of each row, no rescale
@@ -113,8 +157,15 @@ def test_adapter_names_with_a_prefix_map_onto_the_base(tmp_path):
     base_sd = tiny_state()
     write_checkpoint(tmp_path / "base", base_sd, "1KB")
     tensors = _adapter(tmp_path / "adapter", prefix="model.", head=False)
-    prune(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), method="darex-q", p=0.0, q=1.0,
-          progress=False)
+    prune(
+        str(tmp_path / "base"),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "out"),
+        method="darex-q",
+        p=0.0,
+        q=1.0,
+        progress=False,
+    )
     got = read_checkpoint(tmp_path / "out")
     want = base_sd["layers.2.weight"].double() + _dense(tensors, "layers.2", prefix="model.")
     torch.testing.assert_close(got["layers.2.weight"].double(), want, rtol=0, atol=1e-5)
@@ -125,8 +176,10 @@ def test_adapter_names_with_a_prefix_map_onto_the_base(tmp_path):
     [
         ({"method": "wanda"}, "--method wanda needs --calib_data FILE"),
         ({"method": "darex-q", "q_mode": "unlabelled", "calib_data": "x.csv"}, "--calib_data x.csv: not found"),
-        ({"method": "wanda", "lora_prune": "factors", "calib_data": "CALIB"},
-         "--method wanda calibrates the merged model, so it prunes the LoRA product B·A; drop --lora_prune factors"),
+        (
+            {"method": "wanda", "lora_prune": "factors", "calib_data": "CALIB"},
+            "--method wanda calibrates the merged model, so it prunes the LoRA product B·A; drop --lora_prune factors",
+        ),
         ({"method": "dare", "lora_prune": "both"}, "--lora_prune 'both' is not one of"),
     ],
 )
@@ -150,14 +203,16 @@ def test_adapter_that_does_not_fit_the_base(tmp_path):
     # a shape that does not fit: found while streaming, and still nothing at --out
     write_checkpoint(tmp_path / "base2", {**base_sd, "layers.2.weight": torch.zeros(8, 9)}, "1KB")
     _adapter(tmp_path / "a2")
-    with pytest.raises(ValueError, match=r"tensor 'layers.2.weight' has shape \[8, 9\] in the base model but the "
-                                         r"adapter's delta has shape \[8, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'layers.2.weight' has shape \[8, 9\] in the base model but the "
+        r"adapter's delta has shape \[8, 8\]",
+    ):
         prune(str(tmp_path / "base2"), str(tmp_path / "a2"), str(tmp_path / "out"), progress=False)
     # --lora_prune factors with a full checkpoint
     write_checkpoint(tmp_path / "ft", tiny_state(), "1KB")
     with pytest.raises(ValueError, match="--lora_prune factors needs a PEFT adapter directory"):
-        prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"), lora_prune="factors",
-              progress=False)
+        prune(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"), lora_prune="factors", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

@@ -1,5 +1,6 @@
 """Counter-based masks: statistics, determinism, chunking, and numba == torch bit for bit."""
 
+import itertools
 import math
 import os
 
@@ -88,7 +89,7 @@ def test_different_names_and_seeds_give_independent_masks(backend):
 def test_chunks_concatenate_to_whole(backend):
     whole = keep_mask(10_007, 0.3, seed=5, name="t")
     cuts = [0, 1, 999, 4096, 7000, 10_007]
-    parts = [keep_mask(b - a, 0.3, seed=5, name="t", offset=a) for a, b in zip(cuts, cuts[1:])]
+    parts = [keep_mask(b - a, 0.3, seed=5, name="t", offset=a) for a, b in itertools.pairwise(cuts)]
     assert torch.equal(torch.cat(parts), whole)
     uw = uniform(5000, seed=5, name="t")
     parts = [uniform(1234, seed=5, name="t"), uniform(3766, seed=5, name="t", offset=1234)]
@@ -132,10 +133,16 @@ def test_the_compiled_torch_path_gives_the_numba_bits():
     for b in ("numba", "compile"):
         masks.set_backend(b)
         try:
-            results[b] = [(keep_mask(n, 0.77, seed=11, name=nm, offset=off), uniform(n, seed=11, name=nm, offset=off))
-                          for n, off, nm in cases]
-            results[b].append((dare_merge(base, ft, 0.6, seed=2, name="w", q=0.5), dare_merge(base.bfloat16(),
-                               ft.bfloat16(), 0.6, seed=2, name="w")))
+            results[b] = [
+                (keep_mask(n, 0.77, seed=11, name=nm, offset=off), uniform(n, seed=11, name=nm, offset=off))
+                for n, off, nm in cases
+            ]
+            results[b].append(
+                (
+                    dare_merge(base, ft, 0.6, seed=2, name="w", q=0.5),
+                    dare_merge(base.bfloat16(), ft.bfloat16(), 0.6, seed=2, name="w"),
+                )
+            )
         finally:
             masks.set_backend("auto")
     for (a, ua), (c, uc) in zip(results["numba"], results["compile"], strict=True):
@@ -187,9 +194,11 @@ def test_a_parallel_mask_leaves_torchs_thread_count_alone():
     import subprocess
     import sys
 
-    code = ("import torch; torch.set_num_threads(1)\n"
-            "from lifelong_delta.delta.masks import keep_mask\n"
-            "keep_mask(1 << 20, 0.9, seed=0, name='w'); keep_mask(1 << 20, 0.5, seed=1, name='w')\n"
-            "print(torch.get_num_threads())\n")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from lifelong_delta.delta.masks import keep_mask\n"
+        "keep_mask(1 << 20, 0.9, seed=0, name='w'); keep_mask(1 << 20, 0.5, seed=1, name='w')\n"
+        "print(torch.get_num_threads())\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "1"

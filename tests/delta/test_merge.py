@@ -54,7 +54,8 @@ def test_task_arithmetic_exact(normalize):
         tau = tau / (F32(weights[0]) + F32(weights[1]) + F32(weights[2]))
     assert np.array_equal(got, b + F32(lam) * tau)  # float32, in model order: bit for bit
     exact = b.astype(np.float64) + lam * sum(w * x.astype(np.float64) for w, x in zip(weights, d)) / (
-        sum(weights) if normalize else 1.0)
+        sum(weights) if normalize else 1.0
+    )
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5)
 
 
@@ -113,7 +114,7 @@ def test_ties_trim_breaks_magnitude_ties_by_flat_index():
     cut = magnitude_cut(delta, 0.4)  # k = 2 of the three entries of magnitude 2: indices 1 and 2
     assert cut == MagnitudeCut(2.0, 3)
     assert magnitude_keep(delta, cut).tolist() == [False, True, True, False, False]
-    chunks = [magnitude_keep(delta[s:s + 2], cut, offset=s) for s in range(0, 5, 2)]
+    chunks = [magnitude_keep(delta[s : s + 2], cut, offset=s) for s in range(0, 5, 2)]
     assert torch.cat(chunks).tolist() == [False, True, True, False, False]
     assert magnitude_cut(delta, 0.1) == MagnitudeCut(math.inf, 0)  # floor(0.5) = 0 entries kept
     assert magnitude_keep(delta, magnitude_cut(delta, 1.0)).all()
@@ -128,13 +129,16 @@ def test_ties_keeps_floor_of_density_times_n_like_mergekit(k_rule):
     assert int(magnitude_keep(delta, magnitude_cut(delta, density)).sum()) == k == int(density * n)
 
 
-@pytest.mark.parametrize(("weights", "density", "lam", "normalize"), [
-    ((1.0, 1.0, 1.0), (0.5, 0.5, 0.5), 1.0, True),
-    ((1.0, 0.5, 2.0), (0.3, 0.6, 1.0), 1.0, True),
-    ((1.0, -0.75, 0.5), (0.45, 0.2, 0.7), 0.8, False),
-    ((0.25, 1.5, 1.0, 0.5), (0.5, 0.5, 0.35, 0.9), 1.3, False),
-    ((2.0,), (0.4,), 1.0, True),
-])
+@pytest.mark.parametrize(
+    ("weights", "density", "lam", "normalize"),
+    [
+        ((1.0, 1.0, 1.0), (0.5, 0.5, 0.5), 1.0, True),
+        ((1.0, 0.5, 2.0), (0.3, 0.6, 1.0), 1.0, True),
+        ((1.0, -0.75, 0.5), (0.45, 0.2, 0.7), 0.8, False),
+        ((0.25, 1.5, 1.0, 0.5), (0.5, 0.5, 0.35, 0.9), 1.3, False),
+        ((2.0,), (0.4,), 1.0, True),
+    ],
+)
 def test_ties_equals_brute_force_reference(weights, density, lam, normalize):
     """Small integer deltas: many equal magnitudes at the cut, exact zeros, and zero sums at the election."""
     g = torch.Generator().manual_seed(len(weights) * 7 + int(lam * 10))
@@ -147,8 +151,10 @@ def test_ties_equals_brute_force_reference(weights, density, lam, normalize):
     assert np.array_equal(got.numpy(), want)
     cuts = [magnitude_cut(f - base, d) for f, d in zip(fts, density)]
     for step in (1, 7, 16):  # chunks through the cut's tie limit
-        chunks = [merge_tensor(base[s:s + step], [f[s:s + step] for f in fts], spec, name="t", offset=s, cuts=cuts)
-                  for s in range(0, n, step)]
+        chunks = [
+            merge_tensor(base[s : s + step], [f[s : s + step] for f in fts], spec, name="t", offset=s, cuts=cuts)
+            for s in range(0, n, step)
+        ]
         assert np.array_equal(torch.cat(chunks).numpy(), want)
 
 
@@ -166,14 +172,20 @@ def test_ties_zero_sign_cases():
 def test_one_model_dare_linear_is_prune_with_seed_plus_index():
     base, fts = _models(2, 4099, seed=3)
     one = MergeSpec("dare-linear", (1.0,), density=(0.25,), seed=11)
-    assert torch.equal(merge_tensor(base, fts[:1], one, name="layer.w"),
-                       prune_tensor("layer.w", base, fts[0], PruneSpec("dare", 0.75, seed=11)))
+    assert torch.equal(
+        merge_tensor(base, fts[:1], one, name="layer.w"),
+        prune_tensor("layer.w", base, fts[0], PruneSpec("dare", 0.75, seed=11)),
+    )
     second = MergeSpec("dare-linear", (0.0, 1.0), density=(0.25,), seed=11)  # model 1 draws with seed 12
-    assert torch.equal(merge_tensor(base, fts, second, name="layer.w"),
-                       prune_tensor("layer.w", base, fts[1], PruneSpec("dare", 0.75, seed=12)))
+    assert torch.equal(
+        merge_tensor(base, fts, second, name="layer.w"),
+        prune_tensor("layer.w", base, fts[1], PruneSpec("dare", 0.75, seed=12)),
+    )
     darex = MergeSpec("darex-q", (1.0,), density=(0.25,), q=(0.5,), seed=11)
-    assert torch.equal(merge_tensor(base, fts[:1], darex, name="layer.w"),
-                       prune_tensor("layer.w", base, fts[0], PruneSpec("darex-q", 0.75, q=0.5, seed=11)))
+    assert torch.equal(
+        merge_tensor(base, fts[:1], darex, name="layer.w"),
+        prune_tensor("layer.w", base, fts[0], PruneSpec("darex-q", 0.75, q=0.5, seed=11)),
+    )
 
 
 @pytest.mark.parametrize("method", ["dare-ties", "dare-linear", "darex-q"])
@@ -181,8 +193,9 @@ def test_dare_merges_compose_dare_with_the_combination(method):
     base, fts = _models(3, 3001, seed=5)
     spec = MergeSpec(method, (1.0, 0.5, 1.5), density=(0.3, 0.6, 0.9), seed=2)
     q = [spec.rescale_q(i) for i in range(3)]
-    pruned = [dare(f - base, 1 - d, seed=2 + i, name="x", q=qi)
-              for i, (f, d, qi) in enumerate(zip(fts, spec.density, q))]
+    pruned = [
+        dare(f - base, 1 - d, seed=2 + i, name="x", q=qi) for i, (f, d, qi) in enumerate(zip(fts, spec.density, q))
+    ]
     assert torch.equal(merge_tensor(base, fts, spec, name="x"), base + combine(pruned, spec))
     if method == "darex-q":
         assert q == pytest.approx([math.sqrt(d) for d in spec.density])
@@ -195,8 +208,10 @@ def test_dare_linear_statistics_kept_fraction_independence_and_mean():
     spec = MergeSpec("dare-linear", (1.0, 0.5), density=(0.3, 0.6), seed=0)
     got = merge_tensor(base, fts, spec, name="w")
     one, two = F32(1) * F32(1 / F32(0.3)), F32(0.5) * (F32(3) * F32(1 / F32(0.6)))
-    freq = {k: float((got == v).float().mean()) for k, v in
-            (("none", 0.0), ("first", float(one)), ("second", float(two)), ("both", float(F32(one + two))))}
+    freq = {
+        k: float((got == v).float().mean())
+        for k, v in (("none", 0.0), ("first", float(one)), ("second", float(two)), ("both", float(F32(one + two))))
+    }
     assert sum(freq.values()) == pytest.approx(1.0)
     want = {"none": 0.7 * 0.4, "first": 0.3 * 0.4, "second": 0.7 * 0.6, "both": 0.3 * 0.6}  # independent masks
     for k, v in want.items():
@@ -221,7 +236,8 @@ def test_dare_merges_are_task_arithmetic_in_expectation(method):
     for i, f in enumerate(fts):  # each model's kept fraction is its density
         alone = MergeSpec(method, tuple(1.0 if j == i else 0.0 for j in range(3)), density=density, seed=4)
         assert float((merge_tensor(base, fts, alone, name="w") != base).float().mean()) == pytest.approx(
-            density[i], abs=0.01)
+            density[i], abs=0.01
+        )
 
 
 def test_darex_q_default_q_keeps_the_expected_squared_norm():
@@ -242,26 +258,31 @@ def test_chunks_concatenate_to_the_whole_tensor(method):
     whole = merge_tensor(base, fts, spec, name="m.w")
     cuts = [magnitude_cut(f - base, d) for f, d in zip(fts, density)] if method == "ties" else None
     flat_b, flat_f = base.reshape(-1), [f.reshape(-1) for f in fts]
-    chunks = [merge_tensor(flat_b[s:s + 77], [f[s:s + 77] for f in flat_f], spec, name="m.w", offset=s, cuts=cuts)
-              for s in range(0, 1000, 77)]
+    chunks = [
+        merge_tensor(flat_b[s : s + 77], [f[s : s + 77] for f in flat_f], spec, name="m.w", offset=s, cuts=cuts)
+        for s in range(0, 1000, 77)
+    ]
     assert torch.equal(torch.cat(chunks).view(40, 25), whole)
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"method": "ties", "weights": (1.0, 1.0), "density": (0.0,)}, r"density 0 is outside \(0, 1\]"),
-    ({"method": "ties", "weights": (1.0, 1.0), "density": (1.5,)}, r"density 1\.5 is outside \(0, 1\]"),
-    ({"method": "dare-ties", "weights": (1.0, 1.0), "density": (0.5, 0.5, 0.5)}, r"density has 3 values for 2"),
-    ({"method": "ties", "weights": (1.0, 1.0)}, r"ties needs density"),
-    ({"method": "task-arithmetic", "weights": (1.0,), "density": (0.5,)}, r"keeps every delta entry"),
-    ({"method": "darex-q", "weights": (1.0,), "density": (0.5,), "q": (0.4,)}, r"q 0\.4 of model 1 is outside"),
-    ({"method": "dare-linear", "weights": (1.0,), "density": (0.5,), "q": (0.7,)}, r"q is the rescale of darex-q"),
-    ({"method": "ties", "weights": (), "density": (0.5,)}, r"at least one model"),
-    ({"method": "task-arithmetic", "weights": (1.0, float("nan"))}, r"weights must be finite"),
-    ({"method": "task-arithmetic", "weights": (1.0,), "lambda_": float("inf")}, r"lambda must be a finite"),
-    ({"method": "slerp", "weights": (1.0,)}, r"method 'slerp' is not one of"),
-    ({"method": "dare-ties", "weights": (1.0, -1.0), "density": (0.5,)}, r"undoes a negative weight"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "ties", "weights": (1.0, 1.0), "density": (0.0,)}, r"density 0 is outside \(0, 1\]"),
+        ({"method": "ties", "weights": (1.0, 1.0), "density": (1.5,)}, r"density 1\.5 is outside \(0, 1\]"),
+        ({"method": "dare-ties", "weights": (1.0, 1.0), "density": (0.5, 0.5, 0.5)}, r"density has 3 values for 2"),
+        ({"method": "ties", "weights": (1.0, 1.0)}, r"ties needs density"),
+        ({"method": "task-arithmetic", "weights": (1.0,), "density": (0.5,)}, r"keeps every delta entry"),
+        ({"method": "darex-q", "weights": (1.0,), "density": (0.5,), "q": (0.4,)}, r"q 0\.4 of model 1 is outside"),
+        ({"method": "dare-linear", "weights": (1.0,), "density": (0.5,), "q": (0.7,)}, r"q is the rescale of darex-q"),
+        ({"method": "ties", "weights": (), "density": (0.5,)}, r"at least one model"),
+        ({"method": "task-arithmetic", "weights": (1.0, float("nan"))}, r"weights must be finite"),
+        ({"method": "task-arithmetic", "weights": (1.0,), "lambda_": float("inf")}, r"lambda must be a finite"),
+        ({"method": "slerp", "weights": (1.0,)}, r"method 'slerp' is not one of"),
+        ({"method": "dare-ties", "weights": (1.0, -1.0), "density": (0.5,)}, r"undoes a negative weight"),
+    ],
+)
 def test_spec_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         MergeSpec(**kwargs)

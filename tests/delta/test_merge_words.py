@@ -28,8 +28,9 @@ def _words(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def _inputs(dtypes: tuple[torch.dtype, ...], n: int = N, seed: int = 0, ties: bool = False
-            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _inputs(
+    dtypes: tuple[torch.dtype, ...], n: int = N, seed: int = 0, ties: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A base and fine-tunes of ``dtypes[1:]`` (base ``dtypes[0]``); ``ties``: deltas of a few exact magnitudes."""
     g = torch.Generator().manual_seed(seed)
     if ties:
@@ -41,26 +42,54 @@ def _inputs(dtypes: tuple[torch.dtype, ...], n: int = N, seed: int = 0, ties: bo
     return base, fts
 
 
-def _spec(method: str, n_models: int, normalize: bool, weights: tuple[float, ...] | None = None,
-          density: tuple[float, ...] = (0.3, 0.55, 0.9)) -> MergeSpec:
+def _spec(
+    method: str,
+    n_models: int,
+    normalize: bool,
+    weights: tuple[float, ...] | None = None,
+    density: tuple[float, ...] = (0.3, 0.55, 0.9),
+) -> MergeSpec:
     row = MERGE_METHODS[method]
     if weights is None:  # a negative and a zero weight wherever the method takes them
         weights = (1.0, 0.0, 0.7) if row.consensus and normalize else (1.3, -0.6, 0.0)
-    return MergeSpec(method, weights[:n_models], density=None if row.sparsify == "none" else density[:n_models],
-                     lambda_=0.83, normalize=normalize, seed=7)
+    return MergeSpec(
+        method,
+        weights[:n_models],
+        density=None if row.sparsify == "none" else density[:n_models],
+        lambda_=0.83,
+        normalize=normalize,
+        seed=7,
+    )
 
 
-def _word_merge(base: torch.Tensor, fts: list[torch.Tensor], spec: MergeSpec, out_dtype: torch.dtype,
-                bounds: list[int], name: str = "w") -> torch.Tensor:
+def _word_merge(
+    base: torch.Tensor,
+    fts: list[torch.Tensor],
+    spec: MergeSpec,
+    out_dtype: torch.dtype,
+    bounds: list[int],
+    name: str = "w",
+) -> torch.Tensor:
     """The word path over chunks ``bounds[k]:bounds[k + 1]``, TIES' cuts from the whole tensors."""
     cuts = None
     if spec.row.sparsify == "magnitude":
-        cuts = [merge_words.magnitude_cut_words(CODES[base.dtype], _words(base), CODES[f.dtype], _words(f), d,
-                                                name=name) for f, d in zip(fts, spec.density, strict=True)]
+        cuts = [
+            merge_words.magnitude_cut_words(CODES[base.dtype], _words(base), CODES[f.dtype], _words(f), d, name=name)
+            for f, d in zip(fts, spec.density, strict=True)
+        ]
     out = torch.empty(base.numel(), dtype=out_dtype)
     for a, z in itertools.pairwise(bounds):
-        merge_words.merge_chunk(CODES[out_dtype], _words(out[a:z]), CODES[base.dtype], _words(base[a:z]),
-                                [(CODES[f.dtype], _words(f[a:z])) for f in fts], spec, name=name, offset=a, cuts=cuts)
+        merge_words.merge_chunk(
+            CODES[out_dtype],
+            _words(out[a:z]),
+            CODES[base.dtype],
+            _words(base[a:z]),
+            [(CODES[f.dtype], _words(f[a:z])) for f in fts],
+            spec,
+            name=name,
+            offset=a,
+            cuts=cuts,
+        )
     return out
 
 
@@ -70,8 +99,11 @@ def _same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     assert diff.numel() == 0, f"{diff.numel()} bytes differ, first at byte {int(diff[0])}"
 
 
-DTYPES = {"f32": (torch.float32,) * 4, "bf16": (torch.bfloat16,) * 4,
-          "mixed": (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32)}
+DTYPES = {
+    "f32": (torch.float32,) * 4,
+    "bf16": (torch.bfloat16,) * 4,
+    "mixed": (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),
+}
 
 
 @pytest.mark.parametrize("method", list(MERGE_METHODS))
@@ -90,19 +122,40 @@ def test_chunks_give_the_bits_of_merge_tensor(monkeypatch, method, dtypes, out_d
 @pytest.mark.parametrize("method", list(MERGE_METHODS))
 def test_weights_lambda_and_model_counts(method):
     base, fts = _inputs((torch.float32, torch.bfloat16, torch.float32), n=3000, seed=3)
-    for weights, lam, normalize in [((1.0, 1.0), 1.0, True), ((0.0, 0.0), 2.5, True), ((2.0, -2.0), 1.0, False),
-                                    ((1e-9, 3e-9), 0.5, True), ((0.25, 0.5), -1.0, False)]:
+    for weights, lam, normalize in [
+        ((1.0, 1.0), 1.0, True),
+        ((0.0, 0.0), 2.5, True),
+        ((2.0, -2.0), 1.0, False),
+        ((1e-9, 3e-9), 0.5, True),
+        ((0.25, 0.5), -1.0, False),
+    ]:
         if MERGE_METHODS[method].consensus and normalize and min(weights) < 0:
             continue
         row = MERGE_METHODS[method]
-        spec = MergeSpec(method, weights, density=None if row.sparsify == "none" else (0.4, 0.7), lambda_=lam,
-                         normalize=normalize, seed=1)
-        _same_bits(_word_merge(base, fts, spec, torch.float32, [0, 3000]),
-                   merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32))
-        one = MergeSpec(method, weights[:1], density=None if row.sparsify == "none" else (0.4,), lambda_=lam,
-                        normalize=normalize, seed=1)
-        _same_bits(_word_merge(base, fts[:1], one, torch.bfloat16, [0, 1234, 3000]),
-                   merge_tensor(base, fts[:1], one, name="w", out_dtype=torch.bfloat16))
+        spec = MergeSpec(
+            method,
+            weights,
+            density=None if row.sparsify == "none" else (0.4, 0.7),
+            lambda_=lam,
+            normalize=normalize,
+            seed=1,
+        )
+        _same_bits(
+            _word_merge(base, fts, spec, torch.float32, [0, 3000]),
+            merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32),
+        )
+        one = MergeSpec(
+            method,
+            weights[:1],
+            density=None if row.sparsify == "none" else (0.4,),
+            lambda_=lam,
+            normalize=normalize,
+            seed=1,
+        )
+        _same_bits(
+            _word_merge(base, fts[:1], one, torch.bfloat16, [0, 1234, 3000]),
+            merge_tensor(base, fts[:1], one, name="w", out_dtype=torch.bfloat16),
+        )
 
 
 @pytest.mark.parametrize("method", ["dare-ties", "darex-q", "ties"])
@@ -112,8 +165,17 @@ def test_a_chunk_across_the_32_bit_counter_boundary(method):
     offset = (1 << 32) - 1000  # the mask counters of the last 2000 elements belong to the next segment
     cuts = [MagnitudeCut(0.03, offset + 1500)] * 2 if method == "ties" else None
     out = torch.empty(3000, dtype=torch.bfloat16)
-    merge_words.merge_chunk("BF16", _words(out), "BF16", _words(base), [(CODES[f.dtype], _words(f)) for f in fts],
-                            spec, name="w", offset=offset, cuts=cuts)
+    merge_words.merge_chunk(
+        "BF16",
+        _words(out),
+        "BF16",
+        _words(base),
+        [(CODES[f.dtype], _words(f)) for f in fts],
+        spec,
+        name="w",
+        offset=offset,
+        cuts=cuts,
+    )
     _same_bits(out, merge_tensor(base, fts, spec, name="w", offset=offset, cuts=cuts))
 
 
@@ -122,8 +184,10 @@ def test_four_models_sum_in_model_order(method):
     base, fts = _inputs((torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32), n=4000, seed=5)
     for normalize in (True, False):
         spec = _spec(method, 4, normalize, weights=(0.9, 1.1, 0.35, 2.0), density=(0.8, 0.6, 0.9, 0.7))
-        _same_bits(_word_merge(base, fts, spec, torch.float32, [0, 4000]),
-                   merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32))
+        _same_bits(
+            _word_merge(base, fts, spec, torch.float32, [0, 4000]),
+            merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32),
+        )
 
 
 @pytest.mark.parametrize("method", ["ties", "dare-ties", "dare-linear", "darex-q"])
@@ -131,8 +195,10 @@ def test_four_models_sum_in_model_order(method):
 def test_extreme_densities(method, density):
     base, fts = _inputs((torch.float32, torch.float32, torch.bfloat16), n=5000, ties=True)
     spec = MergeSpec(method, (1.0, 0.5), density=(density,), lambda_=1.5, seed=2)
-    _same_bits(_word_merge(base, fts, spec, torch.float32, [0, 2500, 5000]),
-               merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32))
+    _same_bits(
+        _word_merge(base, fts, spec, torch.float32, [0, 2500, 5000]),
+        merge_tensor(base, fts, spec, name="w", out_dtype=torch.float32),
+    )
 
 
 @pytest.mark.parametrize("dtypes", list(DTYPES))
@@ -174,14 +240,14 @@ def test_non_finite_inputs_give_the_torch_error(method, where):
         fts[where][41] = float("nan")
     spec = _spec(method, 2, True)
     for cuts in [None, [MagnitudeCut(0.01, 0)] * 2] if spec.row.sparsify == "magnitude" else [None]:
+
         def torch_path() -> memoryview:
             return _words(merge_tensor(base, fts, spec, name="enc.w", cuts=cuts, out_dtype=torch.float32))  # noqa: B023
 
         def word_path() -> bytearray:
             out = bytearray(1200)
             models = [(CODES[f.dtype], _words(f)) for f in fts]
-            merge_words.merge_chunk("F32", out, CODES[base.dtype], _words(base), models, spec, name="enc.w",
-                                    cuts=cuts)  # noqa: B023
+            merge_words.merge_chunk("F32", out, CODES[base.dtype], _words(base), models, spec, name="enc.w", cuts=cuts)  # noqa: B023
             return out
 
         want = _outcome(torch_path)
@@ -209,8 +275,13 @@ def _models(root: Path) -> tuple[Path, list[Path]]:
     return base, [write_checkpoint(root / f"ft{i}", sd, "1KB") for i, sd in enumerate(fts)]
 
 
-ARGS = {"task-arithmetic": [], "ties": ["--density", "0.4"], "dare-linear": ["--p", "0.6"],
-        "dare-ties": ["--density", "0.5", "--density", "0.3"], "darex-q": ["--density", "0.3", "--q", "0.5"]}
+ARGS = {
+    "task-arithmetic": [],
+    "ties": ["--density", "0.4"],
+    "dare-linear": ["--p", "0.6"],
+    "dare-ties": ["--density", "0.5", "--density", "0.3"],
+    "darex-q": ["--density", "0.3", "--q", "0.5"],
+}
 
 
 @pytest.mark.parametrize("method", list(MERGE_METHODS))
@@ -224,9 +295,34 @@ def test_the_command_writes_the_bits_of_the_torch_path(tmp_path, capsys, monkeyp
     for backend, dtype in itertools.product(["auto", "torch"], ["float32", "bfloat16"]):
         monkeypatch.setenv("LIFELONG_DELTA_BACKEND", backend)
         out = tmp_path / f"{backend}-{dtype}"
-        args = ["merge", "--progress", "false", "--base", base, "--models", *models, "--method", method,
-                "--weights", "1", "--weights", "0.6", "--lambda", "0.9", "--seed", "3", "--dtype", dtype,
-                "--exclude", "classifier.*", "--out", out, "--out-shard-size", "1KB", *ARGS[method]]
+        args = [
+            "merge",
+            "--progress",
+            "false",
+            "--base",
+            base,
+            "--models",
+            *models,
+            "--method",
+            method,
+            "--weights",
+            "1",
+            "--weights",
+            "0.6",
+            "--lambda",
+            "0.9",
+            "--seed",
+            "3",
+            "--dtype",
+            dtype,
+            "--exclude",
+            "classifier.*",
+            "--out",
+            out,
+            "--out-shard-size",
+            "1KB",
+            *ARGS[method],
+        ]
         main(list(map(str, args)))
         files[backend, dtype] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors*"))}
         assert bool(calls) == (backend == "auto")
@@ -239,15 +335,20 @@ def test_the_command_writes_the_bits_of_the_torch_path(tmp_path, capsys, monkeyp
 def test_the_word_path_never_imports_torch(tmp_path):
     base, models = _models(tmp_path)
     runs = [["--method", m, "--dtype", "bfloat16", *ARGS[m]] for m in MERGE_METHODS]
-    code = ("import sys\nfrom lifelong_delta.cli import main\n"
-            f"for i, extra in enumerate({runs!r}):\n"
-            f"    main(['merge', '--progress', 'false', '--base', {str(base)!r}, '--models', "
-            f"*{list(map(str, models))!r}, '--exclude', 'classifier.*', '--out', {str(tmp_path)!r} + f'/out{{i}}', "
-            "*extra])\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'numba') if m in sys.modules))\n")
+    code = (
+        "import sys\nfrom lifelong_delta.cli import main\n"
+        f"for i, extra in enumerate({runs!r}):\n"
+        f"    main(['merge', '--progress', 'false', '--base', {str(base)!r}, '--models', "
+        f"*{list(map(str, models))!r}, '--exclude', 'classifier.*', '--out', {str(tmp_path)!r} + f'/out{{i}}', "
+        "*extra])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'numba') if m in sys.modules))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "LIFELONG_DELTA_BACKEND"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "[]", res.stdout + res.stderr
-    assert all((tmp_path / f"out{i}" / "model.safetensors.index.json").is_file() or
-               (tmp_path / f"out{i}" / "model.safetensors").is_file() for i in range(len(runs)))
+    assert all(
+        (tmp_path / f"out{i}" / "model.safetensors.index.json").is_file()
+        or (tmp_path / f"out{i}" / "model.safetensors").is_file()
+        for i in range(len(runs))
+    )

@@ -23,8 +23,9 @@ from tests.delta.test_pack import roundtrip, same_files
 
 
 # ------------------------------------------------------------------------------------------------- the toy method
-def stride_keep(name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None,
-                offset: int = 0) -> torch.Tensor:
+def stride_keep(
+    name: str, delta: torch.Tensor, spec: PruneSpec, *, input_norms: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """Keep every k-th entry by flat index, k = round(1 / (1 - p)): at p = 0.5 the entries of even index."""
     k = max(1, round(1.0 / (1.0 - spec.p)))
     index = torch.arange(offset, offset + delta.numel(), device=delta.device)
@@ -38,8 +39,7 @@ STRIDE = Method(stride_keep, "https://example.org/stride", "dare", rescales=("no
 def stride():
     """``stride`` as a pruning method and ``stride-linear`` as a merge method, removed afterwards."""
     register_method("stride", STRIDE)
-    MERGE_METHODS["stride-linear"] = MergeMethod("random", False, "density", False, STRIDE.paper,
-                                                 mask_method="stride")
+    MERGE_METHODS["stride-linear"] = MergeMethod("random", False, "density", False, STRIDE.paper, mask_method="stride")
     yield
     METHODS.pop("stride")
     MERGE_METHODS.pop("stride-linear")
@@ -78,8 +78,25 @@ def test_registering_checks_the_row_and_the_name(stride):
 def test_prune_runs_the_toy_method_from_the_cli_chunk_by_chunk(stride, tmp_path, monkeypatch):
     base, ft = make_pair(tmp_path)
     monkeypatch.setattr(streaming, "_CHUNK_BYTES", 28)  # 7 fp32 entries a chunk: the mask must honour offsets
-    main(["prune", "--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "out"), "--method", "stride",
-          "--p", "0.5", "--exclude", "classifier.*", "--progress", "false"])
+    main(
+        [
+            "prune",
+            "--base",
+            str(base),
+            "--finetuned",
+            str(ft),
+            "--out",
+            str(tmp_path / "out"),
+            "--method",
+            "stride",
+            "--p",
+            "0.5",
+            "--exclude",
+            "classifier.*",
+            "--progress",
+            "false",
+        ]
+    )
     b, f, got = read_checkpoint(base), read_checkpoint(ft), read_checkpoint(tmp_path / "out")
     assert set(got) == set(f)
     for name, t in got.items():
@@ -93,8 +110,21 @@ def test_prune_runs_the_toy_method_from_the_cli_chunk_by_chunk(stride, tmp_path,
 def test_cli_lists_the_registered_methods_in_its_error(stride, tmp_path, capsys):
     base, ft = make_pair(tmp_path)
     with pytest.raises(SystemExit) as e:
-        main(["prune", "--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "out"),
-              "--method", "strides", "--progress", "false"])
+        main(
+            [
+                "prune",
+                "--base",
+                str(base),
+                "--finetuned",
+                str(ft),
+                "--out",
+                str(tmp_path / "out"),
+                "--method",
+                "strides",
+                "--progress",
+                "false",
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--method: expected one of dare, darex-q, magnitude, wanda, structural, stride, got 'strides'" in err
@@ -125,15 +155,43 @@ def test_merge_draws_the_toy_methods_mask_for_each_model(stride, tmp_path):
     base_sd = tiny_state()
     base = write_checkpoint(tmp_path / "base", base_sd)
     fts = [write_checkpoint(tmp_path / f"ft{i}", perturbed(base_sd, seed=i + 1)) for i in range(2)]
-    merge(str(tmp_path / "one"), base=str(base), models=[str(fts[0])], method="stride-linear", density=[0.5],
-          progress=False)
-    main(["prune", "--base", str(base), "--finetuned", str(fts[0]), "--out", str(tmp_path / "pruned"),
-          "--method", "stride", "--p", "0.5", "--progress", "false"])
+    merge(
+        str(tmp_path / "one"),
+        base=str(base),
+        models=[str(fts[0])],
+        method="stride-linear",
+        density=[0.5],
+        progress=False,
+    )
+    main(
+        [
+            "prune",
+            "--base",
+            str(base),
+            "--finetuned",
+            str(fts[0]),
+            "--out",
+            str(tmp_path / "pruned"),
+            "--method",
+            "stride",
+            "--p",
+            "0.5",
+            "--progress",
+            "false",
+        ]
+    )
     one, pruned = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "pruned")
     for name in one:  # a one-model merge is the prune: same mask, same rescale 1/d = 1/(1-p)
         assert torch.equal(one[name], pruned[name]), name
-    merge(str(tmp_path / "two"), base=str(base), models=[str(f) for f in fts], method="stride-linear",
-          weights=[1.0, 0.5], density=[0.5, 0.25], progress=False)
+    merge(
+        str(tmp_path / "two"),
+        base=str(base),
+        models=[str(f) for f in fts],
+        method="stride-linear",
+        weights=[1.0, 0.5],
+        density=[0.5, 0.25],
+        progress=False,
+    )
     two, f = read_checkpoint(tmp_path / "two"), [read_checkpoint(p) for p in fts]
     for name, b in base_sd.items():
         if not b.is_floating_point():
@@ -148,17 +206,21 @@ def test_merge_draws_the_toy_methods_mask_for_each_model(stride, tmp_path):
 def test_a_merge_row_must_name_an_element_wise_pruning_method(stride):
     from lifelong_delta.delta.merge import MergeSpec
 
-    MERGE_METHODS["stride-linear"] = MergeMethod("random", False, "density", False, STRIDE.paper,
-                                                 mask_method="magnitude")
+    MERGE_METHODS["stride-linear"] = MergeMethod(
+        "random", False, "density", False, STRIDE.paper, mask_method="magnitude"
+    )
     with pytest.raises(ValueError, match="'magnitude', which is not a registered element-wise method"):
         MergeSpec("stride-linear", (1.0,), density=(0.5,))  # type: ignore[arg-type]
 
 
 def test_prune_help_lists_the_built_in_methods_without_torch(tmp_path):
-    code = ("import sys\nfrom lifelong_delta.cli import main\n"
-            "try:\n    main(['prune', '--help'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
-            "print('torch' in sys.modules)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "COLUMNS": "200"})
+    code = (
+        "import sys\nfrom lifelong_delta.cli import main\n"
+        "try:\n    main(['prune', '--help'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}
+    )
     assert res.stdout.splitlines()[-2:] == ["exit 0", "False"], res.stdout + res.stderr
     assert "dare | darex-q | magnitude | wanda | structural" in res.stdout

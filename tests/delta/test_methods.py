@@ -105,8 +105,13 @@ def test_prune_tensor_errors_name_the_tensor():
     bad[0, 0] = float("inf")
     for method in METHODS:
         with pytest.raises(ValueError, match="'w'.*non-finite"):
-            prune_tensor("w", base, bad, PruneSpec(method, 0.5, q=0.8 if method == "darex-q" else None),
-                         input_norms=torch.ones(10))
+            prune_tensor(
+                "w",
+                base,
+                bad,
+                PruneSpec(method, 0.5, q=0.8 if method == "darex-q" else None),
+                input_norms=torch.ones(10),
+            )
 
 
 def test_a_q_given_to_an_importance_method_rescales_by_it():
@@ -147,8 +152,9 @@ def test_masked_delta_with_the_method_mask_equals_prune_tensor_for_every_q(spec)
     base = {"w": torch.randn(6, 10), "b": torch.randn(6)}
     ft = {k: v + torch.randn(v.shape) for k, v in base.items()}
     norms = {"w": torch.rand(10) + 0.1}
-    masked = MaskedDelta.build(base, ft, spec.p, seed=spec.seed,
-                               keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n)))
+    masked = MaskedDelta.build(
+        base, ft, spec.p, seed=spec.seed, keep_fn=lambda n, d: keep_mask_for(n, d, spec, input_norms=norms.get(n))
+    )
     for q in (1 - spec.p, 0.5 * (2 - spec.p), 1.0):
         qspec = spec if spec.method == "dare" else replace(spec, q=q)
         for name in masked.names:

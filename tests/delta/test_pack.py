@@ -18,8 +18,8 @@ from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec
 from lifelong_delta.delta.pack import stream_pack
 from lifelong_delta.delta.pack_format import DATA_FILE, read_manifest, varint_decode, varint_encode
-from lifelong_delta.delta.unpack import stream_unpack
 from lifelong_delta.delta.streaming import stream_prune
+from lifelong_delta.delta.unpack import stream_unpack
 from tests.delta._checkpoints import leftovers, make_pair, perturbed, tiny_llama_pair, tiny_state, write_checkpoint
 from tests.delta.test_lora_merge import _setup as lora_setup
 
@@ -42,8 +42,9 @@ def roundtrip(tmp_path: Path, base: Path, ft: Path, spec: PruneSpec, shard: str 
     return tmp_path / "x.delta"
 
 
-@pytest.mark.parametrize("values", [[0, 1, 127, 128, 255, 16383, 16384, 2**21, 2**35 + 3, 2**63 - 1, 2**64 - 1],
-                                    list(range(300))])
+@pytest.mark.parametrize(
+    "values", [[0, 1, 127, 128, 255, 16383, 16384, 2**21, 2**35 + 3, 2**63 - 1, 2**64 - 1], list(range(300))]
+)
 def test_varints_round_trip_and_leave_a_cut_off_tail(values):
     enc = varint_encode(np.array(values, dtype=np.uint64))
     assert len(enc) == sum(max(1, -(-int(v).bit_length() // 7)) for v in values)
@@ -54,15 +55,27 @@ def test_varints_round_trip_and_leave_a_cut_off_tail(values):
     assert dec.tolist() == values[: len(dec)] and used <= len(cut)
 
 
-SPECS = [PruneSpec("dare", 0.9, seed=3), PruneSpec("darex-q", 0.9, q=0.2, seed=1), PruneSpec("magnitude", 0.7),
-         PruneSpec("magnitude", 0.5, q=0.6), PruneSpec("structural", 0.5, seed=2),
-         PruneSpec("structural", 0.5, structural_axis="columns", structural_select="importance"),
-         PruneSpec("dare", 0.5, exclude=("classifier.*", "layers.1.*"))]
+SPECS = [
+    PruneSpec("dare", 0.9, seed=3),
+    PruneSpec("darex-q", 0.9, q=0.2, seed=1),
+    PruneSpec("magnitude", 0.7),
+    PruneSpec("magnitude", 0.5, q=0.6),
+    PruneSpec("structural", 0.5, seed=2),
+    PruneSpec("structural", 0.5, structural_axis="columns", structural_select="importance"),
+    PruneSpec("dare", 0.5, exclude=("classifier.*", "layers.1.*")),
+]
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                    (torch.float16, torch.float16), (torch.float32, torch.bfloat16)],
-                         ids=["f32", "bf16", "f16", "f32-base-bf16-ft"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),
+    ],
+    ids=["f32", "bf16", "f16", "f32-base-bf16-ft"],
+)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-{s.structural_axis}-{len(s.exclude)}")
 def test_unpack_gives_prunes_files_bit_for_bit(tmp_path, spec, dtypes):
     base_sd = tiny_state(dtype=dtypes[0])
@@ -93,12 +106,35 @@ def test_wanda_and_per_tensor_q_and_a_name_prefix(tmp_path):
 def test_a_lora_adapter_packs_its_pruned_product(tmp_path):
     lora_setup(tmp_path)
     for method in ("dare", "magnitude"):
-        args = ["--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "adapter"), "--method", method,
-                "--p", "0.5", "--exclude", "layers.2.*", "--progress", "false"]
+        args = [
+            "--base",
+            str(tmp_path / "base"),
+            "--finetuned",
+            str(tmp_path / "adapter"),
+            "--method",
+            method,
+            "--p",
+            "0.5",
+            "--exclude",
+            "layers.2.*",
+            "--progress",
+            "false",
+        ]
         main(["prune", *args, "--out", str(tmp_path / f"{method}-pruned")])
         main(["pack", *args, "--out", str(tmp_path / f"{method}.delta")])
-        main(["unpack", "--base", str(tmp_path / "base"), "--delta", str(tmp_path / f"{method}.delta"),
-              "--out", str(tmp_path / f"{method}-unpacked"), "--progress", "false"])
+        main(
+            [
+                "unpack",
+                "--base",
+                str(tmp_path / "base"),
+                "--delta",
+                str(tmp_path / f"{method}.delta"),
+                "--out",
+                str(tmp_path / f"{method}-unpacked"),
+                "--progress",
+                "false",
+            ]
+        )
         same_files(tmp_path / f"{method}-pruned", tmp_path / f"{method}-unpacked")
         kinds = {e.name: e.kind for e in read_manifest(tmp_path / f"{method}.delta").tensors}
         assert kinds["embed.weight"] == "base" and kinds["layers.2.weight"] == "gaps"  # excluded: merged unpruned
@@ -145,32 +181,83 @@ def test_files_that_differ_from_the_base_travel_in_the_pack(tmp_path):
     base, ft = _files(tmp_path)
     pack = roundtrip(tmp_path, base, ft, PruneSpec("dare", 0.5))
     files = read_manifest(pack).files
-    assert {k: v["stored"] for k, v in files.items()} == {"config.json": True, "sub/notes.txt": True,
-                                                          "tokenizer_config.json": False}
-    assert sorted(str(p.relative_to(pack / "files")) for p in (pack / "files").rglob("*") if p.is_file()) == \
-        ["config.json", "sub/notes.txt"]
+    assert {k: v["stored"] for k, v in files.items()} == {
+        "config.json": True,
+        "sub/notes.txt": True,
+        "tokenizer_config.json": False,
+    }
+    assert sorted(str(p.relative_to(pack / "files")) for p in (pack / "files").rglob("*") if p.is_file()) == [
+        "config.json",
+        "sub/notes.txt",
+    ]
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_cli_pack_unpack_end_to_end(tmp_path):
     base, ft = _files(tmp_path)
-    res = _cli("pack", "--base", base, "--finetuned", ft, "--method", "darex-q", "--p", "0.8", "--q", "0.5",
-               "--seed", "4", "--out", tmp_path / "x.delta", "--exclude", "classifier.*")
+    res = _cli(
+        "pack",
+        "--base",
+        base,
+        "--finetuned",
+        ft,
+        "--method",
+        "darex-q",
+        "--p",
+        "0.8",
+        "--q",
+        "0.5",
+        "--seed",
+        "4",
+        "--out",
+        tmp_path / "x.delta",
+        "--exclude",
+        "classifier.*",
+    )
     assert res.returncode == 0, res.stderr
     assert "packed" in res.stdout and "of the" in res.stdout
-    assert _cli("prune", "--base", base, "--finetuned", ft, "--method", "darex-q", "--p", "0.8", "--q", "0.5",
-                "--seed", "4", "--out", tmp_path / "pruned", "--exclude", "classifier.*").returncode == 0
+    assert (
+        _cli(
+            "prune",
+            "--base",
+            base,
+            "--finetuned",
+            ft,
+            "--method",
+            "darex-q",
+            "--p",
+            "0.8",
+            "--q",
+            "0.5",
+            "--seed",
+            "4",
+            "--out",
+            tmp_path / "pruned",
+            "--exclude",
+            "classifier.*",
+        ).returncode
+        == 0
+    )
     res = _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un")
     assert res.returncode == 0, res.stderr
     same_files(tmp_path / "pruned", tmp_path / "un")
     # --overwrite replaces the tool's own output, and only that
     assert _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un").returncode == 2
-    assert _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un",
-                "--overwrite").returncode == 0
+    assert (
+        _cli(
+            "unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un", "--overwrite"
+        ).returncode
+        == 0
+    )
     res = _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", ft, "--overwrite")
     assert res.returncode == 2 and "--finetuned" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = _cli("pack", "--base", base, "--finetuned", ft, "--p", "0.5", "--out", ft / "inner.delta")
@@ -186,7 +273,7 @@ def _pair_and_pack(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("change", ["tail", "head", "shape", "missing", "file"])
 def test_a_wrong_base_is_a_one_line_error_and_writes_nothing(tmp_path, change):
-    base, ft, pack = _pair_and_pack(tmp_path)
+    _base, _ft, pack = _pair_and_pack(tmp_path)
     sd = {"big": torch.randn(40_000, generator=torch.Generator().manual_seed(0)), "small": torch.ones(4)}
     if change == "tail":  # beyond the first 64 KiB checked up front: found while streaming
         sd["big"][-1] += 1
@@ -220,8 +307,22 @@ def test_a_decoder_packs_through_the_calibrated_cli(tmp_path):
     tiny_llama_pair(tmp_path, tie_word_embeddings=True)
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(f'{{"text": "line {i} of some calibration text"}}\n' for i in range(6)))
-    common = ["--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--method", "wanda", "--p", "0.5",
-              "--calib_data", data, "--batch_size", "2", "--progress", "false"]
+    common = [
+        "--base",
+        tmp_path / "base",
+        "--finetuned",
+        tmp_path / "ft",
+        "--method",
+        "wanda",
+        "--p",
+        "0.5",
+        "--calib_data",
+        data,
+        "--batch_size",
+        "2",
+        "--progress",
+        "false",
+    ]
     assert _cli("prune", *common, "--out", tmp_path / "pruned").returncode == 0
     res = _cli("pack", *common, "--out", tmp_path / "x.delta")
     assert res.returncode == 0, res.stderr

@@ -13,10 +13,19 @@ from lifelong_delta.delta.stats import DeltaStats, LayerStats
 def _stats(rel_norm: float, *, mean: float = 0.0, n: int = 10_000) -> DeltaStats:
     """One 100×100 matrix with ‖θ_pre‖ = 1 and ‖δ‖ = rel_norm (and a bias that must not matter)."""
     sum_sq = rel_norm**2
-    matrix = LayerStats("enc.0.weight", (100, 100), n, sum=mean * n, sum_sq=sum_sq, sum_abs=math.sqrt(sum_sq * n),
-                        max_abs=rel_norm, base_sum_sq=1.0)
-    bias = LayerStats("enc.0.bias", (100,), 100, sum=0.0, sum_sq=100.0, sum_abs=100.0, max_abs=1.0,
-                      base_sum_sq=1e-6)  # a huge relative change on a tiny bias
+    matrix = LayerStats(
+        "enc.0.weight",
+        (100, 100),
+        n,
+        sum=mean * n,
+        sum_sq=sum_sq,
+        sum_abs=math.sqrt(sum_sq * n),
+        max_abs=rel_norm,
+        base_sum_sq=1.0,
+    )
+    bias = LayerStats(
+        "enc.0.bias", (100,), 100, sum=0.0, sum_sq=100.0, sum_abs=100.0, max_abs=1.0, base_sum_sq=1e-6
+    )  # a huge relative change on a tiny bias
     return DeltaStats((matrix, bias))
 
 
@@ -95,8 +104,12 @@ def test_small_delta_too_noisy_for_darex_suggests_adamr_and_a_lower_p():
 
 
 def test_thresholds_are_overridable_and_validated():
-    assert recommend(_stats(0.2), thresholds=Thresholds(large_rel_norm=0.5, dare_noise_ok=1.0,
-                                                        refinetune_noise=2.0)).method == "dare"
+    assert (
+        recommend(
+            _stats(0.2), thresholds=Thresholds(large_rel_norm=0.5, dare_noise_ok=1.0, refinetune_noise=2.0)
+        ).method
+        == "dare"
+    )
     with pytest.raises(ValueError, match="Thresholds"):
         Thresholds(extreme_p=1.5)
     with pytest.raises(ValueError, match="dare_noise_ok < refinetune_noise"):

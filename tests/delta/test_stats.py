@@ -35,8 +35,9 @@ def test_pooled_stats_equal_concatenated_tensor():
     ft["ids"] = torch.arange(3)
     stats = DeltaStats.from_state_dicts(base, ft)
     assert [s.name for s in stats.layers] == ["a", "b", "c"]
-    flat = layer_stats("all", torch.cat([v.reshape(-1) for v in base.values()]),
-                       torch.cat([ft[k].reshape(-1) for k in base]))
+    flat = layer_stats(
+        "all", torch.cat([v.reshape(-1) for v in base.values()]), torch.cat([ft[k].reshape(-1) for k in base])
+    )
     total = stats.total
     for attr in ("numel", "mean", "std", "mean_abs", "max_abs", "norm", "rel_norm"):
         assert getattr(total, attr) == pytest.approx(getattr(flat, attr), rel=1e-9), attr
@@ -80,16 +81,19 @@ class _Fake:
         return n in self.shapes
 
 
-F, I = "F32", "I64"
+F, INT = "F32", "I64"
 
 
 def test_match_tensors():
-    base = _Fake({"a": ((2, 2), F), "ids": ((3,), I), "b": ((3,), "BF16")})
-    ft = _Fake({"b": ((3,), F), "a": ((2, 2), F), "ids": ((3,), I), "head": ((1,), F)})
+    base = _Fake({"a": ((2, 2), F), "ids": ((3,), INT), "b": ((3,), "BF16")})
+    ft = _Fake({"b": ((3,), F), "a": ((2, 2), F), "ids": ((3,), INT), "head": ((1,), F)})
     m = match_tensors(base, ft, exclude=("head",))
     assert m.pruned == ["b", "a"] and m.copied == ["ids", "head"]
-    with pytest.raises(ValueError, match=r"1 tensor\(s\) of the fine-tuned model are missing from the base model: "
-                                         r"head \(pass --exclude"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 tensor\(s\) of the fine-tuned model are missing from the base model: "
+        r"head \(pass --exclude",
+    ):
         match_tensors(base, ft)
     with pytest.raises(ValueError, match="of the base model are missing from the fine-tuned model: b$|: b "):
         match_tensors(base, _Fake({"a": ((2, 2), F)}))
@@ -121,8 +125,16 @@ def test_tensor_prune_stats_and_summary():
 
 def test_match_tensors_through_a_prefix_both_ways():
     base = _Fake({"emb.w": ((4, 2), F), "enc.0.w": ((2, 2), F), "pooler.w": ((2, 2), F)})
-    ft = _Fake({"bert.emb.w": ((4, 2), F), "bert.ids": ((3,), I), "bert.enc.0.w": ((2, 2), F),
-                "bert.pooler.w": ((2, 2), F), "classifier.w": ((3, 2), F), "classifier.b": ((3,), F)})
+    ft = _Fake(
+        {
+            "bert.emb.w": ((4, 2), F),
+            "bert.ids": ((3,), INT),
+            "bert.enc.0.w": ((2, 2), F),
+            "bert.pooler.w": ((2, 2), F),
+            "classifier.w": ((3, 2), F),
+            "classifier.b": ((3,), F),
+        }
+    )
     m = match_tensors(base, ft)
     assert m.prefix == ("", "bert.")
     assert m.pruned == ["bert.emb.w", "bert.enc.0.w", "bert.pooler.w"]
@@ -139,8 +151,11 @@ def test_match_tensors_through_a_prefix_both_ways():
 
 def test_prefix_mapping_still_checks_shapes_and_real_mismatches():
     base = _Fake({"emb.w": ((4, 2), F), "enc.w": ((2, 2), F)})
-    with pytest.raises(ValueError, match=r"tensor 'bert.enc.w' has shape \[2, 3\] in the fine-tuned model but "
-                                         r"\[2, 2\] as 'enc.w' in the base model"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'bert.enc.w' has shape \[2, 3\] in the fine-tuned model but "
+        r"\[2, 2\] as 'enc.w' in the base model",
+    ):
         match_tensors(base, _Fake({"bert.emb.w": ((4, 2), F), "bert.enc.w": ((2, 3), F)}))
     # a prefixed tensor without a base counterpart is a real mismatch, not a head
     with pytest.raises(ValueError, match=r"missing from the base model: bert.emb.w, bert.enc.w, bert.dec.w"):

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
+from lifelong_delta.delta import streaming
 from lifelong_delta.delta.io import INDEX_FILE, CheckpointReader
 from lifelong_delta.delta.matching import is_excluded
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
 from lifelong_delta.delta.stats import DeltaStats
-from lifelong_delta.delta import streaming
 from lifelong_delta.delta.streaming import stream_delta_stats, stream_prune
 from tests.delta._checkpoints import make_pair, perturbed, read_checkpoint, tiny_state
 
@@ -66,8 +66,9 @@ def test_streaming_equals_in_memory(tmp_path, monkeypatch, spec, backend, shard,
     nnz_before = sum(int((ft_sd[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
     nnz_after = sum(int((want[k] != base_sd[k]).sum()) for k in want if k != "position_ids")
     assert summary.kept_fraction == pytest.approx(nnz_after / nnz_before)
-    norm_before = sum(float((ft_sd[k].float() - base_sd[k].float()).square().sum()) for k in want
-                      if k != "position_ids") ** 0.5
+    norm_before = (
+        sum(float((ft_sd[k].float() - base_sd[k].float()).square().sum()) for k in want if k != "position_ids") ** 0.5
+    )
     assert summary.norm_before == pytest.approx(norm_before, rel=1e-5)
     if spec.p == 0.0:
         assert summary.kept_fraction == 1.0 and summary.norm_after == pytest.approx(norm_before, rel=1e-5)
@@ -154,7 +155,7 @@ def test_stream_delta_stats_matches_in_memory(tmp_path, monkeypatch, chunk):
 def test_reader_reads_from_threads_and_closes_every_shard(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    base, ft = make_pair(tmp_path, shard_size="300B")
+    _base, ft = make_pair(tmp_path, shard_size="300B")
     r = CheckpointReader(ft)
     assert len(r.files) > 3
     want = {n: r.get(n) for n in r.names()}
@@ -212,8 +213,13 @@ def test_dare_prune_of_bf16_and_fp32_checkpoints_never_imports_torch(tmp_path, d
     for backend in ("auto", "torch"):
         env = {**os.environ, "LIFELONG_DELTA_BACKEND": backend}
         out = tmp_path / f"out-{backend}"
-        done = subprocess.run([sys.executable, "-c", script, str(base), str(ft), str(out)], env=env, check=True,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(base), str(ft), str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         kept, norm, heavy_loaded = done.stdout.split()
         runs[backend] = (float(kept), float(norm), heavy_loaded, read_checkpoint(out))
     assert runs["auto"][2] == "False" and runs["torch"][2] == "True"

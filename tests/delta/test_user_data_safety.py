@@ -33,8 +33,9 @@ CLI = str(Path(sys.executable).parent / "lifelong-delta")
 
 def _run(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
     preexec = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          preexec_fn=preexec)
+    return subprocess.run(
+        [CLI, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, preexec_fn=preexec
+    )
 
 
 def _tree(root: Path, skip: Path | None = None) -> dict[str, str]:
@@ -60,8 +61,9 @@ def _error(res: subprocess.CompletedProcess, *expected: str, code: int = 2) -> s
 
 
 def _prune(base: Path | str, ft: Path | str, out: Path | str, *extra: str, **kw) -> subprocess.CompletedProcess:
-    return _run("prune", "--base", base, "--finetuned", ft, "--out", out, "--p", "0.5", "--progress", "false",
-                *extra, **kw)
+    return _run(
+        "prune", "--base", base, "--finetuned", ft, "--out", out, "--p", "0.5", "--progress", "false", *extra, **kw
+    )
 
 
 # 1 ---------------------------------------------------------------------------------------------------------------
@@ -83,8 +85,11 @@ def test_out_containing_the_inputs_is_refused(tmp_path, spelling):
 def test_out_inside_or_equal_to_an_input_is_refused(tmp_path, where):
     base, ft = make_pair(tmp_path)
     (tmp_path / "ft-link").symlink_to(ft)
-    out = {"inside-ft": ft / "pruned", "is-ft-via-symlink": tmp_path / "ft-link",
-           "inside-base-via-dotdot": ft / ".." / "base" / "sub"}[where]
+    out = {
+        "inside-ft": ft / "pruned",
+        "is-ft-via-symlink": tmp_path / "ft-link",
+        "inside-base-via-dotdot": ft / ".." / "base" / "sub",
+    }[where]
     before = _tree(tmp_path)
     res = _prune(base, ft, out, "--overwrite")
     _error(res, "--finetuned" if where != "inside-base-via-dotdot" else "--base")
@@ -108,16 +113,24 @@ def test_inputs_given_as_files_are_protected_too(tmp_path):
 def test_stats_never_writes_its_png_onto_or_into_an_input(tmp_path):
     base, ft = make_pair(tmp_path, shard_size="10GB")
     before = _tree(tmp_path)
-    _error(_run("stats", "--base", base, "--finetuned", ft, "--png", ft / "model.safetensors"),
-           "--png", "is inside --finetuned")
-    _error(_run("stats", "--base", base, "--finetuned", ft / "model.safetensors", "--png", ft / "model.safetensors"),
-           "--png", "is the same path as --finetuned")
+    _error(
+        _run("stats", "--base", base, "--finetuned", ft, "--png", ft / "model.safetensors"),
+        "--png",
+        "is inside --finetuned",
+    )
+    _error(
+        _run("stats", "--base", base, "--finetuned", ft / "model.safetensors", "--png", ft / "model.safetensors"),
+        "--png",
+        "is the same path as --finetuned",
+    )
     _error(_run("stats", "--base", base, "--finetuned", ft, "--png", ft / "stats.png"), "is inside --finetuned")
     (tmp_path / "plots").mkdir()
     _error(_run("stats", "--base", base, "--finetuned", ft, "--png", tmp_path / "plots"), "is a folder")  # 11
     (tmp_path / "holiday.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
-    _error(_run("stats", "--base", base, "--finetuned", ft, "--png", tmp_path / "holiday.png"),
-           "not a plot written by lifelong-delta")
+    _error(
+        _run("stats", "--base", base, "--finetuned", ft, "--png", tmp_path / "holiday.png"),
+        "not a plot written by lifelong-delta",
+    )
     assert _tree(tmp_path) == _tree(tmp_path) | before and all(_tree(tmp_path)[k] == v for k, v in before.items())
     ok = _run("stats", "--base", base, "--finetuned", ft, "--png", tmp_path / "stats.png")
     assert ok.returncode == 0, ok.stderr
@@ -155,18 +168,38 @@ def _slow_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A pair big enough that a prune is still running when the test signals it (96 MB per checkpoint)."""
     g = torch.Generator().manual_seed(0)
     base_sd = {f"layers.{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(24)}
-    return (write_checkpoint(tmp_path / "base", base_sd, "20MB"),
-            write_checkpoint(tmp_path / "ft", perturbed(base_sd), "20MB"))
+    return (
+        write_checkpoint(tmp_path / "base", base_sd, "20MB"),
+        write_checkpoint(tmp_path / "ft", perturbed(base_sd), "20MB"),
+    )
 
 
 def _start_and_wait_for_temp(base: Path, ft: Path, out: Path) -> tuple[subprocess.Popen, Path]:
     # magnitude holds whole tensors and sorts them: slow enough to be caught mid-run
     # as at a terminal: a shell starts background jobs (and so, maybe, this test run) with SIGINT ignored, and
     # Python keeps an ignored SIGINT ignored
-    proc = subprocess.Popen([CLI, "prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out),
-                             "--method", "magnitude", "--p", "0.5", "--out-shard-size", "4MB"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            CLI,
+            "prune",
+            "--base",
+            str(base),
+            "--finetuned",
+            str(ft),
+            "--out",
+            str(out),
+            "--method",
+            "magnitude",
+            "--p",
+            "0.5",
+            "--out-shard-size",
+            "4MB",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         temps = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
@@ -233,19 +266,25 @@ def test_out_current_folder_is_refused_before_any_work(tmp_path, out):
     work = tmp_path / "work" / "here"
     work.mkdir(parents=True)
     before = _tree(tmp_path)
-    _error(_run("prune", "--base", base, "--finetuned", ft, "--out", out, "--overwrite", cwd=work), "--out",
-           "current folder")
+    _error(
+        _run("prune", "--base", base, "--finetuned", ft, "--out", out, "--overwrite", cwd=work),
+        "--out",
+        "current folder",
+    )
     assert _tree(tmp_path) == before
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["here"]
     assert list(work.iterdir()) == []
 
 
 # 8, 11 -------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("weight_map", "message"), [
-    ("../../elsewhere/model.safetensors", "outside the model folder"),
-    ("/etc/passwd", "outside the model folder"),
-    ("LIST", "'weight_map' must be an object"),
-])
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ("../../elsewhere/model.safetensors", "outside the model folder"),
+        ("/etc/passwd", "outside the model folder"),
+        ("LIST", "'weight_map' must be an object"),
+    ],
+)
 def test_index_shard_names_stay_inside_the_model_folder(tmp_path, weight_map, message):
     base, ft = make_pair(tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -261,8 +300,9 @@ def test_index_shard_names_stay_inside_the_model_folder(tmp_path, weight_map, me
 
 
 # 9 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
-                                                               (0o002, 0o775, 0o664)])
+@pytest.mark.parametrize(
+    ("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)]
+)
 def test_output_follows_the_umask(tmp_path, umask, dir_mode, file_mode):
     base, ft = make_pair(tmp_path)
     (ft / "config.json").chmod(0o600)  # a private input file: the copy still follows the umask
@@ -281,8 +321,10 @@ def test_float_base_against_int_finetune_says_what_is_wrong(tmp_path):
     ft_sd = perturbed(base_sd)
     ft_sd["layers.0.bias"] = torch.arange(8)
     base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=ft_sd)
-    _error(_prune(base, ft, tmp_path / "out"),
-           "tensor 'layers.0.bias' is float32 in the base model but int64 in the fine-tuned model")
+    _error(
+        _prune(base, ft, tmp_path / "out"),
+        "tensor 'layers.0.bias' is float32 in the base model but int64 in the fine-tuned model",
+    )
 
 
 @pytest.mark.parametrize("method", ["magnitude", "structural", "dare", "wanda-free-darex"])
@@ -363,10 +405,21 @@ def test_every_bad_stats_and_recommend_option_is_one_line(tmp_path, args, messag
 def test_calibration_reads_exactly_the_pruned_tensors(tmp_path):
     """A stray ``pytorch_model.bin`` next to the weights that are pruned must not decide q."""
     model = tiny_bert_pair(tmp_path)
-    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": f"sentence {i} about cats"}) + "\n"
-                                                  for i in range(8)))
-    args = ["--method", "darex-q", "--p", "0.9", "--q-mode", "unlabelled", "--calib-data", tmp_path / "calib.jsonl",
-            "--calib-samples", "8"]
+    (tmp_path / "calib.jsonl").write_text(
+        "".join(json.dumps({"text": f"sentence {i} about cats"}) + "\n" for i in range(8))
+    )
+    args = [
+        "--method",
+        "darex-q",
+        "--p",
+        "0.9",
+        "--q-mode",
+        "unlabelled",
+        "--calib-data",
+        tmp_path / "calib.jsonl",
+        "--calib-samples",
+        "8",
+    ]
     clean = _run("prune", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--out", tmp_path / "a", *args)
     assert clean.returncode == 0, clean.stderr
     # the same weights under another name, with a very different stray model next to them
@@ -382,8 +435,10 @@ def test_calibration_reads_exactly_the_pruned_tensors(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {k: v for k, v in _tree(tmp_path).items() if k in before} == before
     (tmp_path / "ft" / "weights.safetensors").unlink()
-    _error(_run("prune", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--out", tmp_path / "c", *args),
-           "no safetensors weights")
+    _error(
+        _run("prune", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft", "--out", tmp_path / "c", *args),
+        "no safetensors weights",
+    )
 
 
 def test_marker_lists_every_file_written(tmp_path):

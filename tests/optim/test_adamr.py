@@ -108,8 +108,9 @@ def test_state_dict_round_trip_keeps_pretrained_reference():
         assert torch.equal(pa, pb)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"reg": -1.0}, "reg"), ({"reg": float("nan")}, "reg"),
-                                           ({"variant": "l3"}, "variant")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"reg": -1.0}, "reg"), ({"reg": float("nan")}, "reg"), ({"variant": "l3"}, "variant")]
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdamR(_model().parameters(), **kwargs)
@@ -171,8 +172,9 @@ def test_steps_are_bit_identical_to_a_plain_re_implementation(case):
             return cls(model.parameters(), lr=1e-2, **(kwargs if cls is AdamR else own))
         model[0].weight.requires_grad_(False)
         parts = [[model[0].bias], list(model[2].parameters()), list(model[4].parameters())]
-        specs = [{"params": ps} | {k: v for k, v in g.items() if cls is AdamR or k == "lr"}
-                 for ps, g in zip(parts, groups)]
+        specs = [
+            {"params": ps} | {k: v for k, v in g.items() if cls is AdamR or k == "lr"} for ps, g in zip(parts, groups)
+        ]
         return cls(specs, lr=1e-2, **(kwargs if cls is AdamR else own))
 
     a, b = _deep_model(), _deep_model()
@@ -215,7 +217,7 @@ def test_ewc_anchor_weights_the_pull_by_its_importance(variant):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     anchor, ref, omega = _ewc_anchor(model, include=["weight"])
-    lr, reg, eps, b2 = 0.1, 0.05, 1e-8, 0.999
+    lr, reg, eps, _b2 = 0.1, 0.05, 1e-8, 0.999
     opt = AdamR(model.named_parameters(), lr=lr, reg=reg, variant=variant, eps=eps, anchor=anchor)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
@@ -226,8 +228,10 @@ def test_ewc_anchor_weights_the_pull_by_its_importance(variant):
     rate = lr * reg / (math.sqrt(v_hat) + eps)
     assert rate * omega["weight"].max() < 1  # the weighted pull does not overshoot here
     d = theta["weight"] - ref["weight"]
-    pulled = {"weight": theta["weight"] - rate * omega["weight"] * (d if variant == "l2" else d.sign()),
-              "bias": theta["bias"]}  # bias: not anchored
+    pulled = {
+        "weight": theta["weight"] - rate * omega["weight"] * (d if variant == "l2" else d.sign()),
+        "bias": theta["bias"],
+    }  # bias: not anchored
     for n, p in model.named_parameters():
         adam = lr * grads[n] / (grads[n].abs() + eps)  # Adam's first step: lr · m̂ / (√v̂ + ε)
         torch.testing.assert_close(p.detach(), pulled[n] - adam, rtol=0, atol=1e-6)
@@ -353,8 +357,15 @@ def test_anchor_state_travels_in_the_lightning_checkpoint(tmp_path):
             callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)]
         else:
             model.anchor = EWCAnchor()  # nothing to pull toward unless the checkpoint restores θ* and ω
-        trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=not ckpt_path,
-                             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=8,
+            logger=False,
+            enable_checkpointing=not ckpt_path,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
         return model
 

@@ -12,8 +12,9 @@ from lifelong_delta.cli import main
 from lifelong_delta.studies.demo import DEFAULT_CONFIG
 
 
-def test_demo_trains_the_three_runs_and_ends_with_the_table(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                      one_torch_thread) -> None:
+def test_demo_trains_the_three_runs_and_ends_with_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_torch_thread
+) -> None:
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text("""
 trainer: {enable_progress_bar: false, callbacks: [], enable_checkpointing: false, log_every_n_steps: 1}
@@ -27,8 +28,19 @@ data:
 
     # the last lines: the table (FT, FT++, then the config's method) and the differences
     assert lines[-6].startswith("Class-incremental stream of cl_demo.yaml, seed 0")
-    assert lines[-5].split() == ["method", "A_N", "(all", "classes)", "F_N", "(forgetting)", "task", "0", "at", "the",
-                                 "end"]
+    assert lines[-5].split() == [
+        "method",
+        "A_N",
+        "(all",
+        "classes)",
+        "F_N",
+        "(forgetting)",
+        "task",
+        "0",
+        "at",
+        "the",
+        "end",
+    ]
     assert lines[-4].lstrip().startswith("FT (plain fine-tuning)") and lines[-3].lstrip().startswith("FT++")
     assert lines[-2].lstrip().startswith("PredKD+L2")
     assert lines[-1].lstrip().startswith("PredKD+L2 - FT: ") and "points of A_N" in lines[-1]
@@ -49,8 +61,7 @@ data:
     assert hparams["ft"]["pred_kd"] == 0 and hparams["ft"]["mask_past_logits"] is False
     assert hparams["ftpp"]["pred_kd"] == 0 and hparams["ftpp"]["mask_past_logits"] is True
     assert hparams["method"]["pred_kd"] == 1.0 and hparams["method"]["mask_past_logits"] is True
-    header = {n: (out / "runs" / n / "seed0" / "metrics.csv").read_text().splitlines()[0].split(",")
-              for n in runs}
+    header = {n: (out / "runs" / n / "seed0" / "metrics.csv").read_text().splitlines()[0].split(",") for n in runs}
     assert "train/penalty0" in header["method"] and "train/pred_kd" in header["method"]
     for n in ("ft", "ftpp"):
         assert not any(h.startswith(("train/penalty", "train/pred_kd")) for h in header[n])

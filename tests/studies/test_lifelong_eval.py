@@ -11,31 +11,46 @@ import pytest
 from lifelong_delta.studies.lifelong_eval import COLUMNS, METHODS, lifelong_eval
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--model.init_args.pred_kd=0", "--model.init_args.feat_kd=0", "--model.init_args.anchors=[]",
-        "--data.init_args.max_per_class=20", "--trainer.enable_progress_bar=false"]
+TINY = [
+    "--model.init_args.pred_kd=0",
+    "--model.init_args.feat_kd=0",
+    "--model.init_args.anchors=[]",
+    "--data.init_args.max_per_class=20",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def _tiny_configs(tmp_path: Path) -> Path:
     configs = tmp_path / "configs"
     configs.mkdir()
     for name in METHODS["lifelong-deltas-adamr"]:
-        (configs / name).write_text((ROOT / "configs" / name).read_text()
-                                    .replace('"blocks.[0-3].attn.qkv.*"', '"blocks.*.attn.qkv.*"')
-                                    .replace("p: [0.0, 0.9, 0.99]", "p: [0.0, 0.9]"))
+        (configs / name).write_text(
+            (ROOT / "configs" / name)
+            .read_text()
+            .replace('"blocks.[0-3].attn.qkv.*"', '"blocks.*.attn.qkv.*"')
+            .replace("p: [0.0, 0.9, 0.99]", "p: [0.0, 0.9]")
+        )
     return configs
 
 
 def test_lifelong_eval_on_a_tiny_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "study"
-    options = {"seeds": [0], "streams": ["2x5"], "out_dir": str(out), "config_dir": str(_tiny_configs(tmp_path)),
-               "base_config": str(ROOT / "configs" / "cl_tiny.yaml"), "override": TINY}
+    options = {
+        "seeds": [0],
+        "streams": ["2x5"],
+        "out_dir": str(out),
+        "config_dir": str(_tiny_configs(tmp_path)),
+        "base_config": str(ROOT / "configs" / "cl_tiny.yaml"),
+        "override": TINY,
+    }
     summary = lifelong_eval(**options)
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
     assert [(r["stream"], r["method"], r["seed"], r["p"]) for r in rows] == [
-        ("2x5", m, "0", p) for m in METHODS for p in ("0", "0.9")]
+        ("2x5", m, "0", p) for m in METHODS for p in ("0", "0.9")
+    ]
     runs = out / "runs" / "2x5"
     for r in rows:
         metrics = json.loads((runs / r["method"] / "seed0" / "lifelong_metrics.json").read_text())

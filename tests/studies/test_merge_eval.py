@@ -44,8 +44,15 @@ def cache(tmp_path_factory):
     torch.manual_seed(0)
     encoder = None
     for task, k in LABELS.items():
-        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, num_labels=k)
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=k,
+        )
         model = BertForSequenceClassification(config).eval()
         if encoder is None:
             encoder = {n: t.clone() for n, t in model.bert.state_dict().items()}
@@ -72,11 +79,14 @@ def test_results_csv_has_the_schema_and_two_rows_per_planned_merge(study):
     refs = [r for r in rows if r["density"] is None]
     merged = [r for r in rows if r["density"] is not None]
     assert sorted((r["method"], r["task"]) for r in refs) == sorted(
-        (m, t) for m in ("base", "finetune-trec", "finetune-vader") for t in LABELS)
-    plan = plan_merges(["adamw"], ["task-arithmetic", "ties", "dare-linear", "dare-ties", "darex-q"], [0.1, 1.0],
-                       [0, 1])
+        (m, t) for m in ("base", "finetune-trec", "finetune-vader") for t in LABELS
+    )
+    plan = plan_merges(
+        ["adamw"], ["task-arithmetic", "ties", "dare-linear", "dare-ties", "darex-q"], [0.1, 1.0], [0, 1]
+    )
     assert [(r["method"], r["density"], r["seed"], r["task"]) for r in merged] == [
-        (c.method, c.density, c.seed, t) for c in plan for t in LABELS]
+        (c.method, c.density, c.seed, t) for c in plan for t in LABELS
+    ]
     # task arithmetic once; ties one seed per density; DARE every seed below density 1, one at 1
     assert len(plan) == 1 + 2 + 3 * (2 + 1)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
@@ -97,8 +107,14 @@ def test_density_1_dare_equals_task_arithmetic(study):
 
 
 def test_task_arithmetic_of_one_model_reproduces_its_finetune(cache, tmp_path):
-    paths = merge_eval(cache_dir=str(cache), out=str(tmp_path / "one"), tasks=["vader"], recipes=["adamw"],
-                       methods=["task-arithmetic"], **RUN)
+    paths = merge_eval(
+        cache_dir=str(cache),
+        out=str(tmp_path / "one"),
+        tasks=["vader"],
+        recipes=["adamw"],
+        methods=["task-arithmetic"],
+        **RUN,
+    )
     rows = read_results(paths["results"])
     ta = [r for r in rows if r["method"] == "task-arithmetic"]
     own = [r for r in rows if r["method"] == "finetune-vader"]
@@ -115,12 +131,32 @@ def test_task_arithmetic_of_one_model_reproduces_its_finetune(cache, tmp_path):
 @pytest.mark.parametrize("method", ["dare-ties", "ties"])
 def test_in_memory_merge_equals_the_cli_files(cache, tmp_path, method):
     head = finetune_dir("trec", "base", cache)
-    dirs = {k: encoder_checkpoint(finetune_dir(t, r, cache), tmp_path / f"{t}-{r}", head)
-            for k, (t, r) in {"base": ("trec", "base"), "trec": ("trec", "adamw"), "vader": ("vader", "adamw")}.items()}
+    dirs = {
+        k: encoder_checkpoint(finetune_dir(t, r, cache), tmp_path / f"{t}-{r}", head)
+        for k, (t, r) in {"base": ("trec", "base"), "trec": ("trec", "adamw"), "vader": ("vader", "adamw")}.items()
+    }
     cell = MergeCell("adamw", method, 0.1, 3)
     out = tmp_path / "out"
-    main(["merge", "--progress", "false", "--base", str(dirs["base"]), "--models", str(dirs["trec"]),
-          str(dirs["vader"]), "--method", method, "--density", "0.1", "--seed", "3", "--out", str(out)])
+    main(
+        [
+            "merge",
+            "--progress",
+            "false",
+            "--base",
+            str(dirs["base"]),
+            "--models",
+            str(dirs["trec"]),
+            str(dirs["vader"]),
+            "--method",
+            method,
+            "--density",
+            "0.1",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     cli = load_file(str(out / "model.safetensors"))
     base = load_file(str(finetune_dir("trec", "base", cache) / "model.safetensors"))
     fts = [load_file(str(finetune_dir(t, "adamw", cache) / "model.safetensors")) for t in LABELS]
@@ -134,8 +170,12 @@ def test_in_memory_merge_equals_the_cli_files(cache, tmp_path, method):
 
 
 def test_bad_options_are_value_errors_naming_the_option(cache, tmp_path):
-    for kwargs, option in (({"recipes": ["lora"]}, "recipes"), ({"methods": ["nope"]}, "methods"),
-                           ({"densities": [0.0]}, "densities"), ({"seeds": [1, 1]}, "seeds")):
+    for kwargs, option in (
+        ({"recipes": ["lora"]}, "recipes"),
+        ({"methods": ["nope"]}, "methods"),
+        ({"densities": [0.0]}, "densities"),
+        ({"seeds": [1, 1]}, "seeds"),
+    ):
         with pytest.raises(ValueError, match=option):
             merge_eval(cache_dir=str(cache), out=str(tmp_path / "x"), **{**RUN, **kwargs})
 
@@ -145,5 +185,6 @@ def test_two_processes_give_the_rows_of_one(cache, study, tmp_path):
     two = merge_eval(cache_dir=str(cache), out=str(tmp_path / "two"), recipes=["adamw"], **{**RUN, "jobs": 2})
     one_rows, two_rows = read_results(paths["results"]), read_results(two["results"])
     drop = ("merge_s",)  # wall time
-    assert [{k: v for k, v in r.items() if k not in drop} for r in one_rows] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in two_rows]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in one_rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in two_rows
+    ]

@@ -15,8 +15,7 @@ from lifelong_delta.studies.prune_eval import METHODS, plan_cells, prune_eval
 from lifelong_delta.studies.prune_eval_masks import build_masked, mark_dirty
 from lifelong_delta.studies.prune_eval_report import RESULT_COLUMNS, read_results
 from lifelong_delta.studies.prune_eval_run import q_grid
-from tests.text.tiny_mpnet import TINY, as_mpnet_row, write_tiny_mpnet
-
+from tests.text.tiny_mpnet import as_mpnet_row, write_tiny_mpnet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,9 +53,7 @@ def test_dare_mask_rescaled_per_q_equals_dare_merge_bit_for_bit(p):
             t.add_(1.0)
     mark_dirty(model)
     masked.apply_(model, 0.8)
-    assert all(
-        torch.equal(model.state_dict()[n], dare_merge(base[n], ft[n], p, seed=7, name=n, q=0.8)) for n in base
-    )
+    assert all(torch.equal(model.state_dict()[n], dare_merge(base[n], ft[n], p, seed=7, name=n, q=0.8)) for n in base)
 
 
 def test_building_a_mask_keeps_torch_thread_count():
@@ -82,9 +79,7 @@ def test_importance_and_structural_masks_merge_like_the_engine():
         masked.apply_(model, q)
         spec = PruneSpec(method, 0.75, seed=3, **({"q": q} if method == "structural" else {}))
         for n in base:
-            want = prune_tensor(
-                n, base[n], ft[n], spec, input_norms=norms.get(n) if method == "wanda" else None
-            )
+            want = prune_tensor(n, base[n], ft[n], spec, input_norms=norms.get(n) if method == "wanda" else None)
             torch.testing.assert_close(model.state_dict()[n], want, rtol=0, atol=1e-7, msg=f"{method} {n}")
         kept_rows = (model.state_dict()["emb.weight"] != base["emb.weight"]).any(1)
         assert not kept_rows[3:].any()  # unchanged rows stay exactly θ_pre
@@ -192,18 +187,12 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         raw = list(csv.reader(f))
     assert tuple(raw[0]) == RESULT_COLUMNS == ("task", "finetune", "method", "p", "seed", "accuracy")
     rows = read_results(paths["results"])
-    assert (
-        len(rows)
-        == len(raw) - 1
-        == len(plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1]))
-        == 26
-    )
+    assert len(rows) == len(raw) - 1 == len(plan_cells(["trec"], ["adamw", "lora"], METHODS, [0.9], [0, 1])) == 26
     assert {r["p"] for r in rows} == {0.0, 0.9}
     assert {r["seed"] for r in rows} == {0, 1}
     assert all(r["task"] == "trec" and r["method"] in METHODS for r in rows)
     assert all(
-        0.0 <= r["accuracy"] <= 1.0
-        and math.isclose(r["accuracy"] * 12, round(r["accuracy"] * 12), abs_tol=1e-4)
+        0.0 <= r["accuracy"] <= 1.0 and math.isclose(r["accuracy"] * 12, round(r["accuracy"] * 12), abs_tol=1e-4)
         for r in rows
     )  # 12 test examples
     seeds = {(r["finetune"], r["method"], r["p"]): set() for r in rows}
@@ -225,18 +214,26 @@ def test_results_csv_has_the_exact_schema_and_the_planned_rows(study):
         assert (out / paths[name].split("/")[-1]).stat().st_size > 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     summary = (out / "summary.md").read_text()
-    assert (
-        "## trec: test accuracy (%) after pruning" in summary
-        and "What `lifelong-delta recommend` picks" in summary
-    )
+    assert "## trec: test accuracy (%) after pruning" in summary and "What `lifelong-delta recommend` picks" in summary
 
 
 def test_two_worker_processes_write_the_same_rows_as_one(study, tmp_path):
-    cache, out, paths = study
+    cache, out, _paths = study
     two = prune_eval(
-        cache_dir=str(cache), out=str(tmp_path / "two"), tasks=["trec"], finetunes=["adamw", "lora"], ps=[0.9],
-        seeds=[0, 1], max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=1, etas=ETAS,
-        jobs=2, progress=False,
+        cache_dir=str(cache),
+        out=str(tmp_path / "two"),
+        tasks=["trec"],
+        finetunes=["adamw", "lora"],
+        ps=[0.9],
+        seeds=[0, 1],
+        max_test=None,
+        max_val=4,
+        n_calib=4,
+        q_grid_size=2,
+        q_fine_steps=1,
+        etas=ETAS,
+        jobs=2,
+        progress=False,
     )
     for name in ("results", "q_choices", "recommend"):
         assert (tmp_path / "two" / f"{name}.csv").read_bytes() == (out / f"{name}.csv").read_bytes(), name
@@ -291,8 +288,17 @@ def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
 
     monkeypatch.setattr(mod, "prune_eval", record)
     main(shlex.split(cmd)[1:])
-    want = {"cache_dir": str(cache), "tasks": ["trec"], "finetunes": ["adamw", "lora"], "ps": [0.9], "seeds": [0, 1],
-            "max_test": None, "max_val": 4, "n_calib": 4, "q_grid_size": 2}
+    want = {
+        "cache_dir": str(cache),
+        "tasks": ["trec"],
+        "finetunes": ["adamw", "lora"],
+        "ps": [0.9],
+        "seeds": [0, 1],
+        "max_test": None,
+        "max_val": 4,
+        "n_calib": 4,
+        "q_grid_size": 2,
+    }
     assert {k: calls[0][k] for k in want} == want
     assert calls[0]["methods"] == list(METHODS)  # a default stays a default
 
@@ -308,9 +314,23 @@ def tiny_mpnet_study(tmp_path_factory):
         for recipe in ("adamw", "lora"):
             finetune("trec", recipe, cache_dir=str(cache), backbone="mpnet", **TINY)
         out = tmp_path_factory.mktemp("prune_eval_base")
-        paths = prune_eval(cache_dir=str(cache), out=str(out), tasks=["trec"], finetunes=["adamw", "lora"],
-                           ps=[0.9], seeds=[0], max_test=None, max_val=4, n_calib=4, q_grid_size=2,
-                           q_fine_steps=0, etas=[1.0], jobs=1, progress=False, backbone="mpnet")
+        paths = prune_eval(
+            cache_dir=str(cache),
+            out=str(out),
+            tasks=["trec"],
+            finetunes=["adamw", "lora"],
+            ps=[0.9],
+            seeds=[0],
+            max_test=None,
+            max_val=4,
+            n_calib=4,
+            q_grid_size=2,
+            q_fine_steps=0,
+            etas=[1.0],
+            jobs=1,
+            progress=False,
+            backbone="mpnet",
+        )
         yield cache, paths
 
 
@@ -332,13 +352,38 @@ def test_calibration_hooks_every_mpnet_linear_and_leaves_the_head_alone(tiny_mpn
 
     cache, _ = tiny_mpnet_study
     ft = finetune_dir("trec", "adamw", cache, backbone="mpnet")
-    s = Settings(max_test=None, max_val=4, n_calib=4, q_grid_size=2, q_fine_steps=0, etas=(1.0,),
-                 analytic_arithmetic="float16", analytic_tie_rtol=0.0, exclude=("classifier.*",), batch_size=8)
-    run = FinetuneRun("trec", "adamw", ft, finetune_dir("trec", "base", cache, backbone="mpnet"),
-                      task_splits(finetune_hparams(ft), None, 4, 4, 8), s)
-    linears = {f"mpnet.encoder.layer.{i}.{m}.weight" for i in range(2)
-               for m in ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
-                         "intermediate.dense", "output.dense")}
+    s = Settings(
+        max_test=None,
+        max_val=4,
+        n_calib=4,
+        q_grid_size=2,
+        q_fine_steps=0,
+        etas=(1.0,),
+        analytic_arithmetic="float16",
+        analytic_tie_rtol=0.0,
+        exclude=("classifier.*",),
+        batch_size=8,
+    )
+    run = FinetuneRun(
+        "trec",
+        "adamw",
+        ft,
+        finetune_dir("trec", "base", cache, backbone="mpnet"),
+        task_splits(finetune_hparams(ft), None, 4, 4, 8),
+        s,
+    )
+    linears = {
+        f"mpnet.encoder.layer.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "attention.attn.q",
+            "attention.attn.k",
+            "attention.attn.v",
+            "attention.attn.o",
+            "intermediate.dense",
+            "output.dense",
+        )
+    }
     means, norms = run._calibration()
     assert set(means) == linears
     assert linears <= set(norms) and all(n in run.delta for n in norms)

@@ -18,8 +18,38 @@ from lifelong_delta.studies.prune_eval_decoder import FINETUNE_SPLITS, prune_eva
 from lifelong_delta.studies.prune_eval_decoder_report import RESULT_COLUMNS, read_results
 
 TINY = LMSpec(vocab_size=300, hidden_size=32, intermediate_size=64, layers=2, heads=2, kv_heads=1, seq_len=32)
-WORDS = ("the cat dog man woman house tree runs sees eats likes big small red old new happy sad and but "
-         "a one very never always here there today night day").split()
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "man",
+    "woman",
+    "house",
+    "tree",
+    "runs",
+    "sees",
+    "eats",
+    "likes",
+    "big",
+    "small",
+    "red",
+    "old",
+    "new",
+    "happy",
+    "sad",
+    "and",
+    "but",
+    "a",
+    "one",
+    "very",
+    "never",
+    "always",
+    "here",
+    "there",
+    "today",
+    "night",
+    "day",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,8 +67,9 @@ def corpora(tmp_path_factory):
     fortunes = root / "fortunes"
     fortunes.mkdir()
     for name in ("wisdom", "people"):
-        (fortunes / name).write_text("\n%\n".join(_sentence(rng) + "\n\t\t-- " + rng.choice(WORDS)
-                                                  for _ in range(150)) + "\n%\n")
+        (fortunes / name).write_text(
+            "\n%\n".join(_sentence(rng) + "\n\t\t-- " + rng.choice(WORDS) for _ in range(150)) + "\n%\n"
+        )
         (fortunes / f"{name}.dat").write_bytes(b"\x00\x01binary index")
         (fortunes / f"{name}.u8").symlink_to(fortunes / name)
     dialogue = root / "dialogue.txt"
@@ -48,10 +79,26 @@ def corpora(tmp_path_factory):
 
 def _run(corpora, tmp_path, out="out", **kw):
     fortunes, dialogue = corpora
-    args = dict(out=str(tmp_path / out), cache_dir=str(tmp_path / "cache"), pretrain_corpus=str(fortunes),
-                finetune_corpus=str(dialogue), model=TINY, pretrain_steps=12, finetune_steps=8, batch_size=4,
-                ps=[0.0, 0.9, 0.999], seeds=[0, 1], test_blocks=4, val_blocks=2, calib_blocks=2, q_grid_size=3,
-                etas=[0.27, 1.0], encoder_results=str(tmp_path / "no_encoder.csv"), jobs=1, progress=False)
+    args = dict(
+        out=str(tmp_path / out),
+        cache_dir=str(tmp_path / "cache"),
+        pretrain_corpus=str(fortunes),
+        finetune_corpus=str(dialogue),
+        model=TINY,
+        pretrain_steps=12,
+        finetune_steps=8,
+        batch_size=4,
+        ps=[0.0, 0.9, 0.999],
+        seeds=[0, 1],
+        test_blocks=4,
+        val_blocks=2,
+        calib_blocks=2,
+        q_grid_size=3,
+        etas=[0.27, 1.0],
+        encoder_results=str(tmp_path / "no_encoder.csv"),
+        jobs=1,
+        progress=False,
+    )
     args.update(kw)
     return prune_eval_decoder(**args)
 
@@ -69,7 +116,8 @@ def test_results_csv_has_the_schema_and_one_row_per_planned_cell(study):
     rows = read_results(paths["results"])
     plan = plan_cells(["adamw", "adamr-l2"], METHODS, [0.0, 0.9, 0.999], [0, 1])
     assert [(r["finetune"], r["method"], r["p"], r["seed"]) for r in rows] == [
-        (c.finetune, c.method, c.p, c.seed) for c in plan]
+        (c.finetune, c.method, c.p, c.seed) for c in plan
+    ]
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows)
     # the random methods run every seed, magnitude and WANDA one
     assert sum(r["method"] == "dare" and r["p"] == 0.9 for r in rows) == 2 * 2
@@ -100,8 +148,11 @@ def test_reference_rows_equal_direct_evaluations_of_the_cached_models(study, cor
     test_docs = split_documents(read_dialogue(corpora[1]), FINETUNE_SPLITS, chunk=50, seed=0)["test"]
     test = batches(pack(tok, test_docs, TINY.seq_len, 4), 32)
     for ft in ("adamw", "adamr-l2"):
-        got = {r["method"]: r["perplexity"] for r in rows if r["finetune"] == ft and r["method"] in
-               ("unpruned", "pretrained")}
+        got = {
+            r["method"]: r["perplexity"]
+            for r in rows
+            if r["finetune"] == ft and r["method"] in ("unpruned", "pretrained")
+        }
         assert got["unpruned"] == pytest.approx(causal_lm_perplexity(load_lm(cache / ft), test), rel=1e-5)
         assert got["pretrained"] == pytest.approx(causal_lm_perplexity(load_lm(cache / "base"), test), rel=1e-5)
         assert got["unpruned"] < got["pretrained"]  # the fine-tune learned the dialogue domain
@@ -144,8 +195,12 @@ def test_a_cached_model_made_otherwise_is_a_value_error_naming_the_setting(study
 
 
 def test_bad_options_are_value_errors(corpora, tmp_path):
-    for kw, match in (({"methods": ["dare", "ties"]}, "methods"), ({"ps": [1.0]}, "ps"),
-                      ({"seeds": [0, 0]}, "seeds"), ({"test_blocks": 0}, "test_blocks")):
+    for kw, match in (
+        ({"methods": ["dare", "ties"]}, "methods"),
+        ({"ps": [1.0]}, "ps"),
+        ({"seeds": [0, 0]}, "seeds"),
+        ({"test_blocks": 0}, "test_blocks"),
+    ):
         with pytest.raises(ValueError, match=match):
             _run(corpora, tmp_path, **kw)
     with pytest.raises(ValueError, match="heads"):

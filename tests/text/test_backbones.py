@@ -25,10 +25,17 @@ def tiny_mpnet(tmp_path_factory):
 def test_rows_name_their_lora_targets_and_cache_folders():
     from transformers import BertConfig, BertForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
 
-    small = {"vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 16}
-    models = {"minilm": BertForSequenceClassification(BertConfig(**small)),
-              "mpnet": MPNetForSequenceClassification(MPNetConfig(**small))}
+    small = {
+        "vocab_size": 50,
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+    }
+    models = {
+        "minilm": BertForSequenceClassification(BertConfig(**small)),
+        "mpnet": MPNetForSequenceClassification(MPNetConfig(**small)),
+    }
     for name, model in models.items():
         row = get_backbone(name)
         leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -54,20 +61,28 @@ def _split_archive(tmp_path, files, n_parts=3):
     parts = []
     for i in range(n_parts):
         part = tmp_path / f"model.zip.{i + 1:03d}"
-        part.write_bytes(raw[cut[i]:cut[i + 1]])
+        part.write_bytes(raw[cut[i] : cut[i + 1]])
         parts.append(part)
     return parts
 
 
 def test_zip_parts_are_joined_once_into_a_folder(tmp_path):
-    files = {"m/config.json": b'{"model_type": "mpnet"}', "m/model.safetensors": os.urandom(5000),
-             "m/1_Pooling/config.json": b"{}", "m/desktop.ini": b"[.ShellClassInfo]", "other/x.txt": b"x"}
+    files = {
+        "m/config.json": b'{"model_type": "mpnet"}',
+        "m/model.safetensors": os.urandom(5000),
+        "m/1_Pooling/config.json": b"{}",
+        "m/desktop.ini": b"[.ShellClassInfo]",
+        "other/x.txt": b"x",
+    }
     (tmp_path / "parts").mkdir()
     parts = _split_archive(tmp_path / "parts", files)
     dest = tmp_path / "cache" / "m"
     assert assemble_zip_parts(parts, dest, "m") == dest
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
-        "1_Pooling/config.json", "config.json", "model.safetensors"]
+        "1_Pooling/config.json",
+        "config.json",
+        "model.safetensors",
+    ]
     assert (dest / "model.safetensors").read_bytes() == files["m/model.safetensors"]
     assert os.listdir(dest.parent) == ["m"]  # no temporary folder, no joined archive left
     for p in parts:

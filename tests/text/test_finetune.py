@@ -11,9 +11,7 @@ from safetensors.torch import load_file
 from lifelong_delta.text.finetune import RECIPES, finetune, finetune_dir
 from lifelong_delta.text.module import SequenceClassifier, linear_warmup_decay, param_groups
 
-TINY = dict(
-    epochs=1, max_train_examples=24, max_eval_examples=16, max_length=16, batch_size=8, progress=False
-)
+TINY = dict(epochs=1, max_train_examples=24, max_eval_examples=16, max_length=16, batch_size=8, progress=False)
 
 
 class _Bar:
@@ -34,8 +32,9 @@ def tiny(tmp_path_factory):
     from lifelong_delta.text.finetune import _steps_in_detail
 
     cache = tmp_path_factory.mktemp("finetunes")
-    path = finetune("trec", "adamr-l2", cache_dir=str(cache), callbacks=[_steps_in_detail(BAR, "trec/adamr-l2")],
-                    **TINY)
+    path = finetune(
+        "trec", "adamr-l2", cache_dir=str(cache), callbacks=[_steps_in_detail(BAR, "trec/adamr-l2")], **TINY
+    )
     return cache, path
 
 
@@ -115,9 +114,7 @@ def test_lora_export_is_the_merged_model_plus_a_peft_adapter(tiny, tmp_path):
     assert merged.keys() == base.keys()
     key = "bert.encoder.layer.1.attention.self.value"
     a, b = (adapter[f"base_model.model.{key}.lora_{x}.weight"] for x in "AB")
-    torch.testing.assert_close(
-        merged[f"{key}.weight"] - base[f"{key}.weight"], (4 / 2) * b @ a, atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(merged[f"{key}.weight"] - base[f"{key}.weight"], (4 / 2) * b @ a, atol=1e-6, rtol=0)
     assert torch.equal(
         merged["bert.encoder.layer.1.attention.self.key.weight"],
         base["bert.encoder.layer.1.attention.self.key.weight"],
@@ -162,10 +159,17 @@ def test_adamr_is_chosen_from_the_lightning_yaml_config(tmp_path):
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
-        args=["-c", str(config), "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
-              "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
-              "--data.init_args.max_train_examples=24", "--data.init_args.max_eval_examples=12",
-              "--data.init_args.batch_size=8"],
+        args=[
+            "-c",
+            str(config),
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.max_train_examples=24",
+            "--data.init_args.max_eval_examples=12",
+            "--data.init_args.batch_size=8",
+        ],
         run=False,
         auto_configure_optimizers=False,
     )
@@ -182,6 +186,6 @@ def test_adamr_is_chosen_from_the_lightning_yaml_config(tmp_path):
 
 def test_finetune_json_records_the_thread_count(tiny):
     """A fine-tune's weights depend on torch's thread count (CPU reductions), so it is recorded with them."""
-    cache, path = tiny
+    cache, _path = tiny
     info = json.loads((finetune_dir("trec", "adamr-l2", cache) / "finetune.json").read_text())
     assert info["torch_threads"] == torch.get_num_threads() >= 1

@@ -13,11 +13,11 @@ from lifelong_delta.continual.prompts.dualprompt import DualPrompt, DualPromptPo
 from lifelong_delta.continual.prompts.l2p import L2P, L2PPool, select_prompts
 
 __all__ = [
+    "L2P",
     "CodaPrompt",
     "CodaPromptPool",
     "DualPrompt",
     "DualPromptPool",
-    "L2P",
     "L2PPool",
     "PromptModule",
     "gram_schmidt_",

@@ -72,8 +72,10 @@ class CodaPromptPool(nn.Module):
     def __init__(self, layers: list[int], pool_size: int, length: int, embed_dim: int, key_dim: int) -> None:
         super().__init__()
         if pool_size > key_dim:
-            raise ValueError(f"pool_size={pool_size} exceeds the key width {key_dim}: CODA-P's keys and attention "
-                             "vectors are orthogonal, so pool_size must be <= the backbone's embedding width")
+            raise ValueError(
+                f"pool_size={pool_size} exceeds the key width {key_dim}: CODA-P's keys and attention "
+                "vectors are orthogonal, so pool_size must be <= the backbone's embedding width"
+            )
         self.layers = list(layers)
         n = len(layers)
         self.prompts = nn.Parameter(torch.empty(n, pool_size, 2, length, embed_dim))
@@ -127,8 +129,11 @@ class CodaPromptPool(nn.Module):
         if task <= int(self.task_initialised):
             return False
         for j in range(len(self.layers)):
-            for name, p in (("keys", self.keys[j]), ("attn", self.attn[j]),
-                            ("prompts", self.prompts[j].view(self.pool_size, -1))):
+            for name, p in (
+                ("keys", self.keys[j]),
+                ("attn", self.attn[j]),
+                ("prompts", self.prompts[j].view(self.pool_size, -1)),
+            ):
                 g = torch.Generator().manual_seed(mix_seed(seed, "coda-p", task, j, name))
                 gram_schmidt_(p, start, stop, g)
         self.task_initialised.fill_(task)
@@ -177,8 +182,9 @@ class CodaPrompt(PromptModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.pool_size < len(self._tasks):
-            raise ValueError(f"CODA-P needs >= 1 component per task: pool_size={self.pool_size} < "
-                             f"n_tasks={len(self._tasks)}")
+            raise ValueError(
+                f"CODA-P needs >= 1 component per task: pool_size={self.pool_size} < n_tasks={len(self._tasks)}"
+            )
         self.prompts.n_tasks.fill_(len(self._tasks))
 
     def component_range(self, task: int) -> tuple[int, int]:

@@ -42,8 +42,14 @@ class DualPromptPool(nn.Module):
     """
 
     def __init__(
-        self, g_layers: list[int], g_length: int, e_layers: list[int], e_length: int, pool_size: int,
-        embed_dim: int, key_dim: int,
+        self,
+        g_layers: list[int],
+        g_length: int,
+        e_layers: list[int],
+        e_length: int,
+        pool_size: int,
+        embed_dim: int,
+        key_dim: int,
     ) -> None:
         super().__init__()
         self.g_layers, self.e_layers = list(g_layers), list(e_layers)
@@ -129,8 +135,9 @@ class DualPrompt(PromptModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if len(self._tasks) > self.pool_size:
-            raise ValueError(f"DualPrompt needs one E-prompt per task: pool_size={self.pool_size} < "
-                             f"n_tasks={len(self._tasks)}")
+            raise ValueError(
+                f"DualPrompt needs one E-prompt per task: pool_size={self.pool_size} < n_tasks={len(self._tasks)}"
+            )
 
     def _prompted_features(self, x: Tensor, query: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         task = self.tasks_seen() - 1 if self.training else None
