@@ -198,7 +198,7 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
 
     streams = list(dict.fromkeys(r["stream"] for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    fig = Figure(figsize=(5.5 * len(streams), 4.2))
+    fig = Figure(figsize=(max(7.5, 5.5 * len(streams)), 4.2))
     FigureCanvasAgg(fig)
     bars = [(key, m) for key in ("task_il_accuracy", "class_il_accuracy") for m in methods]
     width = 0.8 / len(bars)
@@ -237,7 +237,7 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
         ax.set_title(f"split MNIST {stream}: mean ± std over seeds", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 2 * len(streams)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     outputs.write_png(out / "accuracy.png", fig, dpi=120)
 
