@@ -102,7 +102,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Frozen-feature probes of pretrained on a class-incremental split of dataset.",
     ),
     "cl-eval": (
-        "lifelong_delta.continual.cl_eval:cl_eval",
+        "lifelong_delta.studies.cl_eval:cl_eval",
         "Run every method × seed of a configs/cl_eval/<stream> study and write the table and plots.",
     ),
     "demo": (

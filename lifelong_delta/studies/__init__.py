@@ -9,6 +9,8 @@ study imports ``lifelong_delta.cli`` (which lists them as subcommands).
   deltas), ``prune_eval_run`` (one fine-tune's cells) and ``prune_eval_report`` (CSV, summary, plot).
 * :mod:`lifelong_delta.studies.prune_eval_decoder`: ``make prune-eval-decoder``, delta pruning of a small Llama
   pretrained and fine-tuned offline (DARE the Extreme, arXiv 2410.09344).
+* :mod:`lifelong_delta.studies.cl_eval`: ``make cl-eval``, every continual-learning method of
+  ``configs/cl_eval/<stream>/`` over several seeds (Smith et al., arXiv 2203.17269).
 * :mod:`lifelong_delta.studies.merge_eval`: ``make merge-eval``, the TREC and VADER MiniLM fine-tunes merged by every
   ``lifelong-delta merge`` method, each task scored with its own head.
 """

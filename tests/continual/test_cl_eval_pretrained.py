@@ -13,8 +13,8 @@ import timm
 import yaml
 
 from lifelong_delta.cli import lightning_main
-from lifelong_delta.continual.cl_eval import METHODS as ALL_METHODS
-from lifelong_delta.continual.cl_eval import cl_eval
+from lifelong_delta.studies.cl_eval import METHODS as ALL_METHODS
+from lifelong_delta.studies.cl_eval import cl_eval
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STREAM = CONFIGS / "cl_eval" / "pretrained"

@@ -9,7 +9,6 @@ import torch
 from matplotlib.figure import Figure
 
 from lifelong_delta import outputs
-from lifelong_delta.continual import cl_eval
 from lifelong_delta.continual.metrics import (
     average_accuracy,
     average_forgetting,
@@ -18,6 +17,7 @@ from lifelong_delta.continual.metrics import (
     plot_accuracy_matrix,
     write_cl_metrics,
 )
+from lifelong_delta.studies import cl_eval
 
 NAN = float("nan")
 # after task 0 / 1 / 2; the upper triangle is unused (0.99 would change F_N and BWT if it were read)

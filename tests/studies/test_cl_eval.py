@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from lifelong_delta.cli import main
-from lifelong_delta.continual.cl_eval import RESULT_COLUMNS, cl_eval, read_results, summary_markdown
+from lifelong_delta.studies.cl_eval import RESULT_COLUMNS, cl_eval, read_results, summary_markdown
 from tests.continual.test_cl_eval_configs import TINY_VIT  # the offline ViT's shape at 8x8 px
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats two on a shared CPU
 
 
 def _tiny(tmp_path: Path) -> Path:
@@ -104,7 +106,7 @@ def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None
     import functools
     import shlex
 
-    import lifelong_delta.continual.cl_eval as mod
+    import lifelong_delta.studies.cl_eval as mod
     from lifelong_delta.cli import main
     from lifelong_delta.repro import repro_command
 
