@@ -6,8 +6,9 @@ part; the head is handled below). At the end of each task ``t`` the callback
 
 1. takes the task's delta ``δ_t = θ_t − θ_pre`` of those parameters;
 2. prunes it with DAREx-q at each drop rate ``p`` (``p = 0``: the dense delta, θ_t stored whole), the mask seeded by
-   ``seed + t`` and q chosen per :attr:`LifelongDeltas.q` (by default without labels, minimising the change of the
-   pooled features on a few of the task's training batches, :func:`~lifelong_delta.delta.darex.select_q_unlabelled`);
+   ``seed + t`` and q chosen per :attr:`LifelongDeltas.q` on a few of the task's own training batches: without labels,
+   minimising the change of the pooled features (:func:`~lifelong_delta.delta.darex.select_q_unlabelled`), or with
+   them, minimising the task's loss (the paper's grid q);
 3. packs it (:func:`~lifelong_delta.delta.pack.stream_pack`: the kept values only; the mask comes back from the
    seed), keeps the head rows of the task's classes, and adds the pack to a
    :class:`~lifelong_delta.delta.bank.DeltaBank` of task deltas;
@@ -48,7 +49,7 @@ from lifelong_delta.anchors.pretrained import PretrainedAnchor
 
 __all__ = ["LifelongDeltas", "pack_bytes"]
 
-QRule = Literal["unlabelled", "dare"]
+QRule = Literal["unlabelled", "grid", "dare"]
 Confidence = Literal["max_sigmoid", "entropy"]
 METRICS_FILE = "lifelong_metrics.json"
 
@@ -69,11 +70,12 @@ class LifelongDeltas(pl.Callback):
         p: Drop rates; one bank of task deltas per value. ``0`` keeps the dense delta (every value, packed).
         q: The DAREx-q rescale of the kept values (×1/q): a number in ``[1 − p, 1]`` for every task,
             ``"unlabelled"`` (per task, the q on a grid over ``[1 − p, 1]`` that keeps the pooled features of
-            ``calib_batches`` of the task's training batches closest to the unpruned model's), or ``"dare"``
-            (``q = 1 − p``).
+            ``calib_batches`` of the task's training batches closest to the unpruned model's), ``"grid"`` (per task,
+            the q on that grid with the lowest cross-entropy over the task's classes on those batches, labels used:
+            the paper's DAREx-q with the training data the task already has), or ``"dare"`` (``q = 1 − p``).
         seed: Mask seed; task ``t`` draws with ``seed + t``.
         confidence: How class-incremental evaluation picks the task: ``max_sigmoid`` or ``entropy``.
-        calib_batches: Training batches of the task for ``q: unlabelled``.
+        calib_batches: Training batches of the task for ``q: unlabelled`` and ``q: grid``.
         reset: Put the trained parameters back to θ_pre after packing a task, so each delta holds one task.
         out_dir: Where the packs go (``<work>/p<p>/task<t>.delta``); default ``task_deltas`` in the run's log
             directory.
@@ -99,8 +101,8 @@ class LifelongDeltas(pl.Callback):
         if len(set(ps)) != len(ps):
             raise ValueError(f"LifelongDeltas(p={p!r}) repeats a drop rate")
         if isinstance(q, str):
-            if q not in ("unlabelled", "dare"):
-                raise ValueError(f"LifelongDeltas(q={q!r}): use 'unlabelled', 'dare' or a number in [1 - p, 1]")
+            if q not in ("unlabelled", "grid", "dare"):
+                raise ValueError(f"LifelongDeltas(q={q!r}): use 'unlabelled', 'grid', 'dare' or a number in [1 - p, 1]")
         elif isinstance(q, bool) or not all(1.0 - x <= q <= 1.0 for x in ps if x > 0):
             raise ValueError(f"LifelongDeltas(q={q!r}) must lie in [1 - p, 1] for every p in {ps}")
         if confidence not in ("max_sigmoid", "entropy"):
@@ -197,7 +199,7 @@ class LifelongDeltas(pl.Callback):
             {n: p.detach()[classes.start : classes.stop].clone() for n, p in net.get_classifier().named_parameters()},
         )
         ft = work / f"task{t}.safetensors"
-        qs = {p: self._choose_q(pl_module, t, p, trained) for p in self.ps}
+        qs = self._choose_qs(pl_module, t, trained)
         if trainer.is_global_zero:
             _save(ft, trained)
             try:
@@ -235,27 +237,35 @@ class LifelongDeltas(pl.Callback):
         assert self._work is not None
         return self._work / f"p{_p_label(p)}" / f"task{t}.delta"
 
-    def _choose_q(self, pl_module: pl.LightningModule, t: int, p: float, trained: dict[str, torch.Tensor]) -> float:
-        if p == 0:
-            return 1.0
-        if self.q == "dare":
-            return 1.0 - p
+    def _choose_qs(self, pl_module: pl.LightningModule, t: int, trained: dict[str, torch.Tensor]) -> dict[float, float]:
+        """The rescale q of task ``t``'s delta at every drop rate."""
         if not isinstance(self.q, str):
-            return float(self.q)
+            return {p: (float(self.q) if p > 0 else 1.0) for p in self.ps}
+        if self.q == "dare" or all(p == 0 for p in self.ps):
+            return {p: 1.0 - p for p in self.ps}
         from lifelong_delta.continual.backbones import features_and_logits
         from lifelong_delta.delta.darex import MaskedDelta, select_q_unlabelled
 
-        net = _net(pl_module)
+        net, classes = _net(pl_module), pl_module._tasks[t]
         base = {n: self._reference(n) for n in self.names}
-        masked = MaskedDelta.build(base, trained, p, seed=self.seed + t)
         loader = pl_module.trainer.datamodule.task_dataloader(t, "train", shuffle=False)
         batches = []
-        for x, _ in loader:
-            batches.append(x.to(pl_module.device))
+        for x, y in loader:
+            batches.append((x.to(pl_module.device), y.to(pl_module.device) - classes.start))
             if len(batches) == self.calib_batches:
                 break
-        result = select_q_unlabelled(net, masked, batches, lambda m, x: features_and_logits(m, x)[0])
-        return result.q
+        qs = {}
+        for p in self.ps:
+            if p == 0:
+                qs[p] = 1.0
+                continue
+            masked = MaskedDelta.build(base, trained, p, seed=self.seed + t)
+            if self.q == "unlabelled":
+                xs = [x for x, _ in batches]
+                qs[p] = select_q_unlabelled(net, masked, xs, lambda m, x: features_and_logits(m, x)[0]).q
+            else:
+                qs[p] = _select_q_by_loss(net, masked, batches, classes, p)
+        return qs
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -376,3 +386,31 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     outputs.write_file(path, save({n: t.contiguous() for n, t in tensors.items()}))
+
+
+@torch.no_grad()
+def _select_q_by_loss(
+    net: torch.nn.Module, masked: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], classes: range, p: float
+) -> float:
+    """The grid q with the lowest mean cross-entropy over ``classes`` on labelled ``batches``; the model (holding the
+    trained weights on entry) is restored on exit."""
+    from lifelong_delta.delta.darex import select_q_grid
+
+    params = dict(net.named_parameters())
+    saved = {n: params[n].detach().clone() for n in masked.names}
+    was_training = net.training
+    net.eval()
+
+    def loss(q: float) -> float:
+        masked.apply_(net, q, force=True)
+        losses = [
+            torch.nn.functional.cross_entropy(net(x)[:, classes.start : classes.stop].float(), y) for x, y in batches
+        ]
+        return float(torch.stack(losses).mean())
+
+    try:
+        return select_q_grid(loss, p, mode="min").q
+    finally:
+        for n, v in saved.items():
+            params[n].copy_(v)
+        net.train(was_training)

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lifelong_delta.callbacks import LifelongDeltas
 from lifelong_delta.continual import ClassIncrementalDataModule, ContinualModule
 from lifelong_delta.delta.dare import dare_merge
+from lifelong_delta.delta.darex import select_q_grid
 
 TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TRAINED = ["blocks.*.attn.qkv.*", "head.*"]
@@ -108,6 +109,38 @@ def test_the_pruned_bank_is_prunes_dare_with_the_tasks_seed_and_q(run) -> None:
                 assert torch.equal(params[n], expected), (t, n)
 
 
+def test_grid_q_minimises_the_tasks_loss_on_its_training_batches(tmp_path: Path) -> None:
+    callback = LifelongDeltas(p=[0.9], q="grid", seed=3, calib_batches=2)
+    module, record, data = _fit(tmp_path, callback, n_tasks=2)
+    net, tasks = module.net, module._tasks
+    pre, params = callback.anchor.reference, dict(module.net.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    net.eval()
+    for t, cls in enumerate(tasks):
+        batches = list(data.task_dataloader(t, "train", shuffle=False))[:2]
+
+        def loss(q: float, t: int = t, cls: range = cls, batches: list = batches) -> float:
+            with torch.no_grad():
+                for n in ("head.weight", "head.bias"):
+                    params[n].copy_(record.end[t][n])
+                for n in QKV:
+                    params[n].copy_(dare_merge(pre[n], record.end[t][n], 0.9, seed=3 + t, name=n, q=q))
+                return float(
+                    torch.stack(
+                        [
+                            torch.nn.functional.cross_entropy(net(x)[:, cls.start : cls.stop], y - cls.start)
+                            for x, y in batches
+                        ]
+                    ).mean()
+                )
+
+        expected = select_q_grid(loss, 0.9, mode="min")
+        assert callback.records[0.9][t]["q"] == expected.q, (t, expected.table)
+    with torch.no_grad():
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+
 def _brute_force(
     module: ContinualModule, data: ClassIncrementalDataModule, thetas: list[dict[str, torch.Tensor]]
 ) -> tuple[float, float]:
@@ -171,6 +204,8 @@ def test_bad_options_are_one_line_errors() -> None:
         LifelongDeltas(p=[0.9], q=0.05)
     with pytest.raises(ValueError, match="confidence"):
         LifelongDeltas(confidence="vote")
+    with pytest.raises(ValueError, match="'unlabelled', 'grid', 'dare'"):
+        LifelongDeltas(q="labelled")
 
 
 def test_only_the_head_training_is_refused(tmp_path: Path) -> None:
