@@ -21,7 +21,6 @@ stopped; ``force=True`` re-runs everything.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 from lifelong_delta import outputs
 from lifelong_delta.repro import repro_command
+from lifelong_delta.studies.results import csv_bytes, mean_std, runs_sentence
 
 __all__ = ["METHODS", "RESULT_COLUMNS", "cl_eval", "read_results", "summary_markdown"]
 
@@ -108,10 +108,6 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         ]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
     """A Markdown table of mean ± std (in %) per method over seeds, best A_N first; joint is listed last."""
     meta = meta or {}
@@ -123,9 +119,12 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None
     if meta:
         lines += [
             f"Stream: {meta.get('stream', '?')}; seeds {meta.get('seeds', '?')} (each its own class order); "
-            f"this call trained {meta.get('trained_runs', '?')} of {len(rows)} runs in "
-            f"{meta.get('wall_time_s', float('nan')) / 60:.1f} min (finished runs are reused). "
-            f"Reproduce: `{meta.get('command', 'make cl-eval')}`.",
+            + runs_sentence(
+                meta.get("trained_runs", "?"),
+                len(rows),
+                meta.get("wall_time_s", float("nan")),
+                meta.get("command", "make cl-eval"),
+            ),
             "",
         ]
     lines += [
@@ -135,7 +134,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None
     for m in order:
         cells = []
         for key in RESULT_COLUMNS[2:]:
-            mean, std = _mean_std([100 * r[key] for r in by[m]])
+            mean, std = mean_std([100 * r[key] for r in by[m]])
             cells.append(f"{mean:.1f} ± {std:.1f}")
         lines.append(f"| {LABELS.get(m, m)} | {' | '.join(cells)} | {len(by[m])} |")
     lines += [
@@ -165,7 +164,7 @@ def _plot(
     for k, (key, label, colour) in enumerate(
         (("average_accuracy", "A_N (accuracy, all classes)", "C0"), ("forgetting", "F_N (forgetting)", "C3"))
     ):
-        stats = [_mean_std([100 * r[key] for r in rows if r["method"] == m]) for m in methods]
+        stats = [mean_std([100 * r[key] for r in rows if r["method"] == m]) for m in methods]
         ax.bar(
             x + (k - 0.5) * 0.38,
             [s[0] for s in stats],
@@ -292,12 +291,8 @@ def cl_eval(
             matrices.setdefault(m, []).append(metrics["accuracy_matrix"])
     trained, wall = len(todo), time.perf_counter() - start
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(RESULT_COLUMNS)
-    for r in rows:
-        writer.writerow([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])])
-    outputs.write_file(out / "results.csv", buf.getvalue().encode())
+    cells = ([r["method"], r["seed"], *(f"{r[k]:.6f}" for k in RESULT_COLUMNS[2:])] for r in rows)
+    outputs.write_file(out / "results.csv", csv_bytes(RESULT_COLUMNS, cells))
     meta = {
         "stream": stream if config_dir is None else str(root),
         "seeds": seeds,

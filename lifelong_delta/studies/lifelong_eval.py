@@ -25,7 +25,6 @@ Finished runs (their ``lifelong_metrics.json`` exists) are reused; ``force=True`
 from __future__ import annotations
 
 import csv
-import io
 import json
 import statistics
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 from lifelong_delta import outputs
 from lifelong_delta.repro import repro_command
+from lifelong_delta.studies.results import csv_bytes, mean_std, runs_sentence
 
 __all__ = ["COLUMNS", "METHODS", "STREAMS", "lifelong_eval", "summary_markdown"]
 
@@ -105,15 +105,11 @@ def _best_continual(path: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
     ]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _cell(rows: Sequence[dict[str, Any]], key: str, scale: float = 100.0, digits: int = 1) -> str:
     values = [r[key] for r in rows if r[key] is not None]
     if not values:
         return "–"
-    mean, std = _mean_std([scale * v for v in values])
+    mean, std = mean_std([scale * v for v in values])
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -124,9 +120,8 @@ def summary_markdown(
     lines = [
         "# Lifelong deltas: one packed DAREx delta per task",
         "",
-        f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); this call trained "
-        f"{meta['trained_runs']} of {meta['runs']} runs in {meta['wall_time_s'] / 60:.1f} min (finished runs are "
-        f"reused). Reproduce: `{meta['command']}`.",
+        f"Seeds {meta['seeds']} (each its own class order, as `make cl-eval`); "
+        + runs_sentence(meta["trained_runs"], meta["runs"], meta["wall_time_s"], meta["command"]),
         "",
     ]
     for stream in dict.fromkeys(r["stream"] for r in rows):
@@ -143,7 +138,7 @@ def summary_markdown(
         for (method, p), group in groups.items():
             if method in METHODS:
                 info = [extra[(stream, method, r["seed"], p)] for r in group]
-                kib = _mean_std([r["bytes_per_task"] / 1024 for r in group])
+                kib = mean_std([r["bytes_per_task"] / 1024 for r in group])
                 frac = _cell(info, "bytes_fraction", digits=2)
                 q = "1" if p == 0 else f"{statistics.fmean(x for i in info for x in i['q']):.3f}"
                 label = "dense" if p == 0 else f"{p:g}"
@@ -208,7 +203,7 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
         x = np.arange(len(ps))
         for i, (key, method) in enumerate(bars):
             stats = [
-                _mean_std(
+                mean_std(
                     [100 * r[key] for r in rows if r["stream"] == stream and r["method"] == method and r["p"] == p]
                     or [float("nan")]
                 )
@@ -324,23 +319,17 @@ def lifelong_eval(
             rows += [{"stream": stream, **r} for r in _best_continual(_ROOT / STREAMS[stream][1], seeds)]
     wall = time.perf_counter() - start
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for r in rows:
-        writer.writerow(
-            [
-                r["stream"],
-                r["method"],
-                r["seed"],
-                "" if r["p"] is None else f"{r['p']:g}",
-                *(
-                    "" if r[k] is None else f"{r[k]:.6f}" if k != "bytes_per_task" else f"{r[k]:.0f}"
-                    for k in COLUMNS[4:]
-                ),
-            ]
-        )
-    outputs.write_file(out / "results.csv", buf.getvalue().encode())
+    cells = (
+        [
+            r["stream"],
+            r["method"],
+            r["seed"],
+            "" if r["p"] is None else f"{r['p']:g}",
+            *("" if r[k] is None else f"{r[k]:.6f}" if k != "bytes_per_task" else f"{r[k]:.0f}" for k in COLUMNS[4:]),
+        ]
+        for r in rows
+    )
+    outputs.write_file(out / "results.csv", csv_bytes(COLUMNS, cells))
     meta = {
         "seeds": seeds,
         "wall_time_s": wall,

@@ -8,7 +8,6 @@ from ``results.csv`` alone.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from lifelong_delta import outputs
 from lifelong_delta.studies.prune_eval_report import Agg
+from lifelong_delta.studies.results import csv_bytes
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -47,12 +47,7 @@ def _fmt(value: Any) -> str:
 
 
 def _csv_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(RESULT_COLUMNS)
-    for r in rows:
-        writer.writerow([_fmt(r.get(c, "")) for c in RESULT_COLUMNS])
-    return buf.getvalue().encode()
+    return csv_bytes(RESULT_COLUMNS, ([_fmt(r.get(c, "")) for c in RESULT_COLUMNS] for r in rows))
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ difference of the two shares.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
+from lifelong_delta.studies.results import csv_bytes
 
 __all__ = [
     "Q_COLUMNS",
@@ -59,12 +59,7 @@ def _fmt(value: Any) -> str:
 
 
 def _csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow([_fmt(r.get(c)) for c in columns])
-    return buf.getvalue().encode()
+    return csv_bytes(columns, ([_fmt(r.get(c)) for c in columns] for r in rows))
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

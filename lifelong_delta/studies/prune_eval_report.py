@@ -7,7 +7,6 @@ Pure functions over result rows (``{"task", "finetune", "method", "p", "seed", "
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lifelong_delta import outputs
+from lifelong_delta.studies.results import csv_bytes
 from lifelong_delta.text.backbones import BACKBONES
 
 __all__ = [
@@ -65,12 +65,7 @@ def _fmt(value: Any) -> str:
 
 
 def _csv_bytes(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow([_fmt(r.get(c, "")) for c in columns])  # a column a row lacks stays empty
-    return buf.getvalue().encode()
+    return csv_bytes(columns, ([_fmt(r.get(c, "")) for c in columns] for r in rows))  # a missing column stays empty
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
