@@ -9,8 +9,11 @@ Every command that writes goes through here. The rules:
   written, and holds nothing else. A folder without it, a file, or a symlink is refused. A plot is replaced only
   if it is a PNG whose ``Software`` text chunk names this tool.
 * Work goes to a hidden temporary folder next to the output, tagged with :data:`TEMP_MARKER` (process id and start
-  time). An interrupted run's folder is removed by the next run that writes next to it, once its process is gone;
-  nothing else is ever deleted.
+  time). An interrupted run's folder is removed by the next run that writes next to it, once its process is gone.
+* A study that runs ``lightning fit`` per (method, seed), each into its own folder below ``<out_dir>/runs/``,
+  deletes one run's folder before running it again (``force``, or a run that stopped before writing its
+  metrics): only a real folder below the study's ``runs`` folder, never a symlink or a path that leads out of it.
+  Nothing else is ever deleted.
 * Outputs follow the umask, like any file a user writes (a temporary folder is created ``0700`` and opened up
   before it is renamed into place).
 
@@ -49,6 +52,7 @@ __all__ = [
     "commit_dir",
     "file_mode",
     "make_temp_dir",
+    "remove_run_dir",
     "remove_temp_dir",
     "write_file",
 ]
@@ -352,6 +356,32 @@ def clean_stale_temps(parent: str | os.PathLike[str], *, report: bool = True) ->
                 flush=True,
             )
     return removed
+
+
+def remove_run_dir(run_dir: str | os.PathLike[str], *, runs: str | os.PathLike[str]) -> None:
+    """Delete the folder of one study run before it runs again (no error if there is none).
+
+    Lightning refuses to start a run whose folder holds an earlier run's ``config.yaml``, so a run re-run with
+    ``force``, or one that stopped before writing its metrics, starts from an empty folder.
+
+    Args:
+        run_dir: the run's folder, e.g. ``runs/<method>/seed<k>``.
+        runs: the study's folder of runs; ``run_dir`` must lie below it.
+
+    Raises:
+        OutputPathError: ``run_dir`` is not below ``runs`` (as spelled and once symlinks are resolved), or it is a
+            symlink or a file.
+    """
+    run, root = Path(run_dir), Path(runs)
+    if root not in run.parents or ".." in run.relative_to(root).parts:
+        raise OutputPathError(f"{run_dir} is not a run folder below {runs}; not deleting it")
+    if run.is_symlink() or (run.exists() and not run.is_dir()):
+        raise OutputPathError(f"{run_dir} is not a folder; remove it yourself to run it again")
+    if not run.exists():
+        return
+    if _resolved(root) not in _resolved(run).parents:
+        raise OutputPathError(f"{run_dir} leads out of {runs} through a symlink; not deleting it")
+    shutil.rmtree(run)
 
 
 def remove_temp_dir(tmp: str | os.PathLike[str]) -> None:

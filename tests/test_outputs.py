@@ -23,6 +23,35 @@ def test_check_can_create(tmp_path):
         outputs.check_can_create(tmp_path / "file" / "sub", option="--out")
 
 
+def test_remove_run_dir_deletes_one_run_folder_below_runs_and_nothing_else(tmp_path):
+    runs = tmp_path / "out" / "runs"
+    run = runs / "ft" / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    (runs / "ft" / "seed1").mkdir()
+    outputs.remove_run_dir(run, runs=runs)
+    assert not run.exists() and (runs / "ft" / "seed1").is_dir()
+    outputs.remove_run_dir(run, runs=runs)  # already gone: nothing to do
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "seed0").mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("x")
+    (runs / "l2").symlink_to(elsewhere, target_is_directory=True)
+    (runs / "ft" / "seed2").symlink_to(elsewhere, target_is_directory=True)
+    (runs / "ft" / "seed3").write_text("x")
+    for path, message in (
+        (runs, "not a run folder below"),
+        (runs / "ft" / ".." / ".." / "notes", "not a run folder below"),
+        (tmp_path / "other" / "ft" / "seed0", "not a run folder below"),
+        (runs / "ft" / "seed2", "is not a folder"),
+        (runs / "ft" / "seed3", "is not a folder"),
+        (runs / "l2" / "seed0", "leads out of"),
+    ):
+        with pytest.raises(OutputPathError, match=message):
+            outputs.remove_run_dir(path, runs=runs)
+    assert (elsewhere / "keep.txt").exists() and (elsewhere / "seed0").is_dir() and (runs / "ft" / "seed3").exists()
+
+
 def test_stale_temp_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / ".out.tmp-x"

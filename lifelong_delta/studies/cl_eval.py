@@ -15,7 +15,8 @@ Outputs in ``out_dir`` (default ``results/cl_eval``):
 * ``runs/<method>/seed<k>/``: each run's Lightning logs, ``cl_metrics.json`` and ``accuracy_matrix.png``.
 
 Finished runs (their ``cl_metrics.json`` exists) are not re-run, so an interrupted study resumes where it
-stopped; ``force=True`` re-runs everything.
+stopped; ``force=True`` re-runs everything. A run starts from an empty folder: what an earlier or crashed run left in
+``runs/<method>/seed<k>/`` is deleted first.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def _config_dir(stream: str, config_dir: str | None) -> Path:
 
 
 def _run_one(config_dir: Path, method: str, seed: int, runs: Path, overrides: Sequence[str]) -> Path:
-    """One ``lightning fit`` of ``method`` with ``seed``; returns the run's ``cl_metrics.json``."""
+    """One ``lightning fit`` of ``method`` with ``seed`` in an emptied run folder; returns its ``cl_metrics.json``."""
     from lifelong_delta.runner import fit_run
 
+    outputs.remove_run_dir(runs / method / f"seed{seed}", runs=runs)
     fit_run(
         [config_dir / "base.yaml", config_dir / f"{method}.yaml"],
         overrides,

@@ -24,7 +24,6 @@ A second call trains the runs again (their folders are replaced).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +51,7 @@ def _run(config: Path, name: str, extra: Sequence[str], seed: int, runs: Path) -
     from lifelong_delta.runner import fit_run
 
     run_dir = runs / name / f"seed{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # our own earlier run: its checkpoint and logs would mix with the new ones
+    outputs.remove_run_dir(run_dir, runs=runs)  # an earlier run's checkpoint and logs would mix with the new ones
     fit_run([config], list(extra), seed=seed, save_dir=runs, name=name, version=f"seed{seed}")
     path = run_dir / "cl_metrics.json"
     if not path.is_file():

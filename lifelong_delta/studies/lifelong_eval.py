@@ -19,7 +19,8 @@ Outputs in ``out_dir`` (default ``results/lifelong_eval``):
 * ``accuracy.png``: task- and class-incremental accuracy per method and p next to the best continual method;
 * ``runs/<stream>/<method>/seed<k>/``: each run's Lightning logs, ``lifelong_metrics.json`` and packs.
 
-Finished runs (their ``lifelong_metrics.json`` exists) are reused; ``force=True`` re-runs them.
+Finished runs (their ``lifelong_metrics.json`` exists) are reused; ``force=True`` re-runs them. A run starts from an
+empty folder: what an earlier or crashed run left in ``runs/<stream>/<method>/seed<k>/`` is deleted first.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ GOAL_POINTS, GOAL_BYTES = 1.0, 0.02  # at p = 0.99: task-IL within 1 point of de
 def _run_one(
     base: Path, configs: Sequence[Path], method: str, stream: str, seed: int, runs: Path, overrides: Sequence[str]
 ) -> Path:
-    """One ``lightning fit`` of ``method``'s configs on ``stream`` with ``seed``; returns its metrics file."""
+    """One ``lightning fit`` of ``method``'s configs on ``stream`` with ``seed`` in an emptied run folder; returns its
+    metrics file."""
     from lifelong_delta.runner import fit_run
 
+    outputs.remove_run_dir(runs / stream / method / f"seed{seed}", runs=runs)
     fit_run(
         [base, *configs],
         [*STREAMS[stream][0], *overrides],

@@ -70,6 +70,30 @@ def test_study_writes_the_table_and_plots_and_resumes(tmp_path: Path, capsys: py
     assert read_results(out / "results.csv") == rows
 
 
+def test_force_and_a_crashed_run_start_from_an_empty_run_folder(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    options = {"methods": ["ftpp"], "out_dir": str(out), "override": ["-c", str(_tiny(tmp_path))]}
+    cl_eval(seeds=[0], **options)
+    runs = out / "runs" / "ftpp"
+    done = runs / "seed0" / "cl_metrics.json"
+    stamp = done.stat().st_mtime_ns
+    # a run that crashed after Lightning saved its config: the folder is there, its metrics are not
+    crashed = runs / "seed1"
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text((runs / "seed0" / "config.yaml").read_text())
+    (crashed / "stale.txt").write_text("left by the crashed run")
+    (out / "runs" / "notes.txt").write_text("the user's")
+    cl_eval(seeds=[0, 1], **options)
+    assert done.stat().st_mtime_ns == stamp  # the finished run is reused
+    assert (crashed / "cl_metrics.json").is_file() and not (crashed / "stale.txt").exists()
+
+    (out / "results.csv").unlink()
+    cl_eval(seeds=[0], force=True, **options)  # the run's folder exists: it is emptied and the run trained again
+    assert done.stat().st_mtime_ns != stamp
+    assert [(r["method"], r["seed"]) for r in read_results(out / "results.csv")] == [("ftpp", 0)]
+    assert (crashed / "cl_metrics.json").is_file() and (out / "runs" / "notes.txt").read_text() == "the user's"
+
+
 def test_summary_table_orders_by_accuracy_and_keeps_joint_last() -> None:
     rows = [
         {"method": "joint", "seed": 0, "average_accuracy": 0.9, "forgetting": 0.0, "bwt": 0.0},

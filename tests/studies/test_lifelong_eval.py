@@ -70,6 +70,21 @@ def test_lifelong_eval_on_a_tiny_stream(tmp_path: Path, monkeypatch: pytest.Monk
     lifelong_eval(**options)  # finished runs are reused
     assert path.stat().st_mtime_ns == mtime
 
+    # a run that crashed (its folder and config.yaml there, its metrics not) runs again in an emptied folder
+    crashed = runs / "lifelong-deltas-adamr" / "seed0"
+    (crashed / "lifelong_metrics.json").unlink()
+    (crashed / "stale.txt").write_text("left by the crashed run")
+    lifelong_eval(**options)
+    assert (crashed / "lifelong_metrics.json").is_file() and not (crashed / "stale.txt").exists()
+    assert path.stat().st_mtime_ns == mtime
+    # force trains a finished run again in its emptied folder, and the results are written
+    (out / "results.csv").unlink()
+    lifelong_eval(**{**options, "methods": ["lifelong-deltas"]}, force=True)
+    assert path.stat().st_mtime_ns != mtime
+    with open(out / "results.csv", newline="") as f:
+        assert [(r["method"], r["p"]) for r in csv.DictReader(f)] == [("lifelong-deltas", p) for p in ("0", "0.9")]
+    assert (crashed / "lifelong_metrics.json").is_file()
+
 
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="streams"):
