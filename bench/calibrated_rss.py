@@ -2,7 +2,8 @@
 
 Issue 13's goal: peak RSS at most 1.3 x the bf16 checkpoint size + 1 GB for ``--method wanda`` and for
 ``--method darex-q`` with each ``--q_mode``, on a >= 3 GB bf16 Llama-architecture pair. This script measures where
-the commands stand; it does not assert the goal.
+the commands stand; it does not assert the goal. The ``-sequential`` runs add ``--calib_sequential`` (statistics
+through the already-pruned blocks) to WANDA and the analytic q.
 
     .venv/bin/python bench/calibrated_rss.py [--size-gb 1] [--samples 8] [--max-length 32]
         [--cache-dir ~/.cache/lifelong_delta/bench] [--only wanda,grid,...] [--tied]
@@ -47,6 +48,8 @@ RUNS = {
     "grid": ["--method", "darex-q", "--q_mode", "grid"],
     "unlabelled": ["--method", "darex-q", "--q_mode", "unlabelled"],
     "analytic": ["--method", "darex-q", "--q_mode", "analytic"],
+    "wanda-sequential": ["--method", "wanda", "--calib_sequential"],
+    "analytic-sequential": ["--method", "darex-q", "--q_mode", "analytic", "--calib_sequential"],
 }
 
 

@@ -8,6 +8,10 @@ per-tensor input norms ‖x_j‖₂. Every forward pass runs one layer at a time
 fp32 and the batches' activations, whatever the model's size, and the results equal those of the model loaded whole
 in fp32.
 
+By default the input statistics (WANDA's norms, the analytic q's means) come from one pass of the fine-tuned model.
+With a :class:`SequentialPrune` they come block by block from inputs that went through the blocks before it as
+pruned (:meth:`~lifelong_delta.delta.layered.LayeredModel.run_sequential`, the reference code's layer-wise prune).
+
 The math lives in :mod:`lifelong_delta.delta.darex`, :mod:`lifelong_delta.delta.analytic_q` and
 :mod:`lifelong_delta.delta.importance`; this module only wires data to it. :func:`input_norms` and
 :func:`causal_lm_perplexity` also take a model already in memory (the studies' small models).
@@ -20,6 +24,7 @@ import csv
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +36,17 @@ from lifelong_delta.delta.darex import QSearchResult, select_q_grid
 from lifelong_delta.delta.importance import InputStats, collect_input_stats, is_input_major
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.layered import Candidate, LayeredModel, Pruning
-from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
+from lifelong_delta.delta.methods import PruneSpec, keep_mask_for, prune_tensor
 
-__all__ = ["Calibration", "causal_lm_perplexity", "input_norms", "is_causal_lm", "load", "read_text_data"]
+__all__ = [
+    "Calibration",
+    "SequentialPrune",
+    "causal_lm_perplexity",
+    "input_norms",
+    "is_causal_lm",
+    "load",
+    "read_text_data",
+]
 
 Batch = dict[str, torch.Tensor]
 
@@ -171,6 +184,31 @@ def load(
     return Calibration(model, batches, label_batches, causal=is_causal_lm(arch))
 
 
+@dataclass(frozen=True)
+class SequentialPrune:
+    """How the sequential statistics prune each block before it feeds the next one (``--calib_sequential``).
+
+    A block runs pruned as the streamed prune writes it: ``prune_tensor(name, θ_pre, θ_ft, spec, ...)`` of each of
+    its tensors, in the checkpoint's dtype (the same bits as the written file), then read as fp32.
+
+    Attributes:
+        spec: The prune's method and settings.
+        base: The pretrained checkpoint θ_pre.
+        base_names: Fine-tuned tensor name → base tensor name, where they differ.
+    """
+
+    spec: PruneSpec
+    base: CheckpointReader
+    base_names: Mapping[str, str] = field(default_factory=dict)
+
+    def written(
+        self, name: str, finetuned: CheckpointReader, *, input_norms: torch.Tensor | None = None, q: float | None = None
+    ) -> torch.Tensor:
+        """The tensor the prune writes for ``name``."""
+        base = self.base.get(self.base_names.get(name, name))
+        return prune_tensor(name, base, finetuned.get(name), self.spec, input_norms=input_norms, q=q)
+
+
 class Calibration:
     """A fine-tuned model on disk, run one layer at a time over tokenized calibration batches.
 
@@ -220,9 +258,32 @@ class Calibration:
         stats = self.model.run(self.batches, [None], lambda *_: None, measure=list(measured))
         return stats, measured
 
-    def input_norms(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{weight name: ‖x_j‖₂}`` as :func:`input_norms` gives for the whole model."""
-        stats, measured = self._stats(names)
+    def input_norms(self, names: Sequence[str], sequential: SequentialPrune | None = None) -> dict[str, torch.Tensor]:
+        """``{weight name: ‖x_j‖₂}`` as :func:`input_norms` gives for the whole model.
+
+        With ``sequential``, block i's norms are measured on inputs that went through blocks 0 … i−1 pruned by
+        WANDA with their own norms (the reference code's ``prune_wanda``); the outer weights (embeddings, final
+        norm, head) stay fine-tuned in the pass, and a head after the blocks is measured on the last pruned block's
+        outputs.
+        """
+        if sequential is None:
+            stats, measured = self._stats(names)
+            return self._norms(names, stats, measured)
+        measured = _measured_weights(self.model.model, names)
+        wanted = set(names)
+
+        def prune_block(block: list[str], stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+            mine = [n for n in block if n in wanted]
+            norms = self._norms(mine, stats, measured)
+            return {n: sequential.written(n, self.model.ft, input_norms=norms.get(n)) for n in mine}
+
+        stats = self.model.run_sequential(self.batches, prune_block, measure=list(measured))
+        return self._norms(names, stats, measured)
+
+    def _norms(
+        self, names: Sequence[str], stats: Mapping[str, InputStats], measured: Mapping[str, bool]
+    ) -> dict[str, torch.Tensor]:
+        """The measured norms oriented for WANDA, and all-ones norms for the model's other matrices in ``names``."""
         norms = _oriented({n: s.norm for n, s in stats.items()}, measured)
         known = set(self.model.names())
         for n in names:
@@ -238,11 +299,20 @@ class Calibration:
         eta: float = 0.37,
         arithmetic: Arithmetic = "float16",
         tie_rtol: float = 0.0,
+        sequential: SequentialPrune | None = None,
     ) -> dict[str, float]:
         """Per-tensor q from c_ij = Δw_ij·mean(x_j) (DAREx-q analytic, the authors' tail-bound objective with η).
 
         One pass measures mean(x_j) on the fine-tuned model; then each stage's deltas are read in turn.
+
+        With ``sequential``, block i's means are measured on inputs that went through blocks 0 … i−1 pruned with
+        their q's, so block i's q's exist before block i+1 runs. A block's other tensors (its norms) then take the
+        mean q of that block's weights (or 1 − p), not the mean over every layer, which the later blocks decide;
+        the outer tensors (embeddings, final norm) take the mean over every weight as without it, and a head after
+        the blocks its own q from the last pruned block's outputs.
         """
+        if sequential is not None:
+            return self._analytic_q_sequential(pruning, names, sequential, eta, arithmetic, tie_rtol)
         stats, measured = self._stats(names)
         means = _oriented({n: s.mean for n, s in stats.items()}, measured)
         biases = {n[: -len("weight")] + "bias" for n in means}
@@ -254,6 +324,44 @@ class Calibration:
             if masked is not None and masked.names:
                 weight_q.update(analytic_weight_q(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol))
         return spread_weight_q([n for n in names if n in set(self.model.names())], weight_q, pruning.p)
+
+    def _analytic_q_sequential(
+        self,
+        pruning: Pruning,
+        names: Sequence[str],
+        sequential: SequentialPrune,
+        eta: float,
+        arithmetic: Arithmetic,
+        tie_rtol: float,
+    ) -> dict[str, float]:
+        measured = _measured_weights(self.model.model, names)
+        known = set(self.model.names())
+        order = [n for n in names if n in known]
+        no_mask = Pruning(pruning.p, pruning.seed, _no_mask, pruning.base, pruning.base_names)
+        weight_q: dict[str, float] = {}
+        block_q: dict[str, float] = {}
+
+        def stage_weight_q(stage: set[str], stats: Mapping[str, InputStats]) -> dict[str, float]:
+            means = _oriented({n: s.mean for n, s in stats.items()}, measured)
+            biases = {n[: -len("weight")] + "bias" for n in means}
+            wanted = [n for n in order if n in stage and (n in means or n in biases)]
+            masked = self.model.masked_tensors(wanted, no_mask)
+            if not masked.names:
+                return {}
+            return analytic_weight_q(masked, means, eta=eta, arithmetic=arithmetic, tie_rtol=tie_rtol)
+
+        def prune_block(block: list[str], stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+            mine = set(block)
+            found = stage_weight_q(mine, stats)
+            weight_q.update(found)
+            qs = spread_weight_q([n for n in order if n in mine], found, pruning.p)
+            block_q.update(qs)
+            return {n: sequential.written(n, self.model.ft, q=q) for n, q in qs.items()}
+
+        stats = self.model.run_sequential(self.batches, prune_block, measure=list(measured))
+        outer = {self.model.source[f] for f in self.model.stages[0]}
+        weight_q.update(stage_weight_q(outer, {n: s for n, s in stats.items() if n in outer}))
+        return {**spread_weight_q(order, weight_q, pruning.p), **block_q}
 
     def grid_q(self, pruning: Pruning, names: Sequence[str]) -> QSearchResult:
         """Global q by a coarse then fine grid: the highest accuracy on the labelled calibration set for a

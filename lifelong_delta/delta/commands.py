@@ -75,6 +75,7 @@ def prune(
     calib_samples: int = 128,
     batch_size: int = 16,
     max_length: int = 128,
+    calib_sequential: bool = False,
     progress: bool = True,
 ) -> PruneSummary:
     """Prune the delta between a fine-tuned model and its base, and write the merged model to a new directory.
@@ -116,6 +117,11 @@ def prune(
         calib_samples: Rows of calib_data to use.
         batch_size: Calibration batch size.
         max_length: Calibration token length.
+        calib_sequential: Measure WANDA's input norms or the analytic q's mean inputs block by block, as WANDA's
+            reference code does: block i's inputs go through blocks 0..i-1 already pruned (each block runs twice,
+            fine-tuned to measure it, then pruned to feed the next). Default: one pass of the fine-tuned model.
+            --method wanda and --method darex-q --q_mode analytic only (grid and unlabelled q score whole pruned
+            models already).
         progress: Show a progress bar.
     """
     return _checked(locals(), "prune")
@@ -143,6 +149,7 @@ def pack(
     calib_samples: int = 128,
     batch_size: int = 16,
     max_length: int = 128,
+    calib_sequential: bool = False,
     progress: bool = True,
 ) -> PruneSummary:
     """Prune like prune, but write only what the method keeps: a packed delta directory (safetensors + manifest).
@@ -176,6 +183,7 @@ def pack(
         calib_samples: Rows of calib_data to use.
         batch_size: Calibration batch size.
         max_length: Calibration token length.
+        calib_sequential: Measure the statistics through the already-pruned blocks (see prune --help).
         progress: Show a progress bar.
     """
     return _checked({**locals(), "lora_prune": "product", "out_shard_size": "2GB"}, "pack")
@@ -243,6 +251,8 @@ def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
             f"--q_mode analytic assumes DARE's independent random mask; use it with --method {analytic} "
             f"(got --method {method}), or --q_mode grid/unlabelled"
         )
+    if a["calib_sequential"]:
+        _check_sequential(method, row, q_mode)
     if q_mode is not None and rescale not in (None, "q"):
         raise ValueError(f"--q_mode chooses q for --rescale q, but --rescale is {rescale}; drop --rescale")
     if (rescale or row.default_rescale) == "q" and row.needs_q and q is None and q_mode is None:
@@ -272,9 +282,27 @@ def _checked(args: dict, command: Literal["prune", "pack"]) -> PruneSummary:
     outputs.check_output_dir(out, overwrite=overwrite, inputs=inputs)
     _say(
         f"{command}: {method} p={p:g}{f' q={q:g}' if q is not None else ''}"
-        f"{f' q_mode={q_mode}' if q_mode else ''} seed={seed} of {finetuned} against {base} -> {out}"
+        f"{f' q_mode={q_mode}' if q_mode else ''}{' calib_sequential' if a['calib_sequential'] else ''} seed={seed} "
+        f"of {finetuned} against {base} -> {out}"
     )
     return _prune({**a, "base": base, "finetuned": finetuned, "command": command})
+
+
+def _check_sequential(method: str, row: Method, q_mode: str | None) -> None:
+    """``--calib_sequential`` applies to the statistics-driven choices: WANDA's norms and the analytic q."""
+    if not (row.needs_input_norms or q_mode == "analytic"):
+        norms = " or ".join(f"--method {m}" for m, r in METHODS.items() if r.needs_input_norms)
+        analytic = " or ".join(f"--method {m}" for m, r in METHODS.items() if r.random_mask and r.takes_q)
+        got = f"--method {method}" + (f" --q_mode {q_mode}" if q_mode else "")
+        raise ValueError(
+            f"--calib_sequential measures input statistics through the pruned blocks, which {norms} and "
+            f"{analytic} --q_mode analytic use; {got} uses none, so drop --calib_sequential"
+        )
+    if q_mode in ("grid", "unlabelled"):
+        raise ValueError(
+            f"--calib_sequential runs each block pruned, but --q_mode {q_mode} chooses q after every mask is "
+            "known; pass --q Q (or no q) instead of --q_mode, or drop --calib_sequential"
+        )
 
 
 def _method_row(method: str) -> Method:
@@ -404,6 +432,9 @@ def _calibrate(
 ) -> tuple[PruneSpec, dict[str, torch.Tensor] | None, dict[str, float] | None]:
     """Run the fine-tuned model on ``--calib_data`` for what ``spec`` and ``--q_mode`` need.
 
+    With ``--calib_sequential`` WANDA's norms and the analytic q's means are measured block by block through the
+    already-pruned blocks (:class:`~lifelong_delta.delta.calibration.SequentialPrune`).
+
     Returns:
         ``spec`` (with the chosen q for ``--q_mode grid`` / ``unlabelled``), WANDA's input norms of the pruned
         tensors (None unless the method needs them) and the per-tensor q of ``--q_mode analytic`` (else None).
@@ -428,13 +459,19 @@ def _calibrate(
         ) as calib,
         CheckpointReader(a["base"]) as rb,
     ):
+        sequential = cal.SequentialPrune(spec, rb, match.base_names) if a["calib_sequential"] else None
         if METHODS[spec.method].needs_input_norms:
-            input_norms = calib.input_norms(pruned)
+            input_norms = calib.input_norms(pruned, sequential)
         if q_mode is not None:
             pruning = calib.pruning(spec, rb, match.base_names, input_norms)
             if q_mode == "analytic":
                 q_per_tensor = calib.analytic_q(
-                    pruning, pruned, eta=a["eta"], arithmetic=a["analytic_arithmetic"], tie_rtol=a["analytic_tie_rtol"]
+                    pruning,
+                    pruned,
+                    eta=a["eta"],
+                    arithmetic=a["analytic_arithmetic"],
+                    tie_rtol=a["analytic_tie_rtol"],
+                    sequential=sequential,
                 )
             else:
                 result = calib.grid_q(pruning, pruned) if q_mode == "grid" else calib.unlabelled_q(pruning, pruned)

@@ -17,6 +17,10 @@ A pass runs *candidates* side by side through each stage: the fine-tuned weights
 whole model's, in fp32 and in the same order, so every result equals that of the model loaded whole in fp32, bit for
 bit; the tests check it on Llama, Qwen2, Mistral, GPT-2, BERT and MPNet.
 
+:meth:`LayeredModel.run_sequential` is the other kind of pass, the reference code's layer-wise prune: each block
+runs fine-tuned to measure its inputs, is pruned from those statistics, and runs again pruned to give the next
+block its inputs.
+
 How a stage sees its inputs without the model's own loop: while the outer weights are loaded, each block's
 ``forward`` is replaced by a stub that records its arguments (hidden states, attention mask, rotary or relative
 position tensors) and passes the hidden states on. The first block's hidden states are the embeddings; the other
@@ -185,7 +189,10 @@ class LayeredModel:
         if pruning is None:
             return None
         wanted = set(pruned)
-        names = [self.source[f] for f in firsts if self.source[f] in wanted]
+        return self.masked_tensors([self.source[f] for f in firsts if self.source[f] in wanted], pruning)
+
+    def masked_tensors(self, names: Sequence[str], pruning: Pruning) -> MaskedDelta:
+        """The masked delta of the checkpoint tensors ``names`` (θ_pre read from the base)."""
         base = {n: pruning.base.get(pruning.base_names.get(n, n)) for n in names}
         return MaskedDelta.build(
             base, {n: self._ft(n) for n in names}, pruning.p, seed=pruning.seed, keep_fn=pruning.keep_fn
@@ -277,38 +284,117 @@ class LayeredModel:
         if all(c is None for c in candidates):
             pruning = None
         pruned_set = set(pruned)
-        recorder = InputRecorder()
-        linears = {n: m for n, m in linear_modules(self.model).items() if n in set(measure)}
-
-        def measured(c: Candidate, stage: int) -> Any:
-            mine = {n: m for n, m in linears.items() if self._stage_of(n) == stage} if c is None else {}
-            return recorder.attached(mine)
-
-        calls: list[list[list[_Call]]] = []  # [candidate][batch][block]
-        with self._outer(pruning, pruned_set) as use:
-            for c in candidates:
-                use(c)
-                with measured(c, 0):
-                    calls.append([self._record(batch) for batch in batches])
+        hooks = _Hooks(self, measure)
+        measured = hooks.on_finetuned(candidates)
+        calls = self._embed(batches, candidates, pruning, pruned_set, measured)
         hidden = [[b[0].hidden for b in per_c] for per_c in calls]
-        for i, block in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             stage = self.stages[i + 1]
             masked = self.masked(stage, pruning, pruned_set)
             for ci, c in enumerate(candidates):
                 self._load(stage, c, masked)
-                with measured(c, i + 1):
-                    for bi in range(len(batches)):
-                        out = calls[ci][bi][i].run(block, hidden[ci][bi])
-                        if self._tuple_out is None:
-                            self._tuple_out = len(out) if isinstance(out, tuple) else 0
-                        hidden[ci][bi] = out[0] if isinstance(out, tuple) else out
+                with measured(ci, i + 1):
+                    hidden[ci] = self._block(i, calls[ci], hidden[ci])
             self._unload(stage)
             del masked
-        embeds = self._takes_embeds()
-        with self._outer(pruning, pruned_set) as use:
+        self._finish(batches, candidates, hidden, finish, pruning, pruned_set, measured, output_hidden_states)
+        return hooks.stats()
+
+    @torch.no_grad()
+    def run_sequential(
+        self,
+        batches: Sequence[Batch],
+        prune_block: Callable[[list[str], dict[str, InputStats]], Mapping[str, torch.Tensor]],
+        *,
+        measure: Sequence[str],
+    ) -> dict[str, InputStats]:
+        """The layer-wise procedure of WANDA's and SparseGPT's reference code (``prune_wanda``): each block's
+        inputs are measured on the outputs of the blocks before it *as pruned*.
+
+        The batches are embedded with the fine-tuned outer weights. Then, per block: its fine-tuned weights run
+        every batch with the measured linears hooked (the outputs are dropped); ``prune_block`` turns the
+        statistics into the block's pruned tensors; those run every batch again, and their outputs are the next
+        block's inputs. Finally the outer modules measured after the blocks (an untied ``lm_head``, a classifier)
+        see the last pruned block's outputs through the fine-tuned final norm. So each block runs twice, and memory
+        holds one block's weights plus the tensors ``prune_block`` returns for it.
+
+        Args:
+            batches: Tokenized calibration batches.
+            prune_block: ``prune_block(names, stats)`` gets the checkpoint names of one block's parameters and the
+                input statistics of its measured linears, and returns ``{checkpoint name: tensor}`` of the tensors
+                it prunes, as the prune writes them; the block's other parameters keep their fine-tuned values.
+            measure: Weight names of linear modules whose inputs are measured.
+
+        Returns:
+            ``{weight name: InputStats}`` of ``measure``.
+        """
+        hooks = _Hooks(self, measure)
+        measured = hooks.on_finetuned([None])
+        calls = self._embed(batches, [None], None, set(), measured)[0]
+        hidden = [b[0].hidden for b in calls]
+        for i in range(len(self.blocks)):
+            stage = self.stages[i + 1]
+            self._load(stage, None, None)
+            with measured(0, i + 1):
+                self._block(i, calls, hidden)
+            names = [self.source[f] for f in stage]
+            merged = prune_block(names, hooks.stats(i + 1))
+            for first in stage:
+                tensor = merged.get(self.source[first])
+                if tensor is not None:
+                    self._set(first, tensor.to(torch.float32) if tensor.is_floating_point() else tensor)
+            del merged
+            hidden = self._block(i, calls, hidden)
+            self._unload(stage)
+        if hooks.names(0):
+            self._finish(batches, [None], [hidden], lambda *_: None, None, set(), measured, False)
+        return hooks.stats()
+
+    def _embed(
+        self,
+        batches: Sequence[Batch],
+        candidates: Sequence[Candidate],
+        pruning: Pruning | None,
+        pruned: Collection[str],
+        measured: Callable[[int, int], Any],
+    ) -> list[list[list[_Call]]]:
+        """The embedding part of every candidate: ``[candidate][batch][block]`` recorded block arguments."""
+        calls: list[list[list[_Call]]] = []
+        with self._outer(pruning, pruned) as use:
             for ci, c in enumerate(candidates):
                 use(c)
-                with measured(c, 0):
+                with measured(ci, 0):
+                    calls.append([self._record(batch) for batch in batches])
+        return calls
+
+    def _block(self, i: int, calls: Sequence[Sequence[_Call]], hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Block ``i`` (its weights loaded) on every batch: the hidden states it returns, batch by batch."""
+        block, out_hidden = self.blocks[i], []
+        for bi, h in enumerate(hidden):
+            out = calls[bi][i].run(block, h)
+            if self._tuple_out is None:
+                self._tuple_out = len(out) if isinstance(out, tuple) else 0
+            out_hidden.append(out[0] if isinstance(out, tuple) else out)
+        return out_hidden
+
+    def _finish(
+        self,
+        batches: Sequence[Batch],
+        candidates: Sequence[Candidate],
+        hidden: Sequence[Sequence[torch.Tensor]],
+        finish: Finish,
+        pruning: Pruning | None,
+        pruned: Collection[str],
+        measured: Callable[[int, int], Any],
+        output_hidden_states: bool,
+    ) -> None:
+        """The final norm and head of every candidate on the last block's hidden states; ``finish`` gets the
+        outputs."""
+        embeds = self._takes_embeds()
+        with self._outer(pruning, pruned) as use:
+            for ci, c in enumerate(candidates):
+                use(c)
+                with measured(ci, 0):
                     for bi, batch in enumerate(batches):
                         final = hidden[ci][bi]
                         if embeds:  # the blocks' input is replaced anyway: spare reading the embeddings
@@ -319,7 +405,6 @@ class LayeredModel:
                         with self._stubbed(self._finish_stub(final)):
                             out = self.model(**batch, output_hidden_states=output_hidden_states)
                         finish(ci, bi, out)
-        return recorder.stats(measure) if measure else {}
 
     def _takes_embeds(self) -> bool:
         import inspect
@@ -376,6 +461,36 @@ class LayeredModel:
         finally:
             for block in self.blocks:
                 block.__dict__.pop("forward", None)
+
+
+class _Hooks:
+    """The measured linears of a pass, hooked stage by stage on the fine-tuned candidate only."""
+
+    def __init__(self, model: LayeredModel, measure: Sequence[str]) -> None:
+        wanted = set(measure)
+        self.measure = list(measure)
+        self.recorder = InputRecorder()
+        self.linears = {n: m for n, m in linear_modules(model.model).items() if n in wanted}
+        self.stage_of = {n: model._stage_of(n) for n in self.linears}
+
+    def names(self, stage: int) -> list[str]:
+        """The measured weights of ``stage``."""
+        return [n for n, s in self.stage_of.items() if s == stage]
+
+    def on_finetuned(self, candidates: Sequence[Candidate]) -> Callable[[int, int], Any]:
+        """``measured(candidate index, stage)``: a context that hooks the stage's measured linears when the
+        candidate is the fine-tuned one, and nothing otherwise."""
+
+        def measured(ci: int, stage: int) -> Any:
+            mine = {n: self.linears[n] for n in self.names(stage)} if candidates[ci] is None else {}
+            return self.recorder.attached(mine)
+
+        return measured
+
+    def stats(self, stage: int | None = None) -> dict[str, InputStats]:
+        """The statistics of every measured weight, or of those of one stage."""
+        names = self.measure if stage is None else self.names(stage)
+        return self.recorder.stats(names) if names else {}
 
 
 def _blocks(model: nn.Module, what: str) -> tuple[nn.ModuleList, str]:
