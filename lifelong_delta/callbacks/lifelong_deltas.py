@@ -29,6 +29,11 @@ Both go to ``lifelong_metrics.json`` in the run's log directory and to the train
 task ``t`` trains only its own classes' rows, and the callback stores those rows per task anyway, so a head
 changed later (weight decay, another loss) is put back before evaluation. Their bytes count in
 ``bytes_per_task``, with the pack's files.
+
+The callback's state travels in Lightning checkpoints (:meth:`LifelongDeltas.state_dict`), so ``fit(ckpt_path=...)``
+continues the stream: θ_pre, the stored tasks' head rows and records, and the work folder come back, and the stored
+tasks' packs are read back from that folder into fresh banks. Under DDP rank 0 writes the packs and every rank reads
+them after a barrier, so all ranks hold the same banks and compute the same metrics.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lifelong_delta import outputs
@@ -52,6 +58,8 @@ __all__ = ["LifelongDeltas", "pack_bytes"]
 QRule = Literal["unlabelled", "grid", "dare"]
 Confidence = Literal["max_sigmoid", "entropy"]
 METRICS_FILE = "lifelong_metrics.json"
+BASE_FILE = "base.safetensors"
+_STATE_VERSION = 1
 
 
 def pack_bytes(path: str | os.PathLike[str]) -> int:
@@ -80,7 +88,14 @@ class LifelongDeltas(pl.Callback):
         out_dir: Where the packs go (``<work>/p<p>/task<t>.delta``); default ``task_deltas`` in the run's log
             directory.
         anchor: The :class:`~lifelong_delta.anchors.PretrainedAnchor` holding θ_pre (shared with an optimiser
-            that pulls toward it, e.g. AdamR); default: one made at fit start from the parameters that train.
+            that pulls toward it, e.g. AdamR); default: one made when training starts, from the parameters that
+            train. A given anchor is not saved in the callback's checkpoint state: its owner restores it (AdamR's or
+            the module's state, or the reference it was built with), and a resumed fit checks it against the base
+            the packs were made against.
+
+    Resume: the checkpoint holds θ_pre (of the callback's own anchor), the delta's parameter names, the work folder
+    and, per stored task, its head rows, q and bytes. A resumed fit reads the stored tasks' packs back from
+    ``out_dir`` if given, else from the folder the interrupted fit wrote, and replaces the packs of later tasks.
     """
 
     def __init__(
@@ -113,43 +128,20 @@ class LifelongDeltas(pl.Callback):
         self.q, self.seed, self.confidence = q, int(seed), confidence
         self.calib_batches, self.reset, self.out_dir = int(calib_batches), reset, out_dir
         self.anchor = anchor
+        self._owns_anchor = anchor is None
         self.names: list[str] = []  # the delta's parameters (trainable, not the head)
         self.banks: dict[float, Any] = {}  # p -> DeltaBank
         self.head_rows: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # task -> (first class, head rows)
         self.records: dict[float, dict[int, dict[str, float]]] = {}  # p -> task -> q, bytes
         self.metrics: dict[str, Any] | None = None
         self._work: Path | None = None
+        self._resume: dict[str, Any] | None = None  # a checkpoint's state, applied when training starts
 
     # ------------------------------------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        net = _net(pl_module)
-        head = {id(p) for p in net.get_classifier().parameters()}
-        self.names = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in head]
-        if not self.names:
-            raise ValueError(
-                "LifelongDeltas needs backbone parameters that train (model.init_args.trainable), "
-                "e.g. ['blocks.*.attn.qkv.*', 'head.*']; only the head trains now"
-            )
-        if self.anchor is None:
-            self.anchor = PretrainedAnchor(include=self.names)
-            self.anchor.snapshot_(net)
-        missing = [n for n in self.names if n not in self.anchor.reference]
-        if missing:
-            raise ValueError(
-                f"LifelongDeltas(anchor=...) has no reference for trained parameter {missing[0]!r} "
-                f"({len(missing)} missing); include every parameter that trains"
-            )
-        self._work = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "task_deltas")
-        if trainer.is_global_zero:
-            outputs.check_can_create(self._work, option="LifelongDeltas(out_dir)")
-            self._work.mkdir(parents=True, exist_ok=True)
-            _save(self._work / "base.safetensors", {n: self._reference(n) for n in self.names})
-        trainer.strategy.barrier()
-        from lifelong_delta.delta.bank import DeltaBank
-
-        self.banks = {p: DeltaBank(net) for p in self.ps}
-        self.records = {p: {} for p in self.ps}
-        self.head_rows = {}
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not at fit start: a resumed fit has restored the model, its anchors and the optimiser (AdamR's
+        # anchor) by now, whatever the strategy's restore order
+        self._setup(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = pl_module.epochs_per_task
@@ -157,6 +149,8 @@ class LifelongDeltas(pl.Callback):
             self._store_task(trainer, pl_module, trainer.current_epoch // every)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resume is not None:  # resumed from the stream's last checkpoint: nothing left to train
+            self._setup(trainer, pl_module)
         if not self.head_rows:
             return
         self.metrics = self.evaluate(pl_module)
@@ -179,6 +173,146 @@ class LifelongDeltas(pl.Callback):
                 for p, m in self.metrics["by_p"].items()
             ]
             print("\n".join([f"LifelongDeltas: wrote {path}", *lines]), flush=True)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs, the packs aside (they stay in the work folder): θ_pre (``None`` for a given
+        anchor, which its owner restores), the delta's parameter names, the work folder, and per stored task its
+        head rows and records. Empty before training starts."""
+        if self._resume is not None:
+            return self._resume
+        if self._work is None:
+            return {}
+        return {
+            "version": _STATE_VERSION,
+            "p": list(self.ps),
+            "names": list(self.names),
+            "work": str(self._work),
+            "reference": {n: self._reference(n) for n in self.names} if self._owns_anchor else None,
+            "head_rows": {
+                t: (start, {n: r.cpu() for n, r in rows.items()}) for t, (start, rows) in self.head_rows.items()
+            },
+            "records": {p: {t: dict(r) for t, r in rec.items()} for p, rec in self.records.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's :meth:`state_dict` for the resumed fit; it is applied when training starts."""
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"LifelongDeltas: unknown checkpoint state version {state_dict.get('version')!r}")
+        if [float(p) for p in state_dict["p"]] != self.ps:
+            raise ValueError(
+                f"LifelongDeltas(p={self.ps}): the checkpoint's run packed at p = {state_dict['p']}; resume with its p"
+            )
+        if (state_dict["reference"] is None) == self._owns_anchor:
+            given = "was given" if state_dict["reference"] is None else "was not given"
+            raise ValueError(f"LifelongDeltas(anchor=...) {given} in the checkpoint's run; resume with the same")
+        self._resume = state_dict
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self.state_key not in checkpoint.get("callbacks", {}):
+            raise ValueError(
+                "LifelongDeltas: the checkpoint holds no LifelongDeltas state (its run had no such callback), so "
+                "θ_pre and the earlier tasks' deltas are unknown; start the stream afresh"
+            )
+
+    # --------------------------------------------------------------------------------------------- set-up
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Name the delta's parameters, fix θ_pre and the work folder, and make the banks: empty, or holding the
+        packs of the tasks the checkpoint's run stored."""
+        net = _net(pl_module)
+        state, self._resume = self._resume, None
+        head = {id(p) for p in net.get_classifier().parameters()}
+        self.names = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in head]
+        if not self.names:
+            raise ValueError(
+                "LifelongDeltas needs backbone parameters that train (model.init_args.trainable), "
+                "e.g. ['blocks.*.attn.qkv.*', 'head.*']; only the head trains now"
+            )
+        if state is None:
+            if self._owns_anchor:
+                self.anchor = PretrainedAnchor(include=self.names)
+                self.anchor.snapshot_(net)
+            self.head_rows, self.records = {}, {p: {} for p in self.ps}
+            work = Path(trainer.log_dir or trainer.default_root_dir) / "task_deltas"
+        else:
+            self._restore(state, net)
+            work = Path(state["work"])
+        missing = [n for n in self.names if n not in self.anchor.reference]
+        if missing:
+            raise ValueError(
+                f"LifelongDeltas(anchor=...) has no reference for trained parameter {missing[0]!r} "
+                f"({len(missing)} missing); include every parameter that trains"
+            )
+        self._work = Path(self.out_dir).absolute() if self.out_dir else work.absolute()
+        outputs.check_can_create(self._work, option="LifelongDeltas(out_dir)")
+        if state is None:
+            old = next(self._work.glob("p*/task*.delta"), None)
+            if old is not None:
+                raise ValueError(
+                    f"LifelongDeltas(out_dir): {old} holds another run's pack; use an empty folder, or resume "
+                    "that run with ckpt_path"
+                )
+        base = self._work / BASE_FILE
+        if trainer.is_global_zero and (state is None or not base.is_file()):
+            self._work.mkdir(parents=True, exist_ok=True)
+            _save(base, {n: self._reference(n) for n in self.names})
+        trainer.strategy.barrier()
+        from lifelong_delta.delta.bank import DeltaBank
+
+        self.banks = {p: DeltaBank(net) for p in self.ps}
+        if state is not None:
+            self._check_base(base)
+            self._add_stored_packs(net)
+
+    def _restore(self, state: dict[str, Any], net: torch.nn.Module) -> None:
+        """θ_pre (of the callback's own anchor), head rows and records from a checkpoint's state."""
+        if state["names"] != self.names:
+            raise ValueError(
+                f"LifelongDeltas: the checkpoint's run trained {len(state['names'])} backbone tensors "
+                f"({state['names'][0]!r}, ...), this model {len(self.names)} ({self.names[0]!r}, ...); resume "
+                "with the run's model.init_args.trainable"
+            )
+        if state["reference"] is not None:
+            device = next(net.parameters()).device
+            reference = {n: t.to(device) for n, t in state["reference"].items()}
+            self.anchor = PretrainedAnchor.from_reference(reference, include=self.names)
+        self.head_rows = {int(t): (int(start), dict(rows)) for t, (start, rows) in state["head_rows"].items()}
+        self.records = {float(p): {int(t): dict(r) for t, r in rec.items()} for p, rec in state["records"].items()}
+
+    def _check_base(self, base: Path) -> None:
+        """Raises ValueError unless θ_pre equals the base the work folder's packs were made against."""
+        from safetensors.torch import load_file
+
+        stored = load_file(base)
+        for n in self.names:
+            if n not in stored or not torch.equal(stored[n], self._reference(n)):
+                raise ValueError(
+                    f"LifelongDeltas: θ_pre of {n!r} is not the base in {base} that the packs were made against; "
+                    "resume with the run's anchor and its restored state"
+                )
+
+    @torch.no_grad()
+    def _add_stored_packs(self, net: torch.nn.Module) -> None:
+        """Read the stored tasks' packs into the banks; the model holds θ_pre meanwhile, as a bank requires."""
+        paths = {(p, t): self._pack_path(p, t) for t in sorted(self.head_rows) for p in self.ps}
+        for (p, t), path in paths.items():
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"LifelongDeltas: the checkpoint's task {t} has no pack at p = {_p_label(p)}: {path} is missing "
+                    "(out_dir=... where the packs are, if they moved)"
+                )
+        params = dict(net.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.names}
+        self._load_reference(net)
+        try:
+            for (p, t), path in paths.items():
+                self.banks[p].add(f"task{t}", path)
+        finally:
+            for n, v in saved.items():
+                params[n].copy_(v)
+        rank_zero_info(f"LifelongDeltas: resumed with tasks {sorted(self.head_rows)} from {self._work}")
 
     # --------------------------------------------------------------------------------------------- storing
     def _reference(self, name: str) -> torch.Tensor:
@@ -209,7 +343,8 @@ class LifelongDeltas(pl.Callback):
                         if p > 0
                         else PruneSpec("dare", 0.0, exclude=("*",))
                     )  # every tensor stored whole: θ_t exactly
-                    stream_pack(work / "base.safetensors", ft, self._pack_path(p, t), spec, progress=False)
+                    # a pack of this task left by an interrupted run is replaced
+                    stream_pack(work / BASE_FILE, ft, self._pack_path(p, t), spec, overwrite=True, progress=False)
             finally:
                 ft.unlink(missing_ok=True)
         trainer.strategy.barrier()
