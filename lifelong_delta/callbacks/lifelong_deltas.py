@@ -164,8 +164,8 @@ class LifelongDeltas(pl.Callback):
                 },
                 step=trainer.global_step,
             )
+        path = Path(trainer.log_dir or trainer.default_root_dir) / METRICS_FILE  # log_dir: a collective under DDP
         if trainer.is_global_zero:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / METRICS_FILE
             outputs.write_file(path, (json.dumps(self.metrics, indent=1) + "\n").encode())
             lines = [
                 f"  p={p}: task-IL {m['task_il_accuracy']:.4f}, class-IL {m['class_il_accuracy']:.4f}, "

@@ -1,7 +1,11 @@
-"""LifelongDeltas across a resumed fit: the banks, packs and metrics of one stream."""
+"""LifelongDeltas across a resumed fit and on two DDP processes: the banks, packs and metrics of one stream."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,9 +17,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lifelong_delta.anchors import PretrainedAnchor
 from lifelong_delta.callbacks import LifelongDeltas
 from lifelong_delta.continual import ClassIncrementalDataModule, ContinualModule
+from lifelong_delta.delta.dare import dare_merge
 
 TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TRAINED = ["blocks.*.attn.qkv.*", "head.*"]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -206,3 +212,104 @@ def test_a_given_anchor_is_restored_by_its_owner_and_checked_against_the_packs(t
         fit("unrestored", restores=False, ckpt_path=ckpt)
     with pytest.raises(ValueError, match=r"anchor=\.\.\.\) was given in the checkpoint's run"):
         _fit(tmp_path, "own_anchor", 2, ckpt_path=ckpt)
+
+
+class BankDump(L.Callback):
+    """Listed before LifelongDeltas: records the delta's parameters at every task's end (before the reset), and
+    after fit writes ``banks_rank{r}.pt`` in ``out_dir``: those, θ_pre, every bank's tasks applied to the model, the
+    records and the metrics."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.trained: list[dict[str, torch.Tensor]] = []
+
+    def _lifelong(self, trainer: L.Trainer) -> LifelongDeltas:
+        return next(c for c in trainer.callbacks if isinstance(c, LifelongDeltas))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        params = dict(module.net.named_parameters())
+        self.trained.append({n: params[n].detach().clone() for n in self._lifelong(trainer).names})
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        callback, params = self._lifelong(trainer), dict(module.net.named_parameters())
+        banks = {}
+        for p, bank in callback.banks.items():
+            for name in bank.names:
+                with bank.use(name):
+                    banks[p, name] = {n: params[n].detach().clone() for n in callback.names}
+        state = {
+            "trained": self.trained,
+            "reference": dict(callback.anchor.reference),
+            "banks": banks,
+            "records": callback.records,
+            "metrics": callback.metrics,
+        }
+        torch.save(state, self.out_dir / f"banks_rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_two_ddp_processes_end_with_rank_zeros_packs_and_equal_banks(tmp_path: Path) -> None:
+    """``lightning fit`` of configs/lifelong_deltas.yaml on a tiny stream with 2 gloo processes. DDP splits every
+    batch between the ranks, so the numbers are not a single process's; what holds: rank 0 packs the weights the
+    ranks trained (equal on both), and both ranks read those packs into equal banks and get equal metrics."""
+    tiny = tmp_path / "tiny.yaml"
+    vit = {**TINY_VIT, "class_token": False, "global_pool": "avg"}
+    tiny.write_text(
+        f"""
+trainer:
+  accelerator: cpu
+  strategy: ddp
+  devices: 2
+  enable_progress_bar: false
+  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: ddp}}}}
+  callbacks:
+    - class_path: tests.callbacks.test_lifelong_deltas_resume.BankDump
+      init_args: {{out_dir: {tmp_path}}}
+    - class_path: lifelong_delta.callbacks.LifelongDeltas
+      init_args: {{p: [0.0, 0.9], q: unlabelled, seed: 7, calib_batches: 2}}
+model:
+  init_args:
+    pretrained: false
+    backbone_kwargs: {vit}
+    trainable: {TRAINED}
+data:
+  init_args: {{dataset: digits, n_tasks: 2, classes_per_task: 2, max_per_class: 32,
+               batch_size: 8, eval_batch_size: 64, val_fraction: 0.2, max_eval_per_class: null}}
+"""
+    )
+    configs = [ROOT / "configs" / "cl_eval" / "mnist" / "base.yaml", ROOT / "configs" / "lifelong_deltas.yaml", tiny]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(ROOT)
+    lightning = Path(sys.executable).parent / "lightning"
+    args = [str(lightning), "fit", *(a for c in configs for a in ("-c", str(c)))]
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MEMBER: 2/2" in run.stdout + run.stderr
+
+    dumps = [torch.load(tmp_path / f"banks_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for key in ("trained", "reference", "banks"):
+        assert _equal(dumps[0][key], dumps[1][key]), key
+    assert dumps[0]["records"] == dumps[1]["records"] and dumps[0]["metrics"] == dumps[1]["metrics"]
+    written = list(tmp_path.glob("ddp/version_*/lifelong_metrics.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text()) == dumps[0]["metrics"]  # rank 0 writes, once
+
+    # the packs hold what rank 0 trained: the dense bank gives it back, the pruned one its DARE at the task's q
+    dump, pre = dumps[0], dumps[0]["reference"]
+    assert len(dump["trained"]) == 2 and dump["metrics"]["tasks"] == 2
+    for t in range(2):
+        q = dump["records"][0.9][t]["q"]
+        for n, trained in dump["trained"][t].items():
+            assert torch.equal(dump["banks"][0.0, f"task{t}"][n], trained), (t, n)
+            expected = dare_merge(pre[n], trained, 0.9, seed=7 + t, name=n, q=q)
+            assert torch.equal(dump["banks"][0.9, f"task{t}"][n], expected), (t, n)
+        assert not torch.equal(dump["trained"][t][n], pre[n])  # the task trained the delta's parameters
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
