@@ -19,6 +19,8 @@ TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "dep
 TRAINED = ["blocks.*.attn.qkv.*", "head.*"]
 QKV = [f"blocks.{b}.attn.qkv.{k}" for b in range(2) for k in ("weight", "bias")]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class _Record(L.Callback):
     """Records the delta's parameters at each task's start and end (before LifelongDeltas resets them)."""
