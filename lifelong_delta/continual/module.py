@@ -260,9 +260,11 @@ class ContinualModule(L.LightningModule):
                 anchor.to(self.device)
 
     # ------------------------------------------------------------------ optimisation
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates (hook: prompt methods add their prompts)."""
-        return [p for p in self.net.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs the optimizer updates, named as in ``net`` (hook: prompt methods add their
+        prompts). Named, so an optimiser that matches parameters by name (AdamR's anchor) sees the names an anchor's
+        ``include`` globs use."""
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
 
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Penultimate features [B, D] and logits [B, num_classes] (hook: prompt methods override it)."""

@@ -110,3 +110,43 @@ def test_pretrained_anchor_next_to_a_previous_task_anchor_from_yaml(tmp_path):
     header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/penalty0", "train/penalty1"} <= set(header)
     assert len(cli.model.accuracy_matrix) == 2
+
+
+def test_lifelong_adamr_config_pulls_the_delta_toward_the_callbacks_theta_pre_and_leaves_the_head(tmp_path):
+    """configs/lifelong_deltas_adamr.yaml: AdamR gets the module's parameters by name, and its PretrainedAnchor holds
+    the QKV that LifelongDeltas prunes (θ_pre, the same values as the callback's reference), not the head."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lifelong_delta.callbacks import LifelongDeltas
+    from lifelong_delta.optim import AdamR
+
+    tiny = _tiny_overrides(tmp_path)
+    kept = tiny.read_text().replace("  callbacks: []\n", "").replace("  enable_checkpointing: false\n", "")
+    tiny.write_text(kept)  # the config's callbacks: LifelongDeltas, and the checkpoint it saves
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        run=False,
+        auto_configure_optimizers=False,
+        args=[
+            "-c",
+            str(CONFIGS / "cl_eval" / "mnist" / "base.yaml"),
+            "-c",
+            str(CONFIGS / "lifelong_deltas.yaml"),
+            "-c",
+            str(CONFIGS / "lifelong_deltas_adamr.yaml"),
+            "-c",
+            str(tiny),
+            "--trainer.callbacks.init_args.p=[0.0]",
+        ],
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (deltas,) = [c for c in cli.trainer.callbacks if isinstance(c, LifelongDeltas)]
+    (opt,) = cli.trainer.optimizers
+    assert isinstance(opt, AdamR)
+    names = [n for group in opt.param_groups for n in group["param_names"]]
+    assert "head.weight" in names and set(deltas.names) == {n for n in names if not n.startswith("head.")}
+    pre = opt.anchor.reference
+    assert set(pre) == set(deltas.names)  # the head is not pulled
+    assert all(torch.equal(pre[n], deltas.anchor.reference[n]) for n in pre)

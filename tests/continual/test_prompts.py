@@ -144,7 +144,7 @@ def test_only_prompts_and_head_train(method: str) -> None:
     aux = module.extra_losses()
     assert set(aux) == {"codap": {"ortho"}}.get(method, {"pull"}) and module.extra_losses() == {}
     (logits.sum() + sum(aux.values())).backward()
-    trained = {id(p) for p in module.trainable_parameters()}
+    trained = {id(p) for _, p in module.trainable_parameters()}
     for name, p in module.named_parameters():
         if name.startswith("net.") and not name.startswith("net.head."):
             assert id(p) not in trained and p.grad is None, name

@@ -68,8 +68,8 @@ class PromptModule(ContinualModule):
     def _build_prompts(self) -> None:
         raise NotImplementedError
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        prompt_params = [p for p in self.prompts.parameters() if p.requires_grad]
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        prompt_params = [(f"prompts.{n}", p) for n, p in self.prompts.named_parameters() if p.requires_grad]
         return super().trainable_parameters() + prompt_params
 
     # ------------------------------------------------------------------ forward
