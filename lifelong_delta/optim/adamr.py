@@ -152,7 +152,12 @@ class AdamR(torch.optim.AdamW):
 
     @torch.no_grad()
     def _pull_(self) -> None:
-        """Move every parameter with a gradient toward θ* in place (the decoupled part of AdamR)."""
+        """Move every parameter with a gradient toward θ* in place (the decoupled part of AdamR).
+
+        The rate lr·λ/√mean(v̂) grows without bound as the gradients vanish; it is capped at 1, so that with ω ≤ 1
+        (a PretrainedAnchor's or L2Anchor's ω = 1) the L2 pull stops at θ* instead of overshooting it and
+        diverging.
+        """
         if all(group["reg"] == 0 for group in self.param_groups):
             return
         scale = 1.0 / (math.sqrt(self._mean_second_moment()) + self.defaults["eps"])
@@ -161,7 +166,8 @@ class AdamR(torch.optim.AdamW):
                 continue
             named = {n: p for n, p in zip(names, group["params"]) if p.grad is not None}
             if named:
-                self.anchor.pull_tensors_(named, group["lr"] * group["reg"] * scale, group["variant"])
+                rate = min(group["lr"] * group["reg"] * scale, 1.0)
+                self.anchor.pull_tensors_(named, rate, group["variant"])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -66,6 +66,24 @@ def test_one_step_matches_hand_computation(variant):
     assert torch.allclose(p.detach(), theta, atol=1e-6)
 
 
+def test_the_pull_stops_at_the_anchor_when_gradients_vanish():
+    """lr·λ/√mean(v̂) is 1e4 here: uncapped, the L2 pull would move θ − θ* by a factor of 1 − 1e4 per step and
+    overflow; capped at 1 it puts θ on θ*, and Adam's own step (its momentum of the first gradient) is all that
+    moves it afterwards."""
+    theta_pre = torch.zeros(8)
+    p = nn.Parameter(theta_pre.clone())
+    opt = AdamR([p], lr=0.1, reg=1.0)
+    p.grad = torch.full((8,), 1e-3)
+    opt.step()  # θ leaves θ*; v̂ holds (1e-3)²
+    for _ in range(200):
+        p.grad = torch.zeros(8)  # v̂ decays slowly, the rate stays far above 1
+        before = p.detach().clone()
+        opt.step()
+        assert torch.isfinite(p).all()
+        assert p.detach().abs().max() <= before.abs().max() + 0.1  # at most one Adam step from θ*
+    assert p.detach().abs().max() < 0.1 * 0.9**150  # momentum gone: θ sits on θ*
+
+
 def test_pull_shrinks_delta_compared_to_adamw():
     ref = _model()
     a, b = _model(), _model()
@@ -125,8 +143,8 @@ def _deep_model(seed: int = 0) -> nn.Module:
 @torch.no_grad()
 def _plain_pull_(opt: torch.optim.AdamW, pretrained: dict, reg: list[float], variant: list[str]) -> None:
     """AdamR's pull written out per tensor: mean(v̂_t) over the parameters with gradients (fp32 gradient norms,
-    summed in fp64), then θ ← θ − lr·λ/(√mean(v̂_t) + ε) · (θ − θ_pre) or its sign, group by group (one multiply-add
-    per element, as torch's ``add_(d, alpha=-rate)`` rounds it)."""
+    summed in fp64), then θ ← θ − min(lr·λ/(√mean(v̂_t) + ε), 1) · (θ − θ_pre) or its sign, group by group (one
+    multiply-add per element, as torch's ``add_(d, alpha=-rate)`` rounds it)."""
     total, count = 0.0, 0
     for group in opt.param_groups:
         beta2 = group["betas"][1]
@@ -141,7 +159,7 @@ def _plain_pull_(opt: torch.optim.AdamW, pretrained: dict, reg: list[float], var
             count += p.numel()
     scale = 1.0 / (math.sqrt(total / max(count, 1)) + opt.defaults["eps"])
     for group, lam, var in zip(opt.param_groups, reg, variant):
-        rate = group["lr"] * lam * scale
+        rate = min(group["lr"] * lam * scale, 1.0)
         for p in group["params"]:
             if p.grad is None or lam == 0:
                 continue
@@ -152,7 +170,7 @@ def _plain_pull_(opt: torch.optim.AdamW, pretrained: dict, reg: list[float], var
 CASES = {  # name: (AdamR keyword arguments, per-group settings or None for one group)
     "l2": ({"reg": 0.3}, None),
     "l1": ({"reg": 0.01, "variant": "l1"}, None),
-    "l2, rate >= 0.5": ({"reg": 40.0}, None),
+    "l2, rate in [0.5, 1] and capped": ({"reg": 5.0}, None),
     "amsgrad": ({"reg": 0.2, "amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}, None),
     "groups": ({"reg": 0.5}, [{}, {"reg": 2.0, "variant": "l1", "lr": 3e-2}, {"reg": 0.0}]),
 }
