@@ -39,7 +39,6 @@ them after a barrier, so all ranks hold the same banks and compute the same metr
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,11 +51,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lifelong_delta import outputs
 from lifelong_delta.anchors.pretrained import PretrainedAnchor
+from lifelong_delta.callbacks.lifelong_deltas_metrics import Confidence, evaluate_bank, mean_or_nan, select_q_by_loss
 
 __all__ = ["LifelongDeltas", "pack_bytes"]
 
 QRule = Literal["unlabelled", "grid", "dare"]
-Confidence = Literal["max_sigmoid", "entropy"]
 METRICS_FILE = "lifelong_metrics.json"
 BASE_FILE = "base.safetensors"
 _STATE_VERSION = 1
@@ -399,7 +398,7 @@ class LifelongDeltas(pl.Callback):
                 xs = [x for x, _ in batches]
                 qs[p] = select_q_unlabelled(net, masked, xs, lambda m, x: features_and_logits(m, x)[0]).q
             else:
-                qs[p] = _select_q_by_loss(net, masked, batches, classes, p)
+                qs[p] = select_q_by_loss(net, masked, batches, classes, p)
         return qs
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -425,7 +424,12 @@ class LifelongDeltas(pl.Callback):
             for start, rows in self.head_rows.values():
                 for n, r in rows.items():
                     classifier[n][start : start + r.shape[0]].copy_(r)
-            by_p = {_p_label(p): self._evaluate_bank(p, net, tasks, loaders, pl_module.device) for p in self.ps}
+            by_p = {
+                _p_label(p): evaluate_bank(
+                    self.banks[p], self.records[p], net, tasks, loaders, pl_module.device, self.confidence
+                )
+                for p in self.ps
+            }
         finally:
             for n, v in saved.items():
                 params[n].copy_(v)
@@ -433,7 +437,7 @@ class LifelongDeltas(pl.Callback):
                 classifier[n].copy_(v)
             net.train(was_training)
         dense = _nbytes(self.anchor.reference[n] for n in self.names)
-        head = _mean([_nbytes(rows.values()) for _, rows in self.head_rows.values()])
+        head = mean_or_nan([_nbytes(rows.values()) for _, rows in self.head_rows.values()])
         for m in by_p.values():
             m["dense_bytes_per_task"] = float(dense + head)
             m["bytes_fraction"] = m["bytes_per_task"] / m["dense_bytes_per_task"]
@@ -446,68 +450,9 @@ class LifelongDeltas(pl.Callback):
             "by_p": by_p,
         }
 
-    def _evaluate_bank(
-        self, p: float, net: torch.nn.Module, tasks: list[range], loaders: list[Any], device: torch.device
-    ) -> dict[str, Any]:
-        """One pass over every loader per task delta: task-IL on the task's own data, and the most confident
-        task's prediction for every sample."""
-        bank, n_tasks = self.banks[p], len(tasks)
-        conf: list[torch.Tensor] = []  # per batch of every loader, in loader order
-        chosen: list[torch.Tensor] = []
-        pred: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-        correct, total = [0] * n_tasks, [0] * n_tasks
-        for t, cls in enumerate(tasks):
-            i = 0
-            with bank.use(f"task{t}"):
-                for j, loader in enumerate(loaders):
-                    for x, y in loader:
-                        logits = net(x.to(device))[:, cls.start : cls.stop].float()
-                        p_t = logits.argmax(1).cpu() + cls.start
-                        c_t = _confidence(logits, self.confidence).cpu()
-                        if j == t:
-                            correct[t] += int((p_t == y).sum())
-                            total[t] += len(y)
-                        if t == 0:
-                            conf.append(c_t)
-                            chosen.append(torch.zeros_like(p_t))
-                            pred.append(p_t)
-                            labels.append(y.clone())
-                        else:
-                            better = c_t > conf[i]
-                            conf[i] = torch.where(better, c_t, conf[i])
-                            chosen[i] = torch.where(better, t, chosen[i])
-                            pred[i] = torch.where(better, p_t, pred[i])
-                        i += 1
-        y_all, pred_all, chosen_all = torch.cat(labels), torch.cat(pred), torch.cat(chosen)
-        true_task = torch.zeros_like(y_all)
-        for t, cls in enumerate(tasks):
-            true_task[(y_all >= cls.start) & (y_all < cls.stop)] = t
-        rec = self.records[p]
-        return {
-            "task_il_accuracy": sum(correct) / max(sum(total), 1),
-            "task_il_per_task": [c / max(n, 1) for c, n in zip(correct, total)],
-            "class_il_accuracy": float((pred_all == y_all).double().mean()),
-            "task_inference_accuracy": float((chosen_all == true_task).double().mean()),
-            "q": [rec[t]["q"] for t in sorted(rec)],
-            "bytes_per_task": _mean([rec[t]["bytes"] for t in sorted(rec)]),
-        }
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
-
 
 def _nbytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _confidence(logits: torch.Tensor, how: Confidence) -> torch.Tensor:
-    """Per-sample confidence of one task's logits (higher is more confident)."""
-    if how == "max_sigmoid":
-        return torch.sigmoid(logits).amax(1)
-    logp = torch.log_softmax(logits, 1)
-    return (logp.exp() * logp).sum(1)  # minus the entropy
 
 
 def _net(pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -521,31 +466,3 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     outputs.write_file(path, save({n: t.contiguous() for n, t in tensors.items()}))
-
-
-@torch.no_grad()
-def _select_q_by_loss(
-    net: torch.nn.Module, masked: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], classes: range, p: float
-) -> float:
-    """The grid q with the lowest mean cross-entropy over ``classes`` on labelled ``batches``; the model (holding the
-    trained weights on entry) is restored on exit."""
-    from lifelong_delta.delta.darex import select_q_grid
-
-    params = dict(net.named_parameters())
-    saved = {n: params[n].detach().clone() for n in masked.names}
-    was_training = net.training
-    net.eval()
-
-    def loss(q: float) -> float:
-        masked.apply_(net, q, force=True)
-        losses = [
-            torch.nn.functional.cross_entropy(net(x)[:, classes.start : classes.stop].float(), y) for x, y in batches
-        ]
-        return float(torch.stack(losses).mean())
-
-    try:
-        return select_q_grid(loss, p, mode="min").q
-    finally:
-        for n, v in saved.items():
-            params[n].copy_(v)
-        net.train(was_training)
