@@ -1,12 +1,12 @@
 """Calibration for the data-driven prune options: DAREx-q's ``q_mode`` and WANDA's input norms.
 
 :func:`load` opens the fine-tuned Hugging Face checkpoint (the class named in its ``config.json``) as a
-:class:`~lifelong_delta.delta.layered.LayeredModel` and tokenizes a small text file. :class:`Calibration` then
-computes what the streaming prune needs: one global q (grid on labelled accuracy for a classifier, or on the
-perplexity of the text for a causal LM; or the unlabelled last-layer output change), per-tensor q (analytic), or
-per-tensor input norms ‖x_j‖₂. Every forward pass runs one layer at a time, so memory holds one layer's weights in
-fp32 and the batches' activations, whatever the model's size, and the results equal those of the model loaded whole
-in fp32.
+:class:`~lifelong_delta.delta.layered.LayeredModel` and tokenizes a small text file
+(:mod:`lifelong_delta.delta.calibration_data`). :class:`Calibration` then computes what the streaming prune needs:
+one global q (grid on labelled accuracy for a classifier, or on the perplexity of the text for a causal LM; or the
+unlabelled last-layer output change), per-tensor q (analytic), or per-tensor input norms ‖x_j‖₂. Every forward pass
+runs one layer at a time, so memory holds one layer's weights in fp32 and the batches' activations, whatever the
+model's size, and the results equal those of the model loaded whole in fp32.
 
 By default the input statistics (WANDA's norms, the analytic q's means) come from one pass of the fine-tuned model.
 With a :class:`SequentialPrune` they come block by block from inputs that went through the blocks before it as
@@ -20,18 +20,23 @@ Tensor names are the model's ``state_dict`` names, which equal the checkpoint's 
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lifelong_delta.delta.analytic_q import Arithmetic, analytic_weight_q, spread_weight_q
+from lifelong_delta.delta.calibration_data import (
+    Batch,
+    is_causal_lm,
+    label_batches,
+    load_tokenizer,
+    model_class,
+    read_text_data,
+    tokenize,
+)
 from lifelong_delta.delta.darex import QSearchResult, select_q_grid
 from lifelong_delta.delta.importance import InputStats, collect_input_stats, is_input_major
 from lifelong_delta.delta.io import CheckpointReader
@@ -48,64 +53,6 @@ __all__ = [
     "read_text_data",
 ]
 
-Batch = dict[str, torch.Tensor]
-
-
-def read_text_data(
-    path: str | os.PathLike[str], *, need_labels: bool, limit: int | None = None, label2id: dict[str, int] | None = None
-) -> tuple[list[str], list[int] | None]:
-    """Read ``text`` (and ``label``) columns from a CSV, TSV or JSONL file.
-
-    Labels may be integers or names found in ``label2id`` (a model config's mapping).
-
-    Raises:
-        ValueError: unknown format, missing column or bad label, naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--calib_data {path}: file not found")
-    suffix = path.suffix.lower()
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if suffix in (".jsonl", ".json"):
-                rows: list[dict[str, Any]] = [json.loads(line) for line in f if line.strip()]
-            elif suffix in (".csv", ".tsv"):
-                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-            else:
-                raise ValueError(f"--calib_data {path}: use a .csv, .tsv or .jsonl file")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--calib_data {path}: cannot read it ({e})") from None
-    rows = rows[:limit] if limit else rows
-    if not rows:
-        raise ValueError(f"--calib_data {path}: no rows")
-    need = ("text", "label") if need_labels else ("text",)
-    for col in need:
-        if not all(isinstance(r, dict) and col in r for r in rows):
-            cols = sorted(rows[0]) if isinstance(rows[0], dict) else []
-            raise ValueError(f"--calib_data {path}: every row needs a '{col}' column (found columns {cols})")
-    texts = [str(r["text"]) for r in rows]
-    if not need_labels:
-        return texts, None
-    labels = []
-    for r in rows:
-        raw = r["label"]
-        try:
-            labels.append(int(raw))
-        except (TypeError, ValueError):
-            if label2id and str(raw) in label2id:
-                labels.append(int(label2id[str(raw)]))
-            else:
-                raise ValueError(
-                    f"--calib_data {path}: label {raw!r} is neither an integer nor one of the model's "
-                    f"labels {sorted(label2id or {})}"
-                ) from None
-    return texts, labels
-
-
-def is_causal_lm(arch: str) -> bool:
-    """Whether a ``config.json`` architecture name is a causal LM (Llama, Qwen2, Mistral, GPT-2, ...)."""
-    return arch.endswith(("ForCausalLM", "LMHeadModel"))
-
 
 def load(
     finetuned: str, calib_data: str, *, need_labels: bool, samples: int, batch_size: int, max_length: int
@@ -119,37 +66,11 @@ def load(
     Returns:
         A :class:`Calibration`; close it (or use it as a context manager) to close the checkpoint.
     """
-    import transformers
-
-    if not (Path(finetuned) / "config.json").is_file():
-        raise ValueError(
-            f"--finetuned {finetuned}: calibration needs a Hugging Face model directory with "
-            "config.json (and tokenizer files)"
-        )
-    config = transformers.AutoConfig.from_pretrained(finetuned)
-    arch = (config.architectures or [""])[0]
-    cls = getattr(transformers, arch, None) or transformers.AutoModel
-    if is_causal_lm(arch):
-        need_labels = False
-    elif need_labels and not arch.endswith("ForSequenceClassification"):
-        raise ValueError(
-            f"--q_mode grid scores a classifier's accuracy or a causal LM's perplexity, but {finetuned} "
-            f"is a {arch or 'model'} with neither head; use --q_mode unlabelled or analytic"
-        )
+    config, cls, causal = model_class(finetuned, need_labels=need_labels)
     texts, labels = read_text_data(
-        calib_data, need_labels=need_labels, limit=samples, label2id=getattr(config, "label2id", None)
+        calib_data, need_labels=need_labels and not causal, limit=samples, label2id=getattr(config, "label2id", None)
     )
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(finetuned)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--finetuned {finetuned}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padded positions are masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer.pad_token is None and batch_size > 1:
-        raise ValueError(
-            f"--finetuned {finetuned}: its tokenizer has no padding, end-of-text or unknown token to "
-            "pad calibration batches with; use --batch_size 1"
-        )
+    tokenizer = load_tokenizer(finetuned, batch_size)
     reader = CheckpointReader(finetuned)
     try:
         model = LayeredModel(cls, config, reader, what=f"--finetuned {finetuned}")
@@ -166,22 +87,8 @@ def load(
             f"--finetuned {finetuned}: its tokenizer pads with token id {pad_id}, outside the model's "
             f"{vocab} embeddings; use --batch_size 1"
         )
-    batches = [
-        dict(
-            tokenizer(
-                texts[i : i + batch_size],
-                padding=batch_size > 1,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-        )
-        for i in range(0, len(texts), batch_size)
-    ]
-    label_batches = None
-    if labels is not None:
-        label_batches = [torch.tensor(labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
-    return Calibration(model, batches, label_batches, causal=is_causal_lm(arch))
+    batches = tokenize(tokenizer, texts, batch_size, max_length)
+    return Calibration(model, batches, label_batches(labels, batch_size), causal=causal)
 
 
 @dataclass(frozen=True)
