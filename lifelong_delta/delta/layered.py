@@ -21,11 +21,8 @@ bit; the tests check it on Llama, Qwen2, Mistral, GPT-2, BERT and MPNet.
 runs fine-tuned to measure its inputs, is pruned from those statistics, and runs again pruned to give the next
 block its inputs.
 
-How a stage sees its inputs without the model's own loop: while the outer weights are loaded, each block's
-``forward`` is replaced by a stub that records its arguments (hidden states, attention mask, rotary or relative
-position tensors) and passes the hidden states on. The first block's hidden states are the embeddings; the other
-blocks' recorded arguments are reused with the real hidden states of the block before. To finish, the last block's
-stub returns the final hidden states, and the model's own code applies its final norm and head.
+A stage sees its inputs without the model's own loop: stubs in place of the blocks' ``forward`` record
+the arguments each block is called with (:mod:`lifelong_delta.delta.layered_blocks`).
 """
 
 from __future__ import annotations
@@ -41,6 +38,7 @@ from torch import nn
 from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import InputRecorder, InputStats, linear_modules
 from lifelong_delta.delta.io import CheckpointReader
+from lifelong_delta.delta.layered_blocks import BlockCall, find_blocks, finish_stubs, record_calls, stubbed
 
 __all__ = ["Candidate", "LayeredModel", "Pruning", "free_large_allocations"]
 
@@ -88,27 +86,6 @@ def free_large_allocations(threshold: int = 1 << 20) -> None:
         pass
 
 
-class _Stop(Exception):
-    """Raised by the last block's recording stub: the embedding pass has what it needs."""
-
-
-@dataclass
-class _Call:
-    """The arguments one block was called with; the hidden states are its first argument (or a keyword)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
-
-    def run(self, block: nn.Module, hidden: torch.Tensor) -> Any:
-        if self.args:
-            return block(hidden, *self.args[1:], **self.kwargs)
-        return block(**{**self.kwargs, "hidden_states": hidden})
-
-
 class LayeredModel:
     """A Hugging Face model whose parameters are read from safetensors checkpoints one stage at a time.
 
@@ -132,7 +109,7 @@ class LayeredModel:
         model.tie_weights()  # outside the context, which would give the tied head a new parameter of its own
         self.model = model.eval()
         self.ft = finetuned
-        self.blocks, self._prefix = _blocks(model, what)
+        self.blocks, self._prefix = find_blocks(model, what)
         # tied parameters (a tied lm_head) are one group: one tensor, set on every alias
         groups: dict[int, list[str]] = {}
         self._shapes: dict[str, torch.Size] = {}
@@ -357,17 +334,19 @@ class LayeredModel:
         pruning: Pruning | None,
         pruned: Collection[str],
         measured: Callable[[int, int], Any],
-    ) -> list[list[list[_Call]]]:
+    ) -> list[list[list[BlockCall]]]:
         """The embedding part of every candidate: ``[candidate][batch][block]`` recorded block arguments."""
-        calls: list[list[list[_Call]]] = []
+        calls: list[list[list[BlockCall]]] = []
         with self._outer(pruning, pruned) as use:
             for ci, c in enumerate(candidates):
                 use(c)
                 with measured(ci, 0):
-                    calls.append([self._record(batch) for batch in batches])
+                    calls.append([record_calls(self.model, self.blocks, batch) for batch in batches])
         return calls
 
-    def _block(self, i: int, calls: Sequence[Sequence[_Call]], hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _block(
+        self, i: int, calls: Sequence[Sequence[BlockCall]], hidden: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Block ``i`` (its weights loaded) on every batch: the hidden states it returns, batch by batch."""
         block, out_hidden = self.blocks[i], []
         for bi, h in enumerate(hidden):
@@ -402,7 +381,7 @@ class LayeredModel:
                                 **{k: v for k, v in batch.items() if k != "input_ids"},
                                 "inputs_embeds": torch.zeros_like(final),
                             }
-                        with self._stubbed(self._finish_stub(final)):
+                        with stubbed(self.blocks, finish_stubs(len(self.blocks), final, self._tuple_out or 0)):
                             out = self.model(**batch, output_hidden_states=output_hidden_states)
                         finish(ci, bi, out)
 
@@ -410,57 +389,6 @@ class LayeredModel:
         import inspect
 
         return "inputs_embeds" in inspect.signature(self.model.forward).parameters
-
-    def _record(self, batch: Batch) -> list[_Call]:
-        """Run the embedding part on one batch and return the arguments each block was called with."""
-        calls: list[_Call] = []
-        last = len(self.blocks) - 1
-
-        def stub(i: int) -> Callable[..., Any]:
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                calls.append(_Call(args, kwargs))
-                if i == last:
-                    raise _Stop
-                return calls[-1].hidden
-
-            return forward
-
-        with self._stubbed(stub):
-            try:
-                self.model(**batch)
-            except _Stop:
-                pass
-        if len(calls) != len(self.blocks):
-            raise ValueError(
-                f"{type(self.model).__name__} called {len(calls)} of its {len(self.blocks)} blocks; "
-                "layer-by-layer calibration needs every block called once, in order"
-            )
-        return calls
-
-    def _finish_stub(self, final: torch.Tensor) -> Callable[[int], Callable[..., Any]]:
-        """Stubs for the finishing pass: every block passes its input on, the last returns ``final``."""
-        last = len(self.blocks) - 1
-        width = self._tuple_out or 0
-
-        def stub(i: int) -> Callable[..., Any]:
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                if i < last:
-                    return _Call(args, kwargs).hidden
-                return (final, *([None] * (width - 1))) if width else final
-
-            return forward
-
-        return stub
-
-    @contextmanager
-    def _stubbed(self, stub: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
-        for i, block in enumerate(self.blocks):
-            block.forward = stub(i)
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                block.__dict__.pop("forward", None)
 
 
 class _Hooks:
@@ -491,16 +419,3 @@ class _Hooks:
         """The statistics of every measured weight, or of those of one stage."""
         names = self.measure if stage is None else self.names(stage)
         return self.recorder.stats(names) if names else {}
-
-
-def _blocks(model: nn.Module, what: str) -> tuple[nn.ModuleList, str]:
-    """The model's repeated blocks: the ``nn.ModuleList`` of one module class holding the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, path, module)
-    if best is None:
-        raise ValueError(f"{what}: a {type(model).__name__} has no list of repeated layers to calibrate one at a time")
-    return best[2], best[1]
