@@ -3,6 +3,7 @@ PretrainedAnchor configured next to a previous-task anchor of a ContinualModule 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -70,29 +71,29 @@ data:
     return tiny
 
 
-def test_pretrained_anchor_next_to_a_previous_task_anchor_from_yaml(tmp_path):
-    """configs/cl_pretrained_anchor.yaml on the MNIST base: the PretrainedAnchor holds the weights of the first
-    training step through both tasks while the L2 anchor re-anchors at the task boundary; both penalties are logged."""
-    import lightning.pytorch as pl
+def _cli(*configs: Path, extra: Sequence[str] = ()):
+    """A LightningCLI (not run) of configs/cl_eval/mnist/base.yaml with ``configs`` layered on it, as ``lightning fit
+    -c ...`` builds it."""
     from lightning.pytorch.cli import LightningCLI
 
-    from lifelong_delta.anchors import PretrainedAnchor
-
-    cli = LightningCLI(
+    return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         run=False,
         auto_configure_optimizers=False,
-        args=[
-            "-c",
-            str(CONFIGS / "cl_eval" / "mnist" / "base.yaml"),
-            "-c",
-            str(CONFIGS / "cl_pretrained_anchor.yaml"),
-            "-c",
-            str(_tiny_overrides(tmp_path)),
-        ],
+        args=[a for c in (CONFIGS / "cl_eval" / "mnist" / "base.yaml", *configs) for a in ("-c", str(c))] + [*extra],
     )
+
+
+def test_pretrained_anchor_next_to_a_previous_task_anchor_from_yaml(tmp_path):
+    """configs/cl_pretrained_anchor.yaml on the MNIST base: the PretrainedAnchor holds the weights of the first
+    training step through both tasks while the L2 anchor re-anchors at the task boundary; both penalties are logged."""
+    import lightning.pytorch as pl
+
+    from lifelong_delta.anchors import PretrainedAnchor
+
+    cli = _cli(CONFIGS / "cl_pretrained_anchor.yaml", _tiny_overrides(tmp_path))
     l2, pre = cli.model.anchors
     assert isinstance(l2, L2Anchor) and isinstance(pre, PretrainedAnchor) and pre.include == l2.include
     first: dict[str, torch.Tensor] = {}
@@ -115,31 +116,17 @@ def test_pretrained_anchor_next_to_a_previous_task_anchor_from_yaml(tmp_path):
 def test_lifelong_adamr_config_pulls_the_delta_toward_the_callbacks_theta_pre_and_leaves_the_head(tmp_path):
     """configs/lifelong_deltas_adamr.yaml: AdamR gets the module's parameters by name, and its PretrainedAnchor holds
     the QKV that LifelongDeltas prunes (θ_pre, the same values as the callback's reference), not the head."""
-    from lightning.pytorch.cli import LightningCLI
-
     from lifelong_delta.callbacks import LifelongDeltas
     from lifelong_delta.optim import AdamR
 
     tiny = _tiny_overrides(tmp_path)
     kept = tiny.read_text().replace("  callbacks: []\n", "").replace("  enable_checkpointing: false\n", "")
     tiny.write_text(kept)  # the config's callbacks: LifelongDeltas, and the checkpoint it saves
-    cli = LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        run=False,
-        auto_configure_optimizers=False,
-        args=[
-            "-c",
-            str(CONFIGS / "cl_eval" / "mnist" / "base.yaml"),
-            "-c",
-            str(CONFIGS / "lifelong_deltas.yaml"),
-            "-c",
-            str(CONFIGS / "lifelong_deltas_adamr.yaml"),
-            "-c",
-            str(tiny),
-            "--trainer.callbacks.init_args.p=[0.0]",
-        ],
+    cli = _cli(
+        CONFIGS / "lifelong_deltas.yaml",
+        CONFIGS / "lifelong_deltas_adamr.yaml",
+        tiny,
+        extra=["--trainer.callbacks.init_args.p=[0.0]"],
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     (deltas,) = [c for c in cli.trainer.callbacks if isinstance(c, LifelongDeltas)]
