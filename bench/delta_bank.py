@@ -1,24 +1,29 @@
 """Switching ten MiniLM fine-tunes with ``DeltaBank`` against loading each with ``from_pretrained`` (goal: >= 20x).
 
-Makes a base (the offline all-MiniLM-L6-v2 with a seeded 2-class head) and ten synthetic fine-tunes of it: every
-weight plus seeded Gaussian noise of std 1e-3 x its tensor's mean |θ|, and a fresh head of 6 or 2 classes. Each is
-saved with ``save_pretrained`` and packed twice with ``lifelong-delta pack --method dare --p 0.99 --exclude
-'classifier.*'``: with the default ``--seed 0`` (the ten packs keep the same entries, so the bank holds their
-positions once and a switch writes only the new values), and with ``--seed i`` (ten different masks: a switch
-reverts the old entries, stashes the base under the new ones and writes them). Then, in this one process:
+The fine-tunes (``--models``): ``cached``, the ten of ``make finetune`` (TREC and VADER, each with adamw, adamr-l2,
+adamr-l1, adamw-large and lora; the base is ``trec/base``, the heads of 6 and 2 classes travel with the packs);
+or ``synthetic``, made here: the offline all-MiniLM-L6-v2 with a seeded 2-class head as the base, and ten copies
+with every weight plus seeded Gaussian noise of std 1e-3 x its tensor's mean |θ| and a fresh head of 6 or 2
+classes. ``auto`` (the default) takes the cached ones when all ten are there. Each is packed twice with
+``lifelong-delta pack --method dare --p 0.99 --exclude 'classifier.*'``: with the default ``--seed 0`` (the ten
+packs keep the same entries, so the bank holds their positions once and a switch writes only the new values), and
+with ``--seed i`` (ten different masks: a switch writes the base back under the old entries, then swaps the new
+values in). Then, in this one process:
 
-* ``DeltaBank``, per seed setting: ``bank.add`` of each pack; ``bank.activate(name)`` cycling through the ten
-  (each switch leaves the previous fine-tune), median after a warm-up pass, back to back and with an (untimed)
-  forward pass of 8 x 64 tokens before each switch, which evicts the touched cache lines as serving would; the
-  values touched per switch; the resident set (VmRSS after ``malloc_trim``) before and after the ten ``add``;
-  the base bit for bit at the end;
+* ``DeltaBank``, per seed setting and per back end (numba kernels on raw words, the CPU default; torch's scatter,
+  which serves CUDA tensors): ``bank.add`` of each pack; ``bank.activate(name)`` cycling through the ten (each
+  switch leaves the previous fine-tune), median after a warm-up pass, back to back and with an (untimed) forward
+  pass of 8 x 64 tokens before each switch, which evicts the touched cache lines as serving would; the values
+  touched per switch; the resident set (VmRSS after ``malloc_trim``) before and after the ten ``add``; the base bit
+  for bit at the end;
 * ``from_pretrained``: ``AutoModelForSequenceClassification.from_pretrained(dir)`` of each fine-tune, page cache
   warm (each loaded once before timing), median over rounds; and the same followed by one read of every weight
   (transformers maps the safetensors file, so a weight's page is read when first used).
 
-Prints a markdown table. The temporary directory is removed unless ``--keep DIR`` is given (then reused).
+Prints a markdown table. The packs (and synthetic models) go to a temporary directory, removed at the end, unless
+``--keep DIR`` is given (then reused).
 
-    python bench/delta_bank.py [--rounds 5] [--threads 1] [--p 0.99] [--keep DIR]
+    python bench/delta_bank.py [--models auto|cached|synthetic] [--rounds 5] [--threads 1] [--p 0.99] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 TASKS = 10
 GOAL = 20.0
 SEEDS = {"one seed (default)": lambda i: 0, "ten seeds": lambda i: i}
+BACKENDS = {"numba words": True, "torch": False}  # DeltaBank's two back ends (torch: CUDA, or no numba)
 
 
 def rss_mib() -> float:
@@ -50,29 +56,39 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def finetune_dirs(root: Path) -> dict[str, Path]:
-    return {f"task{i}": root / f"task{i}" for i in range(TASKS)}
+def cached_models() -> tuple[Path, dict[str, Path]]:
+    """The base and the ten fine-tunes of ``make finetune`` (TREC and VADER, the study's five recipes)."""
+    from lifelong_delta.text.finetune import STUDY_RECIPES, finetune_dir
+
+    finetunes = {
+        f"{task}/{recipe}": finetune_dir(task, recipe) for task in ("trec", "vader") for recipe in STUDY_RECIPES
+    }
+    return finetune_dir("trec", "base"), finetunes
 
 
-def pack_dirs(root: Path, setting: str) -> dict[str, Path]:
+def synthetic_models(root: Path) -> tuple[Path, dict[str, Path]]:
+    return root / "base", {f"task{i}": root / f"task{i}" for i in range(TASKS)}
+
+
+def pack_dirs(root: Path, finetunes: dict[str, Path], setting: str) -> dict[str, Path]:
     tag = "seed0" if SEEDS[setting](1) == 0 else "seedi"
-    return {task: root / f"{task}.{tag}.delta" for task in finetune_dirs(root)}
+    return {name: root / f"{name.replace('/', '-')}.{tag}.delta" for name in finetunes}
 
 
-def make_models(root: Path, p: float) -> None:
-    """Save the base and the ten fine-tunes under ``root`` and pack each (see the module docstring)."""
+def make_synthetic(root: Path) -> None:
+    """Save the base and the ten synthetic fine-tunes under ``root`` (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from lifelong_delta.cli import main
     from lifelong_delta.text.data import minilm_dir
 
+    base_dir, finetunes = synthetic_models(root)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
-    base.save_pretrained(root / "base")
+    base.save_pretrained(base_dir)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
-    for i, (task, directory) in enumerate(finetune_dirs(root).items()):
+    for i, directory in enumerate(finetunes.values()):
         g = torch.Generator().manual_seed(1 + i)
-        config = AutoConfig.from_pretrained(root / "base", num_labels=6 if i % 2 == 0 else 2)
+        config = AutoConfig.from_pretrained(base_dir, num_labels=6 if i % 2 == 0 else 2)
         torch.manual_seed(100 + i)  # the fresh head
         model = AutoModelForSequenceClassification.from_config(config).eval()
         noisy = {
@@ -81,17 +97,27 @@ def make_models(root: Path, p: float) -> None:
         }
         model.load_state_dict(noisy, strict=False)
         model.save_pretrained(directory)
+
+
+def make_packs(root: Path, base: Path, finetunes: dict[str, Path], p: float) -> None:
+    """Pack every fine-tune against ``base`` into ``root``, once per seed setting (missing packs only)."""
+    from lifelong_delta.cli import main
+
+    for i, (name, directory) in enumerate(finetunes.items()):
         for setting, seed in SEEDS.items():
+            out = pack_dirs(root, finetunes, setting)[name]
+            if out.is_dir():
+                continue
             with contextlib.redirect_stdout(io.StringIO()):
                 main(
                     [
                         "pack",
                         "--base",
-                        str(root / "base"),
+                        str(base),
                         "--finetuned",
                         str(directory),
                         "--out",
-                        str(pack_dirs(root, setting)[task]),
+                        str(out),
                         "--method",
                         "dare",
                         "--p",
@@ -106,10 +132,13 @@ def make_models(root: Path, p: float) -> None:
                 )
 
 
-def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool) -> dict[str, float]:
+def measure_bank(
+    model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool, numba: bool
+) -> dict[str, float]:
     """Times, bytes and RSS of a bank of ``packs`` on ``model`` (left at the base); ``shared``: the packs keep
-    the same entries."""
+    the same entries; ``numba``: the bank's numba back end (else its torch one)."""
     ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
+    from lifelong_delta.delta import bank as bank_module
     from lifelong_delta.delta.bank import DeltaBank
     from lifelong_delta.delta.pack_format import pack_size, read_manifest
 
@@ -126,10 +155,12 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
     rss = rss_mib()
     bank = DeltaBank(model)
     adds = []
+    have_numba, bank_module.HAVE_NUMBA = bank_module.HAVE_NUMBA, numba and bank_module.HAVE_NUMBA
     for task, pack in packs.items():
         t = time.perf_counter()
         bank.add(task, pack)
         adds.append(time.perf_counter() - t)
+    bank_module.HAVE_NUMBA = have_numba
     rss_added = rss_mib()
     names, switches, cold, written = list(packs), [], [], []
     for round_ in range(2 * rounds + 1):
@@ -195,6 +226,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy 2-core machine)")
     ap.add_argument("--p", type=float, default=0.99, help="DARE drop rate of the packs")
     ap.add_argument("--keep", type=Path, default=None, help="make the models here and keep them (reused if there)")
+    ap.add_argument(
+        "--models",
+        choices=("auto", "cached", "synthetic"),
+        default="auto",
+        help="cached: the ten MiniLM fine-tunes of `make finetune`; synthetic: ten made here; auto: cached if all "
+        "ten are there",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -206,31 +244,47 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = args.keep or Path(tempfile.mkdtemp(prefix="delta_bank-"))
+    base, finetunes = cached_models()
+    models = args.models
+    if models == "auto":
+        models = (
+            "cached" if all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]) else "synthetic"
+        )
+    if models == "cached" and not all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]):
+        raise SystemExit(
+            "error: the ten MiniLM fine-tunes are not all cached; run `make finetune` or --models synthetic"
+        )
     try:
         t = time.perf_counter()
-        if not all(pack.is_dir() for setting in SEEDS for pack in pack_dirs(root, setting).values()):
-            make_models(root, args.p)
-        print(f"(made or found the base, ten fine-tunes and their packs in {time.perf_counter() - t:.0f} s)")
+        if models == "synthetic":
+            base, finetunes = synthetic_models(root)
+            if not all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]):
+                make_synthetic(root)
+        make_packs(root, base, finetunes, args.p)
+        print(f"({models} fine-tunes; made or found the models and their packs in {time.perf_counter() - t:.0f} s)")
 
         keep_mask(1 << 20, args.p, seed=0, name="warm-up")  # numba's compile and thread pool, before any RSS
         torch.set_num_threads(args.threads)
-        model = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+        model = AutoModelForSequenceClassification.from_pretrained(base).eval()
         with torch.no_grad():
             model(torch.tensor([[101, 2054, 2003, 102]]))  # every weight resident
         params = sum(v.numel() for v in model.state_dict().values())
         banks = {
-            setting: measure_bank(model, pack_dirs(root, setting), args.rounds, shared=SEEDS[setting](1) == 0)
+            (setting, backend): measure_bank(
+                model, pack_dirs(root, finetunes, setting), args.rounds, SEEDS[setting](1) == 0, numba
+            )
             for setting in SEEDS
+            for backend, numba in BACKENDS.items()
         }
-        load = time_from_pretrained(finetune_dirs(root), args.rounds, touch=False)
-        load_read = time_from_pretrained(finetune_dirs(root), args.rounds, touch=True)
+        load = time_from_pretrained(finetunes, args.rounds, touch=False)
+        load_read = time_from_pretrained(finetunes, args.rounds, touch=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
     mib = 2**20
     print(
-        f"\nMiniLM-L6 ({params / 1e6:.1f} M parameters, fp32, {params * 4 / mib:.0f} MiB), ten fine-tunes, "
+        f"\nMiniLM-L6 ({params / 1e6:.1f} M parameters, fp32, {params * 4 / mib:.0f} MiB), ten {models} fine-tunes, "
         f"dare p={args.p:g}, {args.threads} torch thread(s)\n"
     )
     print(
@@ -238,14 +292,14 @@ def main() -> None:
         f"({load_read * 1e3:.1f} ms with one read of every weight)\n"
     )
     print(
-        "| packs | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
+        "| packs | back end | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
         "values touched per switch | `deactivate` | `add` per pack | packs on disk | held by the bank | "
         "RSS base → + ten packs | base bit-identical |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for setting, b in banks.items():
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (setting, backend), b in banks.items():
         print(
-            f"| {setting} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
+            f"| {setting} | {backend} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
             f"| {b['cold'] * 1e3:.2f} ms | {load / b['cold']:.0f}× | {b['touched'] / mib:.2f} MiB "
             f"({b['touched'] / (params * 4):.1%}) | {b['revert'] * 1e3:.2f} ms | {b['add'] * 1e3:.0f} ms | "
             f"{b['on_disk'] / mib:.1f} MiB | {b['held'] / mib:.1f} MiB | {b['rss']:.0f} → {b['rss_added']:.0f} MiB "
