@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -418,16 +419,34 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 @contextmanager
 def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary folder (:func:`make_temp_dir`) next to ``final`` to fill; on success it replaces ``final``,
-    on any error or Ctrl-C it is removed. For this tool's own cache entries, which need no marker."""
+    on any error or Ctrl-C it is removed. For this tool's own cache entries, which need no marker.
+
+    What was written into it follows the umask, also files that a library creates ``0600`` (safetensors'
+    ``save_file``, and so ``save_pretrained``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
         (tmp / TEMP_MARKER).unlink()
+        _follow_umask(tmp)
         _swap_into_place(tmp, final)
     finally:
         remove_temp_dir(tmp)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give every folder and regular file below ``folder`` the umask's mode. Symlinks, and files with another
+    link (which could be someone else's file), are left alone."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode())
+        for name in files:
+            st = os.lstat(path := os.path.join(root, name))
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.chmod(path, file_mode())
 
 
 @contextmanager

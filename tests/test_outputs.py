@@ -82,6 +82,31 @@ def test_atomic_file_follows_the_umask_and_cleans_up_on_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+def test_atomic_dir_gives_what_a_library_wrote_0600_the_umask_and_leaves_links_alone(tmp_path):
+    """safetensors' ``save_file`` (and so ``save_pretrained``) creates its file ``0600``; a cache entry's files
+    follow the umask like every other output. A hard link to another file and a symlink keep that file's mode."""
+    import torch
+    from safetensors.torch import save_file
+
+    other = tmp_path / "someone-elses.txt"
+    other.write_text("x")
+    other.chmod(0o600)
+    old = os.umask(0o027)
+    try:
+        with outputs.atomic_dir(tmp_path / "entry") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "notes.txt").write_text("n")
+            os.link(other, tmp / "linked.txt")
+            (tmp / "symlink.txt").symlink_to(other)
+    finally:
+        os.umask(old)
+    entry = tmp_path / "entry"
+    modes = {p.name: p.lstat().st_mode & 0o777 for p in [entry, *entry.rglob("*")] if not p.is_symlink()}
+    assert modes == {"entry": 0o750, "model.safetensors": 0o640, "sub": 0o750, "notes.txt": 0o640, "linked.txt": 0o600}
+    assert other.stat().st_mode & 0o777 == 0o600
+
+
 def test_pretrain_refuses_a_cache_dir_that_is_a_file_before_training(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = subprocess.run(
