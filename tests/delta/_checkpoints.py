@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.writer import ShardedWriter
+
+CLI = str(Path(sys.executable).parent / "lifelong-delta")
+#: Five calibration texts of different lengths, so that a batch of them is padded.
+CALIB_TEXT = [
+    "the cat sat on the mat",
+    "a longer sentence about the weather today and tomorrow",
+    "hello",
+    "pruning deltas of language models",
+    "one more line of text for the batch",
+]
 
 
 def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -196,3 +209,32 @@ def whole_model(directory: Path) -> torch.nn.Module:
     with CheckpointReader(directory) as reader:
         state = {n: t.float() if t.is_floating_point() else t for n, t in reader}
     return cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32).eval()
+
+
+def write_text_data(path: Path, texts: Iterable[str]) -> Path:
+    """``texts`` as calibration data: a ``.jsonl`` file of ``{"text": ...}`` rows, without labels."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def calib_args(root: Path, data: Path, *options: object) -> list[str]:
+    """The command-line options of a ``prune`` or ``pack`` of ``root/base`` → ``root/ft`` at p = 0.5, calibrated on
+    ``data`` in batches of 2, followed by ``options``."""
+    args = [
+        "--base",
+        root / "base",
+        "--finetuned",
+        root / "ft",
+        "--p",
+        "0.5",
+        "--calib_data",
+        data,
+        "--batch_size",
+        "2",
+    ]
+    return [str(a) for a in (*args, *options)]
+
+
+def run_cli(*args: object, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``lifelong-delta *args`` in a subprocess, its output captured as text."""
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)

