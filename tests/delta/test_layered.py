@@ -20,6 +20,7 @@ from lifelong_delta.delta.importance import collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, keep_mask_for
 from tests.delta._checkpoints import (
+    CALIB_TEXT,
     read_checkpoint,
     save_pair,
     tiny_bert_pair,
@@ -28,13 +29,7 @@ from tests.delta._checkpoints import (
     whole_model,
 )
 
-TEXT = [
-    "the cat sat on the mat",
-    "a longer sentence about the weather today and tomorrow",
-    "hello",
-    "pruning deltas of language models",
-    "one more line of text for the batch",
-]
+TEXT = CALIB_TEXT
 
 
 def _mpnet(root: Path) -> None:

@@ -23,15 +23,9 @@ from lifelong_delta.delta.darex import MaskedDelta
 from lifelong_delta.delta.importance import InputStats, collect_input_stats
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.methods import PruneSpec, prune_tensor
-from tests.delta._checkpoints import read_checkpoint, tiny_gpt2_pair, tiny_llama_pair, whole_model
+from tests.delta._checkpoints import CALIB_TEXT, read_checkpoint, tiny_gpt2_pair, tiny_llama_pair, whole_model
 
-TEXT = [
-    "the cat sat on the mat",
-    "a longer sentence about the weather today and tomorrow",
-    "hello",
-    "pruning deltas of language models",
-    "one more line of text for the batch",
-]
+TEXT = CALIB_TEXT
 BUILDERS = {
     "llama-tied": lambda r: tiny_llama_pair(r, tie_word_embeddings=True),
     "llama-untied": lambda r: tiny_llama_pair(r, tie_word_embeddings=False),
