@@ -10,8 +10,7 @@ packs keep the same entries, so the bank holds their positions once and a switch
 with ``--seed i`` (ten different masks: a switch writes the base back under the old entries, then swaps the new
 values in). Then, in this one process:
 
-* ``DeltaBank``, per seed setting and per back end (numba kernels on raw words, the CPU default; torch's scatter,
-  which serves CUDA tensors): ``bank.add`` of each pack; ``bank.activate(name)`` cycling through the ten (each
+* ``DeltaBank``, per seed setting: ``bank.add`` of each pack; ``bank.activate(name)`` cycling through the ten (each
   switch leaves the previous fine-tune), median after a warm-up pass, back to back and with an (untimed) forward
   pass of 8 x 64 tokens before each switch, which evicts the touched cache lines as serving would; the values
   touched per switch; the resident set (VmRSS after ``malloc_trim``) before and after the ten ``add``; the base bit
@@ -20,10 +19,12 @@ values in). Then, in this one process:
   warm (each loaded once before timing), median over rounds; and the same followed by one read of every weight
   (transformers maps the safetensors file, so a weight's page is read when first used).
 
-Prints a markdown table. The packs (and synthetic models) go to a temporary directory, removed at the end, unless
-``--keep DIR`` is given (then reused).
+Every timing is repeated ``--repeats`` times, the settings interleaved (so that each sees the same load on a shared
+machine), and the median of the repeats' medians is reported. Prints a markdown table. The packs (and synthetic
+models) go to a temporary directory, removed at the end, unless ``--keep DIR`` is given (then reused).
 
-    python bench/delta_bank.py [--models auto|cached|synthetic] [--rounds 5] [--threads 1] [--p 0.99] [--keep DIR]
+    python bench/delta_bank.py [--models auto|cached|synthetic] [--rounds 5] [--repeats 3] [--threads 1] [--p 0.99]
+                               [--keep DIR]
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import torch
 TASKS = 10
 GOAL = 20.0
 SEEDS = {"one seed (default)": lambda i: 0, "ten seeds": lambda i: i}
-BACKENDS = {"numba words": True, "torch": False}  # DeltaBank's two back ends (torch: CUDA, or no numba)
 
 
 def rss_mib() -> float:
@@ -132,13 +132,10 @@ def make_packs(root: Path, base: Path, finetunes: dict[str, Path], p: float) -> 
                 )
 
 
-def measure_bank(
-    model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool, numba: bool
-) -> dict[str, float]:
+def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool) -> dict[str, float]:
     """Times, bytes and RSS of a bank of ``packs`` on ``model`` (left at the base); ``shared``: the packs keep
-    the same entries; ``numba``: the bank's numba back end (else its torch one)."""
+    the same entries."""
     ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
-    from lifelong_delta.delta import bank as bank_module
     from lifelong_delta.delta.bank import DeltaBank
     from lifelong_delta.delta.pack_format import pack_size, read_manifest
 
@@ -155,12 +152,10 @@ def measure_bank(
     rss = rss_mib()
     bank = DeltaBank(model)
     adds = []
-    have_numba, bank_module.HAVE_NUMBA = bank_module.HAVE_NUMBA, numba and bank_module.HAVE_NUMBA
     for task, pack in packs.items():
         t = time.perf_counter()
         bank.add(task, pack)
         adds.append(time.perf_counter() - t)
-    bank_module.HAVE_NUMBA = have_numba
     rss_added = rss_mib()
     names, switches, cold, written = list(packs), [], [], []
     for round_ in range(2 * rounds + 1):
@@ -223,6 +218,7 @@ def time_from_pretrained(finetunes: dict[str, Path], rounds: int, touch: bool) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="passes over the ten fine-tunes per timing")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every timing (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy 2-core machine)")
     ap.add_argument("--p", type=float, default=0.99, help="DARE drop rate of the packs")
     ap.add_argument("--keep", type=Path, default=None, help="make the models here and keep them (reused if there)")
@@ -269,15 +265,17 @@ def main() -> None:
         with torch.no_grad():
             model(torch.tensor([[101, 2054, 2003, 102]]))  # every weight resident
         params = sum(v.numel() for v in model.state_dict().values())
-        banks = {
-            (setting, backend): measure_bank(
-                model, pack_dirs(root, finetunes, setting), args.rounds, SEEDS[setting](1) == 0, numba
-            )
-            for setting in SEEDS
-            for backend, numba in BACKENDS.items()
-        }
-        load = time_from_pretrained(finetunes, args.rounds, touch=False)
-        load_read = time_from_pretrained(finetunes, args.rounds, touch=True)
+        runs: dict[str, list[dict[str, float]]] = {}
+        loads: list[float] = []
+        loads_read: list[float] = []
+        for _ in range(args.repeats):  # interleaved, so that every setting sees the same machine
+            for setting in SEEDS:
+                packs = pack_dirs(root, finetunes, setting)
+                runs.setdefault(setting, []).append(measure_bank(model, packs, args.rounds, SEEDS[setting](1) == 0))
+            loads.append(time_from_pretrained(finetunes, args.rounds, touch=False))
+            loads_read.append(time_from_pretrained(finetunes, args.rounds, touch=True))
+        banks = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+        load, load_read = statistics.median(loads), statistics.median(loads_read)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -292,14 +290,14 @@ def main() -> None:
         f"({load_read * 1e3:.1f} ms with one read of every weight)\n"
     )
     print(
-        "| packs | back end | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
+        "| packs | `bank.activate` median | × `from_pretrained` (goal ≥ 20) | after a forward pass | × | "
         "values touched per switch | `deactivate` | `add` per pack | packs on disk | held by the bank | "
         "RSS base → + ten packs | base bit-identical |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for (setting, backend), b in banks.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for setting, b in banks.items():
         print(
-            f"| {setting} | {backend} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
+            f"| {setting} | {b['switch'] * 1e3:.2f} ms | **{load / b['switch']:.0f}×** "
             f"| {b['cold'] * 1e3:.2f} ms | {load / b['cold']:.0f}× | {b['touched'] / mib:.2f} MiB "
             f"({b['touched'] / (params * 4):.1%}) | {b['revert'] * 1e3:.2f} ms | {b['add'] * 1e3:.0f} ms | "
             f"{b['on_disk'] / mib:.1f} MiB | {b['held'] / mib:.1f} MiB | {b['rss']:.0f} → {b['rss_added']:.0f} MiB "
