@@ -1,6 +1,5 @@
 """The numba back end of the DARE mask stream (:mod:`._kernels` defines it): masks, uniforms and merges of flat
-arrays, serial for small ranges and parallel (``prange``) for large ones; and the scatter and swap of raw words that
-:class:`~lifelong_delta.delta.bank.DeltaBank` switches with. Imported when first used."""
+arrays, serial for small ranges and parallel (``prange``) for large ones. Imported when first used."""
 
 from __future__ import annotations
 
@@ -195,20 +194,3 @@ def nb_uniform(out: np.ndarray, key: int, offset: int) -> None:
         for s0, s1, k0, k1, lo0 in _nb_segments(key, offset, out.size):
             run = _par_uniform if _parallel(s1 - s0) else _ser_uniform
             run(out[s0:s1], k0, k1, lo0)
-
-
-@njit(nogil=True, cache=True)
-def nb_put(dst, index, src):  # pragma: no cover - compiled
-    """``dst[index[k]] = src[k]`` for every k: a scatter of raw words (any dtype viewed as an integer of its size)."""
-    for k in range(index.shape[0]):
-        dst[index[k]] = src[k]
-
-
-@njit(nogil=True, cache=True)
-def nb_swap(dst, index, src, old):  # pragma: no cover - compiled
-    """``old[k] = dst[index[k]]`` then ``dst[index[k]] = src[k]``: a gather and a scatter in one pass, each position
-    read and written while its cache line is in."""
-    for k in range(index.shape[0]):
-        j = index[k]
-        old[k] = dst[j]
-        dst[j] = src[k]

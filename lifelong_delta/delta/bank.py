@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lifelong_delta.delta._kernels import HAVE_NUMBA
 from lifelong_delta.delta.dtypes import dtype_name, torch_dtype
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.pack_format import (
@@ -48,18 +47,11 @@ from lifelong_delta.delta.pack_format import (
 __all__ = ["DeltaBank"]
 
 
-_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer dtype
-
-
 @dataclass
 class _Write:
     """One in-place write of a pack into the model's tensor ``key``: ``values`` go to ``index`` along ``dim`` of
     ``view`` (the flat tensor for element-wise masks, its ``[rows, -1]`` matrix for structural ones); ``index``
-    None replaces the whole tensor.
-
-    A flat write on the CPU moves raw words with numba kernels (a scatter, and a gather fused with the scatter),
-    over the int32 positions as held, with no int64 copy and no per-tensor torch dispatch; other writes use torch.
-    Both move the same bits."""
+    None replaces the whole tensor."""
 
     key: str
     tensor: torch.Tensor
@@ -67,68 +59,22 @@ class _Write:
     dim: int
     index: torch.Tensor | None
     values: torch.Tensor
-    _words: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
-    def apply_(self) -> object:
-        """Write the values into the model's tensor (in place); returns what they replaced, for :meth:`restore_`."""
-        words = self._word_views()
-        if words is not None:
-            dst, index, src = words
-            old = np.empty_like(src)
-            _nb().nb_swap(dst, index, src, old)
-            return old
+    def apply_(self) -> torch.Tensor:
+        """Write the values into the model's tensor (in place); returns what they replaced."""
         old = self.view.clone() if self.index is None else self.view.index_select(self.dim, self.index)
-        self._put(self.values)
+        self.put_(self.values)
         return old
 
-    def rewrite_(self) -> None:
-        """Write the values again (in place), over another pack's values at the same positions."""
-        words = self._word_views()
-        if words is not None:
-            _nb().nb_put(*words)
-        else:
-            self._put(self.values)
-
-    def restore_(self, old: object) -> None:
-        """Write back what :meth:`apply_` of this write, or of one at the same positions, returned (in place)."""
-        words = self._word_views()
-        if words is not None:
-            assert isinstance(old, np.ndarray)
-            _nb().nb_put(words[0], words[1], old)
-        else:
-            assert isinstance(old, torch.Tensor)
-            self._put(old)
-
-    def prepare(self) -> None:
-        """Make the word views and load the kernels for their dtypes (compiled once, then from numba's cache), so
-        that the first switch is as fast as the later ones."""
-        words = self._word_views()
-        if words is not None:
-            dst, index, src = (w[:0] for w in words)
-            _nb().nb_put(dst, index, src)
-            _nb().nb_swap(dst, index, src, src.copy())
-
-    def _put(self, src: torch.Tensor) -> None:
+    def put_(self, src: torch.Tensor) -> None:
+        """Write ``src`` (the values, or what :meth:`apply_` returned) at the positions (in place)."""
         view = self.view
         if self.index is None:
             view.copy_(src)
-        elif view.dim() == 1:  # scatter_ is 3x faster than index_copy_/index_put_; it needs int64
+        elif view.dim() == 1:  # scatter_ is 3x faster than index_copy_/index_put_ on CPU; it needs int64
             view.scatter_(0, self.index.long(), src)
         else:
             view.index_copy_(self.dim, self.index, src)
-
-    def _word_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(model tensor, positions, values)`` as numpy arrays of raw words sharing their memory, for a flat
-        write on the CPU when numba is there; else None. Made on first use (the positions are final by then)."""
-        if self._words is None and self.index is not None and self.view.dim() == 1 and self.view.device.type == "cpu":
-            word = _WORDS.get(self.view.element_size())
-            if HAVE_NUMBA and word is not None and self.values.dtype == self.view.dtype:
-                self._words = (
-                    self.view.view(word).numpy(),
-                    self.index.numpy(),
-                    self.values.contiguous().view(word).numpy(),
-                )
-        return self._words
 
     def same_positions(self, other: _Write) -> bool:
         """Whether ``other`` writes exactly this write's positions (one shared index, or both whole)."""
@@ -182,7 +128,7 @@ class DeltaBank:
         self.model = model
         self._packs: dict[str, _Pack] = {}
         self._active: str | None = None
-        self._applied: dict[str, tuple[_Write, object]] = {}  # model key -> (write, base values it replaced)
+        self._applied: dict[str, tuple[_Write, torch.Tensor]] = {}  # model key -> (write, base values it replaced)
         self._base_crc: dict[tuple[str, str], int] = {}
 
     @property
@@ -212,7 +158,6 @@ class DeltaBank:
             pack = _load(Path(path), manifest, self.model.state_dict(keep_vars=True), self._base_crc)
         for write in pack.writes.values():
             write.index = self._shared_index(write)
-            write.prepare()
         self._packs[name] = pack
 
     def remove(self, name: str) -> None:
@@ -238,11 +183,11 @@ class DeltaBank:
             for key in reversed(list(self._applied)):
                 write, old = self._applied[key]
                 if key not in pack.writes or not write.same_positions(pack.writes[key]):
-                    write.restore_(old)
+                    write.put_(old)
                     del self._applied[key]
             for key, write in pack.writes.items():
                 if key in self._applied:
-                    write.rewrite_()
+                    write.put_(write.values)
                     self._applied[key] = (write, self._applied[key][1])
                 else:
                     self._applied[key] = (write, write.apply_())
@@ -257,7 +202,7 @@ class DeltaBank:
         for write, _ in self._applied.values():
             write.check()
         for write, old in reversed(self._applied.values()):
-            write.restore_(old)
+            write.put_(old)
         self._active, self._applied = None, {}
 
     @contextlib.contextmanager
@@ -322,13 +267,6 @@ class DeltaBank:
         finally:
             if previous is not None:
                 self.activate(previous)
-
-
-def _nb():
-    """The numba kernels' module (imported on the first switch, not with the bank)."""
-    from lifelong_delta.delta import _nb_kernels
-
-    return _nb_kernels
 
 
 def _crc32(tensor: torch.Tensor, code: str) -> int:
