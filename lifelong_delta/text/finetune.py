@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -416,6 +417,9 @@ def finetune(
     with outputs.atomic_dir(path) as tmp, _quiet_lightning():
         info, wall = _train(tmp, h, base, progress=progress, callbacks=callbacks)
         _write_json(tmp / INFO_FILE, info)
+    # Lightning's trainer and the module refer to each other: free the model and its optimiser state now, not at
+    # the next full collection, so that a loop of fine-tunes holds one at a time
+    gc.collect()
     print(
         f"{task}/{recipe}: val_acc {info['val_acc']:.4f} test_acc {info['test_acc']:.4f} in {wall / 60:.1f} min "
         f"-> {path}"
