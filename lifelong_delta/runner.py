@@ -7,6 +7,7 @@ command does without importing the command-line module (``lifelong_delta.cli``),
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -195,3 +196,6 @@ def fit_run(
         lightning_main(args)
     finally:
         sys.argv = argv
+        # the CLI, trainer and module refer to each other: free the run's model and optimiser state now, so that a
+        # study's loop of runs holds one at a time
+        gc.collect()

@@ -168,3 +168,21 @@ def test_summary_records_the_command_that_repeats_the_study(monkeypatch) -> None
     monkeypatch.setattr(mod, "cl_eval", record)
     main(shlex.split(cmd)[1:])
     assert {k: calls[0][k] for k in given} == given
+
+
+def test_a_study_holds_one_runs_model_at_a_time(tmp_path: Path) -> None:
+    """The CLI, trainer and module of a run refer to each other; with the automatic collector off, only ``fit_run``'s
+    own collection frees them, so a loop of runs does not keep every model and optimiser state."""
+    import gc
+    import weakref
+
+    from lifelong_delta.continual.module import ContinualModule
+
+    gc.collect()
+    gc.disable()
+    try:
+        cl_eval(methods=["ftpp"], seeds=[0, 1, 2], out_dir=str(tmp_path / "s"), override=["-c", str(_tiny(tmp_path))])
+        alive = [o for o in gc.get_objects() if type(o) not in weakref.ProxyTypes and isinstance(o, ContinualModule)]
+    finally:
+        gc.enable()
+    assert len(alive) <= 1  # the last run's, which Lightning still refers to; three without the collection
