@@ -70,6 +70,10 @@ def synthetic_models(root: Path) -> tuple[Path, dict[str, Path]]:
     return root / "base", {f"task{i}": root / f"task{i}" for i in range(TASKS)}
 
 
+def _all_saved(base: Path, finetunes: dict[str, Path]) -> bool:
+    return all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()])
+
+
 def pack_dirs(root: Path, finetunes: dict[str, Path], setting: str) -> dict[str, Path]:
     tag = "seed0" if SEEDS[setting](1) == 0 else "seedi"
     return {name: root / f"{name.replace('/', '-')}.{tag}.delta" for name in finetunes}
@@ -239,22 +243,20 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    root = args.keep or Path(tempfile.mkdtemp(prefix="delta_bank-"))
     base, finetunes = cached_models()
     models = args.models
     if models == "auto":
-        models = (
-            "cached" if all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]) else "synthetic"
-        )
-    if models == "cached" and not all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]):
+        models = "cached" if _all_saved(base, finetunes) else "synthetic"
+    if models == "cached" and not _all_saved(base, finetunes):
         raise SystemExit(
             "error: the ten MiniLM fine-tunes are not all cached; run `make finetune` or --models synthetic"
         )
+    root = args.keep or Path(tempfile.mkdtemp(prefix="delta_bank-"))
     try:
         t = time.perf_counter()
         if models == "synthetic":
             base, finetunes = synthetic_models(root)
-            if not all((d / "model.safetensors").is_file() for d in [base, *finetunes.values()]):
+            if not _all_saved(base, finetunes):
                 make_synthetic(root)
         make_packs(root, base, finetunes, args.p)
         print(f"({models} fine-tunes; made or found the models and their packs in {time.perf_counter() - t:.0f} s)")
