@@ -71,8 +71,8 @@ class _Write:
         view = self.view
         if self.index is None:
             view.copy_(src)
-        elif view.dim() == 1:  # scatter_ is 3x faster than index_copy_/index_put_ on CPU; it needs int64
-            view.scatter_(0, self.index.long(), src)
+        elif view.dim() == 1:  # scatter_ is 3x faster than index_copy_/index_put_ on CPU
+            view.scatter_(0, self.index, src)
         else:
             view.index_copy_(self.dim, self.index, src)
 
@@ -114,11 +114,12 @@ class DeltaBank:
     a fine-tune saved in another dtype than its base differs from unpack's output at the unchanged entries, which
     keep the model's base values. The reverted base is bit-identical in every case.
 
-    Memory: the base plus, per pack, its kept values and their positions (int32 where a tensor has fewer than
-    2**31 elements; a structural pack keeps only its row or column numbers) and its whole tensors, plus the base
-    values under the active pack. Nothing else is copied. Packs whose positions agree share them: DARE packs of
-    one seed (the default) keep the same entries of every tensor, so the bank holds their positions once, and
-    switching between them writes the new values over the old in one pass, the stashed base values staying put.
+    Memory: the base plus, per pack, its kept values and their positions (int64, the index type of ``scatter_``,
+    which a switch would otherwise convert each time; a structural pack keeps only its row or column numbers) and
+    its whole tensors, plus the base values under the active pack. Nothing else is copied. Packs whose positions
+    agree share them: DARE packs of one seed (the default) keep the same entries of every tensor, so the bank holds
+    their positions once, and switching between them writes the new values over the old in one pass, the stashed
+    base values staying put.
 
     Args:
         model: The base model (any ``torch.nn.Module``); its ``state_dict(keep_vars=True)`` names the tensors.
@@ -398,7 +399,7 @@ def _sparse_write(
             raise ValueError(
                 f"tensor {entry.name!r}: the pack holds {values.numel()} values, its mask keeps {len(flat)}"
             )
-        index = torch.from_numpy(flat.astype(np.int32 if numel < 2**31 else np.int64))
+        index = torch.from_numpy(flat.astype(np.int64))
     return _Write(
         key,
         tensor,
