@@ -24,12 +24,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_command import DEFAULT_CACHE, TIME, build_pair
+
+from lifelong_delta.outputs import make_temp_dir
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 SENTENCES = [
@@ -78,7 +79,7 @@ def main() -> None:
     pair = build_pair(args.cache_dir, args.size_gb, "bfloat16", "200MB", tied=args.tied)
     size_gb = pair.nbytes / 1e9
     goal_gb = 1.3 * size_gb + 1.0
-    work = Path(tempfile.mkdtemp(prefix="calibrated_rss-", dir=args.cache_dir))
+    work = make_temp_dir(args.cache_dir, ".calibrated_rss-")  # a killed run's folder goes on the next run
     try:
         ft = with_tokenizer(pair.ft, work)
         data = work / "calib.jsonl"

@@ -25,11 +25,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_command import DEFAULT_CACHE, RSS_NOTE, Command, build_pair, run_once, warm_page_cache
+
+from lifelong_delta.outputs import make_temp_dir
 
 CLI = str(Path(sys.executable).parent / "lifelong-delta")
 
@@ -63,7 +64,7 @@ def main() -> None:
         flush=True,
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    work = Path(tempfile.mkdtemp(prefix="pack-bench-", dir=args.cache_dir))
+    work = make_temp_dir(args.cache_dir, ".pack-bench-")  # a killed run's folder goes on the next run
     try:
         common = ["--base", str(pair.base), "--finetuned", str(pair.ft), "--p", str(args.p), "--progress", "false"]
         cmds = [Command("cp -r FT", ["cp", "-r", str(pair.ft), str(work / "copy")], "cp", work / "copy")]

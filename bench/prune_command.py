@@ -55,12 +55,13 @@ import statistics
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from lifelong_delta.outputs import TEMP_MARKER, make_temp_dir
 
 PROJECT_VENV_BIN = Path(sys.executable).parent
 DEFAULT_CACHE = Path.home() / ".cache" / "lifelong_delta" / "bench"
@@ -144,7 +145,7 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+    tmp = make_temp_dir(cache_dir, f".{key}.tmp-")  # a killed build's folder goes on the next run
     try:
         torch.manual_seed(0)
         config = LlamaConfig(**shape, tie_word_embeddings=tied, max_position_embeddings=4096)
@@ -167,6 +168,7 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
             )
             + "\n"
         )
+        (tmp / TEMP_MARKER).unlink()
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -533,7 +535,7 @@ def main() -> None:
     if free_gb < need_gb:
         sys.exit(f"error: {args.cache_dir} has {free_gb:.1f} GB free; the outputs need about {need_gb:.1f} GB")
 
-    work = Path(tempfile.mkdtemp(prefix="prune_command-", dir=args.work_dir or args.cache_dir))
+    work = make_temp_dir(args.work_dir or args.cache_dir, ".prune_command-")
     try:
         cmds = commands_for(pairs, work, mergekit, shlex.split(args.mergekit_args))
         warm_page_cache(*[d for p in pairs for d in (p.base, p.ft)])
