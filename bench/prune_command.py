@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from lifelong_delta.outputs import TEMP_MARKER, make_temp_dir
+from lifelong_delta.outputs import atomic_dir, make_temp_dir
 
 PROJECT_VENV_BIN = Path(sys.executable).parent
 DEFAULT_CACHE = Path.home() / ".cache" / "lifelong_delta" / "bench"
@@ -143,10 +143,8 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
 
     hf_logging.disable_progress_bar()
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = make_temp_dir(cache_dir, f".{key}.tmp-")  # a killed build's folder goes on the next run
-    try:
+    with atomic_dir(root) as tmp:  # a killed build's folder goes on the next run
         torch.manual_seed(0)
         config = LlamaConfig(**shape, tie_word_embeddings=tied, max_position_embeddings=4096)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -168,10 +166,6 @@ def build_pair(cache_dir: Path, size_gb: float, dtype_name: str, shard: str, tie
             )
             + "\n"
         )
-        (tmp / TEMP_MARKER).unlink()
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Pair(
         dtype_name,
         root / "base",
