@@ -141,18 +141,9 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
     the same entries."""
     ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
     from lifelong_delta.delta.bank import DeltaBank
-    from lifelong_delta.delta.pack_format import pack_size, read_manifest
+    from lifelong_delta.delta.pack_format import pack_size
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    itemsize = {k: v.element_size() for k, v in original.items()}
-    values = {
-        task: sum(
-            e.kept * itemsize[e.base_name]
-            for e in read_manifest(pack).tensors
-            if e.kind == "mask" and e.base_name is not None
-        )
-        for task, pack in packs.items()
-    }
     rss = rss_mib()
     bank = DeltaBank(model)
     adds = []
@@ -176,7 +167,8 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
                 switches.append(dt)
                 # shared positions: the new values written over the old; else the old entries written back, then
                 # the base under the new ones read and the new values written
-                written.append(values[task] + (0 if shared else values[names[i - 1]] + values[task]))
+                new, old = bank.write_bytes(task), bank.write_bytes(names[i - 1])
+                written.append(new + (0 if shared else old + new))
     t = time.perf_counter()
     bank.deactivate()
     revert = time.perf_counter() - t

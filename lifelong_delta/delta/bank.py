@@ -3,8 +3,9 @@
 One model holds the base weights. Each pack (``lifelong-delta pack``, :mod:`lifelong_delta.delta.pack`) is read
 once into memory as, per tensor, the flat positions it changes and the values ``prune`` wrote there. Activating a
 fine-tune stashes the base values at those positions and writes the pack's values over them, in place; reverting
-writes the stash back. Only the kept entries are touched, no second copy of the model is made, and the reverted base
-is bit-identical to the original however many switches came before::
+writes the stash back. Only kept entries are touched, and of those only the ones where a pack's value differs from
+the base (a fine-tune leaves most word-embedding rows as they were); no second copy of the model is made, and the
+reverted base is bit-identical to the original however many switches came before::
 
     bank = DeltaBank(model)                  # model: the base the packs were made against
     bank.add("trec", "trec.delta")
@@ -48,10 +49,22 @@ __all__ = ["DeltaBank"]
 
 
 @dataclass
+class _Positions:
+    """The flat positions that one or more packs keep in a tensor (``kept``, int64) and the ones the bank writes:
+    ``index = kept[written]``, where at least one of these packs holds other bits than the base. Packs of one mask
+    (DARE packs of one seed and p) share one :class:`_Positions`, so a switch between them writes values only."""
+
+    kept: torch.Tensor
+    written: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
 class _Write:
     """One in-place write of a pack into the model's tensor ``key``: ``values`` go to ``index`` along ``dim`` of
     ``view`` (the flat tensor for element-wise masks, its ``[rows, -1]`` matrix for structural ones); ``index``
-    None replaces the whole tensor."""
+    None replaces the whole tensor. An element-wise write's ``positions`` say which of its kept entries it
+    writes."""
 
     key: str
     tensor: torch.Tensor
@@ -59,6 +72,7 @@ class _Write:
     dim: int
     index: torch.Tensor | None
     values: torch.Tensor
+    positions: _Positions | None = None
 
     def apply_(self) -> torch.Tensor:
         """Write the values into the model's tensor (in place); returns what they replaced."""
@@ -97,7 +111,8 @@ class _Pack:
     def tensors(self) -> list[torch.Tensor]:
         """What the bank holds for this pack."""
         held = [w.values for w in self.writes.values()] + list(self.extra.values())
-        return held + [w.index for w in self.writes.values() if w.index is not None]
+        held += [w.index for w in self.writes.values() if w.index is not None]
+        return held + [t for w in self.writes.values() if w.positions for t in (w.positions.kept, w.positions.written)]
 
 
 class DeltaBank:
@@ -115,11 +130,13 @@ class DeltaBank:
     keep the model's base values. The reverted base is bit-identical in every case.
 
     Memory: the base plus, per pack, its kept values and their positions (int64, the index type of ``scatter_``,
-    which a switch would otherwise convert each time; a structural pack keeps only its row or column numbers) and
-    its whole tensors, plus the base values under the active pack. Nothing else is copied. Packs whose positions
-    agree share them: DARE packs of one seed (the default) keep the same entries of every tensor, so the bank holds
-    their positions once, and switching between them writes the new values over the old in one pass, the stashed
-    base values staying put.
+    which a switch would otherwise convert each time, and one byte per kept entry saying whether it is written; a
+    structural pack keeps only its row or column numbers) and its whole tensors, plus the base values under the
+    active pack. Nothing else is copied. Packs whose positions agree share them: DARE packs of one seed (the
+    default) keep the same entries of every tensor, so the bank holds their positions once, and switching between
+    them writes the new values over the old in one pass, the stashed base values staying put. A kept entry where
+    every pack sharing it holds the base's bits (a word-embedding row no fine-tuning text used, with weight decay 0)
+    is never written, and its values are not held.
 
     Args:
         model: The base model (any ``torch.nn.Module``); its ``state_dict(keep_vars=True)`` names the tensors.
@@ -157,8 +174,8 @@ class DeltaBank:
         manifest = read_manifest(path)
         with self._base_state():
             pack = _load(Path(path), manifest, self.model.state_dict(keep_vars=True), self._base_crc)
-        for write in pack.writes.values():
-            write.index = self._shared_index(write)
+            for write in pack.writes.values():
+                self._share(write)
         self._packs[name] = pack
 
     def remove(self, name: str) -> None:
@@ -236,6 +253,11 @@ class DeltaBank:
         held = {id(t): t for pack in packs for t in pack.tensors()}
         return sum(t.nbytes for t in held.values())
 
+    def write_bytes(self, name: str) -> int:
+        """Bytes of values that activating ``name`` from the base writes into the model: its kept entries where it,
+        or a pack sharing its positions, differs from the base, and the whole tensors it swaps in."""
+        return sum(w.values.nbytes for w in self._pack(name).writes.values())
+
     def _pack(self, name: str) -> _Pack:
         try:
             return self._packs[name]
@@ -243,21 +265,42 @@ class DeltaBank:
             known = ", ".join(self._packs) or "none; add one with bank.add(name, path)"
             raise ValueError(f"the bank has no pack named {name!r} (it has {known})") from None
 
-    def _shared_index(self, write: _Write) -> torch.Tensor | None:
-        """The positions of ``write`` as held for another pack, if one writes the same; else its own."""
+    def _share(self, write: _Write) -> None:
+        """Point a new write at the positions another pack holds, if it writes the same. An element-wise write
+        joins the :class:`_Positions` of its kept entries (made if none has them) and keeps only the values at
+        the written ones; where it differs from the base at an entry no earlier pack wrote, that entry is
+        written from now on, and the earlier packs' values there (the base's) are filled in. Runs with the
+        model at the base."""
         if write.index is None:
-            return None
-        for pack in self._packs.values():
-            other = pack.writes.get(write.key)
-            if (
-                other is not None
-                and other.index is not None
-                and other.dim == write.dim
-                and other.index.shape == write.index.shape
-                and torch.equal(other.index, write.index)
-            ):
-                return other.index
-        return write.index
+            return
+        others = [
+            o
+            for p in self._packs.values()
+            if (o := p.writes.get(write.key)) is not None and o.dim == write.dim and o.view.shape == write.view.shape
+        ]
+        if write.view.dim() > 1:
+            for other in others:
+                if other.index is not None and _equal(other.index, write.index):
+                    write.index = other.index
+                    return
+            return
+        base = write.view.index_select(0, write.index)
+        differs = _bits(write.values) != _bits(base)
+        group = next((o.positions for o in others if o.positions and _equal(o.positions.kept, write.index)), None)
+        if group is None:
+            group = _Positions(write.index, differs, write.index[differs])
+        elif bool((differs & ~group.written).any()):
+            written = group.written | differs
+            for other in others:
+                if other.positions is group:
+                    full = base.clone()
+                    full[group.written] = other.values
+                    other.values = full[written]
+            group.written, group.index = written, group.kept[written]
+            for other in others:
+                if other.positions is group:
+                    other.index = group.index
+        write.positions, write.index, write.values = group, group.index, write.values[group.written]
 
     @contextlib.contextmanager
     def _base_state(self) -> Iterator[None]:
@@ -268,6 +311,15 @@ class DeltaBank:
         finally:
             if previous is not None:
                 self.activate(previous)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as integers of its width, so that comparing tells bit patterns apart (-0.0 from 0.0, NaNs)."""
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
 
 
 def _crc32(tensor: torch.Tensor, code: str) -> int:

@@ -354,3 +354,59 @@ def test_a_pack_writing_both_of_two_tied_weights_is_refused(pairs, tmp_path):
     )
     with pytest.raises(ValueError, match="share memory in the model"):
         DeltaBank(model).add("ft", tmp_path / "t.delta")
+
+
+def _rows_finetune(root: Path, name: str, rows: slice, seed: int) -> None:
+    """``root/name``: the base with only the word-embedding ``rows`` and the classifier changed (as a fine-tune
+    with weight decay 0 leaves the rows of tokens its text never used)."""
+    model = _model(root / "base")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.bert.embeddings.word_embeddings.weight
+        emb[rows] += 0.02 * torch.randn(emb[rows].shape, generator=g)
+        model.classifier.weight += 0.02 * torch.randn(model.classifier.weight.shape, generator=g)
+    model.save_pretrained(root / name)
+
+
+def _changed(root: Path, pack: Path, model: torch.nn.Module) -> int:
+    """Entries where unpack's output differs from the base in its bits."""
+    state = model.state_dict()
+    return sum(
+        int((_bits(v) != _bits(state[k])).view(-1, v.element_size()).any(1).sum())
+        for k, v in _unpacked(root, pack).items()
+    )
+
+
+@pytest.mark.parametrize("seeds", [(0, 0), (0, 1)], ids=["shared-positions", "own-positions"])
+def test_kept_entries_where_no_pack_differs_from_the_base_are_not_written(pairs, seeds):
+    root = pairs("bert")
+    for name, rows, seed in (("rows-a", slice(100, 140), 1), ("rows-b", slice(120, 180), 2)):
+        if not (root / name).exists():
+            _rows_finetune(root, name, rows, seed)
+    packs = {}
+    for name, s in zip(("rows-a", "rows-b"), seeds):
+        packs[name] = root / f"{name}-{s}.delta"
+        if not packs[name].exists():
+            _pack(root, packs[name].name, "--p", "0.5", "--seed", str(s), finetuned=name)
+    model = _model(root / "base")
+    original = _snapshot(model)
+    changed = {name: _changed(root, pack, model) for name, pack in packs.items()}
+    kept = sum(e.numel() for e in original.values() if e.is_floating_point()) // 2
+    assert 0 < changed["rows-a"] < kept // 100
+
+    bank = DeltaBank(model)
+    bank.add("rows-a", packs["rows-a"])
+    assert bank.write_bytes("rows-a") == 4 * changed["rows-a"]
+    bank.activate("rows-a")
+    bank.add("rows-b", packs["rows-b"])  # rows 140-179 of b: entries a never wrote, now written for a as well
+    assert bank.active == "rows-a"
+    if seeds[0] == seeds[1]:
+        both = bank.write_bytes("rows-a")
+        assert both == bank.write_bytes("rows-b") > 4 * max(changed.values())
+    else:
+        assert bank.write_bytes("rows-b") == 4 * changed["rows-b"]
+    for name in ("rows-a", "rows-b", "rows-a", "rows-b"):
+        bank.activate(name)
+        assert _differing(model, _unpacked(root, packs[name])) == [], name
+    bank.deactivate()
+    assert _differing(model, original) == []
