@@ -132,6 +132,14 @@ def use_words() -> bool:
     return _words is not None and not _torch_chosen()
 
 
+def store_at(addresses: object, values: object, width: int, gather: bool = False) -> None:
+    """Store ``values[i]`` (``width``-byte words) at the byte address ``addresses[i]`` (int64), or with ``gather``
+    load them from there, in one call of the compiled kernel (:func:`use_words` must hold). The addresses must
+    point into live, writable memory: :class:`~lifelong_delta.delta.bank.DeltaBank` builds them from its tensors."""
+    assert _words is not None
+    _words.store_at(addresses, values, width, gather)
+
+
 _SPLIT_FROM = 1 << 18  # ranges this long are split between two threads
 _pool: tuple[int, object] | None = None  # (pid, ThreadPoolExecutor): a forked child makes its own
 

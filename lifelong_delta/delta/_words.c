@@ -674,7 +674,52 @@ static PyObject *convert(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* DeltaBank's switch: store values[i] at the byte address addresses[i], or (gather) load it from there, for
+ * width-byte words. The addresses point into live tensors of one model (the bank builds them from the tensors'
+ * data_ptr and checks before every call that no tensor moved), so one call replaces a scatter per tensor. */
+#define STORE_AT(T)                                                                                          \
+    do {                                                                                                     \
+        T *val = (T *)v.buf;                                                                                 \
+        if (gather)                                                                                          \
+            for (Py_ssize_t i = 0; i < n; i++) val[i] = *(const T *)(intptr_t)at[i];                         \
+        else                                                                                                 \
+            for (Py_ssize_t i = 0; i < n; i++) *(T *)(intptr_t)at[i] = val[i];                               \
+    } while (0)
+
+static PyObject *store_at(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *ao, *vo;
+    int width, gather;
+    if (!PyArg_ParseTuple(args, "OOip", &ao, &vo, &width, &gather)) return NULL;
+    Py_buffer a, v;
+    if (PyObject_GetBuffer(ao, &a, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(vo, &v, gather ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    Py_ssize_t n = a.len / 8;
+    if (a.len % 8 || (width != 2 && width != 4 && width != 8) || v.len != n * width) {
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "store_at needs int64 addresses and as many 2-, 4- or 8-byte values");
+        return NULL;
+    }
+    const int64_t *at = (const int64_t *)a.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (width == 2)
+        STORE_AT(uint16_t);
+    else if (width == 4)
+        STORE_AT(uint32_t);
+    else
+        STORE_AT(uint64_t);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"store_at", store_at, METH_VARARGS, "store_at(addresses, values, width, gather): values[i] to (or, gather, "
+     "from) the byte address addresses[i], width-byte words; DeltaBank's one-call switch."},
     {"select", select_kept, METH_VARARGS, "select(size, src, dst, values, k0, k1, lo0, thresh) -> kept count: "
      "gather (values None) or scatter the kept words of one range (see the module source)."},
     {"merge", merge, METH_VARARGS, "merge(kind, base, ft, out, k0, k1, lo0, thresh, scale) -> (nnz_before, "

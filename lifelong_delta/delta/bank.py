@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lifelong_delta.delta import _kernels
 from lifelong_delta.delta.dtypes import dtype_name, torch_dtype
 from lifelong_delta.delta.io import CheckpointReader
 from lifelong_delta.delta.pack_format import (
@@ -48,7 +49,7 @@ from lifelong_delta.delta.pack_format import (
 __all__ = ["DeltaBank"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Positions:
     """The flat positions that one or more packs keep in a tensor (``kept``, int64) and the ones the bank writes:
     ``index = kept[written]``, where at least one of these packs holds other bits than the base. Packs of one mask
@@ -103,16 +104,51 @@ class _Write:
             )
 
 
+@dataclass(eq=False)
+class _Flat:
+    """A pack's element-wise writes into CPU tensors as one call of the compiled kernel
+    (:func:`~lifelong_delta.delta._kernels.store_at`) instead of a ``scatter_`` per tensor: the byte address of
+    every written entry, write after write (shared by the packs of the same :class:`_Positions`), and the values as
+    integers of their width (each write's ``values`` are views into them)."""
+
+    writes: list[_Write]
+    keys: frozenset[str]
+    addresses: np.ndarray
+    values: np.ndarray
+    pointers: list[int]  # each write's view.data_ptr() when the addresses were made
+
+    def check(self) -> None:
+        """Raises ValueError if a tensor moved (also in place, e.g. a storage resized) since the addresses."""
+        for write, pointer in zip(self.writes, self.pointers, strict=True):
+            write.check()
+            if write.view.data_ptr() != pointer:
+                raise ValueError(
+                    f"tensor {write.key!r} of the model moved after bank.add (its storage was reallocated); "
+                    "make the bank after moving the model"
+                )
+
+    def store(self, values: np.ndarray) -> None:
+        _kernels.store_at(self.addresses, values, values.itemsize)
+
+    def gather(self) -> np.ndarray:
+        out = np.empty_like(self.values)
+        _kernels.store_at(self.addresses, out, out.itemsize, gather=True)
+        return out
+
+
 @dataclass
 class _Pack:
     writes: dict[str, _Write]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    flat: _Flat | None = None
+    flat_ready: bool = False  # flat is built (None: the writes are not for one call)
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor | np.ndarray]:
         """What the bank holds for this pack."""
-        held = [w.values for w in self.writes.values()] + list(self.extra.values())
-        held += [w.index for w in self.writes.values() if w.index is not None]
-        return held + [t for w in self.writes.values() if w.positions for t in (w.positions.kept, w.positions.written)]
+        held: list[torch.Tensor | np.ndarray] = [w.values for w in self.writes.values()]
+        held += list(self.extra.values()) + [w.index for w in self.writes.values() if w.index is not None]
+        held += [t for w in self.writes.values() if w.positions for t in (w.positions.kept, w.positions.written)]
+        return held + ([self.flat.addresses] if self.flat else [])
 
 
 class DeltaBank:
@@ -147,6 +183,8 @@ class DeltaBank:
         self._packs: dict[str, _Pack] = {}
         self._active: str | None = None
         self._applied: dict[str, tuple[_Write, torch.Tensor]] = {}  # model key -> (write, base values it replaced)
+        self._flat_applied: tuple[_Flat, np.ndarray] | None = None  # (flat, base values it replaced)
+        self._addresses: dict[tuple[_Positions, ...], np.ndarray] = {}
         self._base_crc: dict[tuple[str, str], int] = {}
 
     @property
@@ -176,6 +214,9 @@ class DeltaBank:
             pack = _load(Path(path), manifest, self.model.state_dict(keep_vars=True), self._base_crc)
             for write in pack.writes.values():
                 self._share(write)
+            for other in self._packs.values():  # values may have moved to new tensors: build the calls again
+                other.flat, other.flat_ready = None, False
+            self._addresses.clear()
         self._packs[name] = pack
 
     def remove(self, name: str) -> None:
@@ -184,6 +225,8 @@ class DeltaBank:
         if self._active == name:
             self.deactivate()
         del self._packs[name]
+        used = {id(p.flat.addresses) for p in self._packs.values() if p.flat is not None}
+        self._addresses = {g: a for g, a in self._addresses.items() if id(a) in used}
 
     @torch.no_grad()
     def activate(self, name: str) -> None:
@@ -193,17 +236,30 @@ class DeltaBank:
         pack = self._pack(name)
         if self._active == name:
             return
-        for write, _ in self._applied.values():
-            write.check()
-        for write in pack.writes.values():
-            write.check()
+        flat = self._flat(pack)
+        self._check(pack)
         try:
+            if self._flat_applied is not None and (
+                flat is None or flat.addresses is not self._flat_applied[0].addresses
+            ):
+                self._flat_applied[0].store(self._flat_applied[1])
+                self._flat_applied = None
             for key in reversed(list(self._applied)):
                 write, old = self._applied[key]
-                if key not in pack.writes or not write.same_positions(pack.writes[key]):
+                if (
+                    key not in pack.writes
+                    or (flat is not None and key in flat.keys)
+                    or not write.same_positions(pack.writes[key])
+                ):
                     write.put_(old)
                     del self._applied[key]
+            if flat is not None:
+                stash = self._flat_applied[1] if self._flat_applied is not None else flat.gather()
+                flat.store(flat.values)
+                self._flat_applied = (flat, stash)
             for key, write in pack.writes.items():
+                if flat is not None and key in flat.keys:
+                    continue
                 if key in self._applied:
                     write.put_(write.values)
                     self._applied[key] = (write, self._applied[key][1])
@@ -217,11 +273,55 @@ class DeltaBank:
     @torch.no_grad()
     def deactivate(self) -> None:
         """Write the base values back under the active pack, in place (a no-op when none is active)."""
-        for write, _ in self._applied.values():
-            write.check()
+        self._check()
+        if self._flat_applied is not None:
+            self._flat_applied[0].store(self._flat_applied[1])
         for write, old in reversed(self._applied.values()):
             write.put_(old)
-        self._active, self._applied = None, {}
+        self._active, self._applied, self._flat_applied = None, {}, None
+
+    def _check(self, pack: _Pack | None = None) -> None:
+        """Raises ValueError if a tensor that the applied writes or ``pack``'s writes go to has moved."""
+        for write, _ in self._applied.values():
+            write.check()
+        if self._flat_applied is not None:
+            self._flat_applied[0].check()
+        for write in pack.writes.values() if pack is not None else ():
+            write.check()
+        if pack is not None and pack.flat is not None:
+            pack.flat.check()
+
+    def _flat(self, pack: _Pack) -> _Flat | None:
+        """``pack``'s element-wise writes as one call, built on first use; None when the compiled kernel is off
+        (LIFELONG_DELTA_BACKEND=torch, or not built), or they are not all CPU tensors of one width."""
+        if pack.flat_ready:
+            return pack.flat
+        pack.flat_ready = True
+        writes = [w for w in pack.writes.values() if w.positions is not None]
+        widths = {w.values.element_size() for w in writes}
+        if not writes or not _kernels.use_words() or any(w.view.device.type != "cpu" for w in writes):
+            return None
+        if len(widths) != 1 or not widths <= {2, 4, 8}:
+            return None
+        groups = tuple(w.positions for w in writes if w.positions is not None)
+        if groups not in self._addresses:
+            self._addresses[groups] = np.concatenate(
+                [(w.view.data_ptr() + w.index.cpu() * w.view.element_size()).numpy() for w in writes]
+            )
+        as_int = _INT_OF_WIDTH[widths.pop()]
+        values = torch.cat([w.values.view(as_int) for w in writes])
+        offset = 0
+        for w in writes:
+            w.values = values[offset : offset + w.values.numel()].view(w.values.dtype)
+            offset += w.values.numel()
+        pack.flat = _Flat(
+            writes,
+            frozenset(w.key for w in writes),
+            self._addresses[groups],
+            values.numpy(),
+            [w.view.data_ptr() for w in writes],
+        )
+        return pack.flat
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[torch.nn.Module]:
@@ -317,9 +417,12 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as integers of its width, so that comparing tells bit patterns apart (-0.0 from 0.0, NaNs)."""
-    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+    return tensor.view(_INT_OF_WIDTH[tensor.element_size()])
 
 
 def _crc32(tensor: torch.Tensor, code: str) -> int:

@@ -54,6 +54,9 @@ def pairs(tmp_path_factory):
 
 
 def _pack(root: Path, out: str, *flags: str, finetuned: str = "ft") -> Path:
+    """``root/out``, packed from ``root/base`` and ``root/finetuned`` unless an earlier test of the module did."""
+    if (root / out).exists():
+        return root / out
     main(
         [
             "pack",
@@ -142,7 +145,19 @@ def test_active_model_is_unpack_output_bit_for_bit(pairs, kind, flags):
     assert _differing(model, original) == []
 
 
-def test_base_is_bit_identical_after_1000_switches(pairs):
+@pytest.fixture(params=["store_at", "scatter"])
+def switch_path(request):
+    """Each test runs with the one-call switch of the compiled kernel and with torch's scatter per tensor."""
+    from lifelong_delta.delta import _kernels
+
+    if request.param == "store_at" and not _kernels.use_words():
+        pytest.skip("the compiled kernel is not built")
+    _kernels.set_backend("auto" if request.param == "store_at" else "torch")
+    yield request.param
+    _kernels.set_backend("auto")
+
+
+def test_base_is_bit_identical_after_1000_switches(pairs, switch_path):
     root = pairs("bert")
     packs = {
         "dare": _pack(root, "s-dare.delta", "--method", "dare", "--p", "0.9", "--exclude", "classifier.*"),
@@ -157,6 +172,8 @@ def test_base_is_bit_identical_after_1000_switches(pairs):
         bank.add(name, pack)
     # dare and darex-q of one seed and p keep the same entries: their positions are held once
     assert bank.nbytes() < sum(bank.nbytes(name) for name in packs)
+    bank.activate("dare")
+    assert (bank._packs["dare"].flat is not None) == (switch_path == "store_at")
     rng = random.Random(0)
     for _ in range(1000):
         step = rng.random()
@@ -218,6 +235,27 @@ def test_errors_are_one_line_value_errors(pairs):
         bank.add("x", root / "base")
     bank.model.double()
     with pytest.raises(ValueError, match="moved after bank.add"):
+        bank.activate("ft")
+
+
+def test_a_storage_reallocated_in_place_is_refused(pairs):
+    """The one-call switch writes to addresses: a storage that moved under the same tensor is an error, not a
+    write to freed memory (a bf16 pack on an fp32 model: its base CRC is taken on a cast, so the storage stays
+    resizable)."""
+    import transformers
+
+    root = pairs("bert-bf16")
+    pack = _pack(root, "realloc.delta", "--method", "dare", "--p", "0.9")
+    model = transformers.BertForSequenceClassification.from_pretrained(root / "base", dtype=torch.float32).eval()
+    weight = model.bert.encoder.layer[0].output.dense.weight
+    weight.data = weight.data.clone()  # the loaded storage maps the file and cannot be resized
+    bank = DeltaBank(model)
+    bank.add("ft", pack)
+    bank.activate("ft")
+    bank.deactivate()
+    storage = weight.untyped_storage()
+    storage.resize_(storage.nbytes() + 64)  # a new allocation (the old one is copied before it is freed)
+    with pytest.raises(ValueError, match="storage was reallocated"):
         bank.activate("ft")
 
 
@@ -378,16 +416,15 @@ def _changed(root: Path, pack: Path, model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("seeds", [(0, 0), (0, 1)], ids=["shared-positions", "own-positions"])
-def test_kept_entries_where_no_pack_differs_from_the_base_are_not_written(pairs, seeds):
+def test_kept_entries_where_no_pack_differs_from_the_base_are_not_written(pairs, seeds, switch_path):
     root = pairs("bert")
     for name, rows, seed in (("rows-a", slice(100, 140), 1), ("rows-b", slice(120, 180), 2)):
         if not (root / name).exists():
             _rows_finetune(root, name, rows, seed)
-    packs = {}
-    for name, s in zip(("rows-a", "rows-b"), seeds):
-        packs[name] = root / f"{name}-{s}.delta"
-        if not packs[name].exists():
-            _pack(root, packs[name].name, "--p", "0.5", "--seed", str(s), finetuned=name)
+    packs = {
+        name: _pack(root, f"{name}-{s}.delta", "--p", "0.5", "--seed", str(s), finetuned=name)
+        for name, s in zip(("rows-a", "rows-b"), seeds)
+    }
     model = _model(root / "base")
     original = _snapshot(model)
     changed = {name: _changed(root, pack, model) for name, pack in packs.items()}

@@ -121,9 +121,10 @@ def test_numba_and_torch_agree_bit_for_bit():
 
 
 @pytest.mark.skipif(not masks.numba_available(), reason="numba not installed")
-def test_the_compiled_torch_path_gives_the_numba_bits():
+def test_the_compiled_torch_path_gives_the_numba_bits(tmp_path, monkeypatch):
     """``set_backend("compile")``: the hash as one ``torch.compile`` graph (C++ here, Triton on a GPU), for masks,
     uniforms and merges, across a 2**32 counter segment, equals numba bit for bit; one graph serves every key."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # 0.3 GB, not left in /tmp
     from lifelong_delta.delta import _torch_kernels
     from lifelong_delta.delta.dare import dare_merge
 
