@@ -388,7 +388,7 @@ class DeltaBank:
         differs = _bits(write.values) != _bits(base)
         group = next((o.positions for o in others if o.positions and _equal(o.positions.kept, write.index)), None)
         if group is None:
-            group = _Positions(write.index, differs, write.index[differs])
+            group = _Positions(write.index, differs, _subset(write.index, differs))
         elif bool((differs & ~group.written).any()):
             written = group.written | differs
             for other in others:
@@ -396,7 +396,7 @@ class DeltaBank:
                     full = base.clone()
                     full[group.written] = other.values
                     other.values = full[written]
-            group.written, group.index = written, group.kept[written]
+            group.written, group.index = written, _subset(group.kept, written)
             for other in others:
                 if other.positions is group:
                     other.index = group.index
@@ -418,6 +418,11 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _subset(kept: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """``kept[written]``; ``kept`` itself when every entry is written (held once)."""
+    return kept if bool(written.all()) else kept[written]
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
