@@ -37,6 +37,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +45,25 @@ import torch
 TASKS = 10
 GOAL = 20.0
 SEEDS = {"one seed (default)": lambda i: 0, "ten seeds": lambda i: i}
+
+
+def timed_switches(
+    bank: object, model: torch.nn.Module, names: list[str], rounds: int
+) -> Iterator[tuple[int, str, float, bool]]:
+    """``(i, name, seconds, after_forward)`` of each timed ``bank.activate(names[i])``: cycling through ``names``,
+    a warm-up pass (untimed), ``rounds`` passes back to back, then ``rounds`` passes with an untimed forward pass of
+    8 x 64 tokens before each switch."""
+    ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
+    for round_ in range(2 * rounds + 1):
+        for i, name in enumerate(names):
+            if round_ > rounds:
+                with torch.no_grad():
+                    model(ids)
+            t = time.perf_counter()
+            bank.activate(name)  # type: ignore[attr-defined]
+            dt = time.perf_counter() - t
+            if round_:
+                yield i, name, dt, round_ > rounds
 
 
 def rss_mib() -> float:
@@ -139,7 +159,6 @@ def make_packs(root: Path, base: Path, finetunes: dict[str, Path], p: float) -> 
 def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, shared: bool) -> dict[str, float]:
     """Times, bytes and RSS of a bank of ``packs`` on ``model`` (left at the base); ``shared``: the packs keep
     the same entries."""
-    ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
     from lifelong_delta.delta.bank import DeltaBank
     from lifelong_delta.delta.pack_format import pack_size
 
@@ -153,22 +172,15 @@ def measure_bank(model: torch.nn.Module, packs: dict[str, Path], rounds: int, sh
         adds.append(time.perf_counter() - t)
     rss_added = rss_mib()
     names, switches, cold, written = list(packs), [], [], []
-    for round_ in range(2 * rounds + 1):
-        for i, task in enumerate(names):
-            if round_ > rounds:
-                with torch.no_grad():
-                    model(ids)
-            t = time.perf_counter()
-            bank.activate(task)
-            dt = time.perf_counter() - t
-            if round_ > rounds:
-                cold.append(dt)
-            elif round_:  # the first pass warms up
-                switches.append(dt)
-                # shared positions: the new values written over the old; else the old entries written back, then
-                # the base under the new ones read and the new values written
-                new, old = bank.write_bytes(task), bank.write_bytes(names[i - 1])
-                written.append(new + (0 if shared else old + new))
+    for i, task, dt, after_forward in timed_switches(bank, model, names, rounds):
+        if after_forward:
+            cold.append(dt)
+        else:
+            switches.append(dt)
+            # shared positions: the new values written over the old; else the old entries written back, then the
+            # base under the new ones read and the new values written
+            new, old = bank.write_bytes(task), bank.write_bytes(names[i - 1])
+            written.append(new + (0 if shared else old + new))
     t = time.perf_counter()
     bank.deactivate()
     revert = time.perf_counter() - t

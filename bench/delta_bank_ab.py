@@ -18,10 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from delta_bank import timed_switches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,23 +48,13 @@ def bank_at(commit: str, folder: Path) -> type:
 
 def cycle(bank_class: type, model: torch.nn.Module, packs: list[Path], rounds: int) -> tuple[list[float], list[float]]:
     """Seconds per ``activate``: back to back (after a warm-up pass), and after a forward pass."""
-    ids = torch.randint(1000, 5000, (8, 64), generator=torch.Generator().manual_seed(0))
     bank = bank_class(model)
     for pack in packs:
         bank.add(pack.name, pack)
-    warm, cold = [], []
-    for round_ in range(2 * rounds + 1):
-        for name in bank.names:
-            if round_ > rounds:
-                with torch.no_grad():
-                    model(ids)
-            t = time.perf_counter()
-            bank.activate(name)
-            dt = time.perf_counter() - t
-            if round_ > rounds:
-                cold.append(dt)
-            elif round_:
-                warm.append(dt)
+    warm: list[float] = []
+    cold: list[float] = []
+    for _, _, dt, after_forward in timed_switches(bank, model, bank.names, rounds):
+        (cold if after_forward else warm).append(dt)
     bank.deactivate()
     return warm, cold
 
