@@ -1,6 +1,7 @@
 """Shared test set-up: offline hubs, few threads, deterministic algorithms where cheap."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,6 +24,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``module_tmp(name)``: ``tmp_path_factory.mktemp(name)`` for a module-scoped fixture, removed when the module's
+    tests are done (kept if one failed), so that the suite's fine-tunes do not all sit on disk at once."""
+    made = []
+
+    def mktemp(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    failed = _failed_before()
+    yield mktemp
+    if _failed_before() == failed:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_failures = [0]
+
+
+def _failed_before() -> int:
+    return _failures[0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _failures[0] += 1
+    return report
 
 
 @pytest.fixture(autouse=True)

@@ -40,9 +40,9 @@ _PAIRS = {
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+def pairs(module_tmp):
     """``pairs(kind)``: the directory holding ``base`` and ``ft`` of a tiny model pair, built once per module."""
-    root, made = tmp_path_factory.mktemp("bank"), set()
+    root, made = module_tmp("bank"), set()
 
     def get(kind: str) -> Path:
         if kind not in made:

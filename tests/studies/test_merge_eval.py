@@ -36,11 +36,11 @@ def _save(model, path, task):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(module_tmp):
     """``<task>/base`` (one random encoder, a head per task) and ``<task>/adamw`` (encoder and head + noise)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    root = tmp_path_factory.mktemp("finetunes")
+    root = module_tmp("finetunes")
     torch.manual_seed(0)
     encoder = None
     for task, k in LABELS.items():
@@ -66,8 +66,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def study(cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merge_eval")
+def study(cache, module_tmp):
+    out = module_tmp("merge_eval")
     return out, merge_eval(cache_dir=str(cache), out=str(out), recipes=["adamw"], **RUN)
 
 

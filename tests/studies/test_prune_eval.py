@@ -143,12 +143,12 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(module_tmp):
     """A tiny AdamW fine-tune, a LoRA fine-tune of the same base (random B, no training), and the study."""
     from lifelong_delta.text.finetune import finetune, finetune_dir
     from lifelong_delta.text.module import SequenceClassifier
 
-    cache = tmp_path_factory.mktemp("finetunes")
+    cache = module_tmp("finetunes")
     finetune("trec", "adamw", cache_dir=str(cache), **TINY)
     torch.manual_seed(0)
     lora = SequenceClassifier(model_dir=str(finetune_dir("trec", "base", cache)), lora_r=2, lora_alpha=4)
@@ -160,7 +160,7 @@ def study(tmp_path_factory):
     lora.save_pretrained(lora_dir)
     info = json.loads((finetune_dir("trec", "adamw", cache) / "finetune.json").read_text())
     (lora_dir / "finetune.json").write_text(json.dumps({**info, "recipe": "lora"}))
-    out = tmp_path_factory.mktemp("prune_eval")
+    out = module_tmp("prune_eval")
     paths = prune_eval(
         cache_dir=str(cache),
         out=str(out),
@@ -305,15 +305,15 @@ def test_meta_records_a_command_that_repeats_the_study(study, monkeypatch):
 
 # --------------------------------------------------------------- the study on a tiny MPNet (the mpnet backbone row)
 @pytest.fixture(scope="module")
-def tiny_mpnet_study(tmp_path_factory):
+def tiny_mpnet_study(module_tmp):
     """Fine-tunes (AdamW, LoRA) of a tiny random MPNet on TREC, pruned by the study with ``backbone="mpnet"``."""
     from lifelong_delta.text.finetune import finetune
 
-    with as_mpnet_row(write_tiny_mpnet(tmp_path_factory.mktemp("tiny_mpnet"))):
-        cache = tmp_path_factory.mktemp("finetunes")
+    with as_mpnet_row(write_tiny_mpnet(module_tmp("tiny_mpnet"))):
+        cache = module_tmp("finetunes")
         for recipe in ("adamw", "lora"):
             finetune("trec", recipe, cache_dir=str(cache), backbone="mpnet", **TINY)
-        out = tmp_path_factory.mktemp("prune_eval_base")
+        out = module_tmp("prune_eval_base")
         paths = prune_eval(
             cache_dir=str(cache),
             out=str(out),

@@ -28,10 +28,10 @@ BAR = _Bar()
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_tmp):
     from lifelong_delta.text.finetune import _steps_in_detail
 
-    cache = tmp_path_factory.mktemp("finetunes")
+    cache = module_tmp("finetunes")
     path = finetune(
         "trec", "adamr-l2", cache_dir=str(cache), callbacks=[_steps_in_detail(BAR, "trec/adamr-l2")], **TINY
     )
