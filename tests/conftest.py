@@ -27,7 +27,7 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory):
+def module_tmp(tmp_path_factory, request):
     """``module_tmp(name)``: ``tmp_path_factory.mktemp(name)`` for a module-scoped fixture, removed when the module's
     tests are done (kept if one failed), so that the suite's fine-tunes do not all sit on disk at once."""
     made = []
@@ -36,26 +36,11 @@ def module_tmp(tmp_path_factory):
         made.append(tmp_path_factory.mktemp(name))
         return made[-1]
 
-    failed = _failed_before()
+    failed = request.session.testsfailed
     yield mktemp
-    if _failed_before() == failed:
+    if request.session.testsfailed == failed:
         for path in made:
             shutil.rmtree(path, ignore_errors=True)
-
-
-_failures = [0]
-
-
-def _failed_before() -> int:
-    return _failures[0]
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    if report.failed:
-        _failures[0] += 1
-    return report
 
 
 @pytest.fixture(autouse=True)

@@ -286,9 +286,12 @@ class DeltaBank:
             write.check()
         if self._flat_applied is not None:
             self._flat_applied[0].check()
-        for write in pack.writes.values() if pack is not None else ():
-            write.check()
-        if pack is not None and pack.flat is not None:
+        if pack is None:
+            return
+        for write in pack.writes.values():
+            if pack.flat is None or write.key not in pack.flat.keys:  # the flat checks its own writes
+                write.check()
+        if pack.flat is not None:
             pack.flat.check()
 
     def _flat(self, pack: _Pack) -> _Flat | None:
